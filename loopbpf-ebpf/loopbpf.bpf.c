@@ -1,0 +1,338 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * loopbpf's kernel side: splits each libuv loop thread's time into idle (its
+ * own poll wait) and busy (everything else), and reports busy intervals at or
+ * over the threshold.
+ *
+ *   uprobe uv__io_poll        finds loop threads and their uv_loop_t*; counts iterations
+ *   epoll_* enter/exit        end and start busy intervals, when the fd is the loop's own
+ *   sched_process_exit        a loop thread that dies busy still reports its block
+ */
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/ptrace.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "loopbpf.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* Set by userspace before load. */
+const volatile __u32 target_tgid = 0;
+const volatile __u64 threshold_ns = 100000000ULL;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);                   /* tid */
+	__type(value, struct loopbpf_thread); /* that thread's loop state */
+} threads SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);   /* 0 */
+	__type(value, __u64); /* current reporting window, bumped by userspace */
+} window SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);   /* 0 */
+	__type(value, __u64); /* events dropped because the ring buffer was full */
+} dropped SEC(".maps");
+
+static const struct loopbpf_thread empty_thread;
+
+/* Syscall tracepoint records: see events/syscalls/<name>/format in tracefs. */
+struct sys_enter_epoll_ctx {
+	__u64 common;
+	__s32 syscall_nr;
+	__u32 pad;
+	__u64 epfd;
+	__u64 events;
+	__u64 maxevents;
+	__u64 timeout; /* int ms, or a struct __kernel_timespec * for epoll_pwait2 */
+};
+
+struct timespec64 {
+	__s64 tv_sec;
+	__s64 tv_nsec;
+};
+
+static __always_inline void count_drop(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&dropped, &zero);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
+				 __u64 start_ns, __u64 end_ns)
+{
+	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		count_drop();
+		return;
+	}
+	e->kind = kind;
+	e->pid = t->pid;
+	e->tid = tid;
+	e->reserved = 0;
+	e->start_ns = start_ns;
+	e->end_ns = end_ns;
+	e->loop_addr = t->loop_addr;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0, shift;
+
+	shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+static __always_inline bool is_target(__u64 pid_tgid)
+{
+	return (__u32)(pid_tgid >> 32) == target_tgid;
+}
+
+static __always_inline __s32 read_backend_fd(__u64 loop)
+{
+	__s32 fd = -1;
+
+	bpf_probe_read_user(&fd, sizeof(fd), (void *)(loop + LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET));
+	return fd;
+}
+
+/* Close the iteration that ends at this uv__io_poll entry. */
+static __always_inline void end_iteration(struct loopbpf_thread *t, __u64 now)
+{
+	__u64 idle = t->idle_ns - t->iter_idle_start_ns;
+	__u64 span = now - t->iter_start_ns;
+	__u64 busy_us = (span > idle ? span - idle : 0) / 1000;
+	__u32 slot = log2_u64(busy_us);
+
+	if (slot >= LOOPBPF_HIST_SLOTS)
+		slot = LOOPBPF_HIST_SLOTS - 1;
+	t->busy_hist[slot] += 1;
+	t->iterations += 1;
+}
+
+SEC("uprobe/uv__io_poll")
+int uv_io_poll_entry(struct pt_regs *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	__u64 loop = PT_REGS_PARM1(ctx);
+	__u64 now = bpf_ktime_get_ns();
+	struct loopbpf_thread *t;
+
+	if (!is_target(pid_tgid))
+		return 0;
+	t = bpf_map_lookup_elem(&threads, &tid);
+	if (!t) {
+		bpf_map_update_elem(&threads, &tid, &empty_thread, BPF_NOEXIST);
+		t = bpf_map_lookup_elem(&threads, &tid);
+		if (!t)
+			return 0;
+	}
+
+	if (t->loop_addr == loop) {
+		end_iteration(t, now);
+		t->iter_start_ns = now;
+		t->iter_idle_start_ns = t->idle_ns;
+		return 0;
+	}
+
+	/* A second loop on a known loop thread is spawnSync's private loop, polled
+	 * inside one busy interval of the outer loop: ignore it while the outer loop
+	 * still owns its epoll fd. A loop we adopted that has since been closed
+	 * (a spawnSync before the real loop started) gives way. */
+	if (t->loop_addr && read_backend_fd(t->loop_addr) == t->epfd)
+		return 0;
+
+	t->loop_addr = loop;
+	t->epfd = read_backend_fd(loop);
+	t->pid = pid_tgid >> 32;
+	if (!t->discovered_ns)
+		t->discovered_ns = now;
+	t->in_poll = 0;
+	t->iter_start_ns = now;
+	t->iter_idle_start_ns = t->idle_ns;
+	emit(LOOPBPF_EVENT_LOOP_FOUND, tid, t, t->busy_since_ns, now);
+	return 0;
+}
+
+static __always_inline void poll_enter(__s32 epfd, bool counts_idle)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct loopbpf_thread *t;
+	__u64 now, busy, w;
+	__u32 zero = 0;
+	__u64 *current_window;
+
+	if (!is_target(pid_tgid))
+		return;
+	t = bpf_map_lookup_elem(&threads, &tid);
+	if (!t || !t->loop_addr || epfd != t->epfd)
+		return;
+
+	now = bpf_ktime_get_ns();
+	if (t->busy_since_ns) {
+		busy = now - t->busy_since_ns;
+		if (busy > t->max_busy_ns)
+			t->max_busy_ns = busy;
+		current_window = bpf_map_lookup_elem(&window, &zero);
+		w = current_window ? *current_window : 0;
+		if (t->window != w) {
+			t->window = w;
+			t->window_max_busy_ns = 0;
+		}
+		if (busy > t->window_max_busy_ns)
+			t->window_max_busy_ns = busy;
+		if (busy >= threshold_ns) {
+			t->blocks += 1;
+			emit(LOOPBPF_EVENT_BLOCK, tid, t, t->busy_since_ns, now);
+		}
+	}
+	t->busy_since_ns = 0;
+	t->in_poll = 1;
+	t->poll_enter_ns = now;
+	t->poll_counts_idle = counts_idle;
+}
+
+static __always_inline void poll_exit(void)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct loopbpf_thread *t;
+	__u64 now;
+
+	if (!is_target(pid_tgid))
+		return;
+	now = bpf_ktime_get_ns();
+	t = bpf_map_lookup_elem(&threads, &tid);
+	if (!t) {
+		/* A thread leaving a poll wait before its loop is known: most likely
+		 * a loop that was idle when we attached. Its busy interval starts now;
+		 * uv__io_poll's probe names the loop before the interval ends. */
+		struct loopbpf_thread fresh = {};
+
+		fresh.pid = pid_tgid >> 32;
+		fresh.epfd = -1;
+		fresh.busy_since_ns = now;
+		fresh.discovered_ns = now;
+		bpf_map_update_elem(&threads, &tid, &fresh, BPF_NOEXIST);
+		return;
+	}
+	if (!t->loop_addr) {
+		t->busy_since_ns = now;
+		return;
+	}
+	if (!t->in_poll)
+		return; /* a nested loop's poll (spawnSync) */
+	t->in_poll = 0;
+	if (t->poll_counts_idle)
+		t->idle_ns += now - t->poll_enter_ns;
+	t->busy_since_ns = now;
+}
+
+SEC("tracepoint/syscalls/sys_enter_epoll_wait")
+int epoll_wait_enter(struct sys_enter_epoll_ctx *ctx)
+{
+	poll_enter((__s32)ctx->epfd, (__s32)ctx->timeout != 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_epoll_pwait")
+int epoll_pwait_enter(struct sys_enter_epoll_ctx *ctx)
+{
+	poll_enter((__s32)ctx->epfd, (__s32)ctx->timeout != 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_epoll_pwait2")
+int epoll_pwait2_enter(struct sys_enter_epoll_ctx *ctx)
+{
+	struct timespec64 ts = {};
+	bool counts_idle = true; /* NULL timeout waits forever */
+
+	if (!is_target(bpf_get_current_pid_tgid()))
+		return 0;
+	if (ctx->timeout) {
+		bpf_probe_read_user(&ts, sizeof(ts), (void *)ctx->timeout);
+		counts_idle = ts.tv_sec != 0 || ts.tv_nsec != 0;
+	}
+	poll_enter((__s32)ctx->epfd, counts_idle);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_epoll_wait")
+int epoll_wait_exit(void *ctx)
+{
+	poll_exit();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_epoll_pwait")
+int epoll_pwait_exit(void *ctx)
+{
+	poll_exit();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_epoll_pwait2")
+int epoll_pwait2_exit(void *ctx)
+{
+	poll_exit();
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int thread_exit(void *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct loopbpf_thread *t;
+	__u64 now;
+
+	if (!is_target(pid_tgid))
+		return 0;
+	t = bpf_map_lookup_elem(&threads, &tid);
+	if (!t)
+		return 0;
+	if (!t->loop_addr) {
+		bpf_map_delete_elem(&threads, &tid);
+		return 0;
+	}
+	now = bpf_ktime_get_ns();
+	t->exited_ns = now;
+	if (t->busy_since_ns) {
+		__u64 busy = now - t->busy_since_ns;
+
+		if (busy > t->max_busy_ns)
+			t->max_busy_ns = busy;
+		if (busy >= threshold_ns)
+			t->blocks += 1;
+	}
+	/* Userspace reads the final counters, then deletes the entry. */
+	emit(LOOPBPF_EVENT_LOOP_EXIT, tid, t, t->busy_since_ns, now);
+	return 0;
+}

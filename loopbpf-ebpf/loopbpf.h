@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * The one definition of what crosses the kernel/user boundary: ring-buffer
+ * events and the per-loop-thread state map value. loopbpf.bpf.c includes it;
+ * loopbpf/src/abi.rs mirrors it and a test fails when the two disagree.
+ */
+#ifndef LOOPBPF_H
+#define LOOPBPF_H
+
+#ifndef __VMLINUX_H__
+#include <linux/types.h>
+#endif
+
+/* Log2 buckets of busy time per loop iteration, in microseconds. */
+#define LOOPBPF_HIST_SLOTS 32
+
+/* Offset of `int backend_fd` (the epoll fd) in libuv's uv_loop_t on 64-bit
+ * Linux; unchanged from libuv 1.0 to today. */
+#define LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET 64
+
+enum loopbpf_event_kind {
+	/* A busy interval at or over the threshold ended at a poll wait. */
+	LOOPBPF_EVENT_BLOCK = 1,
+	/* A loop thread was seen for the first time (or adopted a new loop). */
+	LOOPBPF_EVENT_LOOP_FOUND = 2,
+	/* A loop thread exited; start_ns is its busy start if it was busy. */
+	LOOPBPF_EVENT_LOOP_EXIT = 3,
+};
+
+/* One ring-buffer record. */
+struct loopbpf_event {
+	__u32 kind;     /* enum loopbpf_event_kind */
+	__u32 pid;      /* tgid */
+	__u32 tid;
+	__u32 reserved;
+	__u64 start_ns; /* CLOCK_MONOTONIC: busy start (0 = was idle) */
+	__u64 end_ns;   /* CLOCK_MONOTONIC: poll entry, or thread exit */
+	__u64 loop_addr;/* the thread's uv_loop_t* in the target */
+};
+
+/* Per loop thread state, keyed by tid. Written only by the thread's own
+ * probes; userspace reads it for ELU, ongoing blocks and the summary, and
+ * deletes it after the thread exited. */
+struct loopbpf_thread {
+	__u64 loop_addr;       /* uv_loop_t* of the outer loop; 0 = not yet known */
+	__s32 epfd;            /* that loop's backend (epoll) fd */
+	__u32 pid;             /* tgid */
+	__u64 discovered_ns;   /* first probe hit on this thread */
+	__u64 busy_since_ns;   /* start of the current busy interval, 0 = in poll or unknown */
+	__u64 poll_enter_ns;   /* entry of the current poll wait */
+	__u32 in_poll;         /* inside the loop's own poll wait */
+	__u32 poll_counts_idle;/* that wait has a non-zero timeout (libuv counts it idle) */
+	__u64 idle_ns;         /* sum of finished idle poll waits */
+	__u64 iterations;      /* completed uv__io_poll -> uv__io_poll iterations */
+	__u64 iter_start_ns;   /* entry of the current iteration */
+	__u64 iter_idle_start_ns; /* idle_ns at that entry */
+	__u64 max_busy_ns;     /* longest finished busy interval */
+	__u64 window_max_busy_ns; /* longest in the current reporting window */
+	__u64 window;          /* which window window_max_busy_ns belongs to */
+	__u64 blocks;          /* busy intervals at or over the threshold */
+	__u64 exited_ns;       /* thread exit, 0 while alive */
+	__u64 busy_hist[LOOPBPF_HIST_SLOTS]; /* log2(us) of busy time per iteration */
+};
+
+#endif /* LOOPBPF_H */

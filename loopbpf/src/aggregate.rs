@@ -1,0 +1,484 @@
+//! Loop and interval aggregation: turns kernel events and per-thread state into what a user is
+//! told — blocks, ongoing blocks, interval lines and the summary — for every loop thread.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::decode::{Event, HIST_SLOTS, ThreadState};
+
+/// How often an ongoing block is reported again, and how long after the threshold the first time.
+const ONGOING_EVERY_NS: u64 = 1_000_000_000;
+
+/// Which loop of a process a thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadLabel {
+    Main,
+    /// The n-th `worker_threads` loop found in this process, from 1.
+    Worker(u32),
+}
+
+impl ThreadLabel {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Worker(_) => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for ThreadLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Main => f.write_str("main"),
+            Self::Worker(n) => write!(f, "worker {n}"),
+        }
+    }
+}
+
+/// The loop thread a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopId {
+    pub pid: u32,
+    pub tid: u32,
+    pub label: ThreadLabel,
+}
+
+/// How a block ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockEnd {
+    /// The loop reached its next poll wait.
+    Poll,
+    /// The thread (usually the whole process) exited while busy.
+    Exit,
+}
+
+/// One thing to tell the user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Block {
+        id: LoopId,
+        start_ns: u64,
+        duration_ns: u64,
+        end: BlockEnd,
+    },
+    Ongoing {
+        id: LoopId,
+        start_ns: u64,
+        duration_ns: u64,
+    },
+    Interval {
+        id: LoopId,
+        elu: f64,
+        iterations: u64,
+        max_busy_ns: u64,
+    },
+    Summary {
+        loops: Vec<LoopSummary>,
+        elapsed_ns: u64,
+        dropped_events: u64,
+    },
+}
+
+/// One loop thread over the whole run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopSummary {
+    pub id: LoopId,
+    pub elu: f64,
+    pub iterations: u64,
+    pub blocks: u64,
+    pub max_busy_ns: u64,
+    /// A block still going on when the run ended.
+    pub ongoing_ns: Option<u64>,
+    /// Iterations by busy time: `busy_hist[i]` counts those of [2^i, 2^(i+1)) microseconds.
+    pub busy_hist: [u64; HIST_SLOTS],
+    pub exited: bool,
+}
+
+#[derive(Debug)]
+struct LoopThread {
+    id: LoopId,
+    /// Newest state read from the kernel side (final once the thread exited).
+    state: ThreadState,
+    /// Where the current interval window started: time, idle time, iterations.
+    window_start: (u64, u64, u64),
+    /// When to report the current busy interval as ongoing next, keyed by its start.
+    next_ongoing: Option<(u64, u64)>,
+    exited_ns: Option<u64>,
+}
+
+/// All loop threads of the watched processes.
+#[derive(Debug)]
+pub struct Aggregator {
+    threshold_ns: u64,
+    loops: BTreeMap<u32, LoopThread>,
+    workers_per_pid: BTreeMap<u32, u32>,
+}
+
+impl Aggregator {
+    pub fn new(threshold_ns: u64) -> Self {
+        Self {
+            threshold_ns,
+            loops: BTreeMap::new(),
+            workers_per_pid: BTreeMap::new(),
+        }
+    }
+
+    /// Takes one kernel event; returns what to report about it.
+    pub fn on_event(&mut self, event: Event) -> Option<Record> {
+        match event {
+            Event::LoopFound {
+                pid, tid, at_ns, ..
+            } => {
+                self.loop_thread(pid, tid, at_ns);
+                None
+            }
+            Event::Block {
+                pid,
+                tid,
+                start_ns,
+                end_ns,
+            } => {
+                let id = self.loop_thread(pid, tid, start_ns).id;
+                Some(Record::Block {
+                    id,
+                    start_ns,
+                    duration_ns: end_ns.saturating_sub(start_ns),
+                    end: BlockEnd::Poll,
+                })
+            }
+            Event::LoopExit {
+                pid,
+                tid,
+                busy_since_ns,
+                at_ns,
+            } => {
+                let threshold_ns = self.threshold_ns;
+                let thread = self.loop_thread(pid, tid, at_ns);
+                thread.exited_ns = Some(at_ns);
+                let start_ns = busy_since_ns?;
+                let duration_ns = at_ns.saturating_sub(start_ns);
+                (duration_ns >= threshold_ns).then_some(Record::Block {
+                    id: thread.id,
+                    start_ns,
+                    duration_ns,
+                    end: BlockEnd::Exit,
+                })
+            }
+        }
+    }
+
+    /// Stores the newest kernel-side state of a thread (the last one, after it exited).
+    pub fn update_state(&mut self, tid: u32, state: &ThreadState) {
+        if state.loop_addr == 0 {
+            return; // not (yet) known to be a loop thread
+        }
+        let thread = self.loop_thread(state.pid, tid, state.discovered_ns);
+        if thread.state.loop_addr == 0 {
+            // First state of this thread: windows start where its counters start.
+            thread.window_start = (state.discovered_ns, state.idle_ns, state.iterations);
+        }
+        thread.state = *state;
+    }
+
+    /// Loop threads that exited and whose final state has been taken.
+    pub fn exited_tids(&self) -> Vec<u32> {
+        self.loops
+            .values()
+            .filter(|t| t.exited_ns.is_some())
+            .map(|t| t.id.tid)
+            .collect()
+    }
+
+    /// Busy intervals over the threshold that have not ended yet, once a second each.
+    pub fn ongoing(&mut self, now_ns: u64) -> Vec<Record> {
+        let mut records = Vec::new();
+        for thread in self.loops.values_mut() {
+            if thread.exited_ns.is_some() {
+                continue;
+            }
+            let Some(busy_ns) = thread.state.busy_for_ns(now_ns) else {
+                thread.next_ongoing = None;
+                continue;
+            };
+            let start_ns = thread.state.busy_since_ns;
+            let due_ns = match thread.next_ongoing {
+                Some((since, due)) if since == start_ns => due,
+                _ => start_ns + self.threshold_ns + ONGOING_EVERY_NS,
+            };
+            if now_ns >= due_ns {
+                records.push(Record::Ongoing {
+                    id: thread.id,
+                    start_ns,
+                    duration_ns: busy_ns,
+                });
+                thread.next_ongoing = Some((start_ns, now_ns + ONGOING_EVERY_NS));
+            } else {
+                thread.next_ongoing = Some((start_ns, due_ns));
+            }
+        }
+        records
+    }
+
+    /// One interval record per live loop thread since the last call; starts the next window.
+    /// `window` is the kernel-side window the states' `window_max_busy_ns` belong to.
+    pub fn interval(&mut self, now_ns: u64, window: u64) -> Vec<Record> {
+        let mut records = Vec::new();
+        for thread in self.loops.values_mut() {
+            if thread.exited_ns.is_some() || thread.state.loop_addr == 0 {
+                continue;
+            }
+            let state = &thread.state;
+            let (start_ns, start_idle, start_iterations) = thread.window_start;
+            let idle_ns = state.idle_ns_at(now_ns);
+            let finished_max = if state.window == window {
+                state.window_max_busy_ns
+            } else {
+                0
+            };
+            let max_busy_ns = finished_max.max(state.busy_for_ns(now_ns).unwrap_or(0));
+            records.push(Record::Interval {
+                id: thread.id,
+                elu: utilization(
+                    now_ns.saturating_sub(start_ns),
+                    idle_ns.saturating_sub(start_idle),
+                ),
+                iterations: state.iterations.saturating_sub(start_iterations),
+                max_busy_ns,
+            });
+            thread.window_start = (now_ns, idle_ns, state.iterations);
+        }
+        records
+    }
+
+    /// The summary over the whole run, at `now_ns`.
+    pub fn summary(&self, now_ns: u64, dropped_events: u64, elapsed_ns: u64) -> Record {
+        let loops = self
+            .loops
+            .values()
+            .filter(|t| t.state.loop_addr != 0)
+            .map(|thread| {
+                let state = &thread.state;
+                let end_ns = thread.exited_ns.unwrap_or(now_ns);
+                let ongoing_ns = if thread.exited_ns.is_none() {
+                    state
+                        .busy_for_ns(now_ns)
+                        .filter(|&busy| busy >= self.threshold_ns)
+                } else {
+                    None
+                };
+                LoopSummary {
+                    id: thread.id,
+                    elu: utilization(
+                        end_ns.saturating_sub(state.discovered_ns),
+                        state.idle_ns_at(end_ns),
+                    ),
+                    iterations: state.iterations,
+                    blocks: state.blocks,
+                    max_busy_ns: state.max_busy_ns.max(ongoing_ns.unwrap_or(0)),
+                    ongoing_ns,
+                    busy_hist: state.busy_hist,
+                    exited: thread.exited_ns.is_some(),
+                }
+            })
+            .collect();
+        Record::Summary {
+            loops,
+            elapsed_ns,
+            dropped_events,
+        }
+    }
+
+    /// Whether any loop thread of `pid` is known.
+    pub fn knows_loops(&self) -> bool {
+        !self.loops.is_empty()
+    }
+
+    fn loop_thread(&mut self, pid: u32, tid: u32, first_ns: u64) -> &mut LoopThread {
+        let workers = &mut self.workers_per_pid;
+        self.loops.entry(tid).or_insert_with(|| {
+            let label = if pid == tid {
+                ThreadLabel::Main
+            } else {
+                let n = workers.entry(pid).or_insert(0);
+                *n += 1;
+                ThreadLabel::Worker(*n)
+            };
+            LoopThread {
+                id: LoopId { pid, tid, label },
+                state: ThreadState::default(),
+                window_start: (first_ns, 0, 0),
+                next_ongoing: None,
+                exited_ns: None,
+            }
+        })
+    }
+}
+
+/// Event loop utilization: the share of `wall_ns` not spent idle.
+fn utilization(wall_ns: u64, idle_ns: u64) -> f64 {
+    if wall_ns == 0 {
+        return 0.0;
+    }
+    (1.0 - idle_ns.min(wall_ns) as f64 / wall_ns as f64).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn state(pid: u32, discovered_ns: u64) -> ThreadState {
+        ThreadState {
+            loop_addr: 0x1000,
+            pid,
+            discovered_ns,
+            ..ThreadState::default()
+        }
+    }
+
+    #[test]
+    fn blocks_carry_the_thread_label() {
+        let mut agg = Aggregator::new(100 * MS);
+        agg.on_event(Event::LoopFound {
+            pid: 7,
+            tid: 7,
+            loop_addr: 1,
+            at_ns: 0,
+        });
+        agg.on_event(Event::LoopFound {
+            pid: 7,
+            tid: 9,
+            loop_addr: 2,
+            at_ns: 0,
+        });
+        agg.on_event(Event::LoopFound {
+            pid: 7,
+            tid: 8,
+            loop_addr: 3,
+            at_ns: 0,
+        });
+        let Some(Record::Block {
+            id,
+            duration_ns,
+            end,
+            ..
+        }) = agg.on_event(Event::Block {
+            pid: 7,
+            tid: 8,
+            start_ns: 10 * MS,
+            end_ns: 260 * MS,
+        })
+        else {
+            panic!("no block")
+        };
+        assert_eq!(id.label, ThreadLabel::Worker(2));
+        assert_eq!(duration_ns, 250 * MS);
+        assert_eq!(end, BlockEnd::Poll);
+    }
+
+    #[test]
+    fn a_thread_dying_busy_reports_its_block_only_over_the_threshold() {
+        let mut agg = Aggregator::new(100 * MS);
+        let exit = |busy_since| Event::LoopExit {
+            pid: 5,
+            tid: 5,
+            busy_since_ns: busy_since,
+            at_ns: 500 * MS,
+        };
+        assert!(matches!(
+            agg.on_event(exit(Some(300 * MS))),
+            Some(Record::Block { duration_ns, end: BlockEnd::Exit, .. }) if duration_ns == 200 * MS
+        ));
+        let mut agg = Aggregator::new(100 * MS);
+        assert_eq!(agg.on_event(exit(Some(450 * MS))), None);
+        assert_eq!(agg.on_event(exit(None)), None);
+    }
+
+    #[test]
+    fn ongoing_after_a_second_past_the_threshold_then_every_second() {
+        let mut agg = Aggregator::new(100 * MS);
+        let mut s = state(1, 0);
+        s.busy_since_ns = 1000 * MS;
+        agg.update_state(1, &s);
+        assert!(agg.ongoing(1500 * MS).is_empty());
+        assert!(agg.ongoing(2050 * MS).is_empty());
+        let first = agg.ongoing(2120 * MS);
+        assert!(
+            matches!(first[..], [Record::Ongoing { duration_ns, .. }] if duration_ns == 1120 * MS)
+        );
+        assert!(agg.ongoing(2600 * MS).is_empty());
+        assert_eq!(agg.ongoing(3130 * MS).len(), 1);
+        // The loop polls again: no more ongoing lines.
+        s.busy_since_ns = 0;
+        s.in_poll = 1;
+        agg.update_state(1, &s);
+        assert!(agg.ongoing(9000 * MS).is_empty());
+    }
+
+    #[test]
+    fn interval_elu_counts_an_ongoing_idle_wait() {
+        let mut agg = Aggregator::new(100 * MS);
+        let mut s = state(1, 0);
+        agg.update_state(1, &s);
+        // 1 s window: 300 ms idle finished, then idle since 800 ms.
+        s.idle_ns = 300 * MS;
+        s.in_poll = 1;
+        s.poll_counts_idle = 1;
+        s.poll_enter_ns = 800 * MS;
+        s.iterations = 42;
+        s.window = 1;
+        s.window_max_busy_ns = 250 * MS;
+        agg.update_state(1, &s);
+        let records = agg.interval(1000 * MS, 1);
+        let [
+            Record::Interval {
+                elu,
+                iterations,
+                max_busy_ns,
+                ..
+            },
+        ] = records[..]
+        else {
+            panic!("{records:?}")
+        };
+        assert!((elu - 0.5).abs() < 1e-9, "{elu}");
+        assert_eq!(iterations, 42);
+        assert_eq!(max_busy_ns, 250 * MS);
+        // A stale window's maximum is not reported again.
+        let records = agg.interval(2000 * MS, 2);
+        assert!(matches!(
+            records[..],
+            [Record::Interval {
+                max_busy_ns: 0,
+                iterations: 0,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn summary_includes_a_block_still_going_on() {
+        let mut agg = Aggregator::new(100 * MS);
+        let mut s = state(1, 0);
+        s.max_busy_ns = 120 * MS;
+        s.busy_since_ns = 1000 * MS;
+        s.idle_ns = 500 * MS;
+        agg.update_state(1, &s);
+        let Record::Summary { loops, .. } = agg.summary(2000 * MS, 0, 2000 * MS) else {
+            panic!()
+        };
+        assert_eq!(loops[0].ongoing_ns, Some(1000 * MS));
+        assert_eq!(loops[0].max_busy_ns, 1000 * MS);
+        assert!((loops[0].elu - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn utilization_is_bounded() {
+        assert!((utilization(0, 0)).abs() < f64::EPSILON);
+        assert!((utilization(10, 20)).abs() < f64::EPSILON);
+        assert!((utilization(10, 0) - 1.0).abs() < f64::EPSILON);
+    }
+}

@@ -1,0 +1,352 @@
+//! Decoding of what the kernel side hands over: ring-buffer records and per-thread state.
+//!
+//! The `#[repr(C)]` structs mirror `loopbpf-ebpf/loopbpf.h`; a test compiles the header and fails
+//! when a size or an offset differs. Bytes are length-checked before they are read.
+
+use thiserror::Error;
+
+/// Log2 buckets of busy time per iteration (`LOOPBPF_HIST_SLOTS`).
+pub const HIST_SLOTS: usize = 32;
+
+/// `struct loopbpf_event`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub reserved: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub loop_addr: u64,
+}
+
+/// `struct loopbpf_thread`: the state map's value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub loop_addr: u64,
+    pub epfd: i32,
+    pub pid: u32,
+    pub discovered_ns: u64,
+    pub busy_since_ns: u64,
+    pub poll_enter_ns: u64,
+    pub in_poll: u32,
+    pub poll_counts_idle: u32,
+    pub idle_ns: u64,
+    pub iterations: u64,
+    pub iter_start_ns: u64,
+    pub iter_idle_start_ns: u64,
+    pub max_busy_ns: u64,
+    pub window_max_busy_ns: u64,
+    pub window: u64,
+    pub blocks: u64,
+    pub exited_ns: u64,
+    pub busy_hist: [u64; HIST_SLOTS],
+}
+
+// SAFETY: plain old data of integers only, no padding the kernel could leave uninitialised
+// that we would read as a value other than an integer.
+unsafe impl aya::Pod for ThreadState {}
+
+impl ThreadState {
+    /// Idle time up to `now_ns`, counting a poll wait that is still going on.
+    pub fn idle_ns_at(&self, now_ns: u64) -> u64 {
+        let ongoing = if self.in_poll != 0 && self.poll_counts_idle != 0 {
+            now_ns.saturating_sub(self.poll_enter_ns)
+        } else {
+            0
+        };
+        self.idle_ns + ongoing
+    }
+
+    /// How long the current busy interval has lasted at `now_ns`, if the thread is busy.
+    pub fn busy_for_ns(&self, now_ns: u64) -> Option<u64> {
+        (self.loop_addr != 0 && self.in_poll == 0 && self.busy_since_ns != 0)
+            .then(|| now_ns.saturating_sub(self.busy_since_ns))
+    }
+}
+
+/// What happened, as the kernel side reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A busy interval at or over the threshold ended at the loop's next poll wait.
+    Block {
+        pid: u32,
+        tid: u32,
+        start_ns: u64,
+        end_ns: u64,
+    },
+    /// A loop thread was found (or moved to a new loop).
+    LoopFound {
+        pid: u32,
+        tid: u32,
+        loop_addr: u64,
+        at_ns: u64,
+    },
+    /// A loop thread exited; `busy_since_ns` is set when it died busy.
+    LoopExit {
+        pid: u32,
+        tid: u32,
+        busy_since_ns: Option<u64>,
+        at_ns: u64,
+    },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event record of {0} bytes, expected {expected}", expected = size_of::<RawEvent>())]
+    Length(usize),
+    #[error("event record of unknown kind {0}")]
+    Kind(u32),
+}
+
+const EVENT_BLOCK: u32 = 1;
+const EVENT_LOOP_FOUND: u32 = 2;
+const EVENT_LOOP_EXIT: u32 = 3;
+
+impl Event {
+    /// Decodes one ring-buffer record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() != size_of::<RawEvent>() {
+            return Err(DecodeError::Length(bytes.len()));
+        }
+        // SAFETY: the length matches and RawEvent is plain integers, valid for any bit pattern;
+        // read_unaligned because ring-buffer bytes carry no alignment promise to Rust.
+        let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let RawEvent {
+            kind,
+            pid,
+            tid,
+            start_ns,
+            end_ns,
+            loop_addr,
+            ..
+        } = raw;
+        match kind {
+            EVENT_BLOCK => Ok(Self::Block {
+                pid,
+                tid,
+                start_ns,
+                end_ns,
+            }),
+            EVENT_LOOP_FOUND => Ok(Self::LoopFound {
+                pid,
+                tid,
+                loop_addr,
+                at_ns: end_ns,
+            }),
+            EVENT_LOOP_EXIT => Ok(Self::LoopExit {
+                pid,
+                tid,
+                busy_since_ns: (start_ns != 0).then_some(start_ns),
+                at_ns: end_ns,
+            }),
+            other => Err(DecodeError::Kind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{mem::offset_of, path::Path, process::Command};
+
+    use super::*;
+
+    fn bytes_of(raw: &RawEvent) -> Vec<u8> {
+        // SAFETY: RawEvent is repr(C) integers without padding.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(raw).cast::<u8>(), size_of::<RawEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_each_kind() {
+        let raw = RawEvent {
+            kind: 1,
+            pid: 10,
+            tid: 11,
+            start_ns: 5,
+            end_ns: 9,
+            ..RawEvent::default()
+        };
+        assert_eq!(
+            Event::decode(&bytes_of(&raw)),
+            Ok(Event::Block {
+                pid: 10,
+                tid: 11,
+                start_ns: 5,
+                end_ns: 9
+            })
+        );
+        let raw = RawEvent {
+            kind: 3,
+            pid: 10,
+            tid: 12,
+            start_ns: 0,
+            end_ns: 9,
+            ..RawEvent::default()
+        };
+        assert_eq!(
+            Event::decode(&bytes_of(&raw)),
+            Ok(Event::LoopExit {
+                pid: 10,
+                tid: 12,
+                busy_since_ns: None,
+                at_ns: 9
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_truncated_long_and_unknown_records() {
+        let raw = RawEvent {
+            kind: 1,
+            ..RawEvent::default()
+        };
+        let bytes = bytes_of(&raw);
+        assert_eq!(Event::decode(&bytes[..7]), Err(DecodeError::Length(7)));
+        assert_eq!(Event::decode(&[]), Err(DecodeError::Length(0)));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Event::decode(&long).is_err());
+        let raw = RawEvent {
+            kind: 99,
+            ..RawEvent::default()
+        };
+        assert_eq!(Event::decode(&bytes_of(&raw)), Err(DecodeError::Kind(99)));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic fuzz: every length up to two records, many bit patterns.
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        for len in 0..(2 * size_of::<RawEvent>()) {
+            for _ in 0..64 {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed as u8
+                    })
+                    .collect();
+                let _ = Event::decode(&bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn ongoing_idle_and_busy_time() {
+        let idle = ThreadState {
+            loop_addr: 1,
+            in_poll: 1,
+            poll_counts_idle: 1,
+            poll_enter_ns: 100,
+            idle_ns: 50,
+            ..ThreadState::default()
+        };
+        assert_eq!(idle.idle_ns_at(130), 80);
+        assert_eq!(idle.busy_for_ns(130), None);
+        let busy = ThreadState {
+            loop_addr: 1,
+            busy_since_ns: 100,
+            idle_ns: 50,
+            ..ThreadState::default()
+        };
+        assert_eq!(busy.idle_ns_at(130), 50);
+        assert_eq!(busy.busy_for_ns(130), Some(30));
+    }
+
+    /// The Rust mirror must match the C header field for field: compile a probe program that
+    /// prints the header's layout and compare.
+    #[test]
+    fn mirror_matches_the_c_header() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loopbpf-ebpf");
+        let out = std::env::temp_dir().join(format!("loopbpf-layout-{}", std::process::id()));
+        let program = out.with_extension("c");
+        let mut c = String::from(
+            "#include <stdio.h>\n#include <stddef.h>\n#include \"loopbpf.h\"\nint main(void) {\n",
+        );
+        let mut expected = Vec::new();
+        macro_rules! field {
+            ($c_struct:literal, $rust:ty, $field:ident) => {
+                c.push_str(&format!(
+                    "printf(\"%zu\\n\", offsetof(struct {}, {}));\n",
+                    $c_struct,
+                    stringify!($field)
+                ));
+                expected.push(offset_of!($rust, $field));
+            };
+        }
+        macro_rules! size {
+            ($c_struct:literal, $rust:ty) => {
+                c.push_str(&format!(
+                    "printf(\"%zu\\n\", sizeof(struct {}));\n",
+                    $c_struct
+                ));
+                expected.push(size_of::<$rust>());
+            };
+        }
+        size!("loopbpf_event", RawEvent);
+        field!("loopbpf_event", RawEvent, kind);
+        field!("loopbpf_event", RawEvent, pid);
+        field!("loopbpf_event", RawEvent, tid);
+        field!("loopbpf_event", RawEvent, start_ns);
+        field!("loopbpf_event", RawEvent, end_ns);
+        field!("loopbpf_event", RawEvent, loop_addr);
+        size!("loopbpf_thread", ThreadState);
+        field!("loopbpf_thread", ThreadState, loop_addr);
+        field!("loopbpf_thread", ThreadState, epfd);
+        field!("loopbpf_thread", ThreadState, pid);
+        field!("loopbpf_thread", ThreadState, discovered_ns);
+        field!("loopbpf_thread", ThreadState, busy_since_ns);
+        field!("loopbpf_thread", ThreadState, poll_enter_ns);
+        field!("loopbpf_thread", ThreadState, in_poll);
+        field!("loopbpf_thread", ThreadState, poll_counts_idle);
+        field!("loopbpf_thread", ThreadState, idle_ns);
+        field!("loopbpf_thread", ThreadState, iterations);
+        field!("loopbpf_thread", ThreadState, iter_start_ns);
+        field!("loopbpf_thread", ThreadState, iter_idle_start_ns);
+        field!("loopbpf_thread", ThreadState, max_busy_ns);
+        field!("loopbpf_thread", ThreadState, window_max_busy_ns);
+        field!("loopbpf_thread", ThreadState, window);
+        field!("loopbpf_thread", ThreadState, blocks);
+        field!("loopbpf_thread", ThreadState, exited_ns);
+        field!("loopbpf_thread", ThreadState, busy_hist);
+        c.push_str(
+            "printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
+             printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
+             return 0;\n}\n",
+        );
+        std::fs::write(&program, c).unwrap();
+        let compiler = std::env::var("LOOPBPF_CLANG").unwrap_or_else(|_| "clang-19".into());
+        let status = Command::new(&compiler)
+            .arg("-I")
+            .arg(&dir)
+            .arg(&program)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {compiler} to check the header: {e}"));
+        assert!(status.success(), "the layout probe program did not compile");
+        let output = Command::new(&out).output().unwrap();
+        let _ = std::fs::remove_file(&program);
+        let _ = std::fs::remove_file(&out);
+        let text = String::from_utf8(output.stdout).unwrap();
+        let mut lines = text.lines();
+        for (i, want) in expected.iter().enumerate() {
+            let got: usize = lines.next().unwrap().parse().unwrap();
+            assert_eq!(
+                got, *want,
+                "layout entry {i} differs between loopbpf.h and decode.rs"
+            );
+        }
+        assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
+        assert_eq!(
+            lines.next(),
+            Some(format!("{EVENT_BLOCK} {EVENT_LOOP_FOUND} {EVENT_LOOP_EXIT}").as_str())
+        );
+    }
+}

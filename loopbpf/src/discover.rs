@@ -1,0 +1,337 @@
+//! Target discovery and preflight: which process, which file holds its libuv, and whether this
+//! host and this user can attach at all. Every failure here is a message that says what to do.
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
+    fs::{self, File},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSymbol, read::ReadCache};
+use thiserror::Error;
+
+/// The libuv function whose entry marks every loop iteration.
+pub const POLL_SYMBOL: &str = "uv__io_poll";
+
+#[derive(Debug, Error)]
+pub enum DiscoverError {
+    #[error("no process with pid {0}: check the pid (`pgrep -a node` lists Node processes)")]
+    NoSuchProcess(u32),
+    #[error(
+        "process {pid} ({comm}) is not a libuv program: no `{POLL_SYMBOL}` in {exe} or its mapped libraries{stripped}"
+    )]
+    NotLibuv {
+        pid: u32,
+        comm: String,
+        exe: String,
+        stripped: &'static str,
+    },
+    #[error("`{0}` is not a libuv program: no `{POLL_SYMBOL}` in it or in a libuv it links{1}")]
+    CommandNotLibuv(String, &'static str),
+    #[error("command `{0}` not found: give a path or a program on PATH")]
+    CommandNotFound(String),
+    #[error(
+        "loopbpf needs root, or the capabilities {missing} (run it with sudo, or grant CAP_BPF and CAP_PERFMON)"
+    )]
+    Privileges { missing: String },
+    #[error(
+        "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}): run `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
+    Tracefs(String),
+    #[error(
+        "this kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing): loopbpf needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (5.8 or newer)"
+    )]
+    NoBtf,
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+}
+
+/// A process to watch and the object file (executable or shared library) that holds its libuv.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub pid: u32,
+    pub comm: String,
+    /// Path of the object with `uv__io_poll`, as loopbpf can open it.
+    pub libuv: PathBuf,
+}
+
+/// Finds the libuv of a running process.
+pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !proc_dir.exists() {
+        return Err(DiscoverError::NoSuchProcess(pid));
+    }
+    let comm = fs::read_to_string(proc_dir.join("comm"))
+        .map_err(|_| DiscoverError::NoSuchProcess(pid))?
+        .trim_end()
+        .to_owned();
+    let maps_path = proc_dir.join("maps");
+    let maps = fs::read_to_string(&maps_path).map_err(|error| DiscoverError::Read {
+        path: maps_path.display().to_string(),
+        error,
+    })?;
+    let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
+    // Through /proc/PID/root, so a process in another mount namespace resolves too.
+    let root = proc_dir.join("root");
+    for file in executable_mappings(&maps) {
+        let path = root.join(file.strip_prefix("/").unwrap_or(&file));
+        if has_symbol(&path, POLL_SYMBOL) {
+            return Ok(Target {
+                pid,
+                comm,
+                libuv: path,
+            });
+        }
+    }
+    let exe_in_root = root.join(exe.strip_prefix("/").unwrap_or(&exe));
+    Err(DiscoverError::NotLibuv {
+        pid,
+        comm,
+        exe: exe.display().to_string(),
+        stripped: stripped_note(&exe_in_root),
+    })
+}
+
+/// Finds the libuv a command will run with, before it starts.
+pub fn libuv_for_command(program: &OsStr) -> Result<PathBuf, DiscoverError> {
+    let name = program.to_string_lossy().into_owned();
+    let exe = find_in_path(program).ok_or_else(|| DiscoverError::CommandNotFound(name.clone()))?;
+    let exe = fs::canonicalize(&exe).unwrap_or(exe);
+    if has_symbol(&exe, POLL_SYMBOL) {
+        return Ok(exe);
+    }
+    for lib in needed_libuv(&exe) {
+        if has_symbol(&lib, POLL_SYMBOL) {
+            return Ok(lib);
+        }
+    }
+    Err(DiscoverError::CommandNotLibuv(name, stripped_note(&exe)))
+}
+
+/// Checks that this user and this kernel can run loopbpf; mounts tracefs when it is missing.
+pub fn preflight() -> Result<(), DiscoverError> {
+    check_privileges()?;
+    ensure_tracefs()?;
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(DiscoverError::NoBtf);
+    }
+    Ok(())
+}
+
+fn check_privileges() -> Result<(), DiscoverError> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let effective = effective_capabilities();
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DiscoverError::Privileges {
+            missing: missing.join(" and "),
+        })
+    }
+}
+
+fn effective_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+fn ensure_tracefs() -> Result<(), DiscoverError> {
+    const TRACEFS_MAGIC: i64 = 0x7472_6163;
+    if fs_magic(TRACEFS) == Some(TRACEFS_MAGIC) {
+        return Ok(());
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: both strings are NUL-terminated literals; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(DiscoverError::Tracefs(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &str) -> Option<i64> {
+    let c_path = std::ffi::CString::new(path).ok()?;
+    // SAFETY: statfs is plain old data, filled by the kernel on success.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and buf is a valid out pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
+    (rc == 0).then_some(buf.f_type)
+}
+
+/// Distinct file paths mapped executable, the main executable first.
+fn executable_mappings(maps: &str) -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut files = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let perms = fields.nth(1).unwrap_or("");
+        let path = fields.nth(3).unwrap_or("");
+        if perms.contains('x') && path.starts_with('/') && seen.insert(path.to_owned()) {
+            files.push(PathBuf::from(path));
+        }
+    }
+    files
+}
+
+fn open_elf(path: &Path) -> Option<ReadCache<File>> {
+    File::open(path).ok().map(ReadCache::new)
+}
+
+fn has_symbol(path: &Path, name: &str) -> bool {
+    let Some(cache) = open_elf(path) else {
+        return false;
+    };
+    let Ok(elf) = object::File::parse(&cache) else {
+        return false;
+    };
+    elf.symbols()
+        .chain(elf.dynamic_symbols())
+        .any(|sym| sym.name_bytes() == Ok(name.as_bytes()))
+}
+
+fn stripped_note(exe: &Path) -> &'static str {
+    let Some(cache) = open_elf(exe) else {
+        return "";
+    };
+    match object::File::parse(&cache) {
+        Ok(elf) if elf.section_by_name(".symtab").is_none() => {
+            " (the executable has no .symtab: is it stripped? loopbpf needs libuv's local symbols)"
+        }
+        _ => "",
+    }
+}
+
+const LIB_DIRS: [&str; 5] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+    "/usr/lib",
+    "/lib",
+];
+
+/// Shared libuv libraries the executable links (`DT_NEEDED libuv*`), resolved in the usual
+/// library directories.
+fn needed_libuv(exe: &Path) -> Vec<PathBuf> {
+    let Some(cache) = open_elf(exe) else {
+        return Vec::new();
+    };
+    let Ok(elf) = object::read::elf::ElfFile64::<object::Endianness, _>::parse(&cache) else {
+        return Vec::new();
+    };
+    needed_names(&elf)
+        .into_iter()
+        .filter(|name| name.starts_with("libuv"))
+        .flat_map(|name| LIB_DIRS.iter().map(move |dir| Path::new(dir).join(&name)))
+        .filter(|path| path.exists())
+        .collect()
+}
+
+fn needed_names<'data, R: object::ReadRef<'data>>(
+    elf: &object::read::elf::ElfFile64<'data, object::Endianness, R>,
+) -> Vec<String> {
+    use object::read::elf::{Dyn, SectionHeader};
+    let endian = elf.endian();
+    let data = elf.data();
+    let sections = elf.elf_section_table();
+    let mut names = Vec::new();
+    for section in sections.iter() {
+        let Ok(Some((entries, link))) = section.dynamic(endian, data) else {
+            continue;
+        };
+        let Ok(strings) = sections.strings(endian, data, link) else {
+            continue;
+        };
+        for entry in entries {
+            if entry.tag32(endian).map(i64::from) == Some(object::elf::DT_NEEDED)
+                && let Ok(name) = entry.string(endian, strings)
+            {
+                names.push(String::from_utf8_lossy(name).into_owned());
+            }
+        }
+    }
+    names
+}
+
+fn find_in_path(program: &OsStr) -> Option<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        return path.is_file().then_some(path);
+    }
+    std::env::var_os("PATH")?
+        .as_bytes()
+        .split(|&b| b == b':')
+        .map(|dir| Path::new(OsStr::from_bytes(dir)).join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executable_mappings_are_distinct_and_ordered() {
+        let maps = "\
+00400000-00401000 r--p 00000000 08:01 1 /usr/bin/node
+00401000-00402000 r-xp 00001000 08:01 1 /usr/bin/node
+7f00-7f01 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f01-7f02 r-xp 00000000 00:00 0 [vdso]
+7f02-7f03 rw-p 00000000 00:00 0
+7f03-7f04 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6
+";
+        assert_eq!(
+            executable_mappings(maps),
+            [
+                PathBuf::from("/usr/bin/node"),
+                PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6")
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_programs_on_path() {
+        assert!(find_in_path(OsStr::new("sh")).is_some());
+        assert!(find_in_path(OsStr::new("no-such-program-loopbpf")).is_none());
+    }
+
+    #[test]
+    fn a_non_libuv_command_says_so() {
+        let err = libuv_for_command(OsStr::new("sh")).unwrap_err();
+        assert!(err.to_string().contains("is not a libuv program"), "{err}");
+    }
+}

@@ -1,0 +1,198 @@
+//! Probe attach: loads the embedded eBPF object, sets its configuration, attaches its programs
+//! and owns them. Dropping [`Probes`] detaches everything; so does the process dying, because
+//! every attachment is a file descriptor (perf-event links, never tracefs text entries).
+
+use std::{num::NonZeroU32, path::Path, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+};
+use thiserror::Error;
+
+use crate::{decode::ThreadState, discover::POLL_SYMBOL};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
+
+/// Tracepoint programs and where they attach: thread exits, and both sides of every syscall
+/// libuv's epoll backend waits in (Node 20 uses `epoll_pwait`).
+const TRACEPOINTS: [(&str, &str, &str); 7] = [
+    ("thread_exit", "sched", "sched_process_exit"),
+    ("epoll_wait_enter", "syscalls", "sys_enter_epoll_wait"),
+    ("epoll_wait_exit", "syscalls", "sys_exit_epoll_wait"),
+    ("epoll_pwait_enter", "syscalls", "sys_enter_epoll_pwait"),
+    ("epoll_pwait_exit", "syscalls", "sys_exit_epoll_pwait"),
+    ("epoll_pwait2_enter", "syscalls", "sys_enter_epoll_pwait2"),
+    ("epoll_pwait2_exit", "syscalls", "sys_exit_epoll_pwait2"),
+];
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "could not load the eBPF programs: {0} (loopbpf needs BPF ring buffers, Linux 5.8 or newer)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected eBPF program `{name}`: {error}")]
+    Program {
+        name: &'static str,
+        error: aya::programs::ProgramError,
+    },
+    #[error("could not attach to `{POLL_SYMBOL}` in {path}: {error}")]
+    Uprobe {
+        path: String,
+        error: aya::programs::ProgramError,
+    },
+    #[error("could not attach to tracepoint {category}/{name}: {error}")]
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+        error: aya::programs::ProgramError,
+    },
+    #[error("eBPF map `{0}` is missing or of the wrong type")]
+    Map(&'static str),
+    #[error("reading eBPF map `{name}`: {error}")]
+    MapAccess {
+        name: &'static str,
+        error: aya::maps::MapError,
+    },
+}
+
+/// The loaded and attached kernel side.
+pub struct Probes {
+    ebpf: Ebpf,
+    threads: HashMap<MapData, u32, ThreadState>,
+    window: Array<MapData, u64>,
+    dropped: PerCpuArray<MapData, u64>,
+}
+
+impl Probes {
+    /// Loads the programs, configured for one target process and a block threshold.
+    pub fn load(target_pid: u32, threshold: Duration) -> Result<Self, ProbeError> {
+        raise_memlock_limit();
+        let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("target_tgid", &target_pid, true)
+            .override_global("threshold_ns", &threshold_ns, true)
+            .load(OBJECT)
+            .map_err(ProbeError::Load)?;
+        let threads = take_map(&mut ebpf, "threads")?;
+        let window = take_map(&mut ebpf, "window")?;
+        let dropped = take_map(&mut ebpf, "dropped")?;
+        Ok(Self {
+            ebpf,
+            threads,
+            window,
+            dropped,
+        })
+    }
+
+    /// The ring buffer of events; call once.
+    pub fn events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        take_map(&mut self.ebpf, "events")
+    }
+
+    /// Attaches the thread-exit and poll-wait tracepoints, which only act on the target.
+    pub fn attach_tracepoints(&mut self) -> Result<(), ProbeError> {
+        for (program, category, tracepoint) in TRACEPOINTS {
+            self.attach_tracepoint(program, category, tracepoint)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the `uv__io_poll` entry probe to one process's copy of `libuv`.
+    pub fn attach_uprobe(&mut self, libuv: &Path, pid: u32) -> Result<(), ProbeError> {
+        let name = "uv_io_poll_entry";
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ProbeError::Map(name))?;
+        program
+            .load()
+            .map_err(|error| ProbeError::Program { name, error })?;
+        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        program
+            .attach(POLL_SYMBOL, libuv, scope)
+            .map_err(|error| ProbeError::Uprobe {
+                path: libuv.display().to_string(),
+                error,
+            })?;
+        Ok(())
+    }
+
+    fn attach_tracepoint(
+        &mut self,
+        name: &'static str,
+        category: &'static str,
+        tracepoint: &'static str,
+    ) -> Result<(), ProbeError> {
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ProbeError::Map(name))?;
+        program
+            .load()
+            .map_err(|error| ProbeError::Program { name, error })?;
+        program
+            .attach(category, tracepoint)
+            .map_err(|error| ProbeError::Tracepoint {
+                category,
+                name: tracepoint,
+                error,
+            })?;
+        Ok(())
+    }
+
+    /// Every loop thread's state as the kernel side has it now.
+    pub fn threads(&self) -> Vec<(u32, ThreadState)> {
+        self.threads.iter().filter_map(Result::ok).collect()
+    }
+
+    /// One thread's state.
+    pub fn thread(&self, tid: u32) -> Option<ThreadState> {
+        self.threads.get(&tid, 0).ok()
+    }
+
+    /// Forgets a thread that has exited.
+    pub fn forget_thread(&mut self, tid: u32) {
+        let _ = self.threads.remove(&tid);
+    }
+
+    /// Starts a new reporting window for `window_max_busy_ns`.
+    pub fn set_window(&mut self, window: u64) -> Result<(), ProbeError> {
+        self.window
+            .set(0, window, 0)
+            .map_err(|error| ProbeError::MapAccess {
+                name: "window",
+                error,
+            })
+    }
+
+    /// Events the kernel side could not hand over because the ring buffer was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped
+            .get(&0, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map>,
+{
+    ebpf.take_map(name)
+        .and_then(|map| T::try_from(map).ok())
+        .ok_or(ProbeError::Map(name))
+}
+
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failure only means the old limit stays.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
+}

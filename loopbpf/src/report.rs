@@ -1,0 +1,410 @@
+//! Outputs: the only code that prints. Text for people (one line per event, a summary table)
+//! or JSON lines for scripts, on stdout.
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+};
+
+use serde_json::{Value, json};
+
+use crate::aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel};
+
+/// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        Self {
+            realtime_minus_monotonic_ns: i128::from(real) - i128::from(mono),
+        }
+    }
+
+    /// Now, in the kernel side's time base.
+    pub fn monotonic_ns() -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC)
+    }
+
+    pub fn unix_ns(self, monotonic_ns: u64) -> i128 {
+        i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns
+    }
+
+    fn unix_ms(self, monotonic_ns: u64) -> f64 {
+        (self.unix_ns(monotonic_ns) / 1000) as f64 / 1000.0
+    }
+
+    /// `HH:MM:SS.mmm` in local time.
+    fn time_of_day(self, monotonic_ns: u64) -> String {
+        let unix_ns = self.unix_ns(monotonic_ns);
+        let secs = (unix_ns / 1_000_000_000) as libc::time_t;
+        let millis = (unix_ns % 1_000_000_000) / 1_000_000;
+        // SAFETY: tm is plain old data; localtime_r fills it from a valid time_t.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid for the call.
+        unsafe { libc::localtime_r(&raw const secs, &raw mut tm) };
+        format!(
+            "{:02}:{:02}:{:02}.{millis:03}",
+            tm.tm_hour, tm.tm_min, tm.tm_sec
+        )
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out pointer; the clocks used always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Writes records in the chosen format.
+pub struct Reporter<W: Write> {
+    out: W,
+    json: bool,
+    clock: Clock,
+    header_done: bool,
+}
+
+impl<W: Write> Reporter<W> {
+    pub fn new(out: W, json: bool, clock: Clock) -> Self {
+        Self {
+            out,
+            json,
+            clock,
+            header_done: false,
+        }
+    }
+
+    /// Reports one record; `now_ns` stamps interval lines.
+    pub fn report(&mut self, record: &Record, now_ns: u64) -> io::Result<()> {
+        if self.json {
+            let line = self.json_record(record, now_ns);
+            writeln!(self.out, "{line}")?;
+        } else {
+            let text = self.text_record(record, now_ns);
+            self.out.write_all(text.as_bytes())?;
+        }
+        self.out.flush()
+    }
+
+    fn json_record(&self, record: &Record, now_ns: u64) -> Value {
+        let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
+        match record {
+            Record::Block {
+                id,
+                start_ns,
+                duration_ns,
+                end,
+            } => {
+                let mut v = json_id("block", id);
+                v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
+                v["duration_ms"] = json!(ms(*duration_ns));
+                v["end"] = json!(end);
+                v
+            }
+            Record::Ongoing {
+                id,
+                start_ns,
+                duration_ns,
+            } => {
+                let mut v = json_id("ongoing", id);
+                v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
+                v["duration_ms"] = json!(ms(*duration_ns));
+                v
+            }
+            Record::Interval {
+                id,
+                elu,
+                iterations,
+                max_busy_ns,
+            } => {
+                let mut v = json_id("interval", id);
+                v["unix_ms"] = json!(self.clock.unix_ms(now_ns));
+                v["elu"] = json!(round4(*elu));
+                v["iterations"] = json!(iterations);
+                v["max_busy_ms"] = json!(ms(*max_busy_ns));
+                v
+            }
+            Record::Summary {
+                loops,
+                elapsed_ns,
+                dropped_events,
+            } => {
+                let loops: Vec<Value> = loops
+                    .iter()
+                    .map(|l| {
+                        let mut v = json_id("", &l.id);
+                        v.as_object_mut().map(|o| o.remove("event"));
+                        v["elu"] = json!(round4(l.elu));
+                        v["iterations"] = json!(l.iterations);
+                        v["blocks"] = json!(l.blocks);
+                        v["max_busy_ms"] = json!(ms(l.max_busy_ns));
+                        v["ongoing_ms"] = json!(l.ongoing_ns.map(ms));
+                        v["exited"] = json!(l.exited);
+                        v["busy_hist_us"] = histogram_json(l);
+                        v
+                    })
+                    .collect();
+                json!({
+                    "event": "summary",
+                    "duration_ms": ms(*elapsed_ns),
+                    "dropped_events": dropped_events,
+                    "loops": loops,
+                })
+            }
+        }
+    }
+
+    fn text_record(&mut self, record: &Record, now_ns: u64) -> String {
+        let mut text = String::new();
+        if !self.header_done && !matches!(record, Record::Summary { .. }) {
+            self.header_done = true;
+            text.push_str("TIME          PID      THREAD     EVENT     DURATION\n");
+        }
+        let line = |at_ns: u64, id: &LoopId, event: &str, rest: &str| {
+            format!(
+                "{}  {:<8} {:<10} {event:<9} {rest}\n",
+                self.clock.time_of_day(at_ns),
+                id.pid,
+                id.label.to_string()
+            )
+        };
+        match record {
+            Record::Block {
+                id,
+                start_ns,
+                duration_ns,
+                end,
+            } => {
+                let suffix = match end {
+                    BlockEnd::Poll => "",
+                    BlockEnd::Exit => " until the thread exited",
+                };
+                text += &line(
+                    *start_ns,
+                    id,
+                    "blocked",
+                    &format!("{}{suffix}", human(*duration_ns)),
+                );
+            }
+            Record::Ongoing {
+                id,
+                start_ns,
+                duration_ns,
+            } => {
+                text += &line(
+                    *start_ns,
+                    id,
+                    "ongoing",
+                    &format!("{} and counting (still blocked)", human(*duration_ns)),
+                );
+            }
+            Record::Interval {
+                id,
+                elu,
+                iterations,
+                max_busy_ns,
+            } => {
+                text += &line(
+                    now_ns,
+                    id,
+                    "interval",
+                    &format!(
+                        "ELU {elu:.2}  iterations {iterations}  busiest {}",
+                        human(*max_busy_ns)
+                    ),
+                );
+            }
+            Record::Summary {
+                loops,
+                elapsed_ns,
+                dropped_events,
+            } => {
+                text += &summary_text(loops, *elapsed_ns, *dropped_events);
+            }
+        }
+        text
+    }
+}
+
+fn json_id(event: &str, id: &LoopId) -> Value {
+    let mut v = json!({ "event": event, "pid": id.pid, "tid": id.tid, "thread": id.label.kind() });
+    if let ThreadLabel::Worker(n) = id.label {
+        v["worker"] = json!(n);
+    }
+    v
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+fn histogram_json(l: &LoopSummary) -> Value {
+    let buckets: Vec<Value> = l
+        .busy_hist
+        .iter()
+        .enumerate()
+        .filter(|&(_, &count)| count > 0)
+        .map(|(slot, &count)| json!({ "from": bucket_low(slot), "to": 1u64 << (slot + 1), "count": count }))
+        .collect();
+    Value::Array(buckets)
+}
+
+fn bucket_low(slot: usize) -> u64 {
+    if slot == 0 { 0 } else { 1u64 << slot }
+}
+
+fn summary_text(loops: &[LoopSummary], elapsed_ns: u64, dropped_events: u64) -> String {
+    let mut text = format!(
+        "\nSummary: {} watched, {} loop thread{}\n",
+        human(elapsed_ns),
+        loops.len(),
+        if loops.len() == 1 { "" } else { "s" }
+    );
+    if loops.is_empty() {
+        text.push_str("No libuv loop iteration was seen (is the process's loop running?)\n");
+    } else {
+        text.push_str("PID      THREAD     ITERATIONS  BLOCKS  MAX BUSY     ELU\n");
+    }
+    for l in loops {
+        let note = match (l.ongoing_ns, l.exited) {
+            (Some(ns), _) => format!("  still blocked for {}", human(ns)),
+            (None, true) => "  (exited)".to_owned(),
+            (None, false) => String::new(),
+        };
+        let _ = writeln!(
+            text,
+            "{:<8} {:<10} {:>10}  {:>6}  {:>10}  {:>5.2}{note}",
+            l.id.pid,
+            l.id.label.to_string(),
+            l.iterations,
+            l.blocks,
+            human(l.max_busy_ns),
+            l.elu
+        );
+    }
+    for l in loops.iter().filter(|l| l.iterations > 0) {
+        let _ = writeln!(
+            text,
+            "\nBusy time per iteration, pid {} {}:",
+            l.id.pid, l.id.label
+        );
+        text.push_str(&histogram_text(&l.busy_hist));
+    }
+    if dropped_events > 0 {
+        let _ = writeln!(
+            text,
+            "\nwarning: {dropped_events} events were lost (ring buffer full); counts above may be low"
+        );
+    }
+    text
+}
+
+/// A log2 histogram like bcc's tools print it.
+fn histogram_text(hist: &[u64]) -> String {
+    let Some(first) = hist.iter().position(|&c| c > 0) else {
+        return String::new();
+    };
+    let last = hist.iter().rposition(|&c| c > 0).unwrap_or(first);
+    let max = hist[first..=last].iter().copied().max().unwrap_or(1).max(1);
+    let mut text = String::from("           usecs            : count     distribution\n");
+    for (slot, &count) in hist.iter().enumerate().take(last + 1).skip(first) {
+        let stars = (count * 40).div_ceil(max) as usize;
+        let _ = writeln!(
+            text,
+            "{:>12} -> {:<12}: {count:<9} |{:<40}|",
+            bucket_low(slot),
+            (1u64 << (slot + 1)) - 1,
+            "*".repeat(stars.min(40))
+        );
+    }
+    text
+}
+
+/// `850 us`, `12.3 ms`, `1.52 s`.
+pub fn human(ns: u64) -> String {
+    let ms = ns as f64 / 1e6;
+    if ms < 1.0 {
+        format!("{:.0} us", ns as f64 / 1e3)
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn id() -> LoopId {
+        LoopId {
+            pid: 42,
+            tid: 43,
+            label: ThreadLabel::Worker(1),
+        }
+    }
+
+    #[test]
+    fn json_block_has_the_documented_fields() {
+        let reporter = Reporter::new(Vec::new(), true, Clock::new());
+        let v = reporter.json_record(
+            &Record::Block {
+                id: id(),
+                start_ns: 5 * MS,
+                duration_ns: 123_456_789,
+                end: BlockEnd::Exit,
+            },
+            0,
+        );
+        assert_eq!(v["event"], "block");
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["tid"], 43);
+        assert_eq!(v["thread"], "worker");
+        assert_eq!(v["worker"], 1);
+        assert_eq!(v["duration_ms"], 123.46);
+        assert_eq!(v["end"], "exit");
+        assert!(v["start_unix_ms"].as_f64().unwrap() > 1.6e12);
+    }
+
+    #[test]
+    fn text_lines_name_thread_and_duration() {
+        let mut reporter = Reporter::new(Vec::new(), false, Clock::new());
+        let record = Record::Ongoing {
+            id: id(),
+            start_ns: 0,
+            duration_ns: 4200 * MS,
+        };
+        reporter.report(&record, 0).unwrap();
+        let text = String::from_utf8(reporter.out).unwrap();
+        assert!(text.starts_with("TIME"), "{text}");
+        assert!(text.contains("worker 1"), "{text}");
+        assert!(text.contains("4.20 s and counting"), "{text}");
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(850_000), "850 us");
+        assert_eq!(human(12_340_000), "12.3 ms");
+        assert_eq!(human(1_520_000_000), "1.52 s");
+    }
+
+    #[test]
+    fn histogram_spans_only_used_buckets() {
+        let mut hist = [0u64; 32];
+        hist[3] = 10;
+        hist[5] = 5;
+        let text = histogram_text(&hist);
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.contains("8 -> 15"), "{text}");
+    }
+}
