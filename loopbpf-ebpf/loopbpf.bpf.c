@@ -21,6 +21,11 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 /* Set by userspace before load. */
 const volatile __u32 target_tgid = 0;
 const volatile __u64 threshold_ns = 100000000ULL;
+/* Link-time address of uv__io_poll, and of the function a worker_threads Worker runs its loop
+ * under (node::worker::Worker::Run), in the same object; 0 when there is none. */
+const volatile __u64 poll_symbol_addr = 0;
+const volatile __u64 worker_entry_start = 0;
+const volatile __u64 worker_entry_end = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -47,6 +52,17 @@ struct {
 	__type(key, __u32);   /* 0 */
 	__type(value, __u64); /* events dropped because the ring buffer was full */
 } dropped SEC(".maps");
+
+struct user_stack {
+	__u64 ips[LOOPBPF_ROLE_STACK_DEPTH];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);               /* 0 */
+	__type(value, struct user_stack); /* scratch for classify_loop() */
+} role_stack SEC(".maps");
 
 static const struct loopbpf_thread empty_thread;
 
@@ -107,6 +123,11 @@ static __always_inline __u32 log2_u64(__u64 v)
 	return r;
 }
 
+static __always_inline bool is_reported(const struct loopbpf_thread *t)
+{
+	return t->role == LOOPBPF_ROLE_MAIN || t->role == LOOPBPF_ROLE_WORKER;
+}
+
 static __always_inline bool is_target(__u64 pid_tgid)
 {
 	return (__u32)(pid_tgid >> 32) == target_tgid;
@@ -118,6 +139,37 @@ static __always_inline __s32 read_backend_fd(__u64 loop)
 
 	bpf_probe_read_user(&fd, sizeof(fd), (void *)(loop + LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET));
 	return fd;
+}
+
+/* Main thread, worker_threads Worker, or a runtime-internal loop: a worker's first poll runs
+ * under the worker entry function. Runs once per adopted loop, never per iteration. */
+static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
+{
+	__u32 zero = 0;
+	struct user_stack *stack;
+	__s64 bias, bytes;
+
+	if ((__u32)pid_tgid == (__u32)(pid_tgid >> 32))
+		return LOOPBPF_ROLE_MAIN;
+	if (!worker_entry_start)
+		return LOOPBPF_ROLE_WORKER;
+	stack = bpf_map_lookup_elem(&role_stack, &zero);
+	if (!stack)
+		return LOOPBPF_ROLE_WORKER;
+	bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), BPF_F_USER_STACK);
+	if (bytes <= 0)
+		return LOOPBPF_ROLE_WORKER; /* cannot tell: better shown than hidden */
+	bias = PT_REGS_IP(ctx) - poll_symbol_addr;
+	for (int i = 0; i < LOOPBPF_ROLE_STACK_DEPTH; i++) {
+		__u64 link_addr;
+
+		if (i * 8 >= bytes)
+			break;
+		link_addr = stack->ips[i] - bias;
+		if (link_addr >= worker_entry_start && link_addr < worker_entry_end)
+			return LOOPBPF_ROLE_WORKER;
+	}
+	return LOOPBPF_ROLE_OTHER;
 }
 
 /* Close the iteration that ends at this uv__io_poll entry. */
@@ -151,6 +203,7 @@ int uv_io_poll_entry(struct pt_regs *ctx)
 		t = bpf_map_lookup_elem(&threads, &tid);
 		if (!t)
 			return 0;
+		t->epfd = -1;
 	}
 
 	if (t->loop_addr == loop) {
@@ -160,12 +213,18 @@ int uv_io_poll_entry(struct pt_regs *ctx)
 		return 0;
 	}
 
-	/* A second loop on a known loop thread is spawnSync's private loop, polled
-	 * inside one busy interval of the outer loop: ignore it while the outer loop
-	 * still owns its epoll fd. A loop we adopted that has since been closed
-	 * (a spawnSync before the real loop started) gives way. */
-	if (t->loop_addr && read_backend_fd(t->loop_addr) == t->epfd)
+	if (t->loop_addr) {
+		/* A second loop on a known loop thread is spawnSync's private loop, polled
+		 * inside one busy interval of the outer loop: ignore it while the outer
+		 * loop still owns its epoll fd. A loop we adopted that has since been
+		 * closed (a spawnSync before the real loop started) gives way. */
+		if (read_backend_fd(t->loop_addr) == t->epfd)
+			return 0;
+	} else if (t->epfd >= 0 && read_backend_fd(loop) != t->epfd) {
+		/* The thread sat in this epoll fd when we attached: that is its loop.
+		 * Another one (spawnSync's, or one polled while Node exits) is not. */
 		return 0;
+	}
 
 	t->loop_addr = loop;
 	t->epfd = read_backend_fd(loop);
@@ -175,7 +234,10 @@ int uv_io_poll_entry(struct pt_regs *ctx)
 	t->in_poll = 0;
 	t->iter_start_ns = now;
 	t->iter_idle_start_ns = t->idle_ns;
-	emit(LOOPBPF_EVENT_LOOP_FOUND, tid, t, t->busy_since_ns, now);
+	if (t->role == LOOPBPF_ROLE_UNKNOWN)
+		t->role = classify_loop(ctx, pid_tgid);
+	if (t->role != LOOPBPF_ROLE_OTHER)
+		emit(LOOPBPF_EVENT_LOOP_FOUND, tid, t, t->busy_since_ns, now);
 	return 0;
 }
 
@@ -191,7 +253,9 @@ static __always_inline void poll_enter(__s32 epfd, bool counts_idle)
 	if (!is_target(pid_tgid))
 		return;
 	t = bpf_map_lookup_elem(&threads, &tid);
-	if (!t || !t->loop_addr || epfd != t->epfd)
+	/* The loop's own poll wait only: not a nested loop's, and for a thread seeded
+	 * idle at attach, already before uv__io_poll names the loop. */
+	if (!t || t->epfd < 0 || epfd != t->epfd || t->role == LOOPBPF_ROLE_OTHER)
 		return;
 
 	now = bpf_ktime_get_ns();
@@ -207,7 +271,7 @@ static __always_inline void poll_enter(__s32 epfd, bool counts_idle)
 		}
 		if (busy > t->window_max_busy_ns)
 			t->window_max_busy_ns = busy;
-		if (busy >= threshold_ns) {
+		if (busy >= threshold_ns && is_reported(t)) {
 			t->blocks += 1;
 			emit(LOOPBPF_EVENT_BLOCK, tid, t, t->busy_since_ns, now);
 		}
@@ -230,9 +294,10 @@ static __always_inline void poll_exit(void)
 	now = bpf_ktime_get_ns();
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t) {
-		/* A thread leaving a poll wait before its loop is known: most likely
-		 * a loop that was idle when we attached. Its busy interval starts now;
-		 * uv__io_poll's probe names the loop before the interval ends. */
+		/* A thread leaving a poll wait it entered after the attach-time scan
+		 * and before the probes: most likely a loop that was idle. Its busy
+		 * interval starts now; uv__io_poll's probe names the loop before the
+		 * interval ends. */
 		struct loopbpf_thread fresh = {};
 
 		fresh.pid = pid_tgid >> 32;
@@ -242,16 +307,14 @@ static __always_inline void poll_exit(void)
 		bpf_map_update_elem(&threads, &tid, &fresh, BPF_NOEXIST);
 		return;
 	}
-	if (!t->loop_addr) {
-		t->busy_since_ns = now;
-		return;
-	}
 	if (!t->in_poll)
-		return; /* a nested loop's poll (spawnSync) */
+		return; /* a nested loop's poll (spawnSync), or a loop we do not report */
 	t->in_poll = 0;
 	if (t->poll_counts_idle)
 		t->idle_ns += now - t->poll_enter_ns;
 	t->busy_since_ns = now;
+	if (!t->discovered_ns)
+		t->discovered_ns = now;
 }
 
 SEC("tracepoint/syscalls/sys_enter_epoll_wait")
@@ -318,7 +381,9 @@ int thread_exit(void *ctx)
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t)
 		return 0;
-	if (!t->loop_addr) {
+	/* A main thread seeded in its poll wait at attach is the main loop even if it
+	 * never named its loop (busy from then until exit). */
+	if (t->role != LOOPBPF_ROLE_MAIN && t->role != LOOPBPF_ROLE_WORKER) {
 		bpf_map_delete_elem(&threads, &tid);
 		return 0;
 	}

@@ -27,6 +27,17 @@ enum loopbpf_event_kind {
 	LOOPBPF_EVENT_LOOP_EXIT = 3,
 };
 
+/* What a loop thread is, decided when its loop is adopted. */
+enum loopbpf_role {
+	LOOPBPF_ROLE_UNKNOWN = 0, /* seen in a poll wait, loop not named yet */
+	LOOPBPF_ROLE_MAIN = 1,    /* the process's main thread */
+	LOOPBPF_ROLE_WORKER = 2,  /* a worker_threads Worker (or any other libuv loop thread) */
+	LOOPBPF_ROLE_OTHER = 3,   /* a runtime-internal loop (Node's delayed-task scheduler): not reported */
+};
+
+/* Most user stack frames searched for the worker entry function when a loop is adopted. */
+#define LOOPBPF_ROLE_STACK_DEPTH 32
+
 /* One ring-buffer record. */
 struct loopbpf_event {
 	__u32 kind;     /* enum loopbpf_event_kind */
@@ -43,13 +54,15 @@ struct loopbpf_event {
  * deletes it after the thread exited. */
 struct loopbpf_thread {
 	__u64 loop_addr;       /* uv_loop_t* of the outer loop; 0 = not yet known */
-	__s32 epfd;            /* that loop's backend (epoll) fd */
+	__s32 epfd;            /* that loop's backend (epoll) fd; -1 = not known yet */
 	__u32 pid;             /* tgid */
 	__u64 discovered_ns;   /* first probe hit on this thread */
 	__u64 busy_since_ns;   /* start of the current busy interval, 0 = in poll or unknown */
 	__u64 poll_enter_ns;   /* entry of the current poll wait */
 	__u32 in_poll;         /* inside the loop's own poll wait */
 	__u32 poll_counts_idle;/* that wait has a non-zero timeout (libuv counts it idle) */
+	__u32 role;            /* enum loopbpf_role */
+	__u32 reserved;
 	__u64 idle_ns;         /* sum of finished idle poll waits */
 	__u64 iterations;      /* completed uv__io_poll -> uv__io_poll iterations */
 	__u64 iter_start_ns;   /* entry of the current iteration */

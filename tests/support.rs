@@ -1,1 +1,265 @@
+//! Shared pieces of the integration tests: real node fixtures, a real loopbpf binary, and
+//! the checks on what a user would see. These tests need root (`cargo xtask test` runs them).
 
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The loopbpf binary under test: `$LOOPBPF_BIN`, or the workspace's debug build.
+pub fn loopbpf_bin() -> PathBuf {
+    let path = std::env::var_os("LOOPBPF_BIN")
+        .map_or_else(|| workspace().join("target/debug/loopbpf"), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} does not exist: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The node binary the fixtures run on: `$LOOPBPF_TEST_NODE`, or `node` on PATH.
+pub fn node_bin() -> String {
+    std::env::var("LOOPBPF_TEST_NODE").unwrap_or_else(|_| "node".to_owned())
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    workspace().join("tests/fixtures").join(name)
+}
+
+/// These tests attach eBPF programs: without root they would only test the error path.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "LOUD SKIP REFUSED: loopbpf's integration tests need root (run `sudo cargo xtask test`)"
+    );
+}
+
+/// Lines of a child's output, read on a thread so a test can wait with a timeout.
+pub struct Lines {
+    rx: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Lines {
+    fn spawn(reader: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line matching `pred`, keeping every line seen.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Everything until the writer closes (or `timeout`).
+    pub fn rest(&mut self, timeout: Duration) -> Vec<String> {
+        let _ = self.wait_for(timeout, |_| false);
+        self.seen.clone()
+    }
+}
+
+/// A running `tests/fixtures/blocker.js`.
+pub struct Fixture {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    pub out: Lines,
+}
+
+impl Fixture {
+    pub fn start() -> Self {
+        let mut child = Command::new(node_bin())
+            .arg("--expose-gc")
+            .arg(fixture("blocker.js"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cannot start node: is it installed (quickstart.sh installs it)?");
+        let stdin = child.stdin.take();
+        let mut out = Lines::spawn(child.stdout.take().unwrap());
+        out.wait_for(Duration::from_secs(20), |l| l.contains("\"ready\""))
+            .expect("the node fixture did not start");
+        Self { child, stdin, out }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn send(&mut self, command: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the fixture's answer to a command: its own measurement.
+    pub fn done(&mut self, what: &str, timeout: Duration) -> Value {
+        let tag = format!("\"done\":\"{what}\"");
+        let line = self
+            .out
+            .wait_for(timeout, |l| l.contains(&tag))
+            .unwrap_or_else(|| {
+                panic!(
+                    "fixture never finished `{what}`; it said {:?}",
+                    self.out.seen
+                )
+            });
+        serde_json::from_str(&line).unwrap()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running loopbpf.
+pub struct Loopbpf {
+    pub child: Child,
+    pub out: Lines,
+    pub err: Lines,
+}
+
+impl Loopbpf {
+    /// Starts loopbpf with `args` and waits until its probes are attached.
+    pub fn attach(args: &[&str]) -> Self {
+        let mut this = Self::spawn(args);
+        let attached = this
+            .err
+            .wait_for(Duration::from_secs(30), |l| l.contains("watching pid"));
+        assert!(
+            attached.is_some(),
+            "loopbpf did not attach; stderr: {:?}",
+            this.err.seen
+        );
+        this
+    }
+
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(loopbpf_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start loopbpf");
+        let out = Lines::spawn(child.stdout.take().unwrap());
+        let err = Lines::spawn(child.stderr.take().unwrap());
+        Self { child, out, err }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. `libc::SIGINT` = 2) to loopbpf.
+    pub fn signal(&self, signal: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for loopbpf to end; returns its status and its JSON lines.
+    pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "loopbpf did not end within {timeout:?}; stderr: {:?}",
+                    self.err.rest(Duration::ZERO)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let lines = self.out.rest(Duration::from_secs(5));
+        let values = lines
+            .iter()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        (status, values)
+    }
+}
+
+impl Drop for Loopbpf {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Records of one kind (`block`, `ongoing`, `interval`, `summary`).
+pub fn events<'a>(values: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    values.iter().filter(|v| v["event"] == kind).collect()
+}
+
+/// loopbpf must measure busy time within max(2 ms, 2%) of the truth.
+pub fn assert_duration_close(reported_ms: f64, true_ms: f64, what: &str) {
+    let tolerance = (true_ms * 0.02).max(2.0);
+    assert!(
+        (reported_ms - true_ms).abs() <= tolerance,
+        "{what}: loopbpf reported {reported_ms:.2} ms, the fixture measured {true_ms:.2} ms (tolerance {tolerance:.2} ms)"
+    );
+}

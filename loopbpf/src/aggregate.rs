@@ -171,11 +171,11 @@ impl Aggregator {
 
     /// Stores the newest kernel-side state of a thread (the last one, after it exited).
     pub fn update_state(&mut self, tid: u32, state: &ThreadState) {
-        if state.loop_addr == 0 {
-            return; // not (yet) known to be a loop thread
+        if !state.is_reported_loop() {
+            return; // not (yet) known to be a loop thread, or one we do not report
         }
         let thread = self.loop_thread(state.pid, tid, state.discovered_ns);
-        if thread.state.loop_addr == 0 {
+        if !thread.state.is_reported_loop() {
             // First state of this thread: windows start where its counters start.
             thread.window_start = (state.discovered_ns, state.idle_ns, state.iterations);
         }
@@ -226,7 +226,7 @@ impl Aggregator {
     pub fn interval(&mut self, now_ns: u64, window: u64) -> Vec<Record> {
         let mut records = Vec::new();
         for thread in self.loops.values_mut() {
-            if thread.exited_ns.is_some() || thread.state.loop_addr == 0 {
+            if thread.exited_ns.is_some() || !thread.state.is_reported_loop() {
                 continue;
             }
             let state = &thread.state;
@@ -257,7 +257,7 @@ impl Aggregator {
         let loops = self
             .loops
             .values()
-            .filter(|t| t.state.loop_addr != 0)
+            .filter(|t| t.state.is_reported_loop())
             .map(|thread| {
                 let state = &thread.state;
                 let end_ns = thread.exited_ns.unwrap_or(now_ns);
@@ -327,6 +327,7 @@ fn utilization(wall_ns: u64, idle_ns: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::ROLE_MAIN;
 
     const MS: u64 = 1_000_000;
 
@@ -335,6 +336,7 @@ mod tests {
             loop_addr: 0x1000,
             pid,
             discovered_ns,
+            role: ROLE_MAIN,
             ..ThreadState::default()
         }
     }

@@ -33,6 +33,8 @@ pub struct ThreadState {
     pub poll_enter_ns: u64,
     pub in_poll: u32,
     pub poll_counts_idle: u32,
+    pub role: u32,
+    pub reserved: u32,
     pub idle_ns: u64,
     pub iterations: u64,
     pub iter_start_ns: u64,
@@ -60,9 +62,15 @@ impl ThreadState {
         self.idle_ns + ongoing
     }
 
+    /// Whether this is a loop loopbpf reports (main or worker), as opposed to one not yet
+    /// named or a runtime-internal one.
+    pub fn is_reported_loop(&self) -> bool {
+        matches!(self.role, ROLE_MAIN | ROLE_WORKER)
+    }
+
     /// How long the current busy interval has lasted at `now_ns`, if the thread is busy.
     pub fn busy_for_ns(&self, now_ns: u64) -> Option<u64> {
-        (self.loop_addr != 0 && self.in_poll == 0 && self.busy_since_ns != 0)
+        (self.is_reported_loop() && self.in_poll == 0 && self.busy_since_ns != 0)
             .then(|| now_ns.saturating_sub(self.busy_since_ns))
     }
 }
@@ -100,6 +108,10 @@ pub enum DecodeError {
     #[error("event record of unknown kind {0}")]
     Kind(u32),
 }
+
+/// `enum loopbpf_role` values.
+pub const ROLE_MAIN: u32 = 1;
+pub const ROLE_WORKER: u32 = 2;
 
 const EVENT_BLOCK: u32 = 1;
 const EVENT_LOOP_FOUND: u32 = 2;
@@ -241,6 +253,7 @@ mod tests {
     fn ongoing_idle_and_busy_time() {
         let idle = ThreadState {
             loop_addr: 1,
+            role: ROLE_MAIN,
             in_poll: 1,
             poll_counts_idle: 1,
             poll_enter_ns: 100,
@@ -251,6 +264,7 @@ mod tests {
         assert_eq!(idle.busy_for_ns(130), None);
         let busy = ThreadState {
             loop_addr: 1,
+            role: ROLE_MAIN,
             busy_since_ns: 100,
             idle_ns: 50,
             ..ThreadState::default()
@@ -305,6 +319,7 @@ mod tests {
         field!("loopbpf_thread", ThreadState, poll_enter_ns);
         field!("loopbpf_thread", ThreadState, in_poll);
         field!("loopbpf_thread", ThreadState, poll_counts_idle);
+        field!("loopbpf_thread", ThreadState, role);
         field!("loopbpf_thread", ThreadState, idle_ns);
         field!("loopbpf_thread", ThreadState, iterations);
         field!("loopbpf_thread", ThreadState, iter_start_ns);
@@ -316,7 +331,8 @@ mod tests {
         field!("loopbpf_thread", ThreadState, exited_ns);
         field!("loopbpf_thread", ThreadState, busy_hist);
         c.push_str(
-            "printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
+            "printf(\"%d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER);\n\
+             printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
              printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
              return 0;\n}\n",
         );
@@ -343,6 +359,10 @@ mod tests {
                 "layout entry {i} differs between loopbpf.h and decode.rs"
             );
         }
+        assert_eq!(
+            lines.next(),
+            Some(format!("{ROLE_MAIN} {ROLE_WORKER}").as_str())
+        );
         assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
         assert_eq!(
             lines.next(),

@@ -15,6 +15,9 @@ use thiserror::Error;
 /// The libuv function whose entry marks every loop iteration.
 pub const POLL_SYMBOL: &str = "uv__io_poll";
 
+/// `node::worker::Worker::Run()`: a `worker_threads` Worker runs its loop under it.
+const WORKER_ENTRY_SYMBOL: &str = "_ZN4node6worker6Worker3RunEv";
+
 #[derive(Debug, Error)]
 pub enum DiscoverError {
     #[error("no process with pid {0}: check the pid (`pgrep -a node` lists Node processes)")]
@@ -53,8 +56,41 @@ pub enum DiscoverError {
 pub struct Target {
     pub pid: u32,
     pub comm: String,
-    /// Path of the object with `uv__io_poll`, as loopbpf can open it.
-    pub libuv: PathBuf,
+    pub libuv: Libuv,
+}
+
+/// The object file with `uv__io_poll`, and the link-time addresses the probes need from it.
+#[derive(Debug, Clone)]
+pub struct Libuv {
+    /// Its path, as loopbpf can open it.
+    pub path: PathBuf,
+    pub poll_addr: u64,
+    /// Address range of Node's worker entry function, when this object is a node binary.
+    pub worker_entry: Option<(u64, u64)>,
+}
+
+impl Libuv {
+    /// Reads the object's symbols; `None` when it has no `uv__io_poll`.
+    fn read(path: &Path) -> Option<Self> {
+        let cache = open_elf(path)?;
+        let elf = object::File::parse(&cache).ok()?;
+        let mut poll_addr = None;
+        let mut worker_entry = None;
+        for sym in elf.symbols().chain(elf.dynamic_symbols()) {
+            match sym.name_bytes() {
+                Ok(name) if name == POLL_SYMBOL.as_bytes() => poll_addr = Some(sym.address()),
+                Ok(name) if name == WORKER_ENTRY_SYMBOL.as_bytes() && sym.size() > 0 => {
+                    worker_entry = Some((sym.address(), sym.address() + sym.size()));
+                }
+                _ => {}
+            }
+        }
+        Some(Self {
+            path: path.to_path_buf(),
+            poll_addr: poll_addr?,
+            worker_entry,
+        })
+    }
 }
 
 /// Finds the libuv of a running process.
@@ -77,12 +113,8 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
     let root = proc_dir.join("root");
     for file in executable_mappings(&maps) {
         let path = root.join(file.strip_prefix("/").unwrap_or(&file));
-        if has_symbol(&path, POLL_SYMBOL) {
-            return Ok(Target {
-                pid,
-                comm,
-                libuv: path,
-            });
+        if let Some(libuv) = Libuv::read(&path) {
+            return Ok(Target { pid, comm, libuv });
         }
     }
     let exe_in_root = root.join(exe.strip_prefix("/").unwrap_or(&exe));
@@ -95,19 +127,37 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
 }
 
 /// Finds the libuv a command will run with, before it starts.
-pub fn libuv_for_command(program: &OsStr) -> Result<PathBuf, DiscoverError> {
+pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     let name = program.to_string_lossy().into_owned();
     let exe = find_in_path(program).ok_or_else(|| DiscoverError::CommandNotFound(name.clone()))?;
     let exe = fs::canonicalize(&exe).unwrap_or(exe);
-    if has_symbol(&exe, POLL_SYMBOL) {
-        return Ok(exe);
-    }
-    for lib in needed_libuv(&exe) {
-        if has_symbol(&lib, POLL_SYMBOL) {
-            return Ok(lib);
-        }
-    }
-    Err(DiscoverError::CommandNotLibuv(name, stripped_note(&exe)))
+    std::iter::once(exe.clone())
+        .chain(needed_libuv(&exe))
+        .find_map(|path| Libuv::read(&path))
+        .ok_or_else(|| DiscoverError::CommandNotLibuv(name, stripped_note(&exe)))
+}
+
+/// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
+/// as we attach. Their next poll exit starts a busy interval that must be timed from there.
+pub fn threads_in_poll(pid: u32) -> Vec<(u32, i32)> {
+    // x86-64 numbers of epoll_wait, epoll_pwait, epoll_pwait2.
+    const EPOLL_WAIT_SYSCALLS: [&str; 3] = ["232", "281", "441"];
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let syscall = fs::read_to_string(task.path().join("syscall")).ok()?;
+            let mut fields = syscall.split_whitespace();
+            if !EPOLL_WAIT_SYSCALLS.contains(&fields.next()?) {
+                return None;
+            }
+            let epfd = i32::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+            Some((tid, epfd))
+        })
+        .collect()
 }
 
 /// Checks that this user and this kernel can run loopbpf; mounts tracefs when it is missing.
@@ -206,18 +256,6 @@ fn executable_mappings(maps: &str) -> Vec<PathBuf> {
 
 fn open_elf(path: &Path) -> Option<ReadCache<File>> {
     File::open(path).ok().map(ReadCache::new)
-}
-
-fn has_symbol(path: &Path, name: &str) -> bool {
-    let Some(cache) = open_elf(path) else {
-        return false;
-    };
-    let Ok(elf) = object::File::parse(&cache) else {
-        return false;
-    };
-    elf.symbols()
-        .chain(elf.dynamic_symbols())
-        .any(|sym| sym.name_bytes() == Ok(name.as_bytes()))
 }
 
 fn stripped_note(exe: &Path) -> &'static str {
@@ -327,6 +365,37 @@ mod tests {
     fn finds_programs_on_path() {
         assert!(find_in_path(OsStr::new("sh")).is_some());
         assert!(find_in_path(OsStr::new("no-such-program-loopbpf")).is_none());
+    }
+
+    #[test]
+    fn node_has_libuv_and_the_worker_entry() {
+        let libuv = libuv_for_command(OsStr::new("node")).expect("node on PATH");
+        assert_ne!(libuv.poll_addr, 0);
+        let (start, end) = libuv.worker_entry.expect("node::worker::Worker::Run");
+        assert!(start < end);
+    }
+
+    #[test]
+    fn idle_threads_are_found_in_their_poll_wait() {
+        let mut child = std::process::Command::new("node")
+            .args(["-e", "setTimeout(() => {}, 5000)"])
+            .spawn()
+            .expect("node on PATH");
+        let pid = child.id();
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = threads_in_poll(pid);
+            if found.iter().any(|&(tid, _)| tid == pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found.iter().any(|&(tid, epfd)| tid == pid && epfd > 0),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@ use aya::{
 };
 use thiserror::Error;
 
-use crate::{decode::ThreadState, discover::POLL_SYMBOL};
+use crate::{
+    decode::{ROLE_MAIN, ThreadState},
+    discover::{Libuv, POLL_SYMBOL},
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
@@ -68,12 +71,16 @@ pub struct Probes {
 
 impl Probes {
     /// Loads the programs, configured for one target process and a block threshold.
-    pub fn load(target_pid: u32, threshold: Duration) -> Result<Self, ProbeError> {
+    pub fn load(target_pid: u32, libuv: &Libuv, threshold: Duration) -> Result<Self, ProbeError> {
         raise_memlock_limit();
         let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
+        let (worker_start, worker_end) = libuv.worker_entry.unwrap_or((0, 0));
         let mut ebpf = EbpfLoader::new()
             .override_global("target_tgid", &target_pid, true)
             .override_global("threshold_ns", &threshold_ns, true)
+            .override_global("poll_symbol_addr", &libuv.poll_addr, true)
+            .override_global("worker_entry_start", &worker_start, true)
+            .override_global("worker_entry_end", &worker_end, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
@@ -98,6 +105,27 @@ impl Probes {
             self.attach_tracepoint(program, category, tracepoint)?;
         }
         Ok(())
+    }
+
+    /// Marks a thread that sits in epoll fd `epfd` as a loop thread to be named by its next
+    /// `uv__io_poll`; call before attaching, for loops idle at attach time. A main thread in
+    /// its poll wait is the main loop from the start.
+    pub fn seed_idle_thread(&mut self, pid: u32, tid: u32, epfd: i32) -> Result<(), ProbeError> {
+        // In its poll wait since an unknown time: the wait ends its first busy interval but
+        // does not count as idle.
+        let state = ThreadState {
+            pid,
+            epfd,
+            in_poll: 1,
+            role: if tid == pid { ROLE_MAIN } else { 0 },
+            ..ThreadState::default()
+        };
+        self.threads
+            .insert(tid, state, 0)
+            .map_err(|error| ProbeError::MapAccess {
+                name: "threads",
+                error,
+            })
     }
 
     /// Attaches the `uv__io_poll` entry probe to one process's copy of `libuv`.

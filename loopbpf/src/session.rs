@@ -72,7 +72,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {}. Ctrl-C to end.",
         target.pid,
         target.comm,
-        target.libuv.display(),
+        target.libuv.path.display(),
         crate::report::human(args.threshold.as_nanos() as u64)
     );
     if let Some(child) = &child {
@@ -87,10 +87,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 }
 
 fn attach(target: &Target, threshold: Duration) -> Result<Probes> {
-    let mut probes = Probes::load(target.pid, threshold)?;
+    let mut probes = Probes::load(target.pid, &target.libuv, threshold)?;
+    for (tid, epfd) in discover::threads_in_poll(target.pid) {
+        probes.seed_idle_thread(target.pid, tid, epfd)?;
+    }
     probes.attach_tracepoints()?;
     probes
-        .attach_uprobe(&target.libuv, target.pid)
+        .attach_uprobe(&target.libuv.path, target.pid)
         .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
     Ok(probes)
 }

@@ -1,0 +1,1 @@
+//! Bad input and faults: one clear line and a non-zero exit, and a target that is never harmed.
