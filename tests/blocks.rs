@@ -70,7 +70,9 @@ fn check_block_source(trigger: &str, work: &str) {
         std::ptr::eq(summary[0], output.last().unwrap()),
         "the summary comes last"
     );
-    let main = &summary[0]["loops"][0];
+    let loops = summary[0]["loops"].as_array().unwrap();
+    assert_eq!(loops.len(), 1, "only the main loop: {loops:?}");
+    let main = &loops[0];
     assert_eq!(main["blocks"], 1);
     // Commands follow each other at once, so the fixture iterates only a few times.
     assert!(main["iterations"].as_u64().unwrap() >= 1, "{main}");
@@ -105,6 +107,8 @@ block_source_tests! {
     garbage_collection: "timer", "gc";
     // The fixture sits in its poll wait when loopbpf attaches; the first callback blocks.
     first_block_after_attaching_to_an_idle_process: "stdin", "spin";
+    // ... and the first thing it does is a spawnSync, whose private loop polls first.
+    first_block_after_attaching_is_an_exec_sync: "stdin", "exec-sync";
 }
 
 #[test]
@@ -278,6 +282,14 @@ fn launched_command_is_profiled_from_its_first_iteration() {
         (200.0..215.0).contains(&ms),
         "the first timer's 200 ms spin: {ms}"
     );
+    // Node's platform runs a libuv loop of its own on a helper thread (delayed tasks); it
+    // polls at startup and is not a JS event loop, so it must not be reported.
+    let loops = events(&output, "summary")[0]["loops"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(loops.len(), 1, "only the main loop: {loops:?}");
+    assert!(loops[0]["iterations"].as_u64().unwrap() >= 2, "{loops:?}");
     // The app's own stdout went to stderr, so stdout is JSON only (parsing above proved it).
 }
 

@@ -1,1 +1,325 @@
-//! Bad input and faults: one clear line and a non-zero exit, and a target that is never harmed.
+//! Bad input and faults: one clear line and a non-zero exit, never a panic or a hang, and a
+//! target that is never harmed, whatever happens to loopbpf.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use loopbpf_tests::{Fixture, Loopbpf, events, loopbpf_bin, node_bin, require_root};
+
+/// Runs loopbpf to completion (through `wrapper` if given, e.g. `unshare`), with a time limit.
+fn loopbpf_output(wrapper: &[&str], args: &[&str]) -> Output {
+    let bin = loopbpf_bin();
+    let mut command = if let Some((first, rest)) = wrapper.split_first() {
+        let mut c = Command::new(first);
+        c.args(rest).arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    let child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start loopbpf");
+    let pid = child.id();
+    let watchdog = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(30));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let output = child.wait_with_output().unwrap();
+    drop(watchdog);
+    output
+}
+
+/// The error a user sees: exactly one line, prefixed, saying `needle`; a failing exit code.
+fn assert_one_line_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "must fail; stderr: {stderr}");
+    assert_ne!(
+        output.status.code(),
+        Some(101),
+        "a panic is not an error message: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line of error: {stderr}");
+    assert!(lines[0].starts_with("loopbpf: error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected `{needle}` in: {stderr}"
+    );
+}
+
+fn spawn_idle_node(node: &str) -> std::process::Child {
+    let child = Command::new(node)
+        .args(["-e", "setInterval(() => {}, 100)"])
+        .spawn()
+        .expect("cannot start node");
+    // Let it map its libraries and start its loop.
+    thread::sleep(Duration::from_millis(500));
+    child
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn no_such_pid() {
+    require_root();
+    let pid_max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = (1..pid_max)
+        .rev()
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    let output = loopbpf_output(&[], &["--pid", &pid.to_string()]);
+    assert_one_line_error(&output, &format!("no process with pid {pid}"));
+}
+
+#[test]
+fn a_process_that_is_not_a_libuv_program() {
+    require_root();
+    let sleeper = Killed(Command::new("sleep").arg("30").spawn().unwrap());
+    thread::sleep(Duration::from_millis(200));
+    let output = loopbpf_output(&[], &["--pid", &sleeper.0.id().to_string()]);
+    assert_one_line_error(&output, "is not a libuv program: no `uv__io_poll`");
+}
+
+#[test]
+fn a_stripped_node_binary_is_named_as_the_likely_cause() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("loopbpf-stripped-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let stripped = dir.join("node");
+    let node = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", &format!("command -v {}", node_bin())])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(node.trim())
+        .status()
+        .expect("strip (binutils) is needed for this test");
+    assert!(status.success());
+    let target = Killed(spawn_idle_node(stripped.to_str().unwrap()));
+    let output = loopbpf_output(&[], &["--pid", &target.0.id().to_string()]);
+    drop(target);
+    let _ = fs::remove_dir_all(&dir);
+    assert_one_line_error(&output, "is it stripped?");
+}
+
+#[test]
+fn without_root_or_capabilities() {
+    require_root();
+    let target = Killed(spawn_idle_node(&node_bin()));
+    let output = loopbpf_output(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        &["--pid", &target.0.id().to_string()],
+    );
+    assert_one_line_error(
+        &output,
+        "needs root, or the capabilities CAP_BPF and CAP_PERFMON",
+    );
+}
+
+#[test]
+fn tracefs_not_mounted_is_mounted_for_the_user() {
+    require_root();
+    let target = Killed(spawn_idle_node(&node_bin()));
+    let bin = loopbpf_bin();
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; \
+         if grep -q ' /sys/kernel/tracing ' /proc/self/mounts; then echo still-mounted; exit 3; fi; \
+         exec {} --pid {} --duration 1s",
+        bin.display(),
+        target.0.id()
+    );
+    let output = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("Summary"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tracefs_that_cannot_be_mounted_says_how() {
+    require_root();
+    let target = Killed(spawn_idle_node(&node_bin()));
+    // No CAP_SYS_ADMIN (so no mount), but CAP_BPF and CAP_PERFMON.
+    let output = loopbpf_output(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "umount /sys/kernel/tracing 2>/dev/null; exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \"$0\" \"$@\"",
+        ],
+        &["--pid", &target.0.id().to_string()],
+    );
+    assert_one_line_error(&output, "mount -t tracefs nodev /sys/kernel/tracing");
+}
+
+#[test]
+fn a_kernel_without_btf_is_named() {
+    require_root();
+    let target = Killed(spawn_idle_node(&node_bin()));
+    let output = loopbpf_output(
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" \"$@\"",
+        ],
+        &["--pid", &target.0.id().to_string()],
+    );
+    assert_one_line_error(&output, "CONFIG_DEBUG_INFO_BTF");
+}
+
+#[test]
+fn unparsable_durations() {
+    for (flag, value, needle) in [
+        ("--threshold", "10xs", "unknown unit `xs`"),
+        ("--duration", "soon", "is not a duration"),
+        ("--interval", "5ms", "at least 100ms"),
+    ] {
+        let output = loopbpf_output(&[], &["--pid", "1", flag, value]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.lines().next().unwrap().contains(needle), "{stderr}");
+    }
+}
+
+#[test]
+fn nothing_to_watch_and_a_missing_command() {
+    require_root();
+    assert_one_line_error(&loopbpf_output(&[], &[]), "nothing to watch");
+    assert_one_line_error(
+        &loopbpf_output(&[], &["--", "no-such-command-loopbpf"]),
+        "command `no-such-command-loopbpf` not found",
+    );
+    assert_one_line_error(
+        &loopbpf_output(&[], &["--", "sh", "-c", "true"]),
+        "is not a libuv program",
+    );
+}
+
+/// Program ids loopbpf holds, from its fd table.
+fn bpf_prog_ids(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = fs::read_to_string(entry.unwrap().path()) else {
+            continue;
+        };
+        ids.extend(
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .map(|id| id.trim().parse::<u32>().unwrap()),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn prog_exists(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("bpftool is needed for this test (quickstart.sh installs it)")
+        .success()
+}
+
+#[test]
+fn kill_9_leaves_no_probes_and_a_healthy_target() {
+    require_root();
+    let mut node = Fixture::start();
+    let pid = node.pid().to_string();
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    let ids = bpf_prog_ids(loopbpf.pid());
+    assert!(ids.len() >= 8, "loopbpf should hold its programs: {ids:?}");
+    assert!(ids.iter().all(|&id| prog_exists(id)));
+
+    loopbpf.child.kill().unwrap(); // SIGKILL
+    loopbpf.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ids.iter().any(|&id| prog_exists(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "programs still loaded after kill -9: {ids:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    assert!(
+        !uprobe_events.contains("uv__io_poll") && !uprobe_events.contains("loopbpf"),
+        "{uprobe_events}"
+    );
+
+    // The target carries on: its loop still runs callbacks and blocks as asked.
+    node.send("block timer spin 120");
+    let answer = node.done("block", Duration::from_secs(10));
+    assert!(answer["measured_ms"].as_f64().unwrap() >= 120.0);
+    assert!(node.is_running());
+}
+
+#[test]
+fn sigint_and_sigterm_print_the_summary_and_detach() {
+    require_root();
+    for signal in [2, 15] {
+        let mut node = Fixture::start();
+        let pid = node.pid().to_string();
+        let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+        let ids = bpf_prog_ids(loopbpf.pid());
+        node.send("block timer spin 150");
+        node.done("block", Duration::from_secs(10));
+        thread::sleep(Duration::from_millis(200));
+        loopbpf.signal(signal);
+        let (status, output) = loopbpf.finish(Duration::from_secs(10));
+        assert!(status.success(), "signal {signal}: {status}");
+        let summary = events(&output, "summary");
+        assert_eq!(summary.len(), 1, "signal {signal}: {output:?}");
+        assert_eq!(summary[0]["loops"][0]["blocks"], 1);
+        assert!(
+            ids.iter().all(|&id| !prog_exists(id)),
+            "signal {signal} left programs"
+        );
+        assert!(node.is_running());
+    }
+}
