@@ -1,0 +1,33 @@
+#!/bin/sh
+# Installs what building and testing loopbpf needs on Debian/Ubuntu (run as root):
+# clang-19 and libbpf headers for the eBPF programs, bpftool and binutils for the tests,
+# and Node.js when there is none. Rust (1.95 or newer, from rustup) must already be there.
+set -eu
+
+missing=""
+command -v clang-19 >/dev/null || missing="$missing clang-19"
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing="$missing libbpf-dev"
+[ -d /usr/include/x86_64-linux-gnu/asm ] || missing="$missing linux-libc-dev"
+command -v bpftool >/dev/null || missing="$missing bpftool"
+command -v strip >/dev/null || missing="$missing binutils"
+command -v setpriv >/dev/null || missing="$missing util-linux"
+command -v node >/dev/null || missing="$missing nodejs"
+
+if [ -n "$missing" ]; then
+    echo "install-deps: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: no Rust toolchain: install Rust 1.95 or newer (https://rustup.rs), then rerun" >&2
+    exit 1
+fi
+
+# The eBPF attach points live in tracefs.
+if ! grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts; then
+    mount -t tracefs nodev /sys/kernel/tracing
+fi
+echo "install-deps: ready (clang-19, libbpf-dev, bpftool, node $(node --version))"
