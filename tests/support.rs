@@ -1,5 +1,10 @@
 //! Shared pieces of the integration tests: real node fixtures, a real loopbpf binary, and
 //! the checks on what a user would see. These tests need root (`cargo xtask test` runs them).
+#![expect(
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate,
+    reason = "test helpers: panicking with a clear message is how they report"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},
