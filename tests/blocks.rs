@@ -300,7 +300,9 @@ fn text_output_names_the_thread_and_the_duration() {
     let pid = node.pid().to_string();
     let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--threshold", "150ms"]);
     node.send("block timer spin 250");
-    node.done("block", FIXTURE_TIMEOUT);
+    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
+        .as_f64()
+        .unwrap();
     node.send("worker-block 200");
     node.done("worker-block", FIXTURE_TIMEOUT);
     node.send("exit");
@@ -308,14 +310,11 @@ fn text_output_names_the_thread_and_the_duration() {
     let text = loopbpf.out.rest(Duration::from_secs(10)).join("\n");
     let block_lines: Vec<&str> = text.lines().filter(|l| l.contains("blocked")).collect();
     assert_eq!(block_lines.len(), 2, "{text}");
-    assert!(
-        block_lines[0].contains(&pid) && block_lines[0].contains(" main "),
-        "{text}"
-    );
-    assert!(
-        block_lines[0].contains("250.") || block_lines[0].contains("251."),
-        "{text}"
-    );
+    // `18:53:30.632  15682    main       blocked   252.8 ms`
+    let fields: Vec<&str> = block_lines[0].split_whitespace().collect();
+    assert_eq!(fields[1..4], [pid.as_str(), "main", "blocked"], "{text}");
+    assert_eq!(fields[5], "ms", "{text}");
+    assert_duration_close(fields[4].parse().unwrap(), truth, "text line");
     assert!(block_lines[1].contains("worker 1"), "{text}");
     assert!(
         text.contains("Summary:") && text.contains("ITERATIONS"),

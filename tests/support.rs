@@ -263,6 +263,7 @@ pub fn events<'a>(values: &'a [Value], kind: &str) -> Vec<&'a Value> {
 /// loopbpf must measure busy time within max(2 ms, 2%) of the truth.
 pub fn assert_duration_close(reported_ms: f64, true_ms: f64, what: &str) {
     let tolerance = (true_ms * 0.02).max(2.0);
+    eprintln!("{what}: loopbpf {reported_ms:.2} ms, fixture {true_ms:.2} ms");
     assert!(
         (reported_ms - true_ms).abs() <= tolerance,
         "{what}: loopbpf reported {reported_ms:.2} ms, the fixture measured {true_ms:.2} ms (tolerance {tolerance:.2} ms)"
