@@ -3,6 +3,9 @@
 //! - `test`: the whole suite as CI runs it: formatting, clippy, unit tests, then the integration
 //!   tests against real node processes (root: they load eBPF programs).
 //! - `demo`: builds loopbpf and profiles the bundled example app for a few seconds.
+//! - `bench`: what loopbpf costs the target and the host, measured side by side.
+
+mod bench;
 
 use std::{
     path::{Path, PathBuf},
@@ -16,8 +19,9 @@ fn main() {
     let result = match task.as_str() {
         "test" => test(),
         "demo" => demo(),
+        "bench" => bench::bench(),
         _ => {
-            eprintln!("usage: cargo xtask test | demo");
+            eprintln!("usage: cargo xtask test | demo | bench");
             std::process::exit(2);
         }
     };
@@ -27,14 +31,14 @@ fn main() {
     }
 }
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("xtask: {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)

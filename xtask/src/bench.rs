@@ -1,0 +1,182 @@
+//! `cargo xtask bench`: what loopbpf costs, as ratios measured side by side in interleaved
+//! rounds (these machines are noisy: never compare figures from different runs).
+//!
+//! - iteration cost: a setImmediate chain's loop iterations per second, without and with
+//!   loopbpf attached to it;
+//! - host tax: how long a `getppid` syscall takes in a process loopbpf does not watch, without
+//!   and with loopbpf running (its syscall tracepoints are enabled for every process).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{run, workspace};
+
+const ROUNDS: usize = 7;
+
+pub fn bench() -> Result<()> {
+    run("cargo", &["build", "--release", "--package", "loopbpf"])?;
+    let mut iteration_ratios = Vec::new();
+    let mut syscall_ns = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which side goes first, so drift over time does not favour one.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        let mut rates = [0.0; 2];
+        for with_loopbpf in order {
+            rates[usize::from(with_loopbpf)] = iteration_rate(with_loopbpf)?;
+        }
+        let ratio = rates[1] / rates[0];
+        eprintln!(
+            "bench: round {round}: {:.0} -> {:.0} iterations/s ({ratio:.3})",
+            rates[0], rates[1]
+        );
+        iteration_ratios.push(ratio);
+
+        for with_loopbpf in order {
+            let ns = getppid_cost(with_loopbpf)?;
+            if with_loopbpf {
+                syscall_ns.1.push(ns);
+            } else {
+                syscall_ns.0.push(ns);
+            }
+        }
+    }
+    let (base_ns, with_ns) = (median(&syscall_ns.0), median(&syscall_ns.1));
+    let tax_ratios: Vec<f64> = syscall_ns
+        .0
+        .iter()
+        .zip(&syscall_ns.1)
+        .map(|(b, w)| b / w)
+        .collect();
+    println!("| measurement ({ROUNDS} interleaved rounds) | median | min | max |");
+    println!("|---|---|---|---|");
+    print_row(
+        "setImmediate chain: iteration rate kept with loopbpf attached",
+        &iteration_ratios,
+    );
+    print_row(
+        "getppid loop in an unwatched process: rate kept while loopbpf runs",
+        &tax_ratios,
+    );
+    println!(
+        "\ngetppid: {base_ns:.0} ns without loopbpf, {with_ns:.0} ns with (+{:.0} ns per syscall)",
+        with_ns - base_ns
+    );
+    Ok(())
+}
+
+fn print_row(what: &str, values: &[f64]) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    println!("| {what} | {:.3} | {min:.3} | {max:.3} |", median(values));
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts loopbpf on `pid` and returns once its probes are attached.
+fn attach(pid: u32) -> Result<Killed> {
+    let mut child = Command::new(workspace().join("target/release/loopbpf"))
+        .args(["--pid", &pid.to_string(), "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting loopbpf")?;
+    let stderr = child.stderr.take().unwrap();
+    let child = Killed(child);
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("watching pid") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("loopbpf did not attach"),
+        }
+    }
+    // Keep draining stderr so loopbpf never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+/// Median iterations per second of a setImmediate chain over 3 one-second windows, measured
+/// only once loopbpf (if any) is fully attached.
+fn iteration_rate(with_loopbpf: bool) -> Result<f64> {
+    let mut node = Command::new("node")
+        .arg(workspace().join("bench/iterations.js"))
+        .arg("1000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting node")?;
+    let stdout = node.stdout.take().unwrap();
+    let node = Killed(node);
+    let _loopbpf = if with_loopbpf {
+        Some(attach(node.0.id())?)
+    } else {
+        None
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    // The window in progress during the attach is discarded.
+    lines.next();
+    let mut rates = Vec::new();
+    for line in lines.take(3) {
+        let line = line?;
+        let rate: f64 = line
+            .split(':')
+            .nth(1)
+            .and_then(|v| v.trim_end_matches('}').parse().ok())
+            .context("bad rate line")?;
+        rates.push(rate);
+    }
+    Ok(median(&rates))
+}
+
+/// Nanoseconds per `getppid` in this (unwatched) process, with loopbpf watching an idle node.
+fn getppid_cost(with_loopbpf: bool) -> Result<f64> {
+    let node = Killed(
+        Command::new("node")
+            .args(["-e", "setInterval(() => {}, 1000)"])
+            .spawn()
+            .context("starting node")?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _loopbpf = if with_loopbpf {
+        Some(attach(node.0.id())?)
+    } else {
+        None
+    };
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let calls = 2_000_000u32;
+        let start = Instant::now();
+        for _ in 0..calls {
+            // SAFETY: getppid has no preconditions and cannot fail.
+            unsafe { libc_getppid() };
+        }
+        samples.push(start.elapsed().as_nanos() as f64 / f64::from(calls));
+    }
+    Ok(median(&samples))
+}
+
+unsafe extern "C" {
+    #[link_name = "getppid"]
+    fn libc_getppid() -> i32;
+}
