@@ -7,9 +7,12 @@
  *   uprobe uv__io_poll        finds loop threads and their uv_loop_t*; counts iterations
  *   epoll_* enter/exit        end and start busy intervals, when the fd is the loop's own
  *   sched_process_exit        a loop thread that dies busy still reports its block
+ *   perf_event cpu-clock      on-CPU stacks of a loop thread while it is busy
+ *   sched_switch              off-CPU stacks and time of a loop thread asleep while busy
  */
 #include <stdbool.h>
 #include <linux/bpf.h>
+#include <linux/bpf_perf_event.h>
 #include <linux/ptrace.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -36,7 +39,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 8 * 1024 * 1024); /* stack samples carry a 32 KiB stack copy */
 } events SEC(".maps");
 
 struct {
@@ -53,6 +56,13 @@ struct {
 	__type(value, __u64); /* events dropped because the ring buffer was full */
 } dropped SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);                        /* tid of a busy loop thread that sleeps */
+	__type(value, struct loopbpf_stack_event); /* where it went to sleep, and when */
+} asleep SEC(".maps");
+
 struct user_stack {
 	__u64 ips[LOOPBPF_ROLE_STACK_DEPTH];
 };
@@ -65,6 +75,7 @@ struct {
 } role_stack SEC(".maps");
 
 static const struct loopbpf_thread empty_thread;
+static const struct loopbpf_stack_event empty_stack;
 
 /* Syscall tracepoint records: see events/syscalls/<name>/format in tracefs. */
 struct sys_enter_epoll_ctx {
@@ -381,6 +392,7 @@ int thread_exit(void *ctx)
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t)
 		return 0;
+	bpf_map_delete_elem(&asleep, &tid);
 	/* A main thread seeded in its poll wait at attach is the main loop even if it
 	 * never named its loop (busy from then until exit). */
 	if (t->role != LOOPBPF_ROLE_MAIN && t->role != LOOPBPF_ROLE_WORKER) {
@@ -399,5 +411,139 @@ int thread_exit(void *ctx)
 	}
 	/* Userspace reads the final counters, then deletes the entry. */
 	emit(LOOPBPF_EVENT_LOOP_EXIT, tid, t, t->busy_since_ns, now);
+	return 0;
+}
+
+/* The thread's state if it is a reported loop thread inside a busy interval. */
+static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
+{
+	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
+
+	if (!t || !is_reported(t) || t->in_poll || !t->busy_since_ns)
+		return NULL;
+	return t;
+}
+
+/* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes:
+ * near the top of a thread's stack a full copy would fault, so halve until one fits. */
+static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
+{
+	void *sp = (void *)e->user_sp;
+
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
+		return LOOPBPF_STACK_COPY;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 2, sp))
+		return LOOPBPF_STACK_COPY / 2;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 4, sp))
+		return LOOPBPF_STACK_COPY / 4;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 8, sp))
+		return LOOPBPF_STACK_COPY / 8;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 16, sp))
+		return LOOPBPF_STACK_COPY / 16;
+	return 0;
+}
+
+static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e)
+{
+	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct pt_regs regs = {};
+	long bytes = bpf_get_stack(ctx, e->user, sizeof(e->user), BPF_F_USER_STACK);
+
+	e->user_depth = bytes > 0 ? bytes / sizeof(__u64) : 0;
+	bytes = bpf_get_stack(ctx, e->kernel, sizeof(e->kernel), 0);
+	e->kernel_depth = bytes > 0 ? bytes / sizeof(__u64) : 0;
+	/* The user-mode registers saved when the thread entered the kernel (the sampling
+	 * interrupt, or the syscall it sleeps in). */
+	bpf_probe_read_kernel(&regs, sizeof(regs), user_regs);
+	e->user_ip = regs.rip;
+	e->user_sp = regs.rsp;
+	e->user_bp = regs.rbp;
+	e->reserved2 = 0;
+	e->stack_len = copy_user_stack(e);
+}
+
+/* Attached per loop thread to a cpu-clock event: fires only while that thread runs. */
+SEC("perf_event")
+int on_cpu_sample(struct bpf_perf_event_data *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct loopbpf_thread *t;
+	struct loopbpf_stack_event *e;
+
+	if (!is_target(pid_tgid))
+		return 0;
+	t = busy_loop_thread(tid);
+	if (!t)
+		return 0; /* idle in its poll wait: not a stack of a block */
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return 0;
+	}
+	e->kind = LOOPBPF_EVENT_ON_CPU;
+	e->pid = pid_tgid >> 32;
+	e->tid = tid;
+	e->busy_since_ns = t->busy_since_ns;
+	e->at_ns = bpf_ktime_get_ns();
+	e->off_cpu_ns = 0;
+	e->reserved = 0;
+	fill_stacks(ctx, e);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+struct sched_switch_ctx {
+	__u64 common;
+	char prev_comm[16];
+	__s32 prev_pid;
+	__s32 prev_prio;
+	__s64 prev_state;
+	char next_comm[16];
+	__s32 next_pid;
+	__s32 next_prio;
+};
+
+/* A busy loop thread leaving the CPU: remember where. One coming back: report how long. */
+SEC("tracepoint/sched/sched_switch")
+int on_switch(struct sched_switch_ctx *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	__u32 next_tid = ctx->next_pid;
+	struct loopbpf_stack_event *sleep, *e;
+	struct loopbpf_thread *t;
+	__u64 now = 0;
+
+	/* Only sleeps: a preempted thread (still runnable, prev_state 0) is waiting for a CPU
+	 * in the middle of its work, which its on-CPU samples already account for. */
+	if (ctx->prev_state != 0 && is_target(pid_tgid) && (t = busy_loop_thread(tid))) {
+		bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
+		sleep = bpf_map_lookup_elem(&asleep, &tid);
+		if (sleep) {
+			now = bpf_ktime_get_ns();
+			sleep->kind = LOOPBPF_EVENT_OFF_CPU;
+			sleep->pid = pid_tgid >> 32;
+			sleep->tid = tid;
+			sleep->busy_since_ns = t->busy_since_ns;
+			sleep->at_ns = now;
+			fill_stacks(ctx, sleep);
+		}
+	}
+
+	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
+	if (!sleep)
+		return 0;
+	if (!now)
+		now = bpf_ktime_get_ns();
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (e) {
+		bpf_probe_read_kernel(e, sizeof(*e), sleep);
+		e->off_cpu_ns = now - sleep->at_ns;
+		bpf_ringbuf_submit(e, 0);
+	} else {
+		count_drop();
+	}
+	bpf_map_delete_elem(&asleep, &next_tid);
 	return 0;
 }

@@ -25,6 +25,10 @@ enum loopbpf_event_kind {
 	LOOPBPF_EVENT_LOOP_FOUND = 2,
 	/* A loop thread exited; start_ns is its busy start if it was busy. */
 	LOOPBPF_EVENT_LOOP_EXIT = 3,
+	/* struct loopbpf_stack_event: a busy loop thread sampled on the CPU. */
+	LOOPBPF_EVENT_ON_CPU = 4,
+	/* struct loopbpf_stack_event: a busy loop thread that slept, with where it slept. */
+	LOOPBPF_EVENT_OFF_CPU = 5,
 };
 
 /* What a loop thread is, decided when its loop is adopted. */
@@ -34,6 +38,13 @@ enum loopbpf_role {
 	LOOPBPF_ROLE_WORKER = 2,  /* a worker_threads Worker (or any other libuv loop thread) */
 	LOOPBPF_ROLE_OTHER = 3,   /* a runtime-internal loop (Node's delayed-task scheduler): not reported */
 };
+
+/* Frames kept per stack sample. */
+#define LOOPBPF_USER_FRAMES 96
+#define LOOPBPF_KERNEL_FRAMES 32
+/* Bytes of user stack copied per sample (libuv alone keeps 12 KiB of epoll events on it), for unwinding with .eh_frame where frame pointers
+ * stop (hand-written assembly, glibc's syscall wrappers). */
+#define LOOPBPF_STACK_COPY 32768
 
 /* Most user stack frames searched for the worker entry function when a loop is adopted. */
 #define LOOPBPF_ROLE_STACK_DEPTH 32
@@ -47,6 +58,28 @@ struct loopbpf_event {
 	__u64 start_ns; /* CLOCK_MONOTONIC: busy start (0 = was idle) */
 	__u64 end_ns;   /* CLOCK_MONOTONIC: poll entry, or thread exit */
 	__u64 loop_addr;/* the thread's uv_loop_t* in the target */
+};
+
+/* A stack of a busy loop thread. Userspace keeps the stacks of the current busy interval
+ * (busy_since_ns) and names them if the interval turns out to be a block. */
+struct loopbpf_stack_event {
+	__u32 kind;          /* LOOPBPF_EVENT_ON_CPU or LOOPBPF_EVENT_OFF_CPU */
+	__u32 pid;
+	__u32 tid;
+	__u32 user_depth;    /* frames in user[], leaf first */
+	__u64 busy_since_ns; /* start of the busy interval the stack belongs to */
+	__u64 at_ns;         /* sample time; OFF_CPU: when the thread went to sleep */
+	__u64 off_cpu_ns;    /* OFF_CPU: how long it slept */
+	__u32 kernel_depth;  /* frames in kernel[], leaf first */
+	__u32 reserved;
+	__u64 user[LOOPBPF_USER_FRAMES];   /* the kernel's frame-pointer walk */
+	__u64 kernel[LOOPBPF_KERNEL_FRAMES];
+	__u64 user_ip;       /* user registers when the stack was taken */
+	__u64 user_sp;
+	__u64 user_bp;
+	__u32 stack_len;     /* bytes of stack[] copied from user_sp */
+	__u32 reserved2;
+	__u8 stack[LOOPBPF_STACK_COPY];
 };
 
 /* Per loop thread state, keyed by tid. Written only by the thread's own

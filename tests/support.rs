@@ -112,8 +112,14 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts the fixture with extra node flags (e.g. `--perf-basic-prof`).
+    pub fn start_with(node_flags: &[&str]) -> Self {
         let mut child = Command::new(node_bin())
             .arg("--expose-gc")
+            .args(node_flags)
             .arg(fixture("blocker.js"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

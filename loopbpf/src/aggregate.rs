@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::decode::{Event, HIST_SLOTS, ThreadState};
+use crate::{
+    decode::{Event, HIST_SLOTS, ThreadState},
+    stacks::{BlockProfile, RawStacks},
+};
 
 /// How often an ongoing block is reported again, and how long after the threshold the first time.
 const ONGOING_EVERY_NS: u64 = 1_000_000_000;
@@ -62,11 +65,16 @@ pub enum Record {
         start_ns: u64,
         duration_ns: u64,
         end: BlockEnd,
+        stacks: RawStacks,
+        /// The stacks weighted and named, by the symbolize stage.
+        profile: Option<BlockProfile>,
     },
     Ongoing {
         id: LoopId,
         start_ns: u64,
         duration_ns: u64,
+        stacks: RawStacks,
+        profile: Option<BlockProfile>,
     },
     Interval {
         id: LoopId,
@@ -106,6 +114,19 @@ struct LoopThread {
     /// When to report the current busy interval as ongoing next, keyed by its start.
     next_ongoing: Option<(u64, u64)>,
     exited_ns: Option<u64>,
+    /// Stacks of the current busy interval, keyed by its start.
+    stacks: (u64, RawStacks),
+}
+
+impl LoopThread {
+    /// The stacks gathered for the busy interval that started at `start_ns`.
+    fn take_stacks(&mut self, start_ns: u64) -> RawStacks {
+        if self.stacks.0 == start_ns {
+            std::mem::take(&mut self.stacks.1)
+        } else {
+            RawStacks::default()
+        }
+    }
 }
 
 /// All loop threads of the watched processes.
@@ -140,12 +161,14 @@ impl Aggregator {
                 start_ns,
                 end_ns,
             } => {
-                let id = self.loop_thread(pid, tid, start_ns).id;
+                let thread = self.loop_thread(pid, tid, start_ns);
                 Some(Record::Block {
-                    id,
+                    id: thread.id,
                     start_ns,
                     duration_ns: end_ns.saturating_sub(start_ns),
                     end: BlockEnd::Poll,
+                    stacks: thread.take_stacks(start_ns),
+                    profile: None,
                 })
             }
             Event::LoopExit {
@@ -159,12 +182,23 @@ impl Aggregator {
                 thread.exited_ns = Some(at_ns);
                 let start_ns = busy_since_ns?;
                 let duration_ns = at_ns.saturating_sub(start_ns);
-                (duration_ns >= threshold_ns).then_some(Record::Block {
+                (duration_ns >= threshold_ns).then(|| Record::Block {
                     id: thread.id,
                     start_ns,
                     duration_ns,
                     end: BlockEnd::Exit,
+                    stacks: thread.take_stacks(start_ns),
+                    profile: None,
                 })
+            }
+            Event::Stack(sample) => {
+                let thread = self.loop_thread(sample.pid, sample.tid, sample.at_ns);
+                if thread.stacks.0 != sample.busy_since_ns {
+                    // A new busy interval: the last one's stacks were not a block's.
+                    thread.stacks = (sample.busy_since_ns, RawStacks::default());
+                }
+                thread.stacks.1.add(sample);
+                None
             }
         }
     }
@@ -208,10 +242,17 @@ impl Aggregator {
                 _ => start_ns + self.threshold_ns + ONGOING_EVERY_NS,
             };
             if now_ns >= due_ns {
+                let stacks = if thread.stacks.0 == start_ns {
+                    thread.stacks.1.clone()
+                } else {
+                    RawStacks::default()
+                };
                 records.push(Record::Ongoing {
                     id: thread.id,
                     start_ns,
                     duration_ns: busy_ns,
+                    stacks,
+                    profile: None,
                 });
                 thread.next_ongoing = Some((start_ns, now_ns + ONGOING_EVERY_NS));
             } else {
@@ -311,6 +352,7 @@ impl Aggregator {
                 window_start: (first_ns, 0, 0),
                 next_ongoing: None,
                 exited_ns: None,
+                stacks: (0, RawStacks::default()),
             }
         })
     }

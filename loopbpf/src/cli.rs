@@ -1,6 +1,6 @@
 //! The command line: what to watch, for how long, and how to report it.
 
-use std::{ffi::OsString, time::Duration};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
@@ -10,6 +10,7 @@ EXAMPLES:
     sudo loopbpf --pid 1234 --threshold 20ms report busy intervals of 20 ms and more
     sudo loopbpf --pid 1234 --interval 1s    also one line per loop thread per second: ELU, iterations
     sudo loopbpf --pid 1234 --duration 30s --json > blocks.jsonl
+    sudo loopbpf --pid 1234 --duration 1m --flamegraph blocked.svg   what ran while the loop was blocked
     sudo loopbpf -- node app.js              run app.js and profile it from its first loop iteration";
 
 /// Finds when and why a Node.js (libuv) event loop was blocked, from outside the process.
@@ -39,6 +40,22 @@ pub struct Args {
     /// JSON lines on stdout instead of text (the launched command's stdout goes to stderr).
     #[arg(long)]
     pub json: bool,
+
+    /// Stack samples per second of a busy loop thread's CPU time.
+    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_rate: u64,
+
+    /// Do not collect stacks (only durations, ELU and counts).
+    #[arg(long, conflicts_with_all = ["folded", "flamegraph"])]
+    pub no_stacks: bool,
+
+    /// Write the folded stacks of all blocked time to FILE at the end.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
+    /// Write a flame graph (SVG) of all blocked time to FILE at the end.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
 
     /// Command to launch and profile from its first loop iteration (after `--`).
     #[arg(last = true, value_name = "COMMAND")]

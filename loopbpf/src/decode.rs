@@ -21,6 +21,35 @@ pub struct RawEvent {
     pub loop_addr: u64,
 }
 
+/// Frames per stack sample (`LOOPBPF_USER_FRAMES`, `LOOPBPF_KERNEL_FRAMES`).
+pub const USER_FRAMES: usize = 96;
+pub const KERNEL_FRAMES: usize = 32;
+/// Bytes of user stack copied per sample (`LOOPBPF_STACK_COPY`).
+pub const STACK_COPY: usize = 32768;
+
+/// `struct loopbpf_stack_event`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct RawStackEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub user_depth: u32,
+    pub busy_since_ns: u64,
+    pub at_ns: u64,
+    pub off_cpu_ns: u64,
+    pub kernel_depth: u32,
+    pub reserved: u32,
+    pub user: [u64; USER_FRAMES],
+    pub kernel: [u64; KERNEL_FRAMES],
+    pub user_ip: u64,
+    pub user_sp: u64,
+    pub user_bp: u64,
+    pub stack_len: u32,
+    pub reserved2: u32,
+    pub stack: [u8; STACK_COPY],
+}
+
 /// `struct loopbpf_thread`: the state map's value.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,8 +104,28 @@ impl ThreadState {
     }
 }
 
+/// A stack of a busy loop thread, addresses leaf first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackSample {
+    pub pid: u32,
+    pub tid: u32,
+    /// The busy interval it belongs to (its start).
+    pub busy_since_ns: u64,
+    pub at_ns: u64,
+    /// `None` for an on-CPU sample; how long the thread slept for an off-CPU one.
+    pub off_cpu_ns: Option<u64>,
+    /// User frames, leaf first: the kernel's frame-pointer walk, until the unwind stage
+    /// replaces it with the `.eh_frame` unwinding of `stack`.
+    pub user: Vec<u64>,
+    pub kernel: Vec<u64>,
+    /// User registers (ip, sp, bp) when the stack was taken.
+    pub regs: [u64; 3],
+    /// The top of the user stack from sp; emptied once unwound.
+    pub stack: Vec<u8>,
+}
+
 /// What happened, as the kernel side reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A busy interval at or over the threshold ended at the loop's next poll wait.
     Block {
@@ -99,12 +148,18 @@ pub enum Event {
         busy_since_ns: Option<u64>,
         at_ns: u64,
     },
+    /// Where a busy loop thread was running, or where it slept.
+    Stack(StackSample),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("event record of {0} bytes, expected {expected}", expected = size_of::<RawEvent>())]
-    Length(usize),
+    #[error("event record of kind {kind} with {len} bytes, expected {expected}")]
+    Length {
+        kind: u32,
+        len: usize,
+        expected: usize,
+    },
     #[error("event record of unknown kind {0}")]
     Kind(u32),
 }
@@ -116,47 +171,89 @@ pub const ROLE_WORKER: u32 = 2;
 const EVENT_BLOCK: u32 = 1;
 const EVENT_LOOP_FOUND: u32 = 2;
 const EVENT_LOOP_EXIT: u32 = 3;
+const EVENT_ON_CPU: u32 = 4;
+const EVENT_OFF_CPU: u32 = 5;
 
 impl Event {
     /// Decodes one ring-buffer record.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() != size_of::<RawEvent>() {
-            return Err(DecodeError::Length(bytes.len()));
-        }
-        // SAFETY: the length matches and RawEvent is plain integers, valid for any bit pattern;
-        // read_unaligned because ring-buffer bytes carry no alignment promise to Rust.
-        let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let RawEvent {
-            kind,
-            pid,
-            tid,
-            start_ns,
-            end_ns,
-            loop_addr,
-            ..
-        } = raw;
+        let kind = bytes
+            .get(..4)
+            .map(|k| u32::from_ne_bytes(k.try_into().unwrap()))
+            .ok_or(DecodeError::Length {
+                kind: 0,
+                len: bytes.len(),
+                expected: size_of::<RawEvent>(),
+            })?;
         match kind {
-            EVENT_BLOCK => Ok(Self::Block {
-                pid,
-                tid,
-                start_ns,
-                end_ns,
-            }),
-            EVENT_LOOP_FOUND => Ok(Self::LoopFound {
-                pid,
-                tid,
-                loop_addr,
-                at_ns: end_ns,
-            }),
-            EVENT_LOOP_EXIT => Ok(Self::LoopExit {
-                pid,
-                tid,
-                busy_since_ns: (start_ns != 0).then_some(start_ns),
-                at_ns: end_ns,
-            }),
+            EVENT_ON_CPU | EVENT_OFF_CPU => {
+                let raw: RawStackEvent = read_record(kind, bytes)?;
+                let user = &raw.user[..(raw.user_depth as usize).min(USER_FRAMES)];
+                let kernel = &raw.kernel[..(raw.kernel_depth as usize).min(KERNEL_FRAMES)];
+                let stack = &raw.stack[..(raw.stack_len as usize).min(STACK_COPY)];
+                Ok(Self::Stack(StackSample {
+                    pid: raw.pid,
+                    tid: raw.tid,
+                    busy_since_ns: raw.busy_since_ns,
+                    at_ns: raw.at_ns,
+                    off_cpu_ns: (kind == EVENT_OFF_CPU).then_some(raw.off_cpu_ns),
+                    user: user.to_vec(),
+                    kernel: kernel.to_vec(),
+                    regs: [raw.user_ip, raw.user_sp, raw.user_bp],
+                    stack: stack.to_vec(),
+                }))
+            }
+            EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT => {
+                let RawEvent {
+                    pid,
+                    tid,
+                    start_ns,
+                    end_ns,
+                    loop_addr,
+                    ..
+                } = read_record(kind, bytes)?;
+                Ok(match kind {
+                    EVENT_BLOCK => Self::Block {
+                        pid,
+                        tid,
+                        start_ns,
+                        end_ns,
+                    },
+                    EVENT_LOOP_FOUND => Self::LoopFound {
+                        pid,
+                        tid,
+                        loop_addr,
+                        at_ns: end_ns,
+                    },
+                    _ => Self::LoopExit {
+                        pid,
+                        tid,
+                        busy_since_ns: (start_ns != 0).then_some(start_ns),
+                        at_ns: end_ns,
+                    },
+                })
+            }
             other => Err(DecodeError::Kind(other)),
         }
     }
+}
+
+/// Marker for the `#[repr(C)]` integer-only records above: valid for any bit pattern.
+trait Record: Copy {}
+impl Record for RawEvent {}
+impl Record for RawStackEvent {}
+
+fn read_record<T: Record>(kind: u32, bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() != size_of::<T>() {
+        return Err(DecodeError::Length {
+            kind,
+            len: bytes.len(),
+            expected: size_of::<T>(),
+        });
+    }
+    // SAFETY: the length matches and T is repr(C) plain integers, valid for any bit pattern;
+    // read_unaligned because ring-buffer bytes carry no alignment promise to Rust.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 #[cfg(test)]
@@ -218,8 +315,25 @@ mod tests {
             ..RawEvent::default()
         };
         let bytes = bytes_of(&raw);
-        assert_eq!(Event::decode(&bytes[..7]), Err(DecodeError::Length(7)));
-        assert_eq!(Event::decode(&[]), Err(DecodeError::Length(0)));
+        assert!(matches!(
+            Event::decode(&bytes[..7]),
+            Err(DecodeError::Length { len: 7, .. })
+        ));
+        assert!(matches!(
+            Event::decode(&[1, 0]),
+            Err(DecodeError::Length { len: 2, .. })
+        ));
+        assert!(Event::decode(&[]).is_err());
+        // A stack record cut short, or a small record claiming to be a stack.
+        let mut stack = vec![0u8; size_of::<RawStackEvent>()];
+        stack[0] = 4;
+        assert!(matches!(Event::decode(&stack), Ok(Event::Stack(_))));
+        assert!(Event::decode(&stack[..100]).is_err());
+        let raw = RawEvent {
+            kind: 5,
+            ..RawEvent::default()
+        };
+        assert!(Event::decode(&bytes_of(&raw)).is_err());
         let mut long = bytes.clone();
         long.push(0);
         assert!(Event::decode(&long).is_err());
@@ -231,10 +345,22 @@ mod tests {
     }
 
     #[test]
+    fn stack_depths_beyond_the_arrays_are_clamped() {
+        let mut stack = vec![0xffu8; size_of::<RawStackEvent>()];
+        stack[..4].copy_from_slice(&5u32.to_ne_bytes());
+        let Ok(Event::Stack(sample)) = Event::decode(&stack) else {
+            panic!("not a stack")
+        };
+        assert_eq!(sample.user.len(), USER_FRAMES);
+        assert_eq!(sample.kernel.len(), KERNEL_FRAMES);
+        assert!(sample.off_cpu_ns.is_some());
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         // A cheap deterministic fuzz: every length up to two records, many bit patterns.
         let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
-        for len in 0..(2 * size_of::<RawEvent>()) {
+        for len in (0..(2 * size_of::<RawEvent>())).chain([size_of::<RawStackEvent>()]) {
             for _ in 0..64 {
                 let bytes: Vec<u8> = (0..len)
                     .map(|_| {
@@ -244,6 +370,11 @@ mod tests {
                         seed as u8
                     })
                     .collect();
+                let mut bytes = bytes;
+                if let Some(kind) = bytes.get_mut(..4) {
+                    // Known kinds too, not only garbage ones.
+                    kind.copy_from_slice(&(u32::from(kind[0]) % 7).to_ne_bytes());
+                }
                 let _ = Event::decode(&bytes);
             }
         }
@@ -310,6 +441,20 @@ mod tests {
         field!("loopbpf_event", RawEvent, start_ns);
         field!("loopbpf_event", RawEvent, end_ns);
         field!("loopbpf_event", RawEvent, loop_addr);
+        size!("loopbpf_stack_event", RawStackEvent);
+        field!("loopbpf_stack_event", RawStackEvent, kind);
+        field!("loopbpf_stack_event", RawStackEvent, user_depth);
+        field!("loopbpf_stack_event", RawStackEvent, busy_since_ns);
+        field!("loopbpf_stack_event", RawStackEvent, at_ns);
+        field!("loopbpf_stack_event", RawStackEvent, off_cpu_ns);
+        field!("loopbpf_stack_event", RawStackEvent, kernel_depth);
+        field!("loopbpf_stack_event", RawStackEvent, user);
+        field!("loopbpf_stack_event", RawStackEvent, kernel);
+        field!("loopbpf_stack_event", RawStackEvent, user_ip);
+        field!("loopbpf_stack_event", RawStackEvent, user_sp);
+        field!("loopbpf_stack_event", RawStackEvent, user_bp);
+        field!("loopbpf_stack_event", RawStackEvent, stack_len);
+        field!("loopbpf_stack_event", RawStackEvent, stack);
         size!("loopbpf_thread", ThreadState);
         field!("loopbpf_thread", ThreadState, loop_addr);
         field!("loopbpf_thread", ThreadState, epfd);
@@ -332,6 +477,7 @@ mod tests {
         field!("loopbpf_thread", ThreadState, busy_hist);
         c.push_str(
             "printf(\"%d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER);\n\
+             printf(\"%d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
              printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
              return 0;\n}\n",
@@ -362,6 +508,15 @@ mod tests {
         assert_eq!(
             lines.next(),
             Some(format!("{ROLE_MAIN} {ROLE_WORKER}").as_str())
+        );
+        assert_eq!(
+            lines.next(),
+            Some(
+                format!(
+                    "{USER_FRAMES} {KERNEL_FRAMES} {STACK_COPY} {EVENT_ON_CPU} {EVENT_OFF_CPU}"
+                )
+                .as_str()
+            )
         );
         assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
         assert_eq!(

@@ -73,6 +73,33 @@ impl StoppedChild {
         }
     }
 
+    /// Ends the command we launched when profiling stops before it does (`--duration`,
+    /// SIGTERM): SIGTERM, then SIGKILL if it is still there after `grace`.
+    pub fn terminate(&self, grace: std::time::Duration) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            // SAFETY: polling our own child without reaping it.
+            let rc = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid.cast_unsigned(),
+                    &raw mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                );
+                info.si_pid()
+            };
+            if rc == self.pid {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+
     /// Reaps the child if it has exited and returns its exit code (128 + signal if killed).
     pub fn try_exit_code(&self) -> Option<i32> {
         let mut status = 0;

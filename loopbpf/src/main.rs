@@ -6,10 +6,14 @@ mod aggregate;
 mod cli;
 mod decode;
 mod discover;
+mod flame;
 mod launch;
 mod probe;
 mod report;
 mod session;
+mod stacks;
+mod symbolize;
+mod unwind;
 
 use std::process::ExitCode;
 

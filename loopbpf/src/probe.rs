@@ -7,7 +7,13 @@ use std::{num::NonZeroU32, path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        PerfEvent, TracePoint, UProbe,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+        uprobe::UProbeScope,
+    },
 };
 use thiserror::Error;
 
@@ -67,6 +73,8 @@ pub struct Probes {
     threads: HashMap<MapData, u32, ThreadState>,
     window: Array<MapData, u64>,
     dropped: PerCpuArray<MapData, u64>,
+    /// Per loop thread cpu-clock sampling, by tid.
+    samplers: std::collections::HashMap<u32, PerfEventLinkId>,
 }
 
 impl Probes {
@@ -91,6 +99,7 @@ impl Probes {
             threads,
             window,
             dropped,
+            samplers: std::collections::HashMap::new(),
         })
     }
 
@@ -171,6 +180,56 @@ impl Probes {
                 error,
             })?;
         Ok(())
+    }
+
+    /// Attaches the off-CPU probe (`sched_switch`): where busy loop threads sleep, how long.
+    pub fn attach_off_cpu(&mut self) -> Result<(), ProbeError> {
+        self.attach_tracepoint("on_switch", "sched", "sched_switch")
+    }
+
+    /// Samples one loop thread's stacks `hz` times per second of its CPU time.
+    pub fn sample_thread(&mut self, tid: u32, hz: u64) -> Result<(), ProbeError> {
+        if self.samplers.contains_key(&tid) {
+            return Ok(());
+        }
+        let name = "on_cpu_sample";
+        let program: &mut PerfEvent = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ProbeError::Map(name))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|error| ProbeError::Program { name, error })?;
+        }
+        let link = program
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::OneProcess {
+                    pid: tid,
+                    cpu: None,
+                },
+                SamplePolicy::Frequency(hz),
+                false,
+            )
+            .map_err(|error| ProbeError::Program { name, error })?;
+        self.samplers.insert(tid, link);
+        Ok(())
+    }
+
+    /// Stops sampling a thread that exited.
+    pub fn stop_sampling(&mut self, tid: u32) {
+        let Some(link) = self.samplers.remove(&tid) else {
+            return;
+        };
+        if let Some(program) = self
+            .ebpf
+            .program_mut("on_cpu_sample")
+            .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
+        {
+            let _ = program.detach(link);
+        }
     }
 
     /// Every loop thread's state as the kernel side has it now.

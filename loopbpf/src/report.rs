@@ -8,7 +8,11 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel};
+use crate::{
+    aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel},
+    stacks::{BlockProfile, above_the_loop},
+    symbolize::{Frame, FrameKind},
+};
 
 /// Converts the kernel's `CLOCK_MONOTONIC` nanoseconds to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -102,21 +106,27 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 end,
+                profile,
+                ..
             } => {
                 let mut v = json_id("block", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
                 v["end"] = json!(end);
+                json_profile(&mut v, profile.as_ref());
                 v
             }
             Record::Ongoing {
                 id,
                 start_ns,
                 duration_ns,
+                profile,
+                ..
             } => {
                 let mut v = json_id("ongoing", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
+                json_profile(&mut v, profile.as_ref());
                 v
             }
             Record::Interval {
@@ -182,6 +192,8 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 end,
+                profile,
+                ..
             } => {
                 let suffix = match end {
                     BlockEnd::Poll => "",
@@ -193,11 +205,14 @@ impl<W: Write> Reporter<W> {
                     "blocked",
                     &format!("{}{suffix}", human(*duration_ns)),
                 );
+                text += &profile_text(profile.as_ref());
             }
             Record::Ongoing {
                 id,
                 start_ns,
                 duration_ns,
+                profile,
+                ..
             } => {
                 text += &line(
                     *start_ns,
@@ -205,6 +220,7 @@ impl<W: Write> Reporter<W> {
                     "ongoing",
                     &format!("{} and counting (still blocked)", human(*duration_ns)),
                 );
+                text += &profile_text(profile.as_ref());
             }
             Record::Interval {
                 id,
@@ -232,6 +248,99 @@ impl<W: Write> Reporter<W> {
         }
         text
     }
+}
+
+/// Stacks shown under a block: the heaviest, down to this share of the block.
+const MIN_STACK_SHARE: f64 = 0.05;
+const MAX_STACKS_SHOWN: usize = 3;
+const MAX_CALLERS_SHOWN: usize = 7;
+
+fn json_profile(v: &mut Value, profile: Option<&BlockProfile>) {
+    let Some(profile) = profile else { return };
+    let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
+    v["on_cpu_ms"] = json!(ms(profile.on_cpu_ns));
+    v["off_cpu_ms"] = json!(ms(profile.off_cpu_ns));
+    v["stacks"] = profile
+        .stacks
+        .iter()
+        .map(|s| json!({ "weight_ms": ms(s.weight_ns), "on_cpu": s.on_cpu, "frames": s.frames }))
+        .collect();
+}
+
+/// The heaviest stacks of a block, leaf first, as a short tree of callers.
+fn profile_text(profile: Option<&BlockProfile>) -> String {
+    let Some(profile) = profile else {
+        return String::new();
+    };
+    let total = (profile.on_cpu_ns + profile.off_cpu_ns).max(1) as f64;
+    let mut text = format!(
+        "{:14}on-CPU {}, off-CPU {}\n",
+        "",
+        human(profile.on_cpu_ns),
+        human(profile.off_cpu_ns)
+    );
+    if profile.stacks.is_empty() {
+        let _ = writeln!(text, "{:14}(no stack samples)", "");
+    }
+    for (i, stack) in profile.stacks.iter().enumerate() {
+        let share = stack.weight_ns as f64 / total;
+        if i >= MAX_STACKS_SHOWN || (i > 0 && share < MIN_STACK_SHARE) {
+            break;
+        }
+        let frames = above_the_loop(&stack.frames);
+        let cpu = if stack.on_cpu { "on-CPU " } else { "off-CPU" };
+        for (depth, frame) in frames.iter().take(MAX_CALLERS_SHOWN + 1).enumerate() {
+            let name = display_name(frame);
+            if depth == 0 {
+                let _ = writeln!(text, "{:14}{:>5.1}%  {cpu}  {name}", "", share * 100.0);
+            } else {
+                let _ = writeln!(text, "{:33}<- {name}", "");
+            }
+        }
+        if frames.len() > MAX_CALLERS_SHOWN + 1 {
+            let _ = writeln!(
+                text,
+                "{:33}<- ... {} more",
+                "",
+                frames.len() - MAX_CALLERS_SHOWN - 1
+            );
+        }
+    }
+    text
+}
+
+/// A frame for a terminal line: a C++ name without its parameter list, the module for native
+/// code, the script location for JS.
+fn display_name(frame: &Frame) -> String {
+    let name = strip_parameters(&frame.name);
+    match (frame.kind, &frame.file, frame.line) {
+        (FrameKind::Js, Some(file), Some(line)) => format!("{name} {file}:{line}"),
+        (FrameKind::Js, _, _) => name.to_owned(),
+        (FrameKind::Kernel, _, _) => format!("{name} [kernel]"),
+        (FrameKind::Native, _, _) => format!("{name} ({})", frame.module),
+    }
+}
+
+/// `ns::f(int, char const*) const` -> `ns::f`.
+fn strip_parameters(name: &str) -> &str {
+    let trimmed = name.strip_suffix(" const").unwrap_or(name);
+    if !trimmed.ends_with(')') {
+        return name;
+    }
+    let mut depth = 0;
+    for (i, c) in trimmed.char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' => {
+                depth -= 1;
+                if depth == 0 {
+                    return if i == 0 { name } else { &trimmed[..i] };
+                }
+            }
+            _ => {}
+        }
+    }
+    name
 }
 
 fn json_id(event: &str, id: &LoopId) -> Value {
@@ -343,6 +452,7 @@ pub fn human(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stacks::{NamedStack, RawStacks};
 
     const MS: u64 = 1_000_000;
 
@@ -363,9 +473,18 @@ mod tests {
                 start_ns: 5 * MS,
                 duration_ns: 123_456_789,
                 end: BlockEnd::Exit,
+                stacks: RawStacks::default(),
+                profile: Some(profile()),
             },
             0,
         );
+        assert_eq!(v["on_cpu_ms"], 100.0);
+        assert_eq!(v["stacks"][0]["weight_ms"], 90.0);
+        assert_eq!(v["stacks"][0]["on_cpu"], true);
+        assert_eq!(v["stacks"][0]["frames"][0]["name"], "PKCS5_PBKDF2_HMAC");
+        assert_eq!(v["stacks"][0]["frames"][0]["kind"], "native");
+        assert_eq!(v["stacks"][0]["frames"][1]["kind"], "js");
+        assert_eq!(v["stacks"][0]["frames"][1]["line"], 12);
         assert_eq!(v["event"], "block");
         assert_eq!(v["pid"], 42);
         assert_eq!(v["tid"], 43);
@@ -383,12 +502,85 @@ mod tests {
             id: id(),
             start_ns: 0,
             duration_ns: 4200 * MS,
+            stacks: RawStacks::default(),
+            profile: Some(profile()),
         };
         reporter.report(&record, 0).unwrap();
         let text = String::from_utf8(reporter.out).unwrap();
         assert!(text.starts_with("TIME"), "{text}");
         assert!(text.contains("worker 1"), "{text}");
         assert!(text.contains("4.20 s and counting"), "{text}");
+        assert!(text.contains("on-CPU 100.0 ms, off-CPU 0 us"), "{text}");
+        assert!(
+            text.contains(" 90.0%  on-CPU   PKCS5_PBKDF2_HMAC (libcrypto.so.3)"),
+            "{text}"
+        );
+        assert!(text.contains("<- hashPassword /app/login.js:12"), "{text}");
+        assert!(
+            !text.contains("uv_run") && !text.contains("main (node)"),
+            "plumbing folded: {text}"
+        );
+        assert!(
+            !text.contains("tiny"),
+            "stacks under 5% are not shown: {text}"
+        );
+    }
+
+    fn profile() -> BlockProfile {
+        let frame = |name: &str, module: &str, kind, file: Option<&str>, line| Frame {
+            name: name.to_owned(),
+            module: module.to_owned(),
+            file: file.map(str::to_owned),
+            line,
+            kind,
+        };
+        BlockProfile {
+            on_cpu_ns: 100 * MS,
+            off_cpu_ns: 0,
+            stacks: vec![
+                NamedStack {
+                    weight_ns: 90 * MS,
+                    on_cpu: true,
+                    frames: vec![
+                        frame(
+                            "PKCS5_PBKDF2_HMAC",
+                            "libcrypto.so.3",
+                            FrameKind::Native,
+                            None,
+                            None,
+                        ),
+                        frame(
+                            "hashPassword",
+                            "[JIT]",
+                            FrameKind::Js,
+                            Some("/app/login.js"),
+                            Some(12),
+                        ),
+                        frame("uv_run", "node", FrameKind::Native, None, None),
+                        frame("main", "node", FrameKind::Native, None, None),
+                    ],
+                },
+                NamedStack {
+                    weight_ns: 2 * MS,
+                    on_cpu: true,
+                    frames: vec![frame("tiny", "node", FrameKind::Native, None, None)],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn cpp_parameter_lists_are_dropped_for_the_terminal() {
+        assert_eq!(
+            strip_parameters("node::crypto::Run(int, char const*) const"),
+            "node::crypto::Run"
+        );
+        assert_eq!(
+            strip_parameters("(anonymous namespace)::f()"),
+            "(anonymous namespace)::f"
+        );
+        assert_eq!(strip_parameters("uv_run"), "uv_run");
+        assert_eq!(strip_parameters("(weird)"), "(weird)");
     }
 
     #[test]

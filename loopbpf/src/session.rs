@@ -23,13 +23,19 @@ use crate::{
     cli::Args,
     decode::Event,
     discover::{self, Target},
+    flame::Flame,
     launch::StoppedChild,
     probe::Probes,
     report::{Clock, Reporter},
+    stacks,
+    symbolize::Symbolizer,
+    unwind::Unwinder,
 };
 
 /// How often the per-thread state is read for ongoing blocks.
 const STATE_POLL: Duration = Duration::from_millis(100);
+/// How often the target's memory map is re-read for naming stacks.
+const MAPS_REFRESH: Duration = Duration::from_secs(1);
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.pid.is_none() && args.command.is_empty() {
@@ -59,7 +65,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         )
     };
 
-    let probes = attach(&target, args.threshold);
+    let probes = attach(&target, args);
     let probes = match (probes, &child) {
         (Ok(probes), _) => probes,
         (Err(e), Some(child)) => {
@@ -68,6 +74,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
         (Err(e), None) => return Err(e),
     };
+    // Before saying we are ready: reading the target's unwind tables and symbols takes a moment.
+    let naming =
+        (!args.no_stacks).then(|| (Symbolizer::new(target.pid), Unwinder::new(target.pid)));
     eprintln!(
         "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {}. Ctrl-C to end.",
         target.pid,
@@ -83,11 +92,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
-    runtime.block_on(watch(args, &target, probes, child.as_ref()))
+    runtime.block_on(watch(args, &target, probes, naming, child.as_ref()))
 }
 
-fn attach(target: &Target, threshold: Duration) -> Result<Probes> {
-    let mut probes = Probes::load(target.pid, &target.libuv, threshold)?;
+fn attach(target: &Target, args: &Args) -> Result<Probes> {
+    let mut probes = Probes::load(target.pid, &target.libuv, args.threshold)?;
     for (tid, epfd) in discover::threads_in_poll(target.pid) {
         probes.seed_idle_thread(target.pid, tid, epfd)?;
     }
@@ -95,6 +104,11 @@ fn attach(target: &Target, threshold: Duration) -> Result<Probes> {
     probes
         .attach_uprobe(&target.libuv.path, target.pid)
         .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
+    if !args.no_stacks {
+        probes.attach_off_cpu()?;
+        // The main thread is a loop thread from the start; workers are sampled once found.
+        probes.sample_thread(target.pid, args.sample_rate)?;
+    }
     Ok(probes)
 }
 
@@ -106,16 +120,135 @@ enum End {
     OutputClosed,
 }
 
+/// The running pipeline: kernel side, aggregation, naming, outputs.
+struct Session<'a, W: io::Write> {
+    args: &'a Args,
+    probes: Probes,
+    aggregator: Aggregator,
+    reporter: Reporter<W>,
+    /// `None` with `--no-stacks`.
+    symbolizer: Option<Symbolizer>,
+    unwinder: Option<Unwinder>,
+    flame: Flame,
+}
+
+impl<W: io::Write> Session<'_, W> {
+    /// Reads every queued event; an exited loop thread's final state is taken and the entry
+    /// freed.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), End> {
+        let mut records = Vec::new();
+        while let Some(item) = ring.next() {
+            match Event::decode(&item) {
+                Ok(mut event) => {
+                    self.follow_threads(&event);
+                    if let (Event::Stack(sample), Some(unwinder)) = (&mut event, &mut self.unwinder)
+                    {
+                        unwinder.unwind(sample);
+                    }
+                    records.extend(self.aggregator.on_event(event));
+                }
+                Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
+            }
+        }
+        for tid in self.aggregator.exited_tids() {
+            self.probes.forget_thread(tid);
+        }
+        self.report_all(records)
+    }
+
+    /// Starts sampling loop threads as they are found; takes the final state of those that exit.
+    fn follow_threads(&mut self, event: &Event) {
+        match *event {
+            Event::LoopFound { tid, .. } if self.symbolizer.is_some() => {
+                if let Err(e) = self.probes.sample_thread(tid, self.args.sample_rate) {
+                    eprintln!("loopbpf: no stack samples for thread {tid}: {e}");
+                }
+            }
+            Event::LoopExit { tid, .. } => {
+                self.probes.stop_sampling(tid);
+                if let Some(state) = self.probes.thread(tid) {
+                    self.aggregator.update_state(tid, &state);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn refresh(&mut self) {
+        for (tid, state) in self.probes.threads() {
+            if state.exited_ns == 0 {
+                self.aggregator.update_state(tid, &state);
+            }
+        }
+    }
+
+    /// Names the stacks of blocks (the symbolize stage), then reports.
+    fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
+        let now_ns = Clock::monotonic_ns();
+        for record in &mut records {
+            self.name_stacks(record);
+            if self.reporter.report(record, now_ns).is_err() {
+                // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
+                return Err(End::OutputClosed);
+            }
+        }
+        Ok(())
+    }
+
+    fn name_stacks(&mut self, record: &mut Record) {
+        let Some(symbolizer) = self.symbolizer.as_mut() else {
+            return;
+        };
+        let is_block = matches!(record, Record::Block { .. });
+        let (Record::Block {
+            id,
+            duration_ns,
+            stacks,
+            profile,
+            ..
+        }
+        | Record::Ongoing {
+            id,
+            duration_ns,
+            stacks,
+            profile,
+            ..
+        }) = record
+        else {
+            return;
+        };
+        // New mappings (a library loaded, a launched command's exec) since the last refresh.
+        symbolizer.refresh();
+        let named = stacks::profile(stacks, *duration_ns, symbolizer);
+        if is_block {
+            self.flame.add(id, &named);
+        }
+        *profile = Some(named);
+    }
+
+    /// Writes `--folded` and `--flamegraph` files.
+    fn write_files(&self, pid: u32) -> Result<()> {
+        if let Some(path) = &self.args.folded {
+            self.flame.write_folded(path)?;
+        }
+        if let Some(path) = &self.args.flamegraph {
+            let title = format!("loopbpf: blocked time of pid {pid}");
+            self.flame.write_svg(path, &title)?;
+        }
+        Ok(())
+    }
+}
+
 async fn watch(
     args: &Args,
     target: &Target,
     mut probes: Probes,
+    naming: Option<(Symbolizer, Unwinder)>,
     child: Option<&StoppedChild>,
 ) -> Result<ExitCode> {
+    let (symbolizer, unwinder) = naming.unzip();
     let clock = Clock::new();
     let started_ns = Clock::monotonic_ns();
-    let mut reporter = Reporter::new(io::stdout().lock(), args.json, clock);
-    let mut aggregator = Aggregator::new(args.threshold.as_nanos() as u64);
     // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(probes.events()?, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
@@ -124,8 +257,18 @@ async fn watch(
     let exited = unsafe { AsyncFd::register_with_interest(pidfd(target.pid)?, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("watching the target process")?;
+    let mut session = Session {
+        args,
+        probes,
+        aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
+        reporter: Reporter::new(io::stdout().lock(), args.json, clock),
+        symbolizer,
+        unwinder,
+        flame: Flame::default(),
+    };
 
     let mut state_poll = tokio::time::interval(STATE_POLL);
+    let mut maps_refresh = tokio::time::interval(MAPS_REFRESH);
     let mut interval_timer = args
         .interval
         .map(|every| interval_at(Instant::now() + every, every));
@@ -144,20 +287,32 @@ async fn watch(
         let step = tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for the ring buffer")?;
-                let step = drain(guard.get_inner_mut(), &mut probes, &mut aggregator, &mut reporter);
+                let step = session.drain(guard.get_inner_mut());
                 guard.clear_ready();
                 step
             }
             _ = state_poll.tick() => {
-                refresh(&probes, &mut aggregator);
-                report_all(&mut reporter, &aggregator.ongoing(Clock::monotonic_ns()))
+                session.refresh();
+                let records = session.aggregator.ongoing(Clock::monotonic_ns());
+                session.report_all(records)
+            }
+            _ = maps_refresh.tick() => {
+                // Keep the memory map current while the target lives, so that stacks of a
+                // block that ends with its exit can still be named.
+                if let Some(symbolizer) = session.symbolizer.as_mut() {
+                    symbolizer.refresh();
+                }
+                if let Some(unwinder) = session.unwinder.as_mut() {
+                    unwinder.refresh();
+                }
+                Ok(())
             }
             () = tick(&mut interval_timer) => {
-                refresh(&probes, &mut aggregator);
-                let records = aggregator.interval(Clock::monotonic_ns(), window);
+                session.refresh();
+                let records = session.aggregator.interval(Clock::monotonic_ns(), window);
                 window += 1;
-                probes.set_window(window)?;
-                report_all(&mut reporter, &records)
+                session.probes.set_window(window)?;
+                session.report_all(records)
             }
             _ = exited.readable() => Err(End::TargetExited),
             () = &mut deadline => Err(End::Stopped),
@@ -173,68 +328,35 @@ async fn watch(
     }
 
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
-    let _ = drain(ring.get_mut(), &mut probes, &mut aggregator, &mut reporter);
-    refresh(&probes, &mut aggregator);
+    let _ = session.drain(ring.get_mut());
+    session.refresh();
     let now_ns = Clock::monotonic_ns();
-    if end == End::TargetExited && !aggregator.knows_loops() {
+    if end == End::TargetExited && !session.aggregator.knows_loops() {
         eprintln!(
             "loopbpf: pid {} exited before its event loop ran",
             target.pid
         );
     }
-    let summary = aggregator.summary(now_ns, probes.dropped_events(), now_ns - started_ns);
-    match reporter.report(&summary, now_ns) {
+    let summary =
+        session
+            .aggregator
+            .summary(now_ns, session.probes.dropped_events(), now_ns - started_ns);
+    match session.reporter.report(&summary, now_ns) {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
         _ => {}
     }
-    let code = child.and_then(StoppedChild::try_exit_code).unwrap_or(0);
+    session.write_files(target.pid)?;
+    // A launched command that ended by itself passes its exit status on, like `time` does;
+    // one still running when we stop is ended with us.
+    let code = match (child, end) {
+        (Some(child), End::TargetExited) => child.try_exit_code().unwrap_or(0),
+        (Some(child), _) => {
+            child.terminate(Duration::from_secs(2));
+            0
+        }
+        (None, _) => 0,
+    };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-/// Reads every queued event; an exited loop thread's final state is taken and the entry freed.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    probes: &mut Probes,
-    aggregator: &mut Aggregator,
-    reporter: &mut Reporter<impl io::Write>,
-) -> Result<(), End> {
-    let mut records = Vec::new();
-    while let Some(item) = ring.next() {
-        match Event::decode(&item) {
-            Ok(event) => {
-                if let Event::LoopExit { tid, .. } = event
-                    && let Some(state) = probes.thread(tid)
-                {
-                    aggregator.update_state(tid, &state);
-                }
-                records.extend(aggregator.on_event(event));
-            }
-            Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
-        }
-    }
-    for tid in aggregator.exited_tids() {
-        probes.forget_thread(tid);
-    }
-    report_all(reporter, &records)
-}
-
-fn refresh(probes: &Probes, aggregator: &mut Aggregator) {
-    for (tid, state) in probes.threads() {
-        if state.exited_ns == 0 {
-            aggregator.update_state(tid, &state);
-        }
-    }
-}
-
-fn report_all(reporter: &mut Reporter<impl io::Write>, records: &[Record]) -> Result<(), End> {
-    let now_ns = Clock::monotonic_ns();
-    for record in records {
-        if reporter.report(record, now_ns).is_err() {
-            // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
-            return Err(End::OutputClosed);
-        }
-    }
-    Ok(())
 }
 
 async fn tick(timer: &mut Option<Interval>) {

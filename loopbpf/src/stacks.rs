@@ -1,0 +1,210 @@
+//! What ran during a block: the stacks sampled in one busy interval, kept as addresses while
+//! the interval lasts, then weighted and named once it turns out to be a block.
+//!
+//! On-CPU samples share the block's on-CPU time (its duration minus the time it slept);
+//! off-CPU stacks weigh exactly the time the thread slept there.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    decode::StackSample,
+    symbolize::{Frame, Symbolizer},
+};
+
+/// Most distinct stacks kept for one busy interval (a loop hung for minutes stays bounded).
+const MAX_DISTINCT_STACKS: usize = 4096;
+
+/// A stack as captured: user and kernel addresses, leaf first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub on_cpu: bool,
+    pub user: Vec<u64>,
+    pub kernel: Vec<u64>,
+}
+
+/// The stacks of one busy interval, not yet named.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawStacks {
+    /// Distinct stacks: on-CPU sample count, or off-CPU nanoseconds.
+    pub stacks: HashMap<StackKey, u64>,
+    pub on_cpu_samples: u64,
+    pub off_cpu_ns: u64,
+}
+
+impl RawStacks {
+    pub fn add(&mut self, sample: StackSample) {
+        let key = StackKey {
+            on_cpu: sample.off_cpu_ns.is_none(),
+            user: sample.user,
+            kernel: sample.kernel,
+        };
+        let weight = match sample.off_cpu_ns {
+            None => {
+                self.on_cpu_samples += 1;
+                1
+            }
+            Some(ns) => {
+                self.off_cpu_ns += ns;
+                ns
+            }
+        };
+        if self.stacks.len() < MAX_DISTINCT_STACKS || self.stacks.contains_key(&key) {
+            *self.stacks.entry(key).or_insert(0) += weight;
+        }
+    }
+}
+
+/// One named stack of a block and how much of the block it accounts for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedStack {
+    pub weight_ns: u64,
+    pub on_cpu: bool,
+    /// Leaf first: user frames, then (for off-CPU stacks) the kernel frames above them first.
+    pub frames: Vec<Frame>,
+}
+
+/// What ran during a block.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BlockProfile {
+    pub on_cpu_ns: u64,
+    pub off_cpu_ns: u64,
+    /// Heaviest first.
+    pub stacks: Vec<NamedStack>,
+}
+
+/// Weights and names the stacks of a block of `duration_ns`.
+pub fn profile(raw: &RawStacks, duration_ns: u64, symbolizer: &mut Symbolizer) -> BlockProfile {
+    let off_cpu_ns = raw.off_cpu_ns.min(duration_ns);
+    let on_cpu_ns = duration_ns - off_cpu_ns;
+    let mut named: HashMap<(bool, Vec<Frame>), u64> = HashMap::new();
+    for (key, &weight) in &raw.stacks {
+        let weight_ns = if key.on_cpu {
+            on_cpu_ns * weight / raw.on_cpu_samples.max(1)
+        } else {
+            weight.min(duration_ns)
+        };
+        let mut frames = symbolizer.kernel(&key.kernel);
+        frames.extend(symbolizer.user(&key.user));
+        *named.entry((key.on_cpu, frames)).or_insert(0) += weight_ns;
+    }
+    let mut stacks: Vec<NamedStack> = named
+        .into_iter()
+        .map(|((on_cpu, frames), weight_ns)| NamedStack {
+            weight_ns,
+            on_cpu,
+            frames,
+        })
+        .collect();
+    stacks.sort_by(|a, b| {
+        b.weight_ns
+            .cmp(&a.weight_ns)
+            .then(a.frames.len().cmp(&b.frames.len()))
+    });
+    BlockProfile {
+        on_cpu_ns,
+        off_cpu_ns,
+        stacks,
+    }
+}
+
+/// Frames from the root up to and including the loop's own `uv_run` are the runtime's plumbing
+/// (main, `node::Start`, `node::SpinEventLoop`, a worker's thread entry): the loop itself, the
+/// same under every block. Returns the frames above it, leaf first. The private loop that
+/// `execSync` runs (a `uv_run` called by node's synchronous process runner) is kept: it is part
+/// of what blocked, even when the stack is too deep to reach the outer loop.
+pub fn above_the_loop(frames: &[Frame]) -> &[Frame] {
+    let is_loop = |i: usize| {
+        frames[i].name == "uv_run"
+            && !frames
+                .get(i + 1)
+                .is_some_and(|caller| caller.name.contains("SyncProcessRunner"))
+    };
+    match (1..frames.len()).rev().find(|&i| is_loop(i)) {
+        Some(outermost) => &frames[..outermost],
+        None => frames,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbolize::FrameKind;
+
+    fn frame(name: &str) -> Frame {
+        Frame {
+            name: name.to_owned(),
+            module: "node".to_owned(),
+            file: None,
+            line: None,
+            kind: FrameKind::Native,
+        }
+    }
+
+    fn sample(off_cpu_ns: Option<u64>, user: &[u64]) -> StackSample {
+        StackSample {
+            pid: 1,
+            tid: 1,
+            busy_since_ns: 1,
+            at_ns: 2,
+            off_cpu_ns,
+            user: user.to_vec(),
+            kernel: Vec::new(),
+            regs: [0; 3],
+            stack: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn samples_of_a_busy_interval_are_counted_per_distinct_stack() {
+        let mut raw = RawStacks::default();
+        raw.add(sample(None, &[1, 2]));
+        raw.add(sample(None, &[1, 2]));
+        raw.add(sample(None, &[3]));
+        raw.add(sample(Some(40), &[4]));
+        raw.add(sample(Some(60), &[4]));
+        assert_eq!(raw.on_cpu_samples, 3);
+        assert_eq!(raw.off_cpu_ns, 100);
+        assert_eq!(raw.stacks.len(), 3);
+        let off = StackKey {
+            on_cpu: false,
+            user: vec![4],
+            kernel: vec![],
+        };
+        assert_eq!(raw.stacks[&off], 100);
+    }
+
+    #[test]
+    fn plumbing_below_the_outermost_uv_run_is_folded() {
+        let stack: Vec<Frame> = [
+            "leaf",
+            "uv_run",
+            "node::SyncProcessRunner::TryInitializeAndRunLoop",
+            "handler",
+            "uv_run",
+            "node::Start",
+            "main",
+        ]
+        .map(frame)
+        .to_vec();
+        let names: Vec<&str> = above_the_loop(&stack)
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "leaf",
+                "uv_run",
+                "node::SyncProcessRunner::TryInitializeAndRunLoop",
+                "handler"
+            ]
+        );
+        // Too deep to reach the outer loop: the private loop is not taken for it.
+        let truncated = &stack[..4];
+        assert_eq!(above_the_loop(truncated).len(), 4);
+        let no_loop = [frame("a"), frame("main")];
+        assert_eq!(above_the_loop(&no_loop).len(), 2);
+    }
+}

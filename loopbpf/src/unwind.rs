@@ -1,0 +1,343 @@
+//! Unwinding user stacks with `.eh_frame` (framehop) from the registers and the copy of the
+//! stack top that each sample carries. It goes through code without frame pointers, where the
+//! kernel's frame-pointer walk gets lost (OpenSSL's hand-written assembly, glibc's syscall
+//! wrappers), and joins that walk again for the frames beyond the copy. JIT code has no unwind
+//! tables; framehop walks it by its frame pointers, which V8 keeps. A leaf whose canonical frame
+//! address is a DWARF expression (OpenSSL's SHA-2 assembly realigns its stack) is unwound here
+//! with gimli, then framehop goes on from its caller.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::{self, File},
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use framehop::{
+    ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
+    x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
+};
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EvaluationResult, LittleEndian, Location,
+    RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
+};
+use object::{Object, ObjectSection, ObjectSegment, read::ReadCache};
+
+use crate::decode::StackSample;
+
+/// More frames than any real stack has: a loop in corrupted memory stops here.
+const MAX_FRAMES: usize = 256;
+
+/// Unwinds the stacks of one process.
+pub struct Unwinder {
+    pid: u32,
+    framehop: UnwinderX86_64<Arc<[u8]>>,
+    cache: CacheX86_64,
+    /// Start addresses of the executable mappings already given to framehop.
+    known: HashSet<u64>,
+    /// The same unwind tables, for leaves framehop cannot unwind.
+    eh_frames: Vec<EhFrameTable>,
+}
+
+/// One mapping's `.eh_frame`, placed where the process mapped it.
+struct EhFrameTable {
+    range: Range<u64>,
+    bias: u64,
+    eh_frame_svma: u64,
+    eh_frame: Arc<[u8]>,
+    eh_frame_hdr: Option<(u64, Arc<[u8]>)>,
+}
+
+/// One executable mapping of a file.
+struct Mapping {
+    range: Range<u64>,
+    offset: u64,
+    path: PathBuf,
+}
+
+impl Unwinder {
+    pub fn new(pid: u32) -> Self {
+        let mut unwinder = Self {
+            pid,
+            framehop: UnwinderX86_64::new(),
+            cache: CacheX86_64::new(),
+            known: HashSet::new(),
+            eh_frames: Vec::new(),
+        };
+        unwinder.refresh();
+        unwinder
+    }
+
+    /// Loads the unwind tables of executable mappings that appeared since the last call.
+    pub fn refresh(&mut self) {
+        let Ok(maps) = fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+            return; // gone: keep what we have
+        };
+        let mut by_file: HashMap<PathBuf, Vec<Mapping>> = HashMap::new();
+        for mapping in executable_file_mappings(&maps) {
+            if !self.known.contains(&mapping.range.start) {
+                by_file
+                    .entry(mapping.path.clone())
+                    .or_default()
+                    .push(mapping);
+            }
+        }
+        for (path, mappings) in by_file {
+            for mapping in mappings {
+                self.known.insert(mapping.range.start);
+                let opened = Path::new(&format!("/proc/{}/root", self.pid))
+                    .join(path.strip_prefix("/").unwrap_or(&path));
+                if let Some((module, table)) = load_module(&opened, &mapping) {
+                    self.framehop.add_module(module);
+                    self.eh_frames.push(table);
+                }
+            }
+        }
+    }
+
+    /// Replaces the sample's frame-pointer walk with the `.eh_frame` unwinding, continued by
+    /// the frame-pointer walk where the stack copy ends; drops the stack copy.
+    pub fn unwind(&mut self, sample: &mut StackSample) {
+        let stack = std::mem::take(&mut sample.stack);
+        let [ip, sp, bp] = sample.regs;
+        if ip == 0 || stack.is_empty() {
+            return;
+        }
+        let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            let offset = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
+            let bytes = stack.get(offset..offset + 8).ok_or(())?;
+            Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
+        };
+        // framehop has no rule for a CFA expression; it would fall back to a frame pointer
+        // that such code does not keep.
+        let leaf = self
+            .eh_frames
+            .iter()
+            .find(|t| t.range.contains(&ip))
+            .and_then(|table| unwind_expression_leaf(table, ip, sp, bp, &mut read_stack));
+        let frames = match leaf {
+            Some((ra, cfa, caller_bp)) => {
+                let mut frames = vec![ip];
+                frames.extend(self.framehop_frames(ra, cfa, caller_bp, &mut read_stack));
+                frames
+            }
+            None => self.framehop_frames(ip, sp, bp, &mut read_stack),
+        };
+        if let Some(joined) = join(&frames, &sample.user) {
+            sample.user = joined;
+        }
+    }
+
+    /// framehop's frames from these registers: the instruction pointer, then return addresses.
+    fn framehop_frames(
+        &mut self,
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+    ) -> Vec<u64> {
+        let regs = UnwindRegsX86_64::new(ip, sp, bp);
+        let mut frames = Vec::new();
+        let mut iter = self
+            .framehop
+            .iter_frames(ip, regs, &mut self.cache, read_stack);
+        // An error ends the walk: the stack copy ran out, or the tables had no rule.
+        while let Ok(Some(frame)) = iter.next() {
+            frames.push(match frame {
+                FrameAddress::InstructionPointer(a) => a,
+                FrameAddress::ReturnAddress(a) => a.get(),
+            });
+            if frames.len() >= MAX_FRAMES {
+                break;
+            }
+        }
+        frames
+    }
+}
+
+/// The unwound frames, continued by the frame-pointer walk after the last frame they share;
+/// `None` when unwinding found nothing better than the walk.
+fn join(unwound: &[u64], frame_pointer_walk: &[u64]) -> Option<Vec<u64>> {
+    if unwound.len() < 2 {
+        return None;
+    }
+    let mut joined = unwound.to_vec();
+    // The deepest frame both found, if the walk goes on beyond it (deeper than the copy).
+    for (i, address) in unwound.iter().enumerate().rev() {
+        match frame_pointer_walk.iter().position(|a| a == address) {
+            Some(at) if at + 1 < frame_pointer_walk.len() => {
+                joined.truncate(i + 1);
+                joined.extend_from_slice(&frame_pointer_walk[at + 1..]);
+                break;
+            }
+            _ => {}
+        }
+    }
+    Some(joined)
+}
+
+fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let path = fields.nth(2)?;
+            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
+            (perms.contains('x') && path.starts_with('/')).then(|| Mapping {
+                range,
+                offset,
+                path: PathBuf::from(path),
+            })
+        })
+        .collect()
+}
+
+/// One frame up from a leaf whose `.eh_frame` row computes its CFA with a DWARF expression:
+/// the return address, the caller's stack pointer (the CFA) and its frame pointer. `None` for
+/// every other leaf (framehop handles those).
+fn unwind_expression_leaf(
+    table: &EhFrameTable,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+) -> Option<(u64, u64, u64)> {
+    let eh_frame = EhFrame::new(&table.eh_frame, LittleEndian);
+    let (hdr_svma, hdr) = table.eh_frame_hdr.as_ref()?;
+    let bases = BaseAddresses::default()
+        .set_eh_frame(table.eh_frame_svma)
+        .set_eh_frame_hdr(*hdr_svma);
+    let svma = ip.wrapping_sub(table.bias);
+    // The header's sorted table finds the FDE by binary search.
+    let fde = EhFrameHdr::new(hdr, LittleEndian)
+        .parse(&bases, 8)
+        .ok()?
+        .table()?
+        .fde_for_address(&eh_frame, &bases, svma, EhFrame::cie_from_offset)
+        .ok()?;
+    let mut context = UnwindContext::new();
+    let row = fde
+        .unwind_info_for_address(&eh_frame, &bases, &mut context, svma)
+        .ok()?;
+    let register = |r: gimli::Register| match r {
+        X86_64::RSP => Some(sp),
+        X86_64::RBP => Some(bp),
+        _ => None,
+    };
+    let cfa = match row.cfa() {
+        CfaRule::RegisterAndOffset { .. } => return None,
+        CfaRule::Expression(expression) => {
+            let expression = expression.get(&eh_frame).ok()?;
+            let mut evaluation = expression.evaluation(fde.cie().encoding());
+            let mut step = evaluation.evaluate().ok()?;
+            loop {
+                step = match step {
+                    EvaluationResult::Complete => break,
+                    EvaluationResult::RequiresRegister { register: r, .. } => evaluation
+                        .resume_with_register(Value::Generic(register(r)?))
+                        .ok()?,
+                    EvaluationResult::RequiresMemory { address, .. } => evaluation
+                        .resume_with_memory(Value::Generic(read_stack(address).ok()?))
+                        .ok()?,
+                    _ => return None,
+                };
+            }
+            match evaluation.result().first()?.location {
+                Location::Address { address } => address,
+                _ => return None,
+            }
+        }
+    };
+    let saved = |r: gimli::Register, read_stack: &mut dyn FnMut(u64) -> Result<u64, ()>| match row
+        .register(r)
+    {
+        RegisterRule::Offset(offset) => read_stack(cfa.checked_add_signed(offset)?).ok(),
+        _ => None,
+    };
+    let ra = saved(X86_64::RA, read_stack)?;
+    let caller_bp = saved(X86_64::RBP, read_stack).unwrap_or(bp);
+    Some((ra, cfa, caller_bp))
+}
+
+/// The unwind tables of one mapped object, placed where the process mapped it.
+fn load_module(path: &Path, mapping: &Mapping) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
+    let cache = ReadCache::new(File::open(path).ok()?);
+    let elf = object::File::parse(&cache).ok()?;
+    // Load bias: where the mapping's file offset sits in the object's own addresses.
+    let segment = elf.segments().find(|s| {
+        let (offset, size) = s.file_range();
+        (offset..offset + size).contains(&mapping.offset)
+    })?;
+    let (segment_offset, _) = segment.file_range();
+    let bias = mapping
+        .range
+        .start
+        .wrapping_sub(segment.address() + (mapping.offset - segment_offset));
+    let section = |name: &str| {
+        elf.section_by_name(name).and_then(|s| {
+            let data: Arc<[u8]> = s.uncompressed_data().ok()?.into_owned().into();
+            Some((s.address()..s.address() + s.size(), data))
+        })
+    };
+    let (eh_frame_svma, eh_frame) = section(".eh_frame")?;
+    let eh_frame_hdr = section(".eh_frame_hdr");
+    let text_svma = elf
+        .section_by_name(".text")
+        .map(|s| s.address()..s.address() + s.size());
+    let table = EhFrameTable {
+        range: mapping.range.clone(),
+        bias,
+        eh_frame_svma: eh_frame_svma.start,
+        eh_frame: eh_frame.clone(),
+        eh_frame_hdr: eh_frame_hdr.as_ref().map(|(r, d)| (r.start, d.clone())),
+    };
+    let info = ExplicitModuleSectionInfo {
+        base_svma: 0,
+        text_svma,
+        eh_frame_svma: Some(eh_frame_svma),
+        eh_frame: Some(eh_frame),
+        eh_frame_hdr_svma: eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
+        eh_frame_hdr: eh_frame_hdr.map(|(_, d)| d),
+        ..Default::default()
+    };
+    let module = Module::new(
+        path.display().to_string(),
+        mapping.range.clone(),
+        bias,
+        info,
+    );
+    Some((module, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwound_frames_continue_with_the_deeper_frame_pointer_walk() {
+        // The walk lost its way after the leaf (garbage 0xdead), then found 30, 40, 50.
+        let walk = [10, 0xdead, 30, 40, 50];
+        assert_eq!(join(&[10, 20, 30], &walk), Some(vec![10, 20, 30, 40, 50]));
+        // Nothing shared but the leaf: the unwound frames, then the walk beyond the leaf.
+        assert_eq!(join(&[10, 20, 25], &[11, 0xdead]), Some(vec![10, 20, 25]));
+        // Unwinding failed at once: keep the walk.
+        assert_eq!(join(&[10], &walk), None);
+    }
+
+    #[test]
+    fn only_executable_file_mappings() {
+        let maps = "\
+00400000-00401000 r--p 00000000 08:01 1 /usr/bin/node
+00401000-00402000 r-xp 00001000 08:01 1 /usr/bin/node
+7f01-7f02 r-xp 00000000 00:00 0 [vdso]
+7f03-7f04 rwxp 00000000 00:00 0
+";
+        let found = executable_file_mappings(maps);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].range, 0x0040_1000..0x0040_2000);
+        assert_eq!(found[0].offset, 0x1000);
+    }
+}

@@ -1,0 +1,225 @@
+//! What blocked the loop: every block comes with named stacks of what ran (on-CPU) and where
+//! the loop thread slept (off-CPU), and the flame graph of blocked time names the culprit.
+
+use std::time::Duration;
+
+use loopbpf_tests::{Fixture, Loopbpf, events, require_root};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `commands` on a fixture started with `node_flags`, loopbpf attached with `args`;
+/// returns loopbpf's JSON lines once the fixture has exited.
+fn run(node_flags: &[&str], args: &[&str], commands: &[(&str, &str)]) -> Vec<Value> {
+    require_root();
+    let mut node = Fixture::start_with(node_flags);
+    let pid = node.pid().to_string();
+    let mut all_args = vec!["--pid", pid.as_str(), "--json"];
+    all_args.extend_from_slice(args);
+    let loopbpf = Loopbpf::attach(&all_args);
+    for (command, done) in commands {
+        node.send(command);
+        node.done(done, TIMEOUT);
+    }
+    node.send("exit");
+    node.wait_exit(TIMEOUT).expect("fixture did not exit");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    output
+}
+
+fn the_block(output: &[Value]) -> &Value {
+    let blocks = events(output, "block");
+    assert_eq!(blocks.len(), 1, "{output:?}");
+    blocks[0]
+}
+
+fn names(stack: &Value) -> Vec<String> {
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The share of the block's time whose stack has a frame matching `pred`.
+fn share_with(block: &Value, pred: impl Fn(&str) -> bool) -> f64 {
+    let total: f64 = block["duration_ms"].as_f64().unwrap();
+    let matching: f64 = block["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| names(s).iter().any(|n| pred(n)))
+        .map(|s| s["weight_ms"].as_f64().unwrap())
+        .sum();
+    matching / total
+}
+
+fn assert_blocked_in(work: &str, pred: impl Fn(&str) -> bool, what: &str) {
+    let output = run(&[], &[], &[(&format!("block timer {work} 300"), "block")]);
+    let block = the_block(&output);
+    let stacks = block["stacks"].as_array().expect("stacks on every block");
+    assert!(!stacks.is_empty(), "{block}");
+    let share = share_with(block, &pred);
+    assert!(
+        share > 0.6,
+        "{what}: only {share:.2} of the block's time has it on the stack; top stack: {:?}",
+        names(&stacks[0])
+    );
+    // The default rate gives a 100 ms block at least 10 samples: this one had 300 ms.
+    let on_cpu = block["on_cpu_ms"].as_f64().unwrap();
+    assert!(on_cpu > 250.0, "{block}");
+}
+
+#[test]
+fn pbkdf2_sync_names_openssl_pbkdf2() {
+    assert_blocked_in(
+        "crypto",
+        |n| n.to_ascii_lowercase().contains("pbkdf2"),
+        "OpenSSL's PBKDF2",
+    );
+}
+
+#[test]
+fn json_stringify_names_v8_json_code() {
+    assert_blocked_in("json", |n| n.contains("Json"), "V8's JSON code");
+}
+
+#[test]
+fn gzip_sync_names_zlib_deflate() {
+    assert_blocked_in(
+        "zlib",
+        |n| n.contains("deflate") || n.contains("longest_match"),
+        "zlib's deflate",
+    );
+}
+
+#[test]
+fn exec_sync_is_off_cpu_in_the_synchronous_process_runner() {
+    let output = run(&[], &[], &[("block timer exec-sync 400", "block")]);
+    let block = the_block(&output);
+    let duration = block["duration_ms"].as_f64().unwrap();
+    let off = block["off_cpu_ms"].as_f64().unwrap();
+    assert!(off / duration > 0.9, "off-CPU {off} of {duration} ms");
+    let share = share_with(block, |n| n.contains("SyncProcessRunner"));
+    assert!(
+        share > 0.85,
+        "share through node::SyncProcessRunner: {share:.2}; {block}"
+    );
+    let slept = block["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["on_cpu"] == false)
+        .expect("an off-CPU stack");
+    assert_eq!(
+        slept["frames"][0]["kind"], "kernel",
+        "the kernel side of the sleep first"
+    );
+}
+
+#[test]
+fn perf_basic_prof_names_the_hot_js_function() {
+    let output = run(
+        &["--perf-basic-prof"],
+        &[],
+        &[("block timer spin 300", "block")],
+    );
+    let block = the_block(&output);
+    let top = &block["stacks"][0];
+    let spin = top["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "spin")
+        .unwrap_or_else(|| panic!("no `spin` frame: {:?}", names(top)));
+    assert_eq!(spin["kind"], "js");
+    assert!(
+        spin["file"].as_str().unwrap().ends_with("blocker.js"),
+        "{spin}"
+    );
+    assert!(share_with(block, |n| n == "spin") > 0.9);
+}
+
+#[test]
+fn unnamed_js_collapses_to_one_frame() {
+    let output = run(&[], &[], &[("block timer spin 200", "block")]);
+    let block = the_block(&output);
+    for stack in block["stacks"].as_array().unwrap() {
+        let frames = names(stack);
+        let adjacent_js = frames.windows(2).any(|w| w[0] == "[JS]" && w[1] == "[JS]");
+        assert!(!adjacent_js, "{frames:?}");
+        assert!(
+            frames.iter().all(|n| !n.starts_with("0x")),
+            "no raw addresses: {frames:?}"
+        );
+    }
+    assert!(share_with(block, |n| n == "[JS]") > 0.9);
+}
+
+#[test]
+fn a_block_right_before_exit_is_still_named() {
+    require_root();
+    let mut node = Fixture::start_with(&["--perf-basic-prof"]);
+    let pid = node.pid().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    node.send("block-exit 300");
+    node.wait_exit(TIMEOUT).unwrap();
+    let (_, output) = loopbpf.finish(Duration::from_secs(15));
+    let block = the_block(&output);
+    assert_eq!(block["end"], "exit");
+    assert!(share_with(block, |n| n == "spin") > 0.8, "{block}");
+}
+
+#[test]
+fn a_worker_block_has_the_worker_stack() {
+    let output = run(
+        &["--perf-basic-prof"],
+        &[],
+        &[("worker-block 300", "worker-block")],
+    );
+    let block = the_block(&output);
+    assert_eq!(block["thread"], "worker");
+    assert!(share_with(block, |n| n == "workerSpin") > 0.8, "{block}");
+}
+
+#[test]
+fn flame_graph_of_blocked_time_names_the_blocking_function() {
+    let dir = std::env::temp_dir().join(format!("loopbpf-flame-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("blocked.svg");
+    let folded = dir.join("blocked.folded");
+    let output = run(
+        &[],
+        &[
+            "--flamegraph",
+            svg.to_str().unwrap(),
+            "--folded",
+            folded.to_str().unwrap(),
+        ],
+        &[("block timer crypto 300", "block")],
+    );
+    assert_eq!(events(&output, "block").len(), 1);
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    let folded_text = std::fs::read_to_string(&folded).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(svg_text.starts_with("<?xml") && svg_text.trim_end().ends_with("</svg>"));
+    assert!(
+        svg_text.to_ascii_lowercase().contains("pbkdf2"),
+        "the SVG names PBKDF2"
+    );
+    // Folded lines: `pid N main;frame;...;leaf MICROSECONDS`, about 300 ms in all.
+    let total_us: u64 = folded_text
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        (280_000..340_000).contains(&total_us),
+        "{total_us} us of blocked time"
+    );
+    assert!(
+        folded_text.lines().all(|l| l.starts_with("pid ")),
+        "{folded_text}"
+    );
+}
