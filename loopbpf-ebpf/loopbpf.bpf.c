@@ -428,7 +428,7 @@ static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
  * near the top of a thread's stack a full copy would fault, so halve until one fits. */
 static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
 {
-	void *sp = (void *)e->user_sp;
+	void *sp = (void *)(e->user_sp - LOOPBPF_RED_ZONE);
 
 	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
 		return LOOPBPF_STACK_COPY;

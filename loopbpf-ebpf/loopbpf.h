@@ -45,6 +45,9 @@ enum loopbpf_role {
 /* Bytes of user stack copied per sample (libuv alone keeps 12 KiB of epoll events on it), for unwinding with .eh_frame where frame pointers
  * stop (hand-written assembly, glibc's syscall wrappers). */
 #define LOOPBPF_STACK_COPY 32768
+/* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
+ * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
+#define LOOPBPF_RED_ZONE 128
 
 /* Most user stack frames searched for the worker entry function when a loop is adopted. */
 #define LOOPBPF_ROLE_STACK_DEPTH 32
@@ -77,7 +80,7 @@ struct loopbpf_stack_event {
 	__u64 user_ip;       /* user registers when the stack was taken */
 	__u64 user_sp;
 	__u64 user_bp;
-	__u32 stack_len;     /* bytes of stack[] copied from user_sp */
+	__u32 stack_len;     /* bytes of stack[] copied from user_sp - LOOPBPF_RED_ZONE */
 	__u32 reserved2;
 	__u8 stack[LOOPBPF_STACK_COPY];
 };

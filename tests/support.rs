@@ -118,6 +118,8 @@ impl Fixture {
     /// Starts the fixture with extra node flags (e.g. `--perf-basic-prof`).
     pub fn start_with(node_flags: &[&str]) -> Self {
         let mut child = Command::new(node_bin())
+            // node's own files (perf maps, V8 logs) land there, not in the source tree.
+            .current_dir(std::env::temp_dir())
             .arg("--expose-gc")
             .args(node_flags)
             .arg(fixture("blocker.js"))

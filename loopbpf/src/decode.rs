@@ -24,8 +24,10 @@ pub struct RawEvent {
 /// Frames per stack sample (`LOOPBPF_USER_FRAMES`, `LOOPBPF_KERNEL_FRAMES`).
 pub const USER_FRAMES: usize = 96;
 pub const KERNEL_FRAMES: usize = 32;
-/// Bytes of user stack copied per sample (`LOOPBPF_STACK_COPY`).
+/// Bytes of user stack copied per sample (`LOOPBPF_STACK_COPY`), from this far below sp
+/// (`LOOPBPF_RED_ZONE`).
 pub const STACK_COPY: usize = 32768;
+pub const RED_ZONE: u64 = 128;
 
 /// `struct loopbpf_stack_event`.
 #[repr(C)]
@@ -120,7 +122,7 @@ pub struct StackSample {
     pub kernel: Vec<u64>,
     /// User registers (ip, sp, bp) when the stack was taken.
     pub regs: [u64; 3],
-    /// The top of the user stack from sp; emptied once unwound.
+    /// The top of the user stack from sp - [`RED_ZONE`]; emptied once unwound.
     pub stack: Vec<u8>,
 }
 
@@ -407,6 +409,10 @@ mod tests {
     /// The Rust mirror must match the C header field for field: compile a probe program that
     /// prints the header's layout and compare.
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one line per field of the mirrored structs"
+    )]
     fn mirror_matches_the_c_header() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loopbpf-ebpf");
         let out = std::env::temp_dir().join(format!("loopbpf-layout-{}", std::process::id()));
@@ -477,7 +483,7 @@ mod tests {
         field!("loopbpf_thread", ThreadState, busy_hist);
         c.push_str(
             "printf(\"%d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER);\n\
-             printf(\"%d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
+             printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
              printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
              return 0;\n}\n",
@@ -513,7 +519,7 @@ mod tests {
             lines.next(),
             Some(
                 format!(
-                    "{USER_FRAMES} {KERNEL_FRAMES} {STACK_COPY} {EVENT_ON_CPU} {EVENT_OFF_CPU}"
+                    "{USER_FRAMES} {KERNEL_FRAMES} {STACK_COPY} {RED_ZONE} {EVENT_ON_CPU} {EVENT_OFF_CPU}"
                 )
                 .as_str()
             )

@@ -226,6 +226,24 @@ impl<W: io::Write> Session<'_, W> {
         *profile = Some(named);
     }
 
+    /// The summary, then the `--folded` and `--flamegraph` files.
+    fn finish(&mut self, pid: u32, end: &End, started_ns: u64) -> Result<()> {
+        self.refresh();
+        let now_ns = Clock::monotonic_ns();
+        if *end == End::TargetExited && !self.aggregator.knows_loops() {
+            eprintln!("loopbpf: pid {pid} exited before its event loop ran");
+        }
+        let dropped = self.probes.dropped_events();
+        let summary = self
+            .aggregator
+            .summary(now_ns, dropped, now_ns - started_ns);
+        match self.reporter.report(&summary, now_ns) {
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
+            _ => {}
+        }
+        self.write_files(pid)
+    }
+
     /// Writes `--folded` and `--flamegraph` files.
     fn write_files(&self, pid: u32) -> Result<()> {
         if let Some(path) = &self.args.folded {
@@ -329,23 +347,7 @@ async fn watch(
 
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
     let _ = session.drain(ring.get_mut());
-    session.refresh();
-    let now_ns = Clock::monotonic_ns();
-    if end == End::TargetExited && !session.aggregator.knows_loops() {
-        eprintln!(
-            "loopbpf: pid {} exited before its event loop ran",
-            target.pid
-        );
-    }
-    let summary =
-        session
-            .aggregator
-            .summary(now_ns, session.probes.dropped_events(), now_ns - started_ns);
-    match session.reporter.report(&summary, now_ns) {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
-        _ => {}
-    }
-    session.write_files(target.pid)?;
+    session.finish(target.pid, &end, started_ns)?;
     // A launched command that ended by itself passes its exit status on, like `time` does;
     // one still running when we stop is ended with us.
     let code = match (child, end) {

@@ -24,7 +24,7 @@ use gimli::{
 };
 use object::{Object, ObjectSection, ObjectSegment, read::ReadCache};
 
-use crate::decode::StackSample;
+use crate::decode::{RED_ZONE, StackSample};
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
 const MAX_FRAMES: usize = 256;
@@ -104,8 +104,9 @@ impl Unwinder {
         if ip == 0 || stack.is_empty() {
             return;
         }
+        let base = sp.wrapping_sub(RED_ZONE);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
-            let offset = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
+            let offset = usize::try_from(addr.checked_sub(base).ok_or(())?).map_err(|_| ())?;
             let bytes = stack.get(offset..offset + 8).ok_or(())?;
             Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
         };
@@ -163,8 +164,9 @@ fn join(unwound: &[u64], frame_pointer_walk: &[u64]) -> Option<Vec<u64>> {
         return None;
     }
     let mut joined = unwound.to_vec();
-    // The deepest frame both found, if the walk goes on beyond it (deeper than the copy).
-    for (i, address) in unwound.iter().enumerate().rev() {
+    // The deepest return address both found, if the walk goes on beyond it (deeper than the
+    // copy). Sharing only the leaf says nothing: the walk may be lost right after it.
+    for (i, address) in unwound.iter().enumerate().skip(1).rev() {
         match frame_pointer_walk.iter().position(|a| a == address) {
             Some(at) if at + 1 < frame_pointer_walk.len() => {
                 joined.truncate(i + 1);
@@ -321,8 +323,8 @@ mod tests {
         // The walk lost its way after the leaf (garbage 0xdead), then found 30, 40, 50.
         let walk = [10, 0xdead, 30, 40, 50];
         assert_eq!(join(&[10, 20, 30], &walk), Some(vec![10, 20, 30, 40, 50]));
-        // Nothing shared but the leaf: the unwound frames, then the walk beyond the leaf.
-        assert_eq!(join(&[10, 20, 25], &[11, 0xdead]), Some(vec![10, 20, 25]));
+        // Nothing shared but the leaf: the unwound frames alone, not the lost walk.
+        assert_eq!(join(&[10, 20, 25], &[10, 0xdead]), Some(vec![10, 20, 25]));
         // Unwinding failed at once: keep the walk.
         assert_eq!(join(&[10], &walk), None);
     }
