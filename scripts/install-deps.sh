@@ -11,6 +11,7 @@ command -v clang-19 >/dev/null || missing="$missing clang-19"
 command -v bpftool >/dev/null || missing="$missing bpftool"
 command -v strip >/dev/null || missing="$missing binutils"
 command -v setpriv >/dev/null || missing="$missing util-linux"
+command -v wrk >/dev/null || missing="$missing wrk"
 command -v node >/dev/null || missing="$missing nodejs"
 
 if [ -n "$missing" ]; then

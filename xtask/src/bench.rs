@@ -4,7 +4,9 @@
 //! - iteration cost: a setImmediate chain's loop iterations per second, without and with
 //!   loopbpf attached to it;
 //! - host tax: how long a `getppid` syscall takes in a process loopbpf does not watch, without
-//!   and with loopbpf running (its syscall tracepoints are enabled for every process).
+//!   and with loopbpf running (its syscall tracepoints are enabled for every process);
+//! - target overhead: a node HTTP server saturated by wrk on loopback, its throughput and p99
+//!   latency without loopbpf, with loopbpf without stacks, and with stacks (the default).
 
 use std::{
     io::{BufRead, BufReader},
@@ -20,6 +22,7 @@ const ROUNDS: usize = 7;
 
 pub fn bench() -> Result<()> {
     run("cargo", &["build", "--release", "--package", "loopbpf"])?;
+    http_overhead()?;
     let mut iteration_ratios = Vec::new();
     let mut syscall_ns = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
@@ -96,8 +99,13 @@ impl Drop for Killed {
 
 /// Starts loopbpf on `pid` and returns once its probes are attached.
 fn attach(pid: u32) -> Result<Killed> {
+    attach_with(pid, &[])
+}
+
+fn attach_with(pid: u32, extra: &[&str]) -> Result<Killed> {
     let mut child = Command::new(workspace().join("target/release/loopbpf"))
         .args(["--pid", &pid.to_string(), "--json"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -174,6 +182,104 @@ fn getppid_cost(with_loopbpf: bool) -> Result<f64> {
         samples.push(start.elapsed().as_nanos() as f64 / f64::from(calls));
     }
     Ok(median(&samples))
+}
+
+/// Throughput and p99 latency of a saturated node HTTP server under each kind of watching,
+/// in interleaved rounds; prints the ratios to the unwatched server.
+fn http_overhead() -> Result<()> {
+    const MODES: [(&str, Option<&[&str]>); 3] = [
+        ("no monitor", None),
+        ("loopbpf --no-stacks", Some(&["--no-stacks"])),
+        ("loopbpf (stacks, default)", Some(&[])),
+    ];
+    let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    let mut p99: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+    for round in 0..ROUNDS {
+        for step in 0..MODES.len() {
+            let mode = (step + round) % MODES.len();
+            let (rps, p99_ms) = http_round(MODES[mode].1)?;
+            eprintln!(
+                "bench: http round {round}: {}: {rps:.0} req/s, p99 {p99_ms:.2} ms",
+                MODES[mode].0
+            );
+            throughput[mode].push(rps);
+            p99[mode].push(p99_ms);
+        }
+    }
+    println!(
+        "| target: saturated HTTP server ({ROUNDS} interleaved rounds) | throughput kept (median, min, max) | p99 latency, median |"
+    );
+    println!("|---|---|---|");
+    for (mode, (name, _)) in MODES.iter().enumerate() {
+        let ratios: Vec<f64> = throughput[mode]
+            .iter()
+            .zip(&throughput[0])
+            .map(|(with, without)| with / without)
+            .collect();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        println!(
+            "| {name} ({:.0} req/s) | {:.3} ({min:.3}, {max:.3}) | {:.2} ms |",
+            median(&throughput[mode]),
+            median(&ratios),
+            median(&p99[mode])
+        );
+    }
+    Ok(())
+}
+
+/// One 4-second wrk run against a fresh server, with loopbpf (given arguments) attached or not.
+fn http_round(loopbpf_args: Option<&[&str]>) -> Result<(f64, f64)> {
+    let mut server = Command::new("node")
+        .arg(workspace().join("bench/http-server.js"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting node")?;
+    let stdout = server.stdout.take().unwrap();
+    let server = Killed(server);
+    let port = BufReader::new(stdout)
+        .lines()
+        .next()
+        .context("the server did not start")??;
+    let _loopbpf = match loopbpf_args {
+        Some(args) => Some(attach_with(server.0.id(), args)?),
+        None => None,
+    };
+    let url = format!("http://127.0.0.1:{}/", port.trim());
+    // Warm up the JIT, then measure.
+    wrk(&url, "1s")?;
+    let output = wrk(&url, "4s")?;
+    let rps = output
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Requests/sec in wrk's output")?;
+    let p99 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| parse_wrk_duration(v.trim()))
+        .context("no 99% latency in wrk's output")?;
+    Ok((rps, p99))
+}
+
+fn wrk(url: &str, duration: &str) -> Result<String> {
+    let output = Command::new("wrk")
+        .args(["-t1", "-c32", "-d", duration, "--latency", url])
+        .output()
+        .context("running wrk (scripts/install-deps.sh installs it)")?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `1.23ms`, `850.00us`, `1.05s` -> milliseconds.
+fn parse_wrk_duration(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let value: f64 = text[..split].parse().ok()?;
+    match &text[split..] {
+        "us" => Some(value / 1000.0),
+        "ms" => Some(value),
+        "s" => Some(value * 1000.0),
+        _ => None,
+    }
 }
 
 unsafe extern "C" {
