@@ -321,8 +321,27 @@ fn display_name(frame: &Frame) -> String {
     }
 }
 
-/// `ns::f(int, char const*) const` -> `ns::f`.
+/// `void ns::f<int>(int, char const*) const` -> `ns::f<int>`.
 fn strip_parameters(name: &str) -> &str {
+    strip_return_type(strip_parameter_list(name))
+}
+
+/// `Result ns::f<true>` -> `ns::f<true>`: the last space outside brackets ends a return type.
+fn strip_return_type(name: &str) -> &str {
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in name.char_indices() {
+        match c {
+            '<' | '(' => depth += 1,
+            '>' | ')' => depth -= 1,
+            ' ' if depth == 0 => start = i + 1,
+            _ => {}
+        }
+    }
+    &name[start..]
+}
+
+fn strip_parameter_list(name: &str) -> &str {
     let trimmed = name.strip_suffix(" const").unwrap_or(name);
     if !trimmed.ends_with(')') {
         return name;
@@ -581,6 +600,18 @@ mod tests {
         );
         assert_eq!(strip_parameters("uv_run"), "uv_run");
         assert_eq!(strip_parameters("(weird)"), "(weird)");
+        assert_eq!(
+            strip_parameters(
+                "v8::internal::JsonStringifier::Result v8::internal::JsonStringifier::Serialize_<true>(v8::internal::Handle<v8::internal::Object>, bool)"
+            ),
+            "v8::internal::JsonStringifier::Serialize_<true>"
+        );
+        assert_eq!(
+            strip_parameters(
+                "void node::(anonymous namespace)::Stream<node::Z>::Write<false>(v8::FunctionCallbackInfo<v8::Value> const&)"
+            ),
+            "node::(anonymous namespace)::Stream<node::Z>::Write<false>"
+        );
     }
 
     #[test]
