@@ -250,10 +250,8 @@ impl<W: Write> Reporter<W> {
     }
 }
 
-/// Stacks shown under a block: the heaviest, down to this share of the block.
+/// Branches of a block's tree shown: down to this share of the block.
 const MIN_STACK_SHARE: f64 = 0.05;
-const MAX_STACKS_SHOWN: usize = 3;
-const MAX_CALLERS_SHOWN: usize = 7;
 
 fn json_profile(v: &mut Value, profile: Option<&BlockProfile>) {
     let Some(profile) = profile else { return };
@@ -267,12 +265,14 @@ fn json_profile(v: &mut Value, profile: Option<&BlockProfile>) {
         .collect();
 }
 
-/// The heaviest stacks of a block, leaf first, as a short tree of callers.
+/// What ran during a block as a short tree, callers first: from the first frame above the
+/// loop down to the leaves that took the time. Branches under 5% of the block are left out, and
+/// a long chain of frames with a single caller is shortened to its ends.
 fn profile_text(profile: Option<&BlockProfile>) -> String {
     let Some(profile) = profile else {
         return String::new();
     };
-    let total = (profile.on_cpu_ns + profile.off_cpu_ns).max(1) as f64;
+    let total = profile.on_cpu_ns + profile.off_cpu_ns;
     let mut text = format!(
         "{:14}on-CPU {}, off-CPU {}\n",
         "",
@@ -281,32 +281,103 @@ fn profile_text(profile: Option<&BlockProfile>) -> String {
     );
     if profile.stacks.is_empty() {
         let _ = writeln!(text, "{:14}(no stack samples)", "");
+        return text;
     }
-    for (i, stack) in profile.stacks.iter().enumerate() {
-        let share = stack.weight_ns as f64 / total;
-        if i >= MAX_STACKS_SHOWN || (i > 0 && share < MIN_STACK_SHARE) {
-            break;
+    let mut root = CallTree::default();
+    for stack in &profile.stacks {
+        let mut path: Vec<String> = above_the_loop(&stack.frames)
+            .iter()
+            .rev()
+            .map(display_name)
+            .collect();
+        if !stack.on_cpu {
+            path.push("(asleep)".to_owned());
         }
-        let frames = above_the_loop(&stack.frames);
-        let cpu = if stack.on_cpu { "on-CPU " } else { "off-CPU" };
-        for (depth, frame) in frames.iter().take(MAX_CALLERS_SHOWN + 1).enumerate() {
-            let name = display_name(frame);
-            if depth == 0 {
-                let _ = writeln!(text, "{:14}{:>5.1}%  {cpu}  {name}", "", share * 100.0);
-            } else {
-                let _ = writeln!(text, "{:33}<- {name}", "");
-            }
-        }
-        if frames.len() > MAX_CALLERS_SHOWN + 1 {
-            let _ = writeln!(
-                text,
-                "{:33}<- ... {} more",
-                "",
-                frames.len() - MAX_CALLERS_SHOWN - 1
-            );
-        }
+        root.insert(&path, stack.weight_ns);
+    }
+    let mut lines = Vec::new();
+    root.render(total.max(1), 0, &mut lines);
+    for line in lines.into_iter().take(MAX_TREE_LINES) {
+        text.push_str(&line);
+        text.push('\n');
     }
     text
+}
+
+/// Lines of a block's tree at most.
+const MAX_TREE_LINES: usize = 16;
+/// A chain of single callers longer than this shows its first and last frames only.
+const MAX_CHAIN: usize = 4;
+
+#[derive(Default)]
+struct CallTree {
+    weight_ns: u64,
+    children: Vec<(String, CallTree)>,
+}
+
+impl CallTree {
+    fn insert(&mut self, path: &[String], weight_ns: u64) {
+        self.weight_ns += weight_ns;
+        let Some((first, rest)) = path.split_first() else {
+            return;
+        };
+        let child = match self.children.iter().position(|(name, _)| name == first) {
+            Some(i) => &mut self.children[i].1,
+            None => {
+                self.children.push((first.clone(), CallTree::default()));
+                &mut self.children.last_mut().unwrap().1
+            }
+        };
+        child.insert(rest, weight_ns);
+    }
+
+    fn significant(&self, total_ns: u64) -> Vec<&(String, CallTree)> {
+        let mut children: Vec<_> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.weight_ns as f64 >= total_ns as f64 * MIN_STACK_SHARE)
+            .collect();
+        children.sort_by(|a, b| b.1.weight_ns.cmp(&a.1.weight_ns));
+        children
+    }
+
+    /// Appends this node's children: a chain of only children at one indentation, shortened
+    /// when long; each branch point one level deeper.
+    fn render(&self, total_ns: u64, depth: usize, lines: &mut Vec<String>) {
+        for (name, child) in self.significant(total_ns) {
+            let mut chain = vec![(name, child)];
+            let mut end = child;
+            loop {
+                let next = end.significant(total_ns);
+                match next.as_slice() {
+                    [(n, c)] if c.weight_ns == end.weight_ns => {
+                        chain.push((n, c));
+                        end = c;
+                    }
+                    _ => break,
+                }
+            }
+            let indent = "  ".repeat(depth.min(8));
+            let share = 100.0 * child.weight_ns as f64 / total_ns as f64;
+            let shown: Vec<_> = if chain.len() > MAX_CHAIN {
+                let skipped = chain.len() - 3;
+                let mut shown: Vec<String> = chain[..2].iter().map(|(n, _)| (*n).clone()).collect();
+                shown.push(format!("... {skipped} frames ..."));
+                shown.push(chain[chain.len() - 1].0.clone());
+                shown
+            } else {
+                chain.iter().map(|(n, _)| (*n).clone()).collect()
+            };
+            for (i, frame) in shown.iter().enumerate() {
+                if i == 0 {
+                    lines.push(format!("{:14}{share:>5.1}%  {indent}{frame}", ""));
+                } else {
+                    lines.push(format!("{:14}{:>6}  {indent}{frame}", "", ""));
+                }
+            }
+            end.render(total_ns, depth + 1, lines);
+        }
+    }
 }
 
 /// A frame for a terminal line: a C++ name without its parameter list, the module for native
@@ -530,11 +601,16 @@ mod tests {
         assert!(text.contains("worker 1"), "{text}");
         assert!(text.contains("4.20 s and counting"), "{text}");
         assert!(text.contains("on-CPU 100.0 ms, off-CPU 0 us"), "{text}");
-        assert!(
-            text.contains(" 90.0%  on-CPU   PKCS5_PBKDF2_HMAC (libcrypto.so.3)"),
+        // Callers first: the JS function, then what it called; the 2% stack is left out.
+        let tree: Vec<&str> = text.lines().skip(3).collect();
+        assert_eq!(
+            tree,
+            [
+                "               90.0%  hashPassword /app/login.js:12",
+                "                      PKCS5_PBKDF2_HMAC (libcrypto.so.3)",
+            ],
             "{text}"
         );
-        assert!(text.contains("<- hashPassword /app/login.js:12"), "{text}");
         assert!(
             !text.contains("uv_run") && !text.contains("main (node)"),
             "plumbing folded: {text}"
