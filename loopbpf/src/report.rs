@@ -321,14 +321,15 @@ impl CallTree {
         let Some((first, rest)) = path.split_first() else {
             return;
         };
-        let child = match self.children.iter().position(|(name, _)| name == first) {
-            Some(i) => &mut self.children[i].1,
-            None => {
+        let i = self
+            .children
+            .iter()
+            .position(|(name, _)| name == first)
+            .unwrap_or_else(|| {
                 self.children.push((first.clone(), CallTree::default()));
-                &mut self.children.last_mut().unwrap().1
-            }
-        };
-        child.insert(rest, weight_ns);
+                self.children.len() - 1
+            });
+        self.children[i].1.insert(rest, weight_ns);
     }
 
     fn significant(&self, total_ns: u64) -> Vec<&(String, CallTree)> {
@@ -337,7 +338,7 @@ impl CallTree {
             .iter()
             .filter(|(_, c)| c.weight_ns as f64 >= total_ns as f64 * MIN_STACK_SHARE)
             .collect();
-        children.sort_by(|a, b| b.1.weight_ns.cmp(&a.1.weight_ns));
+        children.sort_by_key(|(_, c)| std::cmp::Reverse(c.weight_ns));
         children
     }
 
