@@ -114,7 +114,7 @@ static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thr
 	e->kind = kind;
 	e->pid = t->pid;
 	e->tid = tid;
-	e->reserved = 0;
+	e->flags = t->busy_before_attach;
 	e->start_ns = start_ns;
 	e->end_ns = end_ns;
 	e->loop_addr = t->loop_addr;
@@ -324,6 +324,7 @@ static __always_inline void poll_exit(void)
 	if (t->poll_counts_idle)
 		t->idle_ns += now - t->poll_enter_ns;
 	t->busy_since_ns = now;
+	t->busy_before_attach = 0;
 	if (!t->discovered_ns)
 		t->discovered_ns = now;
 }

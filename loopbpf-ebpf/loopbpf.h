@@ -52,12 +52,16 @@ enum loopbpf_role {
 /* Most user stack frames searched for the worker entry function when a loop is adopted. */
 #define LOOPBPF_ROLE_STACK_DEPTH 32
 
+/* A busy interval that was already going on when loopbpf attached: its start is unknown, its
+ * duration a lower bound. */
+#define LOOPBPF_BUSY_BEFORE_ATTACH 1
+
 /* One ring-buffer record. */
 struct loopbpf_event {
 	__u32 kind;     /* enum loopbpf_event_kind */
 	__u32 pid;      /* tgid */
 	__u32 tid;
-	__u32 reserved;
+	__u32 flags;    /* LOOPBPF_BUSY_BEFORE_ATTACH */
 	__u64 start_ns; /* CLOCK_MONOTONIC: busy start (0 = was idle) */
 	__u64 end_ns;   /* CLOCK_MONOTONIC: poll entry, or thread exit */
 	__u64 loop_addr;/* the thread's uv_loop_t* in the target */
@@ -98,7 +102,8 @@ struct loopbpf_thread {
 	__u32 in_poll;         /* inside the loop's own poll wait */
 	__u32 poll_counts_idle;/* that wait has a non-zero timeout (libuv counts it idle) */
 	__u32 role;            /* enum loopbpf_role */
-	__u32 reserved;
+	__u32 busy_before_attach; /* LOOPBPF_BUSY_BEFORE_ATTACH: the current busy interval began
+	                           * before loopbpf attached; busy_since_ns is the attach time */
 	__u64 idle_ns;         /* sum of finished idle poll waits */
 	__u64 iterations;      /* completed uv__io_poll -> uv__io_poll iterations */
 	__u64 iter_start_ns;   /* entry of the current iteration */

@@ -321,3 +321,63 @@ fn text_output_names_the_thread_and_the_duration() {
         "{text}"
     );
 }
+
+#[test]
+fn attaching_to_a_loop_that_is_stuck_reports_it_at_once() {
+    require_root();
+    let mut node = Fixture::start();
+    node.send("hang");
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = node.pid().to_string();
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    let line = loopbpf
+        .out
+        .wait_for(Duration::from_secs(5), |l| l.contains("\"ongoing\""))
+        .expect("a loop stuck before loopbpf attached is reported while it is stuck");
+    let ongoing: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ongoing["thread"], "main");
+    assert_eq!(ongoing["started_before_attach"], true, "{ongoing}");
+    // Counted from the attach, a lower bound: about a second past the threshold.
+    let ms = ongoing["duration_ms"].as_f64().unwrap();
+    assert!((1000.0..2000.0).contains(&ms), "{ongoing}");
+    node.child.kill().unwrap();
+    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    let blocks = events(&output, "block");
+    assert_eq!(blocks.len(), 1, "{output:?}");
+    assert_eq!(blocks[0]["end"], "exit");
+    assert_eq!(blocks[0]["started_before_attach"], true);
+}
+
+#[test]
+fn attaching_during_a_long_exec_sync_times_the_rest_and_then_the_loop() {
+    require_root();
+    let mut node = Fixture::start();
+    // The main thread sleeps in the poll wait of execSync's private loop, not its own.
+    node.send("block timer exec-sync 4000");
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = node.pid().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    node.done("block", FIXTURE_TIMEOUT);
+    node.send("block timer spin 300");
+    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
+        .as_f64()
+        .unwrap();
+    node.send("exit");
+    node.wait_exit(FIXTURE_TIMEOUT).unwrap();
+    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    let blocks = events(&output, "block");
+    assert_eq!(blocks.len(), 2, "{output:?}");
+    assert_eq!(blocks[0]["started_before_attach"], true, "{}", blocks[0]);
+    let rest = blocks[0]["duration_ms"].as_f64().unwrap();
+    assert!(
+        (200.0..3200.0).contains(&rest),
+        "the rest of the execSync: {rest} ms"
+    );
+    // The main loop was found behind the private one: the next block is exact.
+    assert_eq!(blocks[1]["started_before_attach"], false);
+    assert_duration_close(
+        blocks[1]["duration_ms"].as_f64().unwrap(),
+        truth,
+        "after attach",
+    );
+}

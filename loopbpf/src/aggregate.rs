@@ -65,6 +65,9 @@ pub enum Record {
         start_ns: u64,
         duration_ns: u64,
         end: BlockEnd,
+        /// Already going on when loopbpf attached: `start_ns` is the attach time and
+        /// `duration_ns` a lower bound.
+        before_attach: bool,
         stacks: RawStacks,
         /// The stacks weighted and named, by the symbolize stage.
         profile: Option<BlockProfile>,
@@ -73,6 +76,7 @@ pub enum Record {
         id: LoopId,
         start_ns: u64,
         duration_ns: u64,
+        before_attach: bool,
         stacks: RawStacks,
         profile: Option<BlockProfile>,
     },
@@ -160,6 +164,7 @@ impl Aggregator {
                 tid,
                 start_ns,
                 end_ns,
+                before_attach,
             } => {
                 let thread = self.loop_thread(pid, tid, start_ns);
                 Some(Record::Block {
@@ -167,6 +172,7 @@ impl Aggregator {
                     start_ns,
                     duration_ns: end_ns.saturating_sub(start_ns),
                     end: BlockEnd::Poll,
+                    before_attach,
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -176,6 +182,7 @@ impl Aggregator {
                 tid,
                 busy_since_ns,
                 at_ns,
+                before_attach,
             } => {
                 let threshold_ns = self.threshold_ns;
                 let thread = self.loop_thread(pid, tid, at_ns);
@@ -187,6 +194,7 @@ impl Aggregator {
                     start_ns,
                     duration_ns,
                     end: BlockEnd::Exit,
+                    before_attach,
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -251,6 +259,7 @@ impl Aggregator {
                     id: thread.id,
                     start_ns,
                     duration_ns: busy_ns,
+                    before_attach: thread.state.busy_before_attach != 0,
                     stacks,
                     profile: None,
                 });
@@ -414,6 +423,7 @@ mod tests {
             tid: 8,
             start_ns: 10 * MS,
             end_ns: 260 * MS,
+            before_attach: false,
         })
         else {
             panic!("no block")
@@ -431,10 +441,12 @@ mod tests {
             tid: 5,
             busy_since_ns: busy_since,
             at_ns: 500 * MS,
+            before_attach: true,
         };
         assert!(matches!(
             agg.on_event(exit(Some(300 * MS))),
-            Some(Record::Block { duration_ns, end: BlockEnd::Exit, .. }) if duration_ns == 200 * MS
+            Some(Record::Block { duration_ns, end: BlockEnd::Exit, before_attach: true, .. })
+                if duration_ns == 200 * MS
         ));
         let mut agg = Aggregator::new(100 * MS);
         assert_eq!(agg.on_event(exit(Some(450 * MS))), None);

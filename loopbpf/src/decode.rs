@@ -15,7 +15,7 @@ pub struct RawEvent {
     pub kind: u32,
     pub pid: u32,
     pub tid: u32,
-    pub reserved: u32,
+    pub flags: u32,
     pub start_ns: u64,
     pub end_ns: u64,
     pub loop_addr: u64,
@@ -65,7 +65,7 @@ pub struct ThreadState {
     pub in_poll: u32,
     pub poll_counts_idle: u32,
     pub role: u32,
-    pub reserved: u32,
+    pub busy_before_attach: u32,
     pub idle_ns: u64,
     pub iterations: u64,
     pub iter_start_ns: u64,
@@ -135,6 +135,8 @@ pub enum Event {
         tid: u32,
         start_ns: u64,
         end_ns: u64,
+        /// It began before loopbpf attached: `start_ns` is the attach time.
+        before_attach: bool,
     },
     /// A loop thread was found (or moved to a new loop).
     LoopFound {
@@ -149,6 +151,7 @@ pub enum Event {
         tid: u32,
         busy_since_ns: Option<u64>,
         at_ns: u64,
+        before_attach: bool,
     },
     /// Where a busy loop thread was running, or where it slept.
     Stack(StackSample),
@@ -169,6 +172,9 @@ pub enum DecodeError {
 /// `enum loopbpf_role` values.
 pub const ROLE_MAIN: u32 = 1;
 pub const ROLE_WORKER: u32 = 2;
+
+/// `LOOPBPF_BUSY_BEFORE_ATTACH`.
+pub const BUSY_BEFORE_ATTACH: u32 = 1;
 
 const EVENT_BLOCK: u32 = 1;
 const EVENT_LOOP_FOUND: u32 = 2;
@@ -212,14 +218,17 @@ impl Event {
                     start_ns,
                     end_ns,
                     loop_addr,
+                    flags,
                     ..
                 } = read_record(kind, bytes)?;
+                let before_attach = flags & BUSY_BEFORE_ATTACH != 0;
                 Ok(match kind {
                     EVENT_BLOCK => Self::Block {
                         pid,
                         tid,
                         start_ns,
                         end_ns,
+                        before_attach,
                     },
                     EVENT_LOOP_FOUND => Self::LoopFound {
                         pid,
@@ -232,6 +241,7 @@ impl Event {
                         tid,
                         busy_since_ns: (start_ns != 0).then_some(start_ns),
                         at_ns: end_ns,
+                        before_attach,
                     },
                 })
             }
@@ -288,7 +298,8 @@ mod tests {
                 pid: 10,
                 tid: 11,
                 start_ns: 5,
-                end_ns: 9
+                end_ns: 9,
+                before_attach: false,
             })
         );
         let raw = RawEvent {
@@ -305,7 +316,8 @@ mod tests {
                 pid: 10,
                 tid: 12,
                 busy_since_ns: None,
-                at_ns: 9
+                at_ns: 9,
+                before_attach: false,
             })
         );
     }
@@ -471,6 +483,8 @@ mod tests {
         field!("loopbpf_thread", ThreadState, in_poll);
         field!("loopbpf_thread", ThreadState, poll_counts_idle);
         field!("loopbpf_thread", ThreadState, role);
+        field!("loopbpf_thread", ThreadState, busy_before_attach);
+        field!("loopbpf_event", RawEvent, flags);
         field!("loopbpf_thread", ThreadState, idle_ns);
         field!("loopbpf_thread", ThreadState, iterations);
         field!("loopbpf_thread", ThreadState, iter_start_ns);
@@ -482,7 +496,7 @@ mod tests {
         field!("loopbpf_thread", ThreadState, exited_ns);
         field!("loopbpf_thread", ThreadState, busy_hist);
         c.push_str(
-            "printf(\"%d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER);\n\
+            "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
              printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
              printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
@@ -513,7 +527,7 @@ mod tests {
         }
         assert_eq!(
             lines.next(),
-            Some(format!("{ROLE_MAIN} {ROLE_WORKER}").as_str())
+            Some(format!("{ROLE_MAIN} {ROLE_WORKER} {BUSY_BEFORE_ATTACH}").as_str())
         );
         assert_eq!(
             lines.next(),

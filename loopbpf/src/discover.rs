@@ -18,6 +18,9 @@ pub const POLL_SYMBOL: &str = "uv__io_poll";
 /// `node::worker::Worker::Run()`: a `worker_threads` Worker runs its loop under it.
 const WORKER_ENTRY_SYMBOL: &str = "_ZN4node6worker6Worker3RunEv";
 
+/// libuv's default loop (`uv_default_loop()`), which node runs on its main thread.
+const DEFAULT_LOOP_SYMBOL: &str = "default_loop_struct";
+
 #[derive(Debug, Error)]
 pub enum DiscoverError {
     #[error("no process with pid {0}: check the pid (`pgrep -a node` lists Node processes)")]
@@ -67,29 +70,70 @@ pub struct Libuv {
     pub poll_addr: u64,
     /// Address range of Node's worker entry function, when this object is a node binary.
     pub worker_entry: Option<(u64, u64)>,
+    /// Where the target has libuv's default loop, when it runs and the symbol is there.
+    pub default_loop_addr: Option<u64>,
 }
 
 impl Libuv {
-    /// Reads the object's symbols; `None` when it has no `uv__io_poll`.
-    fn read(path: &Path) -> Option<Self> {
+    /// Reads the object's symbols; `None` when it has no `uv__io_poll`. `mapped` is where a
+    /// running target maps it: the start and file offset of its executable mapping.
+    fn read(path: &Path, mapped: Option<(u64, u64)>) -> Option<Self> {
         let cache = open_elf(path)?;
         let elf = object::File::parse(&cache).ok()?;
         let mut poll_addr = None;
         let mut worker_entry = None;
+        let mut default_loop = None;
         for sym in elf.symbols().chain(elf.dynamic_symbols()) {
             match sym.name_bytes() {
                 Ok(name) if name == POLL_SYMBOL.as_bytes() => poll_addr = Some(sym.address()),
                 Ok(name) if name == WORKER_ENTRY_SYMBOL.as_bytes() && sym.size() > 0 => {
                     worker_entry = Some((sym.address(), sym.address() + sym.size()));
                 }
+                Ok(name) if name == DEFAULT_LOOP_SYMBOL.as_bytes() => {
+                    default_loop = Some(sym.address());
+                }
                 _ => {}
             }
         }
+        let bias = mapped.and_then(|(start, offset)| load_bias(&elf, start, offset));
         Some(Self {
             path: path.to_path_buf(),
             poll_addr: poll_addr?,
             worker_entry,
+            default_loop_addr: default_loop
+                .zip(bias)
+                .map(|(addr, bias)| addr.wrapping_add(bias)),
         })
+    }
+}
+
+/// How far a mapped object sits from its link-time addresses: the mapping at `start` holds the
+/// file from `offset` on.
+pub fn load_bias<'data, R: object::ReadRef<'data>>(
+    elf: &object::File<'data, R>,
+    start: u64,
+    offset: u64,
+) -> Option<u64> {
+    use object::ObjectSegment;
+    let segment = elf.segments().find(|s| {
+        let (file_offset, size) = s.file_range();
+        (file_offset..file_offset + size).contains(&offset)
+    })?;
+    let (segment_offset, _) = segment.file_range();
+    Some(start.wrapping_sub(segment.address() + (offset - segment_offset)))
+}
+
+impl Target {
+    /// The epoll fd of the main thread's loop (libuv's default loop), read from the target's
+    /// memory; `None` when it cannot be read.
+    pub fn main_loop_epfd(&self) -> Option<i32> {
+        use std::os::unix::fs::FileExt;
+        const BACKEND_FD_OFFSET: u64 = 64; // LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET
+        let addr = self.libuv.default_loop_addr?;
+        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let mut fd = [0u8; 4];
+        mem.read_exact_at(&mut fd, addr + BACKEND_FD_OFFSET).ok()?;
+        Some(i32::from_ne_bytes(fd)).filter(|&fd| fd > 0)
     }
 }
 
@@ -111,9 +155,9 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
     let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
     // Through /proc/PID/root, so a process in another mount namespace resolves too.
     let root = proc_dir.join("root");
-    for file in executable_mappings(&maps) {
+    for (file, start, offset) in executable_mappings(&maps) {
         let path = root.join(file.strip_prefix("/").unwrap_or(&file));
-        if let Some(libuv) = Libuv::read(&path) {
+        if let Some(libuv) = Libuv::read(&path, Some((start, offset))) {
             return Ok(Target { pid, comm, libuv });
         }
     }
@@ -133,7 +177,7 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     let exe = fs::canonicalize(&exe).unwrap_or(exe);
     std::iter::once(exe.clone())
         .chain(needed_libuv(&exe))
-        .find_map(|path| Libuv::read(&path))
+        .find_map(|path| Libuv::read(&path, None))
         .ok_or_else(|| DiscoverError::CommandNotLibuv(name, stripped_note(&exe)))
 }
 
@@ -240,15 +284,26 @@ fn fs_magic(path: &str) -> Option<i64> {
 }
 
 /// Distinct file paths mapped executable, the main executable first.
-fn executable_mappings(maps: &str) -> Vec<PathBuf> {
+/// Distinct files mapped executable, in map order, each with the start and file offset of its
+/// first executable mapping.
+fn executable_mappings(maps: &str) -> Vec<(PathBuf, u64, u64)> {
     let mut seen = BTreeSet::new();
     let mut files = Vec::new();
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
-        let perms = fields.nth(1).unwrap_or("");
-        let path = fields.nth(3).unwrap_or("");
-        if perms.contains('x') && path.starts_with('/') && seen.insert(path.to_owned()) {
-            files.push(PathBuf::from(path));
+        let start = fields
+            .next()
+            .and_then(|range| range.split_once('-'))
+            .and_then(|(start, _)| u64::from_str_radix(start, 16).ok());
+        let perms = fields.next().unwrap_or("");
+        let offset = fields.next().and_then(|o| u64::from_str_radix(o, 16).ok());
+        let path = fields.nth(2).unwrap_or("");
+        if let (Some(start), Some(offset)) = (start, offset)
+            && perms.contains('x')
+            && path.starts_with('/')
+            && seen.insert(path.to_owned())
+        {
+            files.push((PathBuf::from(path), start, offset));
         }
     }
     files
@@ -355,8 +410,12 @@ mod tests {
         assert_eq!(
             executable_mappings(maps),
             [
-                PathBuf::from("/usr/bin/node"),
-                PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6")
+                (PathBuf::from("/usr/bin/node"), 0x40_1000, 0x1000),
+                (
+                    PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                    0x7f00,
+                    0
+                )
             ]
         );
     }

@@ -18,7 +18,7 @@ use aya::{
 use thiserror::Error;
 
 use crate::{
-    decode::{ROLE_MAIN, ThreadState},
+    decode::{BUSY_BEFORE_ATTACH, ROLE_MAIN, ThreadState},
     discover::{Libuv, POLL_SYMBOL},
 };
 
@@ -131,6 +131,32 @@ impl Probes {
         };
         self.threads
             .insert(tid, state, 0)
+            .map_err(|error| ProbeError::MapAccess {
+                name: "threads",
+                error,
+            })
+    }
+
+    /// Marks the main thread, not in its loop's poll wait as we attach, as busy since `now_ns`:
+    /// a block already under way (a hung loop, a long `execSync`) is reported with its time
+    /// since the attach as a lower bound. `epfd` is its loop's epoll fd, -1 if unknown.
+    pub fn seed_busy_main_thread(
+        &mut self,
+        pid: u32,
+        epfd: i32,
+        now_ns: u64,
+    ) -> Result<(), ProbeError> {
+        let state = ThreadState {
+            pid,
+            epfd,
+            role: ROLE_MAIN,
+            busy_since_ns: now_ns,
+            discovered_ns: now_ns,
+            busy_before_attach: BUSY_BEFORE_ATTACH,
+            ..ThreadState::default()
+        };
+        self.threads
+            .insert(pid, state, 0)
             .map_err(|error| ProbeError::MapAccess {
                 name: "threads",
                 error,

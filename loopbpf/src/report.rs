@@ -106,6 +106,7 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 end,
+                before_attach,
                 profile,
                 ..
             } => {
@@ -113,6 +114,7 @@ impl<W: Write> Reporter<W> {
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
                 v["end"] = json!(end);
+                v["started_before_attach"] = json!(before_attach);
                 json_profile(&mut v, profile.as_ref());
                 v
             }
@@ -120,12 +122,14 @@ impl<W: Write> Reporter<W> {
                 id,
                 start_ns,
                 duration_ns,
+                before_attach,
                 profile,
                 ..
             } => {
                 let mut v = json_id("ongoing", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
+                v["started_before_attach"] = json!(before_attach);
                 json_profile(&mut v, profile.as_ref());
                 v
             }
@@ -192,6 +196,7 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 end,
+                before_attach,
                 profile,
                 ..
             } => {
@@ -199,11 +204,16 @@ impl<W: Write> Reporter<W> {
                     BlockEnd::Poll => "",
                     BlockEnd::Exit => " until the thread exited",
                 };
+                let (prefix, note) = if *before_attach {
+                    ("at least ", " (began before loopbpf attached)")
+                } else {
+                    ("", "")
+                };
                 text += &line(
                     *start_ns,
                     id,
                     "blocked",
-                    &format!("{}{suffix}", human(*duration_ns)),
+                    &format!("{prefix}{}{suffix}{note}", human(*duration_ns)),
                 );
                 text += &profile_text(profile.as_ref());
             }
@@ -211,14 +221,20 @@ impl<W: Write> Reporter<W> {
                 id,
                 start_ns,
                 duration_ns,
+                before_attach,
                 profile,
                 ..
             } => {
+                let note = if *before_attach {
+                    "still blocked; began before loopbpf attached"
+                } else {
+                    "still blocked"
+                };
                 text += &line(
                     *start_ns,
                     id,
                     "ongoing",
-                    &format!("{} and counting (still blocked)", human(*duration_ns)),
+                    &format!("{} and counting ({note})", human(*duration_ns)),
                 );
                 text += &profile_text(profile.as_ref());
             }
@@ -564,6 +580,7 @@ mod tests {
                 start_ns: 5 * MS,
                 duration_ns: 123_456_789,
                 end: BlockEnd::Exit,
+                before_attach: false,
                 stacks: RawStacks::default(),
                 profile: Some(profile()),
             },
@@ -593,6 +610,7 @@ mod tests {
             id: id(),
             start_ns: 0,
             duration_ns: 4200 * MS,
+            before_attach: true,
             stacks: RawStacks::default(),
             profile: Some(profile()),
         };
@@ -600,7 +618,10 @@ mod tests {
         let text = String::from_utf8(reporter.out).unwrap();
         assert!(text.starts_with("TIME"), "{text}");
         assert!(text.contains("worker 1"), "{text}");
-        assert!(text.contains("4.20 s and counting"), "{text}");
+        assert!(
+            text.contains("4.20 s and counting (still blocked; began before loopbpf attached)"),
+            "{text}"
+        );
         assert!(text.contains("on-CPU 100.0 ms, off-CPU 0 us"), "{text}");
         // Callers first: the JS function, then what it called; the 2% stack is left out.
         let tree: Vec<&str> = text.lines().skip(3).collect();

@@ -97,8 +97,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
 fn attach(target: &Target, args: &Args) -> Result<Probes> {
     let mut probes = Probes::load(target.pid, &target.libuv, args.threshold)?;
-    for (tid, epfd) in discover::threads_in_poll(target.pid) {
-        probes.seed_idle_thread(target.pid, tid, epfd)?;
+    if args.command.is_empty() {
+        seed_running_loops(&mut probes, target)?;
     }
     probes.attach_tracepoints()?;
     probes
@@ -110,6 +110,26 @@ fn attach(target: &Target, args: &Args) -> Result<Probes> {
         probes.sample_thread(target.pid, args.sample_rate)?;
     }
     Ok(probes)
+}
+
+/// Tells the kernel side about the loops of a process that runs already: those idle in their
+/// poll wait, and a main thread that is busy (perhaps stuck) as we attach.
+fn seed_running_loops(probes: &mut Probes, target: &Target) -> Result<()> {
+    let main_epfd = target.main_loop_epfd();
+    let mut main_idle = false;
+    for (tid, epfd) in discover::threads_in_poll(target.pid) {
+        if tid == target.pid {
+            if main_epfd.is_some_and(|main| main != epfd) {
+                continue; // a nested loop's poll (a long execSync): the main loop is busy
+            }
+            main_idle = true;
+        }
+        probes.seed_idle_thread(target.pid, tid, epfd)?;
+    }
+    if !main_idle {
+        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), Clock::monotonic_ns())?;
+    }
+    Ok(())
 }
 
 /// Why the session ended.

@@ -22,9 +22,12 @@ use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EvaluationResult, LittleEndian, Location,
     RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
-use object::{Object, ObjectSection, ObjectSegment, read::ReadCache};
+use object::{Object, ObjectSection, read::ReadCache};
 
-use crate::decode::{RED_ZONE, StackSample};
+use crate::{
+    decode::{RED_ZONE, StackSample},
+    discover::load_bias,
+};
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
 const MAX_FRAMES: usize = 256;
@@ -268,16 +271,7 @@ fn unwind_expression_leaf(
 fn load_module(path: &Path, mapping: &Mapping) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
     let cache = ReadCache::new(File::open(path).ok()?);
     let elf = object::File::parse(&cache).ok()?;
-    // Load bias: where the mapping's file offset sits in the object's own addresses.
-    let segment = elf.segments().find(|s| {
-        let (offset, size) = s.file_range();
-        (offset..offset + size).contains(&mapping.offset)
-    })?;
-    let (segment_offset, _) = segment.file_range();
-    let bias = mapping
-        .range
-        .start
-        .wrapping_sub(segment.address() + (mapping.offset - segment_offset));
+    let bias = load_bias(&elf, mapping.range.start, mapping.offset)?;
     let section = |name: &str| {
         elf.section_by_name(name).and_then(|s| {
             let data: Arc<[u8]> = s.uncompressed_data().ok()?.into_owned().into();
