@@ -171,22 +171,30 @@ fn tracefs_not_mounted_is_mounted_for_the_user() {
     );
 }
 
+/// loopbpf, attached to an idle node, in a private mount namespace set up by `setup` (shell),
+/// started through `runner` (e.g. `setpriv ...`, or nothing).
+fn loopbpf_in_mount_namespace(setup: &str, runner: &str) -> Output {
+    let target = Killed(spawn_idle_node(&node_bin()));
+    let script = format!("{setup}; exec {runner} \"$0\" \"$@\"");
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ];
+    loopbpf_output(&wrapper, &["--pid", &target.0.id().to_string()])
+}
+
 #[test]
 fn tracefs_that_cannot_be_mounted_says_how() {
     require_root();
-    let target = Killed(spawn_idle_node(&node_bin()));
     // No CAP_SYS_ADMIN (so no mount), but CAP_BPF and CAP_PERFMON.
-    let output = loopbpf_output(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "umount /sys/kernel/tracing 2>/dev/null; exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \"$0\" \"$@\"",
-        ],
-        &["--pid", &target.0.id().to_string()],
+    let output = loopbpf_in_mount_namespace(
+        "umount /sys/kernel/tracing 2>/dev/null",
+        "setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin",
     );
     assert_one_line_error(&output, "mount -t tracefs nodev /sys/kernel/tracing");
 }
@@ -194,19 +202,7 @@ fn tracefs_that_cannot_be_mounted_says_how() {
 #[test]
 fn a_kernel_without_btf_is_named() {
     require_root();
-    let target = Killed(spawn_idle_node(&node_bin()));
-    let output = loopbpf_output(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" \"$@\"",
-        ],
-        &["--pid", &target.0.id().to_string()],
-    );
+    let output = loopbpf_in_mount_namespace("mount -t tmpfs none /sys/kernel/btf || exit 3", "");
     assert_one_line_error(&output, "CONFIG_DEBUG_INFO_BTF");
 }
 

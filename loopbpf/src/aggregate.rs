@@ -263,7 +263,9 @@ impl Aggregator {
                     stacks,
                     profile: None,
                 });
-                thread.next_ongoing = Some((start_ns, now_ns + ONGOING_EVERY_NS));
+                // Keep the cadence from the due time, whatever reporting took.
+                let next_ns = (due_ns + ONGOING_EVERY_NS).max(now_ns + ONGOING_EVERY_NS / 2);
+                thread.next_ongoing = Some((start_ns, next_ns));
             } else {
                 thread.next_ongoing = Some((start_ns, due_ns));
             }

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeSet,
     ffi::OsStr,
     fs::{self, File},
+    ops::Range,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -155,9 +156,10 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
     let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
     // Through /proc/PID/root, so a process in another mount namespace resolves too.
     let root = proc_dir.join("root");
-    for (file, start, offset) in executable_mappings(&maps) {
-        let path = root.join(file.strip_prefix("/").unwrap_or(&file));
-        if let Some(libuv) = Libuv::read(&path, Some((start, offset))) {
+    for mapping in first_mapping_per_file(&maps) {
+        let file = &mapping.path;
+        let path = root.join(file.strip_prefix("/").unwrap_or(file));
+        if let Some(libuv) = Libuv::read(&path, Some((mapping.range.start, mapping.offset))) {
             return Ok(Target { pid, comm, libuv });
         }
     }
@@ -284,29 +286,40 @@ fn fs_magic(path: &str) -> Option<i64> {
 }
 
 /// Distinct file paths mapped executable, the main executable first.
-/// Distinct files mapped executable, in map order, each with the start and file offset of its
-/// first executable mapping.
-fn executable_mappings(maps: &str) -> Vec<(PathBuf, u64, u64)> {
+/// One executable mapping of a file in a process.
+pub struct Mapping {
+    pub range: Range<u64>,
+    /// Where in the file the mapping starts.
+    pub offset: u64,
+    pub path: PathBuf,
+}
+
+/// The executable file mappings of `/proc/PID/maps` text, in map order.
+pub fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let perms = fields.next()?;
+            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let path = fields.nth(2)?;
+            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
+            (perms.contains('x') && path.starts_with('/')).then(|| Mapping {
+                range,
+                offset,
+                path: PathBuf::from(path),
+            })
+        })
+        .collect()
+}
+
+/// The first executable mapping of each distinct file, in map order.
+fn first_mapping_per_file(maps: &str) -> Vec<Mapping> {
     let mut seen = BTreeSet::new();
-    let mut files = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let start = fields
-            .next()
-            .and_then(|range| range.split_once('-'))
-            .and_then(|(start, _)| u64::from_str_radix(start, 16).ok());
-        let perms = fields.next().unwrap_or("");
-        let offset = fields.next().and_then(|o| u64::from_str_radix(o, 16).ok());
-        let path = fields.nth(2).unwrap_or("");
-        if let (Some(start), Some(offset)) = (start, offset)
-            && perms.contains('x')
-            && path.starts_with('/')
-            && seen.insert(path.to_owned())
-        {
-            files.push((PathBuf::from(path), start, offset));
-        }
-    }
-    files
+    executable_file_mappings(maps)
+        .into_iter()
+        .filter(|m| seen.insert(m.path.clone()))
+        .collect()
 }
 
 fn open_elf(path: &Path) -> Option<ReadCache<File>> {
@@ -407,13 +420,17 @@ mod tests {
 7f02-7f03 rw-p 00000000 00:00 0
 7f03-7f04 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6
 ";
+        let found: Vec<_> = first_mapping_per_file(maps)
+            .into_iter()
+            .map(|m| (m.path, m.range, m.offset))
+            .collect();
         assert_eq!(
-            executable_mappings(maps),
+            found,
             [
-                (PathBuf::from("/usr/bin/node"), 0x40_1000, 0x1000),
+                (PathBuf::from("/usr/bin/node"), 0x40_1000..0x40_2000, 0x1000),
                 (
                     PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
-                    0x7f00,
+                    0x7f00..0x7f01,
                     0
                 )
             ]

@@ -122,19 +122,16 @@ impl Probes {
     pub fn seed_idle_thread(&mut self, pid: u32, tid: u32, epfd: i32) -> Result<(), ProbeError> {
         // In its poll wait since an unknown time: the wait ends its first busy interval but
         // does not count as idle.
-        let state = ThreadState {
-            pid,
-            epfd,
-            in_poll: 1,
-            role: if tid == pid { ROLE_MAIN } else { 0 },
-            ..ThreadState::default()
-        };
-        self.threads
-            .insert(tid, state, 0)
-            .map_err(|error| ProbeError::MapAccess {
-                name: "threads",
-                error,
-            })
+        self.seed(
+            tid,
+            &ThreadState {
+                pid,
+                epfd,
+                in_poll: 1,
+                role: if tid == pid { ROLE_MAIN } else { 0 },
+                ..ThreadState::default()
+            },
+        )
     }
 
     /// Marks the main thread, not in its loop's poll wait as we attach, as busy since `now_ns`:
@@ -146,17 +143,23 @@ impl Probes {
         epfd: i32,
         now_ns: u64,
     ) -> Result<(), ProbeError> {
-        let state = ThreadState {
+        self.seed(
             pid,
-            epfd,
-            role: ROLE_MAIN,
-            busy_since_ns: now_ns,
-            discovered_ns: now_ns,
-            busy_before_attach: BUSY_BEFORE_ATTACH,
-            ..ThreadState::default()
-        };
+            &ThreadState {
+                pid,
+                epfd,
+                role: ROLE_MAIN,
+                busy_since_ns: now_ns,
+                discovered_ns: now_ns,
+                busy_before_attach: BUSY_BEFORE_ATTACH,
+                ..ThreadState::default()
+            },
+        )
+    }
+
+    fn seed(&mut self, tid: u32, state: &ThreadState) -> Result<(), ProbeError> {
         self.threads
-            .insert(pid, state, 0)
+            .insert(tid, *state, 0)
             .map_err(|error| ProbeError::MapAccess {
                 name: "threads",
                 error,

@@ -7,10 +7,10 @@
 //! with gimli, then framehop goes on from its caller.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fs::{self, File},
     ops::Range,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
 };
 
@@ -26,7 +26,7 @@ use object::{Object, ObjectSection, read::ReadCache};
 
 use crate::{
     decode::{RED_ZONE, StackSample},
-    discover::load_bias,
+    discover::{Mapping, executable_file_mappings, load_bias},
 };
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
@@ -52,13 +52,6 @@ struct EhFrameTable {
     eh_frame_hdr: Option<(u64, Arc<[u8]>)>,
 }
 
-/// One executable mapping of a file.
-struct Mapping {
-    range: Range<u64>,
-    offset: u64,
-    path: PathBuf,
-}
-
 impl Unwinder {
     pub fn new(pid: u32) -> Self {
         let mut unwinder = Self {
@@ -77,24 +70,16 @@ impl Unwinder {
         let Ok(maps) = fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
             return; // gone: keep what we have
         };
-        let mut by_file: HashMap<PathBuf, Vec<Mapping>> = HashMap::new();
         for mapping in executable_file_mappings(&maps) {
-            if !self.known.contains(&mapping.range.start) {
-                by_file
-                    .entry(mapping.path.clone())
-                    .or_default()
-                    .push(mapping);
+            if !self.known.insert(mapping.range.start) {
+                continue;
             }
-        }
-        for (path, mappings) in by_file {
-            for mapping in mappings {
-                self.known.insert(mapping.range.start);
-                let opened = Path::new(&format!("/proc/{}/root", self.pid))
-                    .join(path.strip_prefix("/").unwrap_or(&path));
-                if let Some((module, table)) = load_module(&opened, &mapping) {
-                    self.framehop.add_module(module);
-                    self.eh_frames.push(table);
-                }
+            let path = &mapping.path;
+            let opened = Path::new(&format!("/proc/{}/root", self.pid))
+                .join(path.strip_prefix("/").unwrap_or(path));
+            if let Some((module, table)) = load_module(&opened, &mapping) {
+                self.framehop.add_module(module);
+                self.eh_frames.push(table);
             }
         }
     }
@@ -180,24 +165,6 @@ fn join(unwound: &[u64], frame_pointer_walk: &[u64]) -> Option<Vec<u64>> {
         }
     }
     Some(joined)
-}
-
-fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let path = fields.nth(2)?;
-            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
-            (perms.contains('x') && path.starts_with('/')).then(|| Mapping {
-                range,
-                offset,
-                path: PathBuf::from(path),
-            })
-        })
-        .collect()
 }
 
 /// One frame up from a leaf whose `.eh_frame` row computes its CFA with a DWARF expression:
@@ -321,19 +288,5 @@ mod tests {
         assert_eq!(join(&[10, 20, 25], &[10, 0xdead]), Some(vec![10, 20, 25]));
         // Unwinding failed at once: keep the walk.
         assert_eq!(join(&[10], &walk), None);
-    }
-
-    #[test]
-    fn only_executable_file_mappings() {
-        let maps = "\
-00400000-00401000 r--p 00000000 08:01 1 /usr/bin/node
-00401000-00402000 r-xp 00001000 08:01 1 /usr/bin/node
-7f01-7f02 r-xp 00000000 00:00 0 [vdso]
-7f03-7f04 rwxp 00000000 00:00 0
-";
-        let found = executable_file_mappings(maps);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].range, 0x0040_1000..0x0040_2000);
-        assert_eq!(found[0].offset, 0x1000);
     }
 }
