@@ -6,7 +6,8 @@
 //! - host tax: how long a `getppid` syscall takes in a process loopbpf does not watch, without
 //!   and with loopbpf running (its syscall tracepoints are enabled for every process);
 //! - target overhead: a node HTTP server saturated by wrk on loopback, its throughput and p99
-//!   latency without loopbpf, with loopbpf without stacks, and with stacks (the default).
+//!   latency with no monitor, with what users run in-process today (an `async_hooks` monitor,
+//!   blocked-at, prom-client's default metrics), and with loopbpf without and with stacks.
 
 use std::{
     io::{BufRead, BufReader},
@@ -187,17 +188,33 @@ fn getppid_cost(with_loopbpf: bool) -> Result<f64> {
 /// Throughput and p99 latency of a saturated node HTTP server under each kind of watching,
 /// in interleaved rounds; prints the ratios to the unwatched server.
 fn http_overhead() -> Result<()> {
-    const MODES: [(&str, Option<&[&str]>); 3] = [
-        ("no monitor", None),
-        ("loopbpf --no-stacks", Some(&["--no-stacks"])),
-        ("loopbpf (stacks, default)", Some(&[])),
+    // (name, in-process monitor, loopbpf arguments)
+    const MODES: [(&str, &str, Option<&[&str]>); 6] = [
+        ("no monitor", "none", None),
+        ("async_hooks before/after monitor", "async-hooks", None),
+        ("blocked-at", "blocked-at", None),
+        ("prom-client collectDefaultMetrics", "prom-client", None),
+        ("loopbpf --no-stacks", "none", Some(&["--no-stacks"])),
+        ("loopbpf (stacks, default)", "none", Some(&[])),
     ];
+    run(
+        "npm",
+        &[
+            "install",
+            "--silent",
+            "--prefix",
+            "bench",
+            "--no-audit",
+            "--no-fund",
+        ],
+    )?;
     let mut throughput: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     let mut p99: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     for round in 0..ROUNDS {
         for step in 0..MODES.len() {
             let mode = (step + round) % MODES.len();
-            let (rps, p99_ms) = http_round(MODES[mode].1)?;
+            let (_, monitor, loopbpf_args) = MODES[mode];
+            let (rps, p99_ms) = http_round(monitor, loopbpf_args)?;
             eprintln!(
                 "bench: http round {round}: {}: {rps:.0} req/s, p99 {p99_ms:.2} ms",
                 MODES[mode].0
@@ -210,7 +227,7 @@ fn http_overhead() -> Result<()> {
         "| target: saturated HTTP server ({ROUNDS} interleaved rounds) | throughput kept (median, min, max) | p99 latency, median |"
     );
     println!("|---|---|---|");
-    for (mode, (name, _)) in MODES.iter().enumerate() {
+    for (mode, (name, _, _)) in MODES.iter().enumerate() {
         let ratios: Vec<f64> = throughput[mode]
             .iter()
             .zip(&throughput[0])
@@ -228,10 +245,13 @@ fn http_overhead() -> Result<()> {
     Ok(())
 }
 
-/// One 4-second wrk run against a fresh server, with loopbpf (given arguments) attached or not.
-fn http_round(loopbpf_args: Option<&[&str]>) -> Result<(f64, f64)> {
+/// One 4-second wrk run against a fresh server with an in-process `monitor`, and loopbpf (given
+/// arguments) attached or not.
+fn http_round(monitor: &str, loopbpf_args: Option<&[&str]>) -> Result<(f64, f64)> {
     let mut server = Command::new("node")
         .arg(workspace().join("bench/http-server.js"))
+        .env("MONITOR", monitor)
+        .stderr(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .context("starting node")?;
