@@ -150,6 +150,8 @@ struct Session<'a, W: io::Write> {
     symbolizer: Option<Symbolizer>,
     unwinder: Option<Unwinder>,
     flame: Flame,
+    /// Lost events already warned about.
+    dropped_warned: u64,
 }
 
 impl<W: io::Write> Session<'_, W> {
@@ -246,6 +248,18 @@ impl<W: io::Write> Session<'_, W> {
         *profile = Some(named);
     }
 
+    /// Says so, at most once a second, when the kernel side could not hand events over: counts
+    /// and stacks are then incomplete, and the user must know.
+    fn warn_of_lost_events(&mut self) {
+        let dropped = self.probes.dropped_events();
+        if dropped > self.dropped_warned {
+            eprintln!(
+                "loopbpf: warning: {dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
+            );
+            self.dropped_warned = dropped;
+        }
+    }
+
     /// The summary, then the `--folded` and `--flamegraph` files.
     fn finish(&mut self, pid: u32, end: &End, started_ns: u64) -> Result<()> {
         self.refresh();
@@ -303,6 +317,7 @@ async fn watch(
         symbolizer,
         unwinder,
         flame: Flame::default(),
+        dropped_warned: 0,
     };
 
     let mut state_poll = tokio::time::interval(STATE_POLL);
@@ -343,6 +358,7 @@ async fn watch(
                 if let Some(unwinder) = session.unwinder.as_mut() {
                     unwinder.refresh();
                 }
+                session.warn_of_lost_events();
                 Ok(())
             }
             () = tick(&mut interval_timer) => {
