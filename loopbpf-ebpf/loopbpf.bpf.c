@@ -313,6 +313,8 @@ static __always_inline void poll_exit(void)
 
 		fresh.pid = pid_tgid >> 32;
 		fresh.epfd = -1;
+		if (tid == fresh.pid)
+			fresh.role = LOOPBPF_ROLE_MAIN;
 		fresh.busy_since_ns = now;
 		fresh.discovered_ns = now;
 		bpf_map_update_elem(&threads, &tid, &fresh, BPF_NOEXIST);
@@ -420,8 +422,8 @@ static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
 {
 	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
 
-	if (!t || !is_reported(t) || t->in_poll || !t->busy_since_ns)
-		return NULL;
+	if (!t || !is_reported(t) || t->in_poll || !t->busy_since_ns || t->exited_ns)
+		return NULL; /* an exited thread still switches out once, after its exit probe */
 	return t;
 }
 
@@ -516,9 +518,10 @@ int on_switch(struct sched_switch_ctx *ctx)
 	struct loopbpf_thread *t;
 	__u64 now = 0;
 
-	/* Only sleeps: a preempted thread (still runnable, prev_state 0) is waiting for a CPU
-	 * in the middle of its work, which its on-CPU samples already account for. */
-	if (ctx->prev_state != 0 && is_target(pid_tgid) && (t = busy_loop_thread(tid))) {
+	/* Only sleeps (TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE): a preempted thread, which
+	 * the tracepoint reports with another non-zero state, is waiting for a CPU in the middle
+	 * of its work, and its on-CPU samples account for that time. */
+	if ((ctx->prev_state & 3) && is_target(pid_tgid) && (t = busy_loop_thread(tid))) {
 		bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
 		sleep = bpf_map_lookup_elem(&asleep, &tid);
 		if (sleep) {

@@ -270,9 +270,10 @@ fn launched_command_is_profiled_from_its_first_iteration() {
     let node = node_bin();
     let loopbpf = Loopbpf::spawn(&["--json", "--", &node, app.to_str().unwrap()]);
     let (status, output) = loopbpf.finish(Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "loopbpf exits with the command's status: {status}"
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "loopbpf exits with the command's status"
     );
     let blocks = events(&output, "block");
     assert_eq!(blocks.len(), 1, "{output:?}");

@@ -303,6 +303,7 @@ fn sigint_and_sigterm_print_the_summary_and_detach() {
         let pid = node.pid().to_string();
         let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
         let ids = bpf_prog_ids(loopbpf.pid());
+        assert!(ids.len() >= 8, "loopbpf should hold its programs: {ids:?}");
         node.send("block timer spin 150");
         node.done("block", Duration::from_secs(10));
         thread::sleep(Duration::from_millis(200));

@@ -118,6 +118,8 @@ struct LoopThread {
     /// When to report the current busy interval as ongoing next, keyed by its start.
     next_ongoing: Option<(u64, u64)>,
     exited_ns: Option<u64>,
+    /// Its kernel-side entry was freed.
+    forgotten: bool,
     /// Stacks of the current busy interval, keyed by its start.
     stacks: (u64, RawStacks),
 }
@@ -224,12 +226,16 @@ impl Aggregator {
         thread.state = *state;
     }
 
-    /// Loop threads that exited and whose final state has been taken.
-    pub fn exited_tids(&self) -> Vec<u32> {
+    /// Loop threads that exited since the last call (their final state has been taken): the
+    /// kernel side's entries to free, once each.
+    pub fn take_exited_tids(&mut self) -> Vec<u32> {
         self.loops
-            .values()
-            .filter(|t| t.exited_ns.is_some())
-            .map(|t| t.id.tid)
+            .values_mut()
+            .filter(|t| t.exited_ns.is_some() && !t.forgotten)
+            .map(|t| {
+                t.forgotten = true;
+                t.id.tid
+            })
             .collect()
     }
 
@@ -271,6 +277,28 @@ impl Aggregator {
             }
         }
         records
+    }
+
+    /// Every busy interval at or over the threshold that is still going on at `now_ns`, as an
+    /// ongoing record, whenever it was last reported.
+    pub fn still_blocked(&mut self, now_ns: u64) -> Vec<Record> {
+        let threshold_ns = self.threshold_ns;
+        self.loops
+            .values_mut()
+            .filter(|t| t.exited_ns.is_none())
+            .filter_map(|thread| {
+                let busy_ns = thread.state.busy_for_ns(now_ns)?;
+                let start_ns = thread.state.busy_since_ns;
+                (busy_ns >= threshold_ns).then(|| Record::Ongoing {
+                    id: thread.id,
+                    start_ns,
+                    duration_ns: busy_ns,
+                    before_attach: thread.state.busy_before_attach != 0,
+                    stacks: thread.take_stacks(start_ns),
+                    profile: None,
+                })
+            })
+            .collect()
     }
 
     /// One interval record per live loop thread since the last call; starts the next window.
@@ -363,6 +391,7 @@ impl Aggregator {
                 window_start: (first_ns, 0, 0),
                 next_ongoing: None,
                 exited_ns: None,
+                forgotten: false,
                 stacks: (0, RawStacks::default()),
             }
         })

@@ -185,7 +185,7 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
 
 /// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
 /// as we attach. Their next poll exit starts a busy interval that must be timed from there.
-pub fn threads_in_poll(pid: u32) -> Vec<(u32, i32)> {
+pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
     // x86-64 numbers of epoll_wait, epoll_pwait, epoll_pwait2.
     const EPOLL_WAIT_SYSCALLS: [&str; 3] = ["232", "281", "441"];
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -200,10 +200,27 @@ pub fn threads_in_poll(pid: u32) -> Vec<(u32, i32)> {
             if !EPOLL_WAIT_SYSCALLS.contains(&fields.next()?) {
                 return None;
             }
-            let epfd = i32::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
-            Some((tid, epfd))
+            let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
+            let epfd = hex(fields.next()?)? as i32;
+            // The timeout (epoll_pwait2: a pointer to it, NULL for "forever"): libuv counts a
+            // wait idle unless its timeout is 0.
+            let timeout = hex(fields.nth(2)?)?;
+            Some(IdleThread {
+                tid,
+                epfd,
+                counts_idle: timeout as u32 != 0,
+            })
         })
         .collect()
+}
+
+/// A thread sitting in an epoll wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleThread {
+    pub tid: u32,
+    pub epfd: i32,
+    /// The wait has a non-zero timeout: libuv counts it as idle time.
+    pub counts_idle: bool,
 }
 
 /// Checks that this user and this kernel can run loopbpf; mounts tracefs when it is missing.
@@ -461,7 +478,7 @@ mod tests {
         let mut found = Vec::new();
         for _ in 0..100 {
             found = threads_in_poll(pid);
-            if found.iter().any(|&(tid, _)| tid == pid) {
+            if found.iter().any(|t| t.tid == pid) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -469,7 +486,9 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(
-            found.iter().any(|&(tid, epfd)| tid == pid && epfd > 0),
+            found
+                .iter()
+                .any(|t| t.tid == pid && t.epfd > 0 && t.counts_idle),
             "{found:?}"
         );
     }

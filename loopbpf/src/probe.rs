@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::{
     decode::{BUSY_BEFORE_ATTACH, ROLE_MAIN, ThreadState},
-    discover::{Libuv, POLL_SYMBOL},
+    discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
@@ -119,16 +119,23 @@ impl Probes {
     /// Marks a thread that sits in epoll fd `epfd` as a loop thread to be named by its next
     /// `uv__io_poll`; call before attaching, for loops idle at attach time. A main thread in
     /// its poll wait is the main loop from the start.
-    pub fn seed_idle_thread(&mut self, pid: u32, tid: u32, epfd: i32) -> Result<(), ProbeError> {
-        // In its poll wait since an unknown time: the wait ends its first busy interval but
-        // does not count as idle.
+    pub fn seed_idle_thread(
+        &mut self,
+        pid: u32,
+        idle: &IdleThread,
+        now_ns: u64,
+    ) -> Result<(), ProbeError> {
+        // Idle since some time before now: its idle time counts from the attach.
         self.seed(
-            tid,
+            idle.tid,
             &ThreadState {
                 pid,
-                epfd,
+                epfd: idle.epfd,
                 in_poll: 1,
-                role: if tid == pid { ROLE_MAIN } else { 0 },
+                poll_counts_idle: u32::from(idle.counts_idle),
+                poll_enter_ns: now_ns,
+                discovered_ns: now_ns,
+                role: if idle.tid == pid { ROLE_MAIN } else { 0 },
                 ..ThreadState::default()
             },
         )
@@ -157,13 +164,21 @@ impl Probes {
         )
     }
 
+    /// Inserts a state unless the probes, already attached, have made one for the thread
+    /// meanwhile: theirs is newer.
     fn seed(&mut self, tid: u32, state: &ThreadState) -> Result<(), ProbeError> {
-        self.threads
-            .insert(tid, *state, 0)
-            .map_err(|error| ProbeError::MapAccess {
+        const BPF_NOEXIST: u64 = 1;
+        match self.threads.insert(tid, *state, BPF_NOEXIST) {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            result => result.map_err(|error| ProbeError::MapAccess {
                 name: "threads",
                 error,
-            })
+            }),
+        }
     }
 
     /// Attaches the `uv__io_poll` entry probe to one process's copy of `libuv`.

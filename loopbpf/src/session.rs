@@ -97,13 +97,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
 fn attach(target: &Target, args: &Args) -> Result<Probes> {
     let mut probes = Probes::load(target.pid, &target.libuv, args.threshold)?;
-    if args.command.is_empty() {
-        seed_running_loops(&mut probes, target)?;
-    }
     probes.attach_tracepoints()?;
     probes
         .attach_uprobe(&target.libuv.path, target.pid)
         .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
+    // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
+    if args.command.is_empty() {
+        seed_running_loops(&mut probes, target)?;
+    }
     if !args.no_stacks {
         probes.attach_off_cpu()?;
         // The main thread is a loop thread from the start; workers are sampled once found.
@@ -116,18 +117,19 @@ fn attach(target: &Target, args: &Args) -> Result<Probes> {
 /// poll wait, and a main thread that is busy (perhaps stuck) as we attach.
 fn seed_running_loops(probes: &mut Probes, target: &Target) -> Result<()> {
     let main_epfd = target.main_loop_epfd();
+    let now_ns = Clock::monotonic_ns();
     let mut main_idle = false;
-    for (tid, epfd) in discover::threads_in_poll(target.pid) {
-        if tid == target.pid {
-            if main_epfd.is_some_and(|main| main != epfd) {
+    for idle in discover::threads_in_poll(target.pid) {
+        if idle.tid == target.pid {
+            if main_epfd.is_some_and(|main| main != idle.epfd) {
                 continue; // a nested loop's poll (a long execSync): the main loop is busy
             }
             main_idle = true;
         }
-        probes.seed_idle_thread(target.pid, tid, epfd)?;
+        probes.seed_idle_thread(target.pid, &idle, now_ns)?;
     }
     if !main_idle {
-        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), Clock::monotonic_ns())?;
+        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), now_ns)?;
     }
     Ok(())
 }
@@ -172,7 +174,7 @@ impl<W: io::Write> Session<'_, W> {
                 Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
             }
         }
-        for tid in self.aggregator.exited_tids() {
+        for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
         self.report_all(records)
@@ -208,7 +210,7 @@ impl<W: io::Write> Session<'_, W> {
     fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
         let now_ns = Clock::monotonic_ns();
         for record in &mut records {
-            self.name_stacks(record);
+            self.name_stacks(record, matches!(record, Record::Block { .. }));
             if self.reporter.report(record, now_ns).is_err() {
                 // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
                 return Err(End::OutputClosed);
@@ -217,11 +219,12 @@ impl<W: io::Write> Session<'_, W> {
         Ok(())
     }
 
-    fn name_stacks(&mut self, record: &mut Record) {
+    /// Weights and names a record's stacks; `into_flame` adds them to the blocked time of
+    /// `--folded` and `--flamegraph`.
+    fn name_stacks(&mut self, record: &mut Record, into_flame: bool) {
         let Some(symbolizer) = self.symbolizer.as_mut() else {
             return;
         };
-        let is_block = matches!(record, Record::Block { .. });
         let (Record::Block {
             id,
             duration_ns,
@@ -242,7 +245,7 @@ impl<W: io::Write> Session<'_, W> {
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         symbolizer.refresh();
         let named = stacks::profile(stacks, *duration_ns, symbolizer);
-        if is_block {
+        if into_flame {
             self.flame.add(id, &named);
         }
         *profile = Some(named);
@@ -274,6 +277,10 @@ impl<W: io::Write> Session<'_, W> {
         match self.reporter.report(&summary, now_ns) {
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
             _ => {}
+        }
+        // A loop still stuck as we stop (Ctrl-C on a hung process) is blocked time too.
+        for mut stuck in self.aggregator.still_blocked(now_ns) {
+            self.name_stacks(&mut stuck, true);
         }
         self.write_files(pid)
     }
@@ -377,10 +384,6 @@ async fn watch(
             break end;
         }
     };
-    if end == End::OutputClosed {
-        return Ok(ExitCode::SUCCESS);
-    }
-
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
     let _ = session.drain(ring.get_mut());
     session.finish(target.pid, &end, started_ns)?;

@@ -81,7 +81,9 @@ pub fn profile(raw: &RawStacks, duration_ns: u64, symbolizer: &mut Symbolizer) -
     let mut named: HashMap<(bool, Vec<Frame>), u64> = HashMap::new();
     for (key, &weight) in &raw.stacks {
         let weight_ns = if key.on_cpu {
-            on_cpu_ns * weight / raw.on_cpu_samples.max(1)
+            // u128: a hang of hours times thousands of samples overflows u64.
+            (u128::from(on_cpu_ns) * u128::from(weight) / u128::from(raw.on_cpu_samples.max(1)))
+                as u64
         } else {
             weight.min(duration_ns)
         };
