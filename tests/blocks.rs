@@ -382,3 +382,45 @@ fn attaching_during_a_long_exec_sync_times_the_rest_and_then_the_loop() {
         "after attach",
     );
 }
+
+#[test]
+fn a_node_binary_deleted_under_the_running_process_is_still_probed() {
+    require_root();
+    // An upgrade replaces the binary of a service that keeps running: /proc/PID/maps then says
+    // "(deleted)" and the path names another file, or none.
+    let dir = std::env::temp_dir().join(format!("loopbpf-deleted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("node");
+    let installed = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {}", node_bin())])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::fs::copy(installed.trim(), &copy).unwrap();
+    let mut node = Fixture::start_on(copy.to_str().unwrap(), &["--expose-gc"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let pid = node.pid().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    node.send("block timer spin 300");
+    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
+        .as_f64()
+        .unwrap();
+    node.send("exit");
+    node.wait_exit(FIXTURE_TIMEOUT).unwrap();
+    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    let blocks = events(&output, "block");
+    assert_eq!(blocks.len(), 1, "{output:?}");
+    assert_duration_close(
+        blocks[0]["duration_ms"].as_f64().unwrap(),
+        truth,
+        "deleted binary",
+    );
+    assert!(
+        blocks[0]["stacks"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+    );
+}

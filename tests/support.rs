@@ -117,7 +117,12 @@ impl Fixture {
 
     /// Starts the fixture with extra node flags (e.g. `--perf-basic-prof`).
     pub fn start_with(node_flags: &[&str]) -> Self {
-        let mut child = Command::new(node_bin())
+        Self::start_on(&node_bin(), node_flags)
+    }
+
+    /// Starts the fixture on a given node binary.
+    pub fn start_on(node: &str, node_flags: &[&str]) -> Self {
+        let mut child = Command::new(node)
             // node's own files (perf maps, V8 logs) land there, not in the source tree.
             .current_dir(std::env::temp_dir())
             .arg("--expose-gc")

@@ -68,6 +68,8 @@ pub struct Target {
 pub struct Libuv {
     /// Its path, as loopbpf can open it.
     pub path: PathBuf,
+    /// Its path as the target sees it, for messages.
+    pub shown_as: PathBuf,
     pub poll_addr: u64,
     /// Address range of Node's worker entry function, when this object is a node binary.
     pub worker_entry: Option<(u64, u64)>,
@@ -99,6 +101,7 @@ impl Libuv {
         let bias = mapped.and_then(|(start, offset)| load_bias(&elf, start, offset));
         Some(Self {
             path: path.to_path_buf(),
+            shown_as: path.to_path_buf(),
             poll_addr: poll_addr?,
             worker_entry,
             default_loop_addr: default_loop
@@ -157,9 +160,9 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
     // Through /proc/PID/root, so a process in another mount namespace resolves too.
     let root = proc_dir.join("root");
     for mapping in first_mapping_per_file(&maps) {
-        let file = &mapping.path;
-        let path = root.join(file.strip_prefix("/").unwrap_or(file));
-        if let Some(libuv) = Libuv::read(&path, Some((mapping.range.start, mapping.offset))) {
+        let path = mapped_file(pid, &mapping);
+        if let Some(mut libuv) = Libuv::read(&path, Some((mapping.range.start, mapping.offset))) {
+            libuv.shown_as.clone_from(&mapping.path);
             return Ok(Target { pid, comm, libuv });
         }
     }
@@ -328,6 +331,21 @@ pub fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
             })
         })
         .collect()
+}
+
+/// A path that opens the very file a mapping of `pid` maps: `/proc/PID/map_files/...`, which
+/// holds even when the file was replaced or deleted since (an upgrade under a running service),
+/// or lives in another mount namespace; `/proc/PID/root/PATH` where that link cannot be read.
+pub fn mapped_file(pid: u32, mapping: &Mapping) -> PathBuf {
+    let link = PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.range.start, mapping.range.end
+    ));
+    if File::open(&link).is_ok() {
+        return link;
+    }
+    let path = &mapping.path;
+    Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
 }
 
 /// The first executable mapping of each distinct file, in map order.

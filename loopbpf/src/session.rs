@@ -81,7 +81,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {}. Ctrl-C to end.",
         target.pid,
         target.comm,
-        target.libuv.path.display(),
+        target.libuv.shown_as.display(),
         crate::report::human(args.threshold.as_nanos() as u64)
     );
     if let Some(child) = &child {

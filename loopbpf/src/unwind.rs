@@ -26,7 +26,7 @@ use object::{Object, ObjectSection, read::ReadCache};
 
 use crate::{
     decode::{RED_ZONE, StackSample},
-    discover::{Mapping, executable_file_mappings, load_bias},
+    discover::{Mapping, executable_file_mappings, load_bias, mapped_file},
 };
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
@@ -74,9 +74,7 @@ impl Unwinder {
             if !self.known.insert(mapping.range.start) {
                 continue;
             }
-            let path = &mapping.path;
-            let opened = Path::new(&format!("/proc/{}/root", self.pid))
-                .join(path.strip_prefix("/").unwrap_or(path));
+            let opened = mapped_file(self.pid, &mapping);
             if let Some((module, table)) = load_module(&opened, &mapping) {
                 self.framehop.add_module(module);
                 self.eh_frames.push(table);
