@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, assert_duration_close, events, fixture, node_bin, require_root,
+    Fixture, Loopbpf, assert_duration_close, events, fixture, installed_node, node_bin,
+    require_root,
 };
 use serde_json::Value;
 
@@ -323,6 +324,18 @@ fn text_output_names_the_thread_and_the_duration() {
     );
 }
 
+/// A 300 ms spin in a timer, then the fixture's exit: its own measurement and loopbpf's JSON.
+fn spin_then_exit(node: &mut Fixture, loopbpf: Loopbpf) -> (f64, Vec<Value>) {
+    node.send("block timer spin 300");
+    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
+        .as_f64()
+        .unwrap();
+    node.send("exit");
+    node.wait_exit(FIXTURE_TIMEOUT).unwrap();
+    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    (truth, output)
+}
+
 #[test]
 fn attaching_to_a_loop_that_is_stuck_reports_it_at_once() {
     require_root();
@@ -359,13 +372,7 @@ fn attaching_during_a_long_exec_sync_times_the_rest_and_then_the_loop() {
     let pid = node.pid().to_string();
     let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
     node.done("block", FIXTURE_TIMEOUT);
-    node.send("block timer spin 300");
-    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
-        .as_f64()
-        .unwrap();
-    node.send("exit");
-    node.wait_exit(FIXTURE_TIMEOUT).unwrap();
-    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    let (truth, output) = spin_then_exit(&mut node, loopbpf);
     let blocks = events(&output, "block");
     assert_eq!(blocks.len(), 2, "{output:?}");
     assert_eq!(blocks[0]["started_before_attach"], true, "{}", blocks[0]);
@@ -391,26 +398,12 @@ fn a_node_binary_deleted_under_the_running_process_is_still_probed() {
     let dir = std::env::temp_dir().join(format!("loopbpf-deleted-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("node");
-    let installed = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {}", node_bin())])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    std::fs::copy(installed.trim(), &copy).unwrap();
+    std::fs::copy(installed_node(), &copy).unwrap();
     let mut node = Fixture::start_on(copy.to_str().unwrap(), &["--expose-gc"]);
     std::fs::remove_dir_all(&dir).unwrap();
     let pid = node.pid().to_string();
     let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
-    node.send("block timer spin 300");
-    let truth = node.done("block", FIXTURE_TIMEOUT)["measured_ms"]
-        .as_f64()
-        .unwrap();
-    node.send("exit");
-    node.wait_exit(FIXTURE_TIMEOUT).unwrap();
-    let (_, output) = loopbpf.finish(Duration::from_secs(10));
+    let (truth, output) = spin_then_exit(&mut node, loopbpf);
     let blocks = events(&output, "block");
     assert_eq!(blocks.len(), 1, "{output:?}");
     assert_duration_close(

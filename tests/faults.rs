@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use loopbpf_tests::{Fixture, Loopbpf, events, loopbpf_bin, node_bin, require_root};
+use loopbpf_tests::{
+    Fixture, Loopbpf, events, installed_node, loopbpf_bin, node_bin, require_root,
+};
 
 /// Runs loopbpf to completion (through `wrapper` if given, e.g. `unshare`), with a time limit.
 fn loopbpf_output(wrapper: &[&str], args: &[&str]) -> Output {
@@ -106,18 +108,10 @@ fn a_stripped_node_binary_is_named_as_the_likely_cause() {
     let dir = std::env::temp_dir().join(format!("loopbpf-stripped-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let stripped = dir.join("node");
-    let node = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", &format!("command -v {}", node_bin())])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
     let status = Command::new("strip")
         .arg("-o")
         .arg(&stripped)
-        .arg(node.trim())
+        .arg(installed_node())
         .status()
         .expect("strip (binutils) is needed for this test");
     assert!(status.success());

@@ -42,6 +42,15 @@ pub fn node_bin() -> String {
     std::env::var("LOOPBPF_TEST_NODE").unwrap_or_else(|_| "node".to_owned())
 }
 
+/// Where the node binary the fixtures run on is installed.
+pub fn installed_node() -> PathBuf {
+    let output = Command::new("sh")
+        .args(["-c", &format!("command -v {}", node_bin())])
+        .output()
+        .expect("sh");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(name)
 }
