@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSymbol, read::ReadCache};
+use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 use thiserror::Error;
 
 /// The libuv function whose entry marks every loop iteration.
@@ -71,6 +71,9 @@ pub struct Libuv {
     /// Its path as the target sees it, for messages.
     pub shown_as: PathBuf,
     pub poll_addr: u64,
+    /// Where `uv__io_poll` starts in the file: the uprobe attaches there, so that the object
+    /// is not searched for the symbol a second time.
+    pub poll_file_offset: u64,
     /// Address range of Node's worker entry function, when this object is a node binary.
     pub worker_entry: Option<(u64, u64)>,
     /// Where the target has libuv's default loop, when it runs and the symbol is there.
@@ -83,12 +86,12 @@ impl Libuv {
     fn read(path: &Path, mapped: Option<(u64, u64)>) -> Option<Self> {
         let cache = open_elf(path)?;
         let elf = object::File::parse(&cache).ok()?;
-        let mut poll_addr = None;
+        let mut poll = None;
         let mut worker_entry = None;
         let mut default_loop = None;
         for sym in elf.symbols().chain(elf.dynamic_symbols()) {
             match sym.name_bytes() {
-                Ok(name) if name == POLL_SYMBOL.as_bytes() => poll_addr = Some(sym.address()),
+                Ok(name) if name == POLL_SYMBOL.as_bytes() => poll = Some(sym),
                 Ok(name) if name == WORKER_ENTRY_SYMBOL.as_bytes() && sym.size() > 0 => {
                     worker_entry = Some((sym.address(), sym.address() + sym.size()));
                 }
@@ -99,10 +102,14 @@ impl Libuv {
             }
         }
         let bias = mapped.and_then(|(start, offset)| load_bias(&elf, start, offset));
+        let poll = poll?;
+        let section = elf.section_by_index(poll.section_index()?).ok()?;
+        let (section_offset, _) = section.file_range()?;
         Some(Self {
             path: path.to_path_buf(),
             shown_as: path.to_path_buf(),
-            poll_addr: poll_addr?,
+            poll_addr: poll.address(),
+            poll_file_offset: poll.address() - section.address() + section_offset,
             worker_entry,
             default_loop_addr: default_loop
                 .zip(bias)

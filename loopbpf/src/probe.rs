@@ -2,7 +2,7 @@
 //! and owns them. Dropping [`Probes`] detaches everything; so does the process dying, because
 //! every attachment is a file descriptor (perf-event links, never tracefs text entries).
 
-use std::{num::NonZeroU32, path::Path, time::Duration};
+use std::{num::NonZeroU32, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -58,7 +58,7 @@ pub enum ProbeError {
         name: &'static str,
         error: aya::programs::ProgramError,
     },
-    #[error("eBPF map `{0}` is missing or of the wrong type")]
+    #[error("eBPF map or program `{0}` is missing or of the wrong type")]
     Map(&'static str),
     #[error("reading eBPF map `{name}`: {error}")]
     MapAccess {
@@ -182,21 +182,17 @@ impl Probes {
     }
 
     /// Attaches the `uv__io_poll` entry probe to one process's copy of `libuv`.
-    pub fn attach_uprobe(&mut self, libuv: &Path, pid: u32) -> Result<(), ProbeError> {
+    pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: u32) -> Result<(), ProbeError> {
         let name = "uv_io_poll_entry";
-        let program: &mut UProbe = self
-            .ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ProbeError::Map(name))?;
+        let program: &mut UProbe = program(&mut self.ebpf, name)?;
         program
             .load()
             .map_err(|error| ProbeError::Program { name, error })?;
         let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         program
-            .attach(POLL_SYMBOL, libuv, scope)
+            .attach(libuv.poll_file_offset, &libuv.path, scope)
             .map_err(|error| ProbeError::Uprobe {
-                path: libuv.display().to_string(),
+                path: libuv.shown_as.display().to_string(),
                 error,
             })?;
         Ok(())
@@ -208,11 +204,7 @@ impl Probes {
         category: &'static str,
         tracepoint: &'static str,
     ) -> Result<(), ProbeError> {
-        let program: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ProbeError::Map(name))?;
+        let program: &mut TracePoint = program(&mut self.ebpf, name)?;
         program
             .load()
             .map_err(|error| ProbeError::Program { name, error })?;
@@ -237,11 +229,7 @@ impl Probes {
             return Ok(());
         }
         let name = "on_cpu_sample";
-        let program: &mut PerfEvent = self
-            .ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ProbeError::Map(name))?;
+        let program: &mut PerfEvent = program(&mut self.ebpf, name)?;
         if program.fd().is_err() {
             program
                 .load()
@@ -307,6 +295,16 @@ impl Probes {
             .get(&0, 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
+}
+
+/// The embedded object's program `name`, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(ProbeError::Map(name))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>

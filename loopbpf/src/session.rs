@@ -99,7 +99,7 @@ fn attach(target: &Target, args: &Args) -> Result<Probes> {
     let mut probes = Probes::load(target.pid, &target.libuv, args.threshold)?;
     probes.attach_tracepoints()?;
     probes
-        .attach_uprobe(&target.libuv.path, target.pid)
+        .attach_uprobe(&target.libuv, target.pid)
         .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
     // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
     if args.command.is_empty() {

@@ -78,9 +78,14 @@ pub fn bench() -> Result<()> {
 }
 
 fn print_row(what: &str, values: &[f64]) {
+    let (min, max) = range(values);
+    println!("| {what} | {:.3} | {min:.3} | {max:.3} |", median(values));
+}
+
+fn range(values: &[f64]) -> (f64, f64) {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    println!("| {what} | {:.3} | {min:.3} | {max:.3} |", median(values));
+    (min, max)
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -233,8 +238,7 @@ fn http_overhead() -> Result<()> {
             .zip(&throughput[0])
             .map(|(with, without)| with / without)
             .collect();
-        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (min, max) = range(&ratios);
         println!(
             "| {name} ({:.0} req/s) | {:.3} ({min:.3}, {max:.3}) | {:.2} ms |",
             median(&throughput[mode]),
