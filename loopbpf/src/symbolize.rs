@@ -191,16 +191,28 @@ impl Symbolizer {
     /// `bpf_get_stack(BPF_F_USER_STACK)`: `addrs[0]` is the sampled instruction pointer, the rest
     /// are return addresses (looked up at `addr - 1` so a call that ends a function resolves to
     /// the caller). Consecutive JS frames that cannot be named collapse into one `[JS]` frame.
+    ///
+    /// A return address that points at no code is an unwinding guess gone wrong (a frameless V8
+    /// builtin as the leaf: the word at its stack pointer is not its return address). When code
+    /// follows it (the walk found the frame-pointer chain again) it is dropped; at the end of the
+    /// stack one `[unknown]` shows where the walk got lost.
     pub fn user(&mut self, addrs: &[u64]) -> Vec<Frame> {
         self.perf_map.synced_this_call = false;
         let mut frames: Vec<Frame> = Vec::with_capacity(addrs.len());
+        let mut lost = None;
         for (depth, &addr) in addrs.iter().enumerate() {
-            let frame = self.user_frame(lookup_address(depth, addr));
+            let (frame, is_code) = self.user_frame(lookup_address(depth, addr));
+            if depth > 0 && !is_code {
+                lost.get_or_insert(frame);
+                continue;
+            }
+            lost = None;
             if frame.is_unnamed_js() && frames.last().is_some_and(Frame::is_unnamed_js) {
                 continue;
             }
             frames.push(frame);
         }
+        frames.extend(lost);
         frames
     }
 
@@ -229,9 +241,10 @@ impl Symbolizer {
         frame
     }
 
-    fn user_frame(&mut self, addr: u64) -> Frame {
+    /// The frame at `addr`, and whether `addr` points at code at all.
+    fn user_frame(&mut self, addr: u64) -> (Frame, bool) {
         if let Some(frame) = self.native_cache.get(&addr) {
-            return frame.clone();
+            return (frame.clone(), true);
         }
         let mut place = self.place(addr);
         if matches!(place, Place::Outside | Place::AnonymousData) && self.reread_maps_if_stale() {
@@ -241,13 +254,16 @@ impl Symbolizer {
             Place::Object {
                 object,
                 file_offset,
-            } => self.object_frame(object, file_offset, addr),
-            Place::Vdso { offset, size } => self.vdso_frame(addr, offset, size),
-            Place::AnonymousCode => self.js_frame(addr).unwrap_or_else(Frame::unnamed_js),
-            Place::AnonymousData | Place::Outside => self
-                .js_frame(addr)
-                .unwrap_or_else(|| Frame::unknown(UNKNOWN, FrameKind::Native)),
-            Place::Other(module) => Frame::unknown(&module, FrameKind::Native),
+            } => (self.object_frame(object, file_offset, addr), true),
+            Place::Vdso { offset, size } => (self.vdso_frame(addr, offset, size), true),
+            Place::AnonymousCode => (self.js_frame(addr).unwrap_or_else(Frame::unnamed_js), true),
+            Place::AnonymousData | Place::Outside => match self.js_frame(addr) {
+                Some(frame) => (frame, true),
+                None => (Frame::unknown(UNKNOWN, FrameKind::Native), false),
+            },
+            Place::Other { module, executable } => {
+                (Frame::unknown(&module, FrameKind::Native), executable)
+            }
         }
     }
 
@@ -271,7 +287,10 @@ impl Symbolizer {
             },
             Mapping::Anonymous if region.executable => Place::AnonymousCode,
             Mapping::Anonymous => Place::AnonymousData,
-            Mapping::Other(module) => Place::Other(Rc::clone(module)),
+            Mapping::Other(module) => Place::Other {
+                module: Rc::clone(module),
+                executable: region.executable,
+            },
         }
     }
 
@@ -394,11 +413,21 @@ fn lookup_address(depth: usize, addr: u64) -> u64 {
 
 /// What an address falls into.
 enum Place {
-    Object { object: usize, file_offset: u64 },
-    Vdso { offset: u64, size: u64 },
+    Object {
+        object: usize,
+        file_offset: u64,
+    },
+    Vdso {
+        offset: u64,
+        size: u64,
+    },
     AnonymousCode,
     AnonymousData,
-    Other(Rc<str>),
+    /// A named region that is no object file of code: `[stack]`, `[heap]`, `[vsyscall]`, data.
+    Other {
+        module: Rc<str>,
+        executable: bool,
+    },
     Outside,
 }
 
@@ -1115,6 +1144,30 @@ mod tests {
             frames[3],
             Frame::unknown(UNKNOWN, FrameKind::Native),
             "heap is not code"
+        );
+    }
+
+    #[test]
+    fn a_return_address_into_no_code_is_dropped_when_code_follows() {
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
+        symbolizer.apply_maps(&format!(
+            "{own_maps}1000-2000 r-xp 00000000 00:00 0 \n\
+             3000-4000 rw-p 00000000 00:00 0                          [stack]\n"
+        ));
+        let native = symbolize_test_marker as fn() -> u64 as usize as u64;
+        // A frameless leaf: framehop took a word at its stack pointer (a number, a stack address)
+        // for the return address, then found the frame-pointer chain again.
+        let frames = symbolizer.user(&[native, 0x5f, 0x3100, 0x1100, native + 1, 0x20, 0x30]);
+        let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_str()).collect();
+        assert_eq!(names.len(), 4, "{frames:?}");
+        assert!(names[0].contains("symbolize_test_marker"), "{frames:?}");
+        assert_eq!(frames[1], Frame::unnamed_js());
+        assert!(names[2].contains("symbolize_test_marker"), "{frames:?}");
+        assert_eq!(
+            frames[3],
+            Frame::unknown(UNKNOWN, FrameKind::Native),
+            "lost at the end"
         );
     }
 
