@@ -5,6 +5,8 @@
 
 use thiserror::Error;
 
+use crate::v8::JsFrameRef;
+
 /// Log2 buckets of busy time per iteration (`LOOPBPF_HIST_SLOTS`).
 pub const HIST_SLOTS: usize = 32;
 
@@ -124,6 +126,8 @@ pub struct StackSample {
     pub regs: [u64; 3],
     /// The top of the user stack from sp - [`RED_ZONE`]; emptied once unwound.
     pub stack: Vec<u8>,
+    /// The JS frames among `user`, named by the V8 stage (empty until then).
+    pub js: Vec<JsFrameRef>,
 }
 
 /// What happened, as the kernel side reports it.
@@ -209,6 +213,7 @@ impl Event {
                     kernel: kernel.to_vec(),
                     regs: [raw.user_ip, raw.user_sp, raw.user_bp],
                     stack: stack.to_vec(),
+                    js: Vec::new(),
                 }))
             }
             EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT => {

@@ -14,6 +14,7 @@ mod session;
 mod stacks;
 mod symbolize;
 mod unwind;
+mod v8;
 
 use std::process::ExitCode;
 

@@ -3,9 +3,11 @@
 //! `--duration`, or the target's exit.
 
 use std::{
+    fs,
     future::pending,
     io,
     os::fd::{FromRawFd, OwnedFd},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
@@ -21,7 +23,7 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Record},
     cli::Args,
-    decode::Event,
+    decode::{Event, StackSample},
     discover::{self, Target},
     flame::Flame,
     launch::StoppedChild,
@@ -30,6 +32,7 @@ use crate::{
     stacks,
     symbolize::Symbolizer,
     unwind::Unwinder,
+    v8::JsNamer,
 };
 
 /// How often the per-thread state is read for ongoing blocks.
@@ -75,8 +78,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         (Err(e), None) => return Err(e),
     };
     // Before saying we are ready: reading the target's unwind tables and symbols takes a moment.
-    let naming =
-        (!args.no_stacks).then(|| (Symbolizer::new(target.pid), Unwinder::new(target.pid)));
+    let naming = (!args.no_stacks).then(|| Naming::new(target.pid));
     eprintln!(
         "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {}. Ctrl-C to end.",
         target.pid,
@@ -142,6 +144,59 @@ enum End {
     OutputClosed,
 }
 
+/// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
+struct Naming {
+    pid: u32,
+    unwinder: Unwinder,
+    symbolizer: Symbolizer,
+    /// `None` while the process has no V8 we can read (a launched command before its exec, a
+    /// libuv program that is not Node, metadata we cannot use).
+    js: Option<JsNamer>,
+    /// The executable `js` was last looked for in: looked for again only when it changes.
+    js_looked_in: Option<PathBuf>,
+}
+
+impl Naming {
+    fn new(pid: u32) -> Self {
+        let mut naming = Self {
+            pid,
+            unwinder: Unwinder::new(pid),
+            symbolizer: Symbolizer::new(pid),
+            js: None,
+            js_looked_in: None,
+        };
+        naming.find_v8();
+        naming
+    }
+
+    fn find_v8(&mut self) {
+        let exe = fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        if self.js.is_some() || exe.is_none() || exe == self.js_looked_in {
+            return;
+        }
+        self.js_looked_in = exe;
+        match JsNamer::new(self.pid) {
+            Ok(js) => self.js = js,
+            Err(why) => eprintln!("loopbpf: warning: JS frames stay unnamed ([JS]): {why}"),
+        }
+    }
+
+    /// Unwinds a sample and names its JS frames (before unwinding drops the stack copy).
+    fn unwind(&mut self, sample: &mut StackSample) {
+        if let Some(js) = self.js.as_mut() {
+            sample.js = js.js_frames(sample);
+        }
+        self.unwinder.unwind(sample);
+    }
+
+    /// New mappings (a library loaded, a launched command's exec) since the last refresh.
+    fn refresh(&mut self) {
+        self.symbolizer.refresh();
+        self.unwinder.refresh();
+        self.find_v8();
+    }
+}
+
 /// The running pipeline: kernel side, aggregation, naming, outputs.
 struct Session<'a, W: io::Write> {
     args: &'a Args,
@@ -149,8 +204,7 @@ struct Session<'a, W: io::Write> {
     aggregator: Aggregator,
     reporter: Reporter<W>,
     /// `None` with `--no-stacks`.
-    symbolizer: Option<Symbolizer>,
-    unwinder: Option<Unwinder>,
+    naming: Option<Naming>,
     flame: Flame,
     /// Lost events already warned about.
     dropped_warned: u64,
@@ -165,9 +219,8 @@ impl<W: io::Write> Session<'_, W> {
             match Event::decode(&item) {
                 Ok(mut event) => {
                     self.follow_threads(&event);
-                    if let (Event::Stack(sample), Some(unwinder)) = (&mut event, &mut self.unwinder)
-                    {
-                        unwinder.unwind(sample);
+                    if let (Event::Stack(sample), Some(naming)) = (&mut event, &mut self.naming) {
+                        naming.unwind(sample);
                     }
                     records.extend(self.aggregator.on_event(event));
                 }
@@ -183,7 +236,7 @@ impl<W: io::Write> Session<'_, W> {
     /// Starts sampling loop threads as they are found; takes the final state of those that exit.
     fn follow_threads(&mut self, event: &Event) {
         match *event {
-            Event::LoopFound { tid, .. } if self.symbolizer.is_some() => {
+            Event::LoopFound { tid, .. } if self.naming.is_some() => {
                 if let Err(e) = self.probes.sample_thread(tid, self.args.sample_rate) {
                     eprintln!("loopbpf: no stack samples for thread {tid}: {e}");
                 }
@@ -222,7 +275,7 @@ impl<W: io::Write> Session<'_, W> {
     /// Weights and names a record's stacks; `into_flame` adds them to the blocked time of
     /// `--folded` and `--flamegraph`.
     fn name_stacks(&mut self, record: &mut Record, into_flame: bool) {
-        let Some(symbolizer) = self.symbolizer.as_mut() else {
+        let Some(naming) = self.naming.as_mut() else {
             return;
         };
         let (Record::Block {
@@ -243,8 +296,13 @@ impl<W: io::Write> Session<'_, W> {
             return;
         };
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
-        symbolizer.refresh();
-        let named = stacks::profile(stacks, *duration_ns, symbolizer);
+        naming.symbolizer.refresh();
+        let named = stacks::profile(
+            stacks,
+            *duration_ns,
+            &mut naming.symbolizer,
+            naming.js.as_ref(),
+        );
         if into_flame {
             self.flame.add(id, &named);
         }
@@ -302,10 +360,9 @@ async fn watch(
     args: &Args,
     target: &Target,
     mut probes: Probes,
-    naming: Option<(Symbolizer, Unwinder)>,
+    naming: Option<Naming>,
     child: Option<&StoppedChild>,
 ) -> Result<ExitCode> {
-    let (symbolizer, unwinder) = naming.unzip();
     let clock = Clock::new();
     let started_ns = Clock::monotonic_ns();
     // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
@@ -321,8 +378,7 @@ async fn watch(
         probes,
         aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
         reporter: Reporter::new(io::stdout().lock(), args.json, clock),
-        symbolizer,
-        unwinder,
+        naming,
         flame: Flame::default(),
         dropped_warned: 0,
     };
@@ -359,11 +415,8 @@ async fn watch(
             _ = maps_refresh.tick() => {
                 // Keep the memory map current while the target lives, so that stacks of a
                 // block that ends with its exit can still be named.
-                if let Some(symbolizer) = session.symbolizer.as_mut() {
-                    symbolizer.refresh();
-                }
-                if let Some(unwinder) = session.unwinder.as_mut() {
-                    unwinder.refresh();
+                if let Some(naming) = session.naming.as_mut() {
+                    naming.refresh();
                 }
                 session.warn_of_lost_events();
                 Ok(())

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::{
     decode::StackSample,
     symbolize::{Frame, Symbolizer},
+    v8::{JsFrameRef, JsNamer},
 };
 
 /// Most distinct stacks kept for one busy interval (a loop hung for minutes stays bounded).
@@ -22,6 +23,8 @@ pub struct StackKey {
     pub on_cpu: bool,
     pub user: Vec<u64>,
     pub kernel: Vec<u64>,
+    /// The JS frames among `user` that V8's heap named.
+    pub js: Vec<JsFrameRef>,
 }
 
 /// The stacks of one busy interval, not yet named.
@@ -39,6 +42,7 @@ impl RawStacks {
             on_cpu: sample.off_cpu_ns.is_none(),
             user: sample.user,
             kernel: sample.kernel,
+            js: sample.js,
         };
         let weight = match sample.off_cpu_ns {
             None => {
@@ -74,8 +78,14 @@ pub struct BlockProfile {
     pub stacks: Vec<NamedStack>,
 }
 
-/// Weights and names the stacks of a block of `duration_ns`.
-pub fn profile(raw: &RawStacks, duration_ns: u64, symbolizer: &mut Symbolizer) -> BlockProfile {
+/// Weights and names the stacks of a block of `duration_ns`; JS frames by `js_namer` when
+/// V8's heap named them.
+pub fn profile(
+    raw: &RawStacks,
+    duration_ns: u64,
+    symbolizer: &mut Symbolizer,
+    js_namer: Option<&JsNamer>,
+) -> BlockProfile {
     let off_cpu_ns = raw.off_cpu_ns.min(duration_ns);
     let on_cpu_ns = duration_ns - off_cpu_ns;
     let mut named: HashMap<(bool, Vec<Frame>), u64> = HashMap::new();
@@ -88,7 +98,12 @@ pub fn profile(raw: &RawStacks, duration_ns: u64, symbolizer: &mut Symbolizer) -
             weight.min(duration_ns)
         };
         let mut frames = symbolizer.kernel(&key.kernel);
-        frames.extend(symbolizer.user(&key.user));
+        let js: Vec<(u64, &Frame)> = key
+            .js
+            .iter()
+            .filter_map(|r| Some((r.pc, js_namer?.frame(r.id)?)))
+            .collect();
+        frames.extend(symbolizer.user(&key.user, &js));
         *named.entry((key.on_cpu, frames)).or_insert(0) += weight_ns;
     }
     let mut stacks: Vec<NamedStack> = named
@@ -155,6 +170,7 @@ mod tests {
             kernel: Vec::new(),
             regs: [0; 3],
             stack: Vec::new(),
+            js: Vec::new(),
         }
     }
 
@@ -173,6 +189,7 @@ mod tests {
             on_cpu: false,
             user: vec![4],
             kernel: vec![],
+            js: vec![],
         };
         assert_eq!(raw.stacks[&off], 100);
     }

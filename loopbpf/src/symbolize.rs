@@ -81,7 +81,7 @@ impl Frame {
         Self::js(UNNAMED_JS.to_owned(), None, None)
     }
 
-    fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
+    pub(crate) fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
         Self {
             name,
             module: JIT_MODULE.to_owned(),
@@ -196,17 +196,35 @@ impl Symbolizer {
     /// builtin as the leaf: the word at its stack pointer is not its return address). When code
     /// follows it (the walk found the frame-pointer chain again) it is dropped; at the end of the
     /// stack one `[unknown]` shows where the walk got lost.
-    pub fn user(&mut self, addrs: &[u64]) -> Vec<Frame> {
+    ///
+    /// `js` are the frames V8's heap named, leaf first, by the address their code ran at; they
+    /// take the place of the address's own name (`[JS]`, the interpreter's trampoline).
+    pub fn user(&mut self, addrs: &[u64], js: &[(u64, &Frame)]) -> Vec<Frame> {
         self.perf_map.synced_this_call = false;
         let mut frames: Vec<Frame> = Vec::with_capacity(addrs.len());
         let mut lost = None;
+        let mut js = js;
         for (depth, &addr) in addrs.iter().enumerate() {
+            let named_js = js.iter().position(|&(pc, _)| pc == addr).map(|i| {
+                let frame = js[i].1.clone();
+                js = &js[i + 1..];
+                frame
+            });
             let (frame, is_code) = self.user_frame(lookup_address(depth, addr));
-            if depth > 0 && !is_code {
+            if depth > 0 && !is_code && named_js.is_none() {
                 lost.get_or_insert(frame);
                 continue;
             }
             lost = None;
+            if let Some(js_frame) = named_js {
+                // A leaf that is not the function's own code runs on its behalf without a
+                // frame of its own (a builtin it called): it stays, the function is its caller.
+                if depth == 0 && !runs_as_js(&frame) {
+                    frames.push(frame);
+                }
+                frames.push(js_frame);
+                continue;
+            }
             if frame.is_unnamed_js() && frames.last().is_some_and(Frame::is_unnamed_js) {
                 continue;
             }
@@ -400,6 +418,15 @@ impl Symbolizer {
         }
         self.maps = regions;
     }
+}
+
+/// Whether code at this frame is a JS function's own: its JIT code, or the interpreter running
+/// its bytecode (the entry trampoline and the bytecode handlers, in node's text).
+fn runs_as_js(frame: &Frame) -> bool {
+    frame.kind == FrameKind::Js
+        || frame.name.starts_with("Builtins_Interpreter")
+        || frame.name.starts_with("Builtins_Baseline")
+        || (frame.name.starts_with("Builtins_") && frame.name.ends_with("Handler"))
 }
 
 /// The address to look up for the frame at `depth`: return addresses point after their call.
@@ -980,7 +1007,7 @@ mod tests {
     fn names_a_function_of_this_test_binary() {
         let addr = symbolize_test_marker as fn() -> u64 as usize as u64;
         let mut symbolizer = Symbolizer::new(std::process::id());
-        let frames = symbolizer.user(&[addr + 1, addr + 2]);
+        let frames = symbolizer.user(&[addr + 1, addr + 2], &[]);
         assert_eq!(frames.len(), 2);
         for frame in &frames {
             assert!(frame.name.contains("symbolize_test_marker"), "{frame:?}");
@@ -1006,7 +1033,7 @@ mod tests {
 
         let timed = |symbolizer: &mut Symbolizer, addr| {
             let started = Instant::now();
-            let frames = symbolizer.user(&[addr]);
+            let frames = symbolizer.user(&[addr], &[]);
             (frames, started.elapsed())
         };
         let started = Instant::now();
@@ -1037,14 +1064,14 @@ mod tests {
         }
 
         let vdso_start = vdso_range(node.pid()).0;
-        let frames = symbolizer.user(&[vdso_start + vdso_symbol_offset("clock_gettime")]);
+        let frames = symbolizer.user(&[vdso_start + vdso_symbol_offset("clock_gettime")], &[]);
         assert!(frames[0].name.contains("clock_gettime"), "{frames:?}");
         assert_eq!(frames[0].module, "[vdso]");
 
         // The target is gone: its snapshot and the opened binary still name new addresses.
         node.kill();
         symbolizer.refresh();
-        let frames = symbolizer.user(&[0, uv_loop_init + 1]);
+        let frames = symbolizer.user(&[0, uv_loop_init + 1], &[]);
         assert_eq!(frames[1].name, "uv_loop_init", "{frames:?}");
         assert_eq!(frames[1].module, "node");
     }
@@ -1074,7 +1101,7 @@ mod tests {
         let (start, _, _) = parse_perf_map_line(&entry).expect("a well-formed perf map line");
 
         symbolizer.refresh();
-        let frames = symbolizer.user(&[start + 1]);
+        let frames = symbolizer.user(&[start + 1], &[]);
         assert_eq!(frames.len(), 1);
         let frame = &frames[0];
         assert_eq!(frame.name, "hotLoopForTest", "{frame:?}");
@@ -1091,7 +1118,7 @@ mod tests {
 
         node.kill();
         assert_eq!(
-            symbolizer.user(&[0, start + 2])[1],
+            symbolizer.user(&[0, start + 2], &[])[1],
             *frame,
             "named after the exit too"
         );
@@ -1134,7 +1161,7 @@ mod tests {
              3000-4000 rw-p 00000000 00:00 0 \n"
         ));
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
-        let frames = symbolizer.user(&[0x1100, 0x1f00, 0x2100, native + 1, 0x2200, 0x3100]);
+        let frames = symbolizer.user(&[0x1100, 0x1f00, 0x2100, native + 1, 0x2200, 0x3100], &[]);
         let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_str()).collect();
         assert_eq!(names.len(), 4, "{frames:?}");
         assert_eq!(frames[0], Frame::unnamed_js());
@@ -1158,7 +1185,7 @@ mod tests {
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
         // A frameless leaf: framehop took a word at its stack pointer (a number, a stack address)
         // for the return address, then found the frame-pointer chain again.
-        let frames = symbolizer.user(&[native, 0x5f, 0x3100, 0x1100, native + 1, 0x20, 0x30]);
+        let frames = symbolizer.user(&[native, 0x5f, 0x3100, 0x1100, native + 1, 0x20, 0x30], &[]);
         let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_str()).collect();
         assert_eq!(names.len(), 4, "{frames:?}");
         assert!(names[0].contains("symbolize_test_marker"), "{frames:?}");
@@ -1175,7 +1202,7 @@ mod tests {
     fn garbage_addresses_never_panic() {
         for pid in [std::process::id(), 0, u32::MAX] {
             let mut symbolizer = Symbolizer::new(pid);
-            assert!(symbolizer.user(&[]).is_empty());
+            assert!(symbolizer.user(&[], &[]).is_empty());
             assert!(symbolizer.kernel(&[]).is_empty());
             let garbage = [
                 0,
@@ -1185,7 +1212,7 @@ mod tests {
                 0x7fff_ffff_ffff,
                 0xffff_8000_0000_0000,
             ];
-            let frames = symbolizer.user(&garbage);
+            let frames = symbolizer.user(&garbage, &[]);
             assert!(!frames.is_empty() && frames.len() <= garbage.len());
             assert_eq!(frames[0], Frame::unknown(UNKNOWN, FrameKind::Native));
             assert_eq!(symbolizer.kernel(&garbage).len(), garbage.len());
