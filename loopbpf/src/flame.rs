@@ -95,6 +95,7 @@ mod tests {
             module: "node".to_owned(),
             file: None,
             line: None,
+            column: None,
             kind,
         }
     }

@@ -402,7 +402,11 @@ impl CallTree {
 fn display_name(frame: &Frame) -> String {
     let name = strip_parameters(&frame.name);
     match (frame.kind, &frame.file, frame.line) {
-        (FrameKind::Js, Some(file), Some(line)) => format!("{name} {file}:{line}"),
+        (FrameKind::Js, Some(file), Some(line)) => match frame.column {
+            Some(column) => format!("{name} {file}:{line}:{column}"),
+            None => format!("{name} {file}:{line}"),
+        },
+        (FrameKind::Js, Some(file), None) => format!("{name} {file}"),
         (FrameKind::Js, _, _) => name.to_owned(),
         (FrameKind::Kernel, _, _) => format!("{name} [kernel]"),
         (FrameKind::Native, _, _) => format!("{name} ({})", frame.module),
@@ -649,6 +653,7 @@ mod tests {
             module: module.to_owned(),
             file: file.map(str::to_owned),
             line,
+            column: None,
             kind,
         };
         BlockProfile {

@@ -73,6 +73,8 @@ pub struct Frame {
     /// Source file when known (DWARF line info, or the script of a perf-map JS entry).
     pub file: Option<String>,
     pub line: Option<u32>,
+    /// Column of a JS frame's position, as Node prints it (from 1).
+    pub column: Option<u32>,
     pub kind: FrameKind,
 }
 
@@ -81,12 +83,22 @@ impl Frame {
         Self::js(UNNAMED_JS.to_owned(), None, None)
     }
 
-    pub(crate) fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
+    fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
+        Self::js_at(name, file, line.map(|line| (line, None)))
+    }
+
+    /// A JS frame at a script position (line, and column when known).
+    pub(crate) fn js_at(
+        name: String,
+        file: Option<String>,
+        position: Option<(u32, Option<u32>)>,
+    ) -> Self {
         Self {
             name,
             module: JIT_MODULE.to_owned(),
             file,
-            line,
+            line: position.map(|(line, _)| line),
+            column: position.and_then(|(_, column)| column),
             kind: FrameKind::Js,
         }
     }
@@ -97,6 +109,7 @@ impl Frame {
             module: module.to_owned(),
             file: None,
             line: None,
+            column: None,
             kind,
         }
     }
@@ -115,6 +128,7 @@ impl Frame {
             module: module.to_owned(),
             file,
             line,
+            column: None,
             kind,
         }
     }
