@@ -40,8 +40,8 @@ const MAX_POSITION_TABLE: usize = 1 << 20;
 const MAX_STRING_DEPTH: usize = 16;
 /// Frames looked at in one sample (the frame-pointer chain through the stack copy).
 const MAX_CHAIN: usize = 256;
-/// Maps followed from a receiver's map to its constructor.
-const MAX_BACK_POINTERS: usize = 16;
+/// Maps followed from a receiver's map back to its constructor (one per property added).
+const MAX_BACK_POINTERS: usize = 4096;
 /// Entries kept in each cache before it is cleared (a long session stays bounded).
 const MAX_CACHE: usize = 65_536;
 /// V8 keeps up to this many context local names inline in a `ScopeInfo`, a hash table beyond.
