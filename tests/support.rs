@@ -131,12 +131,17 @@ impl Fixture {
 
     /// Starts the fixture on a given node binary.
     pub fn start_on(node: &str, node_flags: &[&str]) -> Self {
+        Self::start_script(node, "blocker.js", node_flags)
+    }
+
+    /// Starts a fixture script (in tests/fixtures) on a given node binary.
+    pub fn start_script(node: &str, script: &str, node_flags: &[&str]) -> Self {
         let mut child = Command::new(node)
             // node's own files (perf maps, V8 logs) land there, not in the source tree.
             .current_dir(std::env::temp_dir())
             .arg("--expose-gc")
             .args(node_flags)
-            .arg(fixture("blocker.js"))
+            .arg(fixture(script))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -251,6 +251,10 @@ impl JsNamer {
             .and_then(|offset| Some((info.script?, offset)));
         let position = offset.and_then(|(script, offset)| self.line_column(script, offset));
         let type_name = slots.receiver.and_then(|r| self.receiver_type(r));
+        if std::env::var_os("LOOPBPF_DEBUG_V8").is_some() {
+            let t = slots.receiver.and_then(heap_object).and_then(|r| self.instance_type(r));
+            eprintln!("DEBUG {name} receiver={:x?} type={t:?} -> {type_name:?} bc={:x?} off={:x?}", slots.receiver, slots.bytecode_array, slots.bytecode_offset);
+        }
         let frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
             info.file.clone(),
