@@ -57,6 +57,13 @@ struct {
 } dropped SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);                      /* 0 */
+	__type(value, struct loopbpf_v8_layout); /* set once the target's V8 is read */
+} v8_layout SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
 	__type(key, __u32);                        /* tid of a busy loop thread that sleeps */
@@ -427,6 +434,42 @@ static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
 	return t;
 }
 
+/* Follows the frame-pointer chain from the sampled frame and reads, for each frame, what its
+ * V8 function and receiver slots point at, before the GC can move those objects. Userspace
+ * checks every pointer's type: a frame that is not a JS frame reads as garbage and is dropped
+ * there. */
+static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
+{
+	__u32 zero = 0;
+	struct loopbpf_v8_layout *v8 = bpf_map_lookup_elem(&v8_layout, &zero);
+	__u64 fp = e->user_bp;
+
+	e->js_depth = 0;
+	if (!v8 || !v8->enabled)
+		return;
+	for (int i = 0; i < LOOPBPF_JS_FRAMES; i++) {
+		__u64 function = 0, receiver = 0, caller_fp = 0;
+		struct loopbpf_js_frame *frame = &e->js[i];
+
+		frame->fp = fp;
+		frame->shared = 0;
+		frame->receiver_map = 0;
+		bpf_probe_read_user(&function, sizeof(function), (void *)(fp + v8->fp_function));
+		bpf_probe_read_user(&receiver, sizeof(receiver), (void *)(fp + v8->fp_receiver));
+		if ((function & 3) == 1)
+			bpf_probe_read_user(&frame->shared, sizeof(frame->shared),
+					    (void *)(function - 1 + v8->function_shared));
+		if ((receiver & 3) == 1)
+			bpf_probe_read_user(&frame->receiver_map, sizeof(frame->receiver_map),
+					    (void *)(receiver - 1));
+		e->js_depth = i + 1;
+		/* The stack grows down: a caller's frame is always above. */
+		if (bpf_probe_read_user(&caller_fp, sizeof(caller_fp), (void *)fp) || caller_fp <= fp)
+			break;
+		fp = caller_fp;
+	}
+}
+
 /* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes:
  * near the top of a thread's stack a full copy would fault, so halve until one fits. */
 static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
@@ -461,7 +504,7 @@ static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e
 	e->user_ip = regs.rip;
 	e->user_sp = regs.rsp;
 	e->user_bp = regs.rbp;
-	e->reserved2 = 0;
+	read_js_frames(e);
 	e->stack_len = copy_user_stack(e);
 }
 

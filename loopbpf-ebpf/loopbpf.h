@@ -49,6 +49,26 @@ enum loopbpf_role {
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
 #define LOOPBPF_RED_ZONE 128
 
+/* Frames on the frame-pointer chain whose V8 objects are read when the sample is taken: the
+ * GC moves young objects, so a pointer from the stack is followed right away or not at all. */
+#define LOOPBPF_JS_FRAMES 32
+
+/* One frame of that chain: what its function and receiver slots pointed at, at sample time. */
+struct loopbpf_js_frame {
+	__u64 fp;           /* the frame pointer, to match the frame in the stack copy */
+	__u64 shared;       /* the function slot's JSFunction -> its SharedFunctionInfo (tagged) */
+	__u64 receiver_map; /* the receiver slot's object -> its Map (tagged) */
+};
+
+/* Where V8 keeps those (from the target's postmortem metadata): the value of the v8_layout
+ * map, written by userspace once it has read the target's V8; zero turns the reads off. */
+struct loopbpf_v8_layout {
+	__s32 fp_function;     /* frame slot of the JSFunction, from the frame pointer */
+	__s32 fp_receiver;     /* frame slot of the receiver */
+	__u32 function_shared; /* JSFunction field of the SharedFunctionInfo */
+	__u32 enabled;
+};
+
 /* Most user stack frames searched for the worker entry function when a loop is adopted. */
 #define LOOPBPF_ROLE_STACK_DEPTH 32
 
@@ -85,7 +105,8 @@ struct loopbpf_stack_event {
 	__u64 user_sp;
 	__u64 user_bp;
 	__u32 stack_len;     /* bytes of stack[] copied from user_sp - LOOPBPF_RED_ZONE */
-	__u32 reserved2;
+	__u32 js_depth;      /* frames in js[], from user_bp up the chain */
+	struct loopbpf_js_frame js[LOOPBPF_JS_FRAMES];
 	__u8 stack[LOOPBPF_STACK_COPY];
 };
 

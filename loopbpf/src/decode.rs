@@ -30,6 +30,31 @@ pub const KERNEL_FRAMES: usize = 32;
 /// (`LOOPBPF_RED_ZONE`).
 pub const STACK_COPY: usize = 32768;
 pub const RED_ZONE: u64 = 128;
+/// Frames of the chain whose V8 objects are read at sample time (`LOOPBPF_JS_FRAMES`).
+pub const JS_FRAMES: usize = 32;
+
+/// `struct loopbpf_js_frame`: what a frame's function and receiver slots pointed at when the
+/// sample was taken (tagged pointers; 0 where nothing was read).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CapturedFrame {
+    pub fp: u64,
+    pub shared: u64,
+    pub receiver_map: u64,
+}
+
+/// `struct loopbpf_v8_layout`: the value of the `v8_layout` map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct V8Layout {
+    pub fp_function: i32,
+    pub fp_receiver: i32,
+    pub function_shared: u32,
+    pub enabled: u32,
+}
+
+// SAFETY: integers only, no padding.
+unsafe impl aya::Pod for V8Layout {}
 
 /// `struct loopbpf_stack_event`.
 #[repr(C)]
@@ -50,7 +75,8 @@ pub struct RawStackEvent {
     pub user_sp: u64,
     pub user_bp: u64,
     pub stack_len: u32,
-    pub reserved2: u32,
+    pub js_depth: u32,
+    pub js: [CapturedFrame; JS_FRAMES],
     pub stack: [u8; STACK_COPY],
 }
 
@@ -126,6 +152,8 @@ pub struct StackSample {
     pub regs: [u64; 3],
     /// The top of the user stack from sp - [`RED_ZONE`]; emptied once unwound.
     pub stack: Vec<u8>,
+    /// The frame-pointer chain with what its V8 slots pointed at when the sample was taken.
+    pub captured: Vec<CapturedFrame>,
     /// The JS frames among `user`, named by the V8 stage (empty until then).
     pub js: Vec<JsFrameRef>,
 }
@@ -203,6 +231,7 @@ impl Event {
                 let user = &raw.user[..(raw.user_depth as usize).min(USER_FRAMES)];
                 let kernel = &raw.kernel[..(raw.kernel_depth as usize).min(KERNEL_FRAMES)];
                 let stack = &raw.stack[..(raw.stack_len as usize).min(STACK_COPY)];
+                let captured = &raw.js[..(raw.js_depth as usize).min(JS_FRAMES)];
                 Ok(Self::Stack(StackSample {
                     pid: raw.pid,
                     tid: raw.tid,
@@ -213,6 +242,7 @@ impl Event {
                     kernel: kernel.to_vec(),
                     regs: [raw.user_ip, raw.user_sp, raw.user_bp],
                     stack: stack.to_vec(),
+                    captured: captured.to_vec(),
                     js: Vec::new(),
                 }))
             }
@@ -477,6 +507,15 @@ mod tests {
         field!("loopbpf_stack_event", RawStackEvent, user_sp);
         field!("loopbpf_stack_event", RawStackEvent, user_bp);
         field!("loopbpf_stack_event", RawStackEvent, stack_len);
+        field!("loopbpf_stack_event", RawStackEvent, js_depth);
+        field!("loopbpf_stack_event", RawStackEvent, js);
+        size!("loopbpf_js_frame", CapturedFrame);
+        field!("loopbpf_js_frame", CapturedFrame, shared);
+        field!("loopbpf_js_frame", CapturedFrame, receiver_map);
+        size!("loopbpf_v8_layout", V8Layout);
+        field!("loopbpf_v8_layout", V8Layout, fp_receiver);
+        field!("loopbpf_v8_layout", V8Layout, function_shared);
+        field!("loopbpf_v8_layout", V8Layout, enabled);
         field!("loopbpf_stack_event", RawStackEvent, stack);
         size!("loopbpf_thread", ThreadState);
         field!("loopbpf_thread", ThreadState, loop_addr);

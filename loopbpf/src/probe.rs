@@ -18,7 +18,7 @@ use aya::{
 use thiserror::Error;
 
 use crate::{
-    decode::{BUSY_BEFORE_ATTACH, ROLE_MAIN, ThreadState},
+    decode::{BUSY_BEFORE_ATTACH, ROLE_MAIN, ThreadState, V8Layout},
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
@@ -72,6 +72,7 @@ pub struct Probes {
     ebpf: Ebpf,
     threads: HashMap<MapData, u32, ThreadState>,
     window: Array<MapData, u64>,
+    v8_layout: Array<MapData, V8Layout>,
     dropped: PerCpuArray<MapData, u64>,
     /// Per loop thread cpu-clock sampling, by tid.
     samplers: std::collections::HashMap<u32, PerfEventLinkId>,
@@ -93,11 +94,13 @@ impl Probes {
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
         let window = take_map(&mut ebpf, "window")?;
+        let v8_layout = take_map(&mut ebpf, "v8_layout")?;
         let dropped = take_map(&mut ebpf, "dropped")?;
         Ok(Self {
             ebpf,
             threads,
             window,
+            v8_layout,
             dropped,
             samplers: std::collections::HashMap::new(),
         })
@@ -285,6 +288,16 @@ impl Probes {
             .set(0, window, 0)
             .map_err(|error| ProbeError::MapAccess {
                 name: "window",
+                error,
+            })
+    }
+
+    /// Turns on reading the V8 objects of JS frames when samples are taken.
+    pub fn set_v8_layout(&mut self, layout: V8Layout) -> Result<(), ProbeError> {
+        self.v8_layout
+            .set(0, layout, 0)
+            .map_err(|error| ProbeError::MapAccess {
+                name: "v8_layout",
                 error,
             })
     }

@@ -181,12 +181,13 @@ impl Naming {
         }
     }
 
-    /// Unwinds a sample and names its JS frames (before unwinding drops the stack copy).
+    /// Unwinds a sample and names its JS frames, then drops its stack copy.
     fn unwind(&mut self, sample: &mut StackSample) {
+        self.unwinder.unwind(sample);
         if let Some(js) = self.js.as_mut() {
             sample.js = js.js_frames(sample);
         }
-        self.unwinder.unwind(sample);
+        sample.stack = Vec::new();
     }
 
     /// New mappings (a library loaded, a launched command's exec) since the last refresh.
@@ -208,6 +209,8 @@ struct Session<'a, W: io::Write> {
     flame: Flame,
     /// Lost events already warned about.
     dropped_warned: u64,
+    /// Whether the kernel side reads V8 objects of sampled frames yet.
+    v8_layout_set: bool,
 }
 
 impl<W: io::Write> Session<'_, W> {
@@ -309,6 +312,21 @@ impl<W: io::Write> Session<'_, W> {
         *profile = Some(named);
     }
 
+    /// Once the target's V8 is known, has the kernel side read the objects that JS frames
+    /// point at when it takes a sample (they move with the GC).
+    fn read_v8_objects_in_samples(&mut self) {
+        if self.v8_layout_set {
+            return;
+        }
+        let Some(js) = self.naming.as_ref().and_then(|naming| naming.js.as_ref()) else {
+            return;
+        };
+        match self.probes.set_v8_layout(js.kernel_layout()) {
+            Ok(()) => self.v8_layout_set = true,
+            Err(e) => eprintln!("loopbpf: warning: JS frames named after the sample: {e}"),
+        }
+    }
+
     /// Says so, at most once a second, when the kernel side could not hand events over: counts
     /// and stacks are then incomplete, and the user must know.
     fn warn_of_lost_events(&mut self) {
@@ -381,7 +399,9 @@ async fn watch(
         naming,
         flame: Flame::default(),
         dropped_warned: 0,
+        v8_layout_set: false,
     };
+    session.read_v8_objects_in_samples();
 
     let mut state_poll = tokio::time::interval(STATE_POLL);
     let mut maps_refresh = tokio::time::interval(MAPS_REFRESH);
@@ -418,6 +438,7 @@ async fn watch(
                 if let Some(naming) = session.naming.as_mut() {
                     naming.refresh();
                 }
+                session.read_v8_objects_in_samples();
                 session.warn_of_lost_events();
                 Ok(())
             }

@@ -171,6 +171,7 @@ mod tests {
             kernel: Vec::new(),
             regs: [0; 3],
             stack: Vec::new(),
+            captured: Vec::new(),
             js: Vec::new(),
         }
     }

@@ -230,14 +230,21 @@ impl Symbolizer {
                 continue;
             }
             lost = None;
-            if let Some(js_frame) = named_js {
+            match named_js {
+                Some(js_frame) if runs_as_js(&frame) => {
+                    frames.push(js_frame);
+                    continue;
+                }
                 // A leaf that is not the function's own code runs on its behalf without a
                 // frame of its own (a builtin it called): it stays, the function is its caller.
-                if depth == 0 && !runs_as_js(&frame) {
+                Some(js_frame) if depth == 0 => {
                     frames.push(frame);
+                    frames.push(js_frame);
+                    continue;
                 }
-                frames.push(js_frame);
-                continue;
+                // Deeper, a frame of other code (a builtin with a frame like a JS one): its
+                // own name.
+                _ => {}
             }
             if frame.is_unnamed_js() && frames.last().is_some_and(Frame::is_unnamed_js) {
                 continue;

@@ -83,9 +83,14 @@ impl Unwinder {
     }
 
     /// Replaces the sample's frame-pointer walk with the `.eh_frame` unwinding, continued by
-    /// the frame-pointer walk where the stack copy ends; drops the stack copy.
+    /// the frame-pointer walk where the stack copy ends.
     pub fn unwind(&mut self, sample: &mut StackSample) {
         let stack = std::mem::take(&mut sample.stack);
+        self.unwind_with(sample, &stack);
+        sample.stack = stack;
+    }
+
+    fn unwind_with(&mut self, sample: &mut StackSample, stack: &[u8]) {
         let [ip, sp, bp] = sample.regs;
         if ip == 0 || stack.is_empty() {
             return;

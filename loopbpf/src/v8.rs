@@ -23,7 +23,7 @@ use std::{
 };
 
 use crate::{
-    decode::{RED_ZONE, StackSample},
+    decode::{CapturedFrame, RED_ZONE, StackSample, V8Layout},
     discover::{executable_file_mappings, mapped_file},
     symbolize::Frame,
 };
@@ -40,6 +40,8 @@ const MAX_POSITION_TABLE: usize = 1 << 20;
 const MAX_STRING_DEPTH: usize = 16;
 /// Frames looked at in one sample (the frame-pointer chain through the stack copy).
 const MAX_CHAIN: usize = 256;
+/// Unwound return addresses where a broken frame-pointer chain is picked up again.
+const MAX_SEEDS: usize = 16;
 /// Maps followed from a receiver's map back to its constructor (one per property added).
 const MAX_BACK_POINTERS: usize = 4096;
 /// Entries kept in each cache before it is cleared (a long session stays bounded).
@@ -64,6 +66,8 @@ struct FrameSlots {
     /// Interpreted frames: a Smi; baseline frames keep the feedback there instead.
     bytecode_offset: Option<u64>,
     receiver: Option<u64>,
+    /// What the kernel side read through the slots when the sample was taken.
+    captured: Option<CapturedFrame>,
 }
 
 /// What a `SharedFunctionInfo` says about its function.
@@ -137,6 +141,10 @@ pub struct JsNamer {
     /// Script offset by bytecode array and bytecode offset.
     positions: HashMap<(u64, i64), Option<u32>>,
     line_ends: HashMap<u64, LineEnds>,
+    /// What the kernel side read for a frame (frame pointer, function and receiver slots):
+    /// for samples where it could not follow the chain to that frame (a leaf in libc). The
+    /// GC rewrites the slots when it moves the objects, so equal slots mean the same objects.
+    captured_before: HashMap<(u64, u64, u64), CapturedFrame>,
     /// Class name of receivers by their map (`None`: not a method call).
     receiver_types: HashMap<u64, Option<String>>,
     frames: Vec<Frame>,
@@ -176,9 +184,21 @@ impl JsNamer {
             positions: HashMap::new(),
             line_ends: HashMap::new(),
             receiver_types: HashMap::new(),
+            captured_before: HashMap::new(),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
         }))
+    }
+
+    /// What the kernel side reads of each sampled frame, for this process's V8.
+    pub fn kernel_layout(&self) -> V8Layout {
+        let l = &self.layout;
+        V8Layout {
+            fp_function: i32::try_from(l.fp_function).unwrap_or(0),
+            fp_receiver: i32::try_from(l.fp_receiver).unwrap_or(0),
+            function_shared: u32::try_from(l.function_shared).unwrap_or(0),
+            enabled: 1,
+        }
     }
 
     /// A named frame by the id a [`JsFrameRef`] carries.
@@ -187,9 +207,11 @@ impl JsNamer {
     }
 
     /// The JS frames of a sample, leaf first, found on the frame-pointer chain through the
-    /// sample's stack copy. Call before the unwind stage drops the copy.
+    /// sample's stack copy. Where code without frame pointers (libc) breaks the chain, it is
+    /// picked up again at the unwound return addresses. Call after unwinding, before the copy
+    /// is dropped.
     pub fn js_frames(&mut self, sample: &StackSample) -> Vec<JsFrameRef> {
-        let [ip, sp, mut fp] = sample.regs;
+        let [ip, sp, bp] = sample.regs;
         let base = sp.wrapping_sub(RED_ZONE);
         let stack = &sample.stack;
         let slot = |addr: Option<u64>| -> Option<u64> {
@@ -197,13 +219,51 @@ impl JsNamer {
             let bytes = stack.get(offset..offset.checked_add(8)?)?;
             Some(u64::from_le_bytes(bytes.try_into().ok()?))
         };
+        let mut refs = Vec::new();
+        let mut seen = Vec::new();
+        self.walk_chain(sample, ip, bp, &slot, &mut seen, &mut refs);
+        // A return address found in the copy sits right above its callee's saved frame
+        // pointer: the caller's frame pointer.
+        let words = stack
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()));
+        let words: Vec<u64> = words.collect();
+        let mut from = 1;
+        for &ra in sample.user.iter().skip(1).take(MAX_SEEDS) {
+            let Some(at) = words[from.min(words.len())..].iter().position(|&w| w == ra) else {
+                continue;
+            };
+            let at = from + at;
+            from = at + 1;
+            let caller_fp = words[at - 1];
+            if !seen.contains(&caller_fp) {
+                self.walk_chain(sample, ra, caller_fp, &slot, &mut seen, &mut refs);
+            }
+        }
+        // Leaf first: frames deeper in the stack sit at higher addresses.
+        refs.sort_by_key(|&(fp, _)| fp);
+        refs.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Names the JS frames of the chain from frame pointer `fp`, whose code runs at `pc`.
+    fn walk_chain(
+        &mut self,
+        sample: &StackSample,
+        mut pc: u64,
+        mut fp: u64,
+        slot: &impl Fn(Option<u64>) -> Option<u64>,
+        seen: &mut Vec<u64>,
+        refs: &mut Vec<(u64, JsFrameRef)>,
+    ) {
         let l = &self.layout;
         let (fp_function, fp_context) = (l.fp_function, l.fp_context);
         let (fp_bytecode_array, fp_bytecode_offset) = (l.fp_bytecode_array, l.fp_bytecode_offset);
         let fp_receiver = l.fp_receiver;
-        let mut refs = Vec::new();
-        let mut pc = ip;
         for _ in 0..MAX_CHAIN {
+            if seen.contains(&fp) {
+                break; // another walk named this part already
+            }
+            seen.push(fp);
             if pc == 0 {
                 break;
             }
@@ -213,14 +273,25 @@ impl JsNamer {
             if let (Some(function), Some(context)) = (slot(at(fp_function)), context)
                 && heap_object(context).is_some()
             {
+                let receiver = slot(at(fp_receiver));
+                let mut captured = sample.captured.iter().find(|c| c.fp == fp).copied();
+                // The same frame, with the same slots, read at an earlier sample.
+                let key = (fp, function, receiver.unwrap_or(0));
+                match captured {
+                    Some(c) => {
+                        bounded(&mut self.captured_before).insert(key, c);
+                    }
+                    None => captured = self.captured_before.get(&key).copied(),
+                }
                 let slots = FrameSlots {
                     function,
                     bytecode_array: slot(at(fp_bytecode_array)),
                     bytecode_offset: slot(at(fp_bytecode_offset)),
-                    receiver: slot(at(fp_receiver)),
+                    receiver,
+                    captured,
                 };
                 if let Some(id) = self.name_frame(&slots) {
-                    refs.push(JsFrameRef { pc, id });
+                    refs.push((fp, JsFrameRef { pc, id }));
                 }
             }
             let (Some(caller_fp), Some(ra)) = (slot(Some(fp)), slot(fp.checked_add(8))) else {
@@ -232,17 +303,23 @@ impl JsNamer {
             }
             (fp, pc) = (caller_fp, ra);
         }
-        refs
     }
 
     /// Names a frame; `None` unless its function checks out as a `JSFunction` with a
     /// `SharedFunctionInfo` whose name can be read.
     fn name_frame(&mut self, slots: &FrameSlots) -> Option<u32> {
         let function = heap_object(slots.function)?;
-        if !self.is_function(function) {
-            return None;
-        }
-        let shared = heap_object(self.memory.word(function + self.layout.function_shared)?)?;
+        let shared = match slots.captured {
+            // Read when the sample was taken; checked below as a SharedFunctionInfo.
+            Some(captured) => heap_object(captured.shared)?,
+            // Deeper than the kernel side reads: the function has most likely not moved.
+            None => {
+                if !self.is_function(function) {
+                    return None;
+                }
+                heap_object(self.memory.word(function + self.layout.function_shared)?)?
+            }
+        };
         let info = self.function_info(shared)?;
         let name = info.name.clone()?;
         let offset = self
@@ -250,11 +327,13 @@ impl JsNamer {
             .or(info.start)
             .and_then(|offset| Some((info.script?, offset)));
         let position = offset.and_then(|(script, offset)| self.line_column(script, offset));
-        let type_name = slots.receiver.and_then(|r| self.receiver_type(r));
-        if std::env::var_os("LOOPBPF_DEBUG_V8").is_some() {
-            let t = slots.receiver.and_then(heap_object).and_then(|r| self.instance_type(r));
-            eprintln!("DEBUG {name} receiver={:x?} type={t:?} -> {type_name:?} bc={:x?} off={:x?}", slots.receiver, slots.bytecode_array, slots.bytecode_offset);
-        }
+        // The receiver's class only from its map as read at sample time: a young receiver
+        // moves with every scavenge, and what is at its old address now says nothing.
+        let map_at_sample = slots.captured.and_then(|c| heap_object(c.receiver_map));
+        let type_name = match (slots.receiver, map_at_sample) {
+            (Some(receiver), Some(map)) => self.receiver_type(receiver, map),
+            _ => None,
+        };
         let frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
             info.file.clone(),
@@ -275,6 +354,11 @@ impl JsNamer {
 
     fn instance_type(&mut self, object: u64) -> Option<u16> {
         let map = heap_object(self.memory.word(object + self.layout.map)?)?;
+        self.map_type(map)
+    }
+
+    /// The instance type a map describes.
+    fn map_type(&mut self, map: u64) -> Option<u16> {
         if let Some(&t) = self.types.get(&map) {
             return Some(t);
         }
@@ -286,9 +370,13 @@ impl JsNamer {
     /// A `JSFunction` or one of its subtypes (class and built-in constructors), which V8
     /// numbers right after `JS_FUNCTION_TYPE`.
     fn is_function(&mut self, object: u64) -> bool {
-        let function_type = self.layout.types.js_function;
         self.instance_type(object)
-            .is_some_and(|t| (function_type..=function_type + 32).contains(&t))
+            .is_some_and(|t| self.is_function_type(t))
+    }
+
+    fn is_function_type(&self, t: u16) -> bool {
+        let function_type = self.layout.types.js_function;
+        (function_type..=function_type + 32).contains(&t)
     }
 
     fn is_string(&mut self, object: u64) -> bool {
@@ -541,19 +629,18 @@ impl JsNamer {
 
     /// The class name of a method call's receiver, as `Error.stack` prints it before the
     /// method; `None` for a plain call (undefined, null, the global proxy) or a primitive.
-    fn receiver_type(&mut self, tagged: u64) -> Option<String> {
+    fn receiver_type(&mut self, tagged: u64, map: u64) -> Option<String> {
         let receiver = heap_object(tagged)?;
-        let t = self.instance_type(receiver)?;
+        let t = self.map_type(map)?;
         let types = &self.layout.types;
         if t < types.first_nonstring || t == types.oddball || Some(t) == types.global_proxy {
             return None;
         }
         // A static method: the receiver is the class itself.
-        if self.is_function(receiver) {
+        if self.is_function_type(t) {
             let shared = heap_object(self.memory.word(receiver + self.layout.function_shared)?)?;
             return self.function_info(shared)?.name.filter(|n| !n.is_empty());
         }
-        let map = heap_object(self.memory.word(receiver + self.layout.map)?)?;
         if let Some(name) = self.receiver_types.get(&map) {
             return name.clone();
         }
