@@ -309,16 +309,15 @@ impl JsNamer {
     /// `SharedFunctionInfo` whose name can be read.
     fn name_frame(&mut self, slots: &FrameSlots) -> Option<u32> {
         let function = heap_object(slots.function)?;
-        let shared = match slots.captured {
+        let shared = if let Some(captured) = slots.captured {
             // Read when the sample was taken; checked below as a SharedFunctionInfo.
-            Some(captured) => heap_object(captured.shared)?,
+            heap_object(captured.shared)?
+        } else {
             // Deeper than the kernel side reads: the function has most likely not moved.
-            None => {
-                if !self.is_function(function) {
-                    return None;
-                }
-                heap_object(self.memory.word(function + self.layout.function_shared)?)?
+            if !self.is_function(function) {
+                return None;
             }
+            heap_object(self.memory.word(function + self.layout.function_shared)?)?
         };
         let info = self.function_info(shared)?;
         let name = info.name.clone()?;

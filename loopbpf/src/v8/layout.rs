@@ -104,6 +104,7 @@ pub struct StringLayout {
 impl Layout {
     /// The layout from the metadata of one binary; what is missing or unknown when it cannot
     /// be used.
+    #[expect(clippy::too_many_lines, reason = "one line per value read")]
     pub fn from_metadata(values: &HashMap<String, i64>) -> Result<Self, String> {
         // A name ending in `__` is a field whose type suffix changes between versions
         // (`shared__SharedFunctionInfo`, `shared__Tagged_SharedFunctionInfo_`).
