@@ -231,7 +231,8 @@ impl Symbolizer {
             }
             lost = None;
             match named_js {
-                Some(js_frame) if runs_as_js(&frame) => {
+                // JIT code in pages mapped since the last look at the maps is still V8's.
+                Some(js_frame) if runs_as_js(&frame) || !is_code => {
                     frames.push(js_frame);
                     continue;
                 }
