@@ -254,3 +254,81 @@ fn stack_traces_parse() {
     assert_eq!(frames[2].file.as_deref(), Some("node:internal/main"));
     assert_eq!(frames[2].name, "<anonymous>");
 }
+
+/// loopbpf's JS frames of one stack with their original (source-mapped) positions, leaf first.
+fn original_frames(stack: &Value) -> Vec<(String, Option<JsFrame>)> {
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "js")
+        .map(|f| {
+            let original = f["original"].as_object().map(|o| JsFrame {
+                name: f["name"].as_str().unwrap().to_owned(),
+                file: o["file"].as_str().map(str::to_owned),
+                line: o["line"].as_u64(),
+                column: o["column"].as_u64(),
+            });
+            (f["name"].as_str().unwrap().to_owned(), original)
+        })
+        .collect()
+}
+
+#[test]
+fn typescript_frames_are_placed_in_their_typescript_source() {
+    require_root();
+    // Node maps its own stack traces through the source map: the truth in TypeScript terms.
+    let node = node_of(20);
+    let mut app = Fixture::start_script(
+        node.to_str().unwrap(),
+        "ts/checkout.js",
+        &["--enable-source-maps"],
+    );
+    let pid = app.pid().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    app.send("block 300");
+    let truth = parse_stack(app.done("block", TIMEOUT)["stack"].as_str().unwrap());
+    app.send("exit");
+    app.wait_exit(TIMEOUT).expect("fixture did not exit");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    let blocks = events(&output, "block");
+    assert_eq!(blocks.len(), 1, "{output:?}");
+    let source = fixture("ts/checkout.ts").display().to_string();
+    assert_eq!(truth[0].file.as_deref(), Some(source.as_str()), "{truth:?}");
+    let ts_line = |needle: &str| {
+        let text = std::fs::read_to_string(&source).unwrap();
+        text.lines().position(|l| l.contains(needle)).unwrap() as u64 + 1
+    };
+    let total = blocks[0]["duration_ms"].as_f64().unwrap();
+    let mut mapped = 0.0;
+    for stack in blocks[0]["stacks"].as_array().unwrap() {
+        let frames = original_frames(stack);
+        let find = |name: &str| {
+            frames
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, o)| o.clone())
+        };
+        let (Some(spin), Some(price_all)) = (find("spinOver"), find("Checkout.priceAll")) else {
+            continue;
+        };
+        assert_eq!(spin.file.as_deref(), Some(source.as_str()));
+        assert!(
+            spin.line == truth[0].line || spin.line == Some(ts_line("function spinOver(")),
+            "{spin:?} vs Node's {:?}",
+            truth[0]
+        );
+        assert_eq!(truth[1].name, "Checkout.priceAll");
+        assert_eq!(
+            (price_all.file.as_ref(), price_all.line),
+            (truth[1].file.as_ref(), truth[1].line)
+        );
+        mapped += stack["weight_ms"].as_f64().unwrap();
+    }
+    assert!(
+        mapped > 0.8 * total,
+        "only {mapped} of {total} ms mapped to TypeScript: {}",
+        blocks[0]
+    );
+}

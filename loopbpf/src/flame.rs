@@ -96,6 +96,7 @@ mod tests {
             file: None,
             line: None,
             column: None,
+            original: None,
             kind,
         }
     }

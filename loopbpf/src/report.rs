@@ -401,6 +401,12 @@ impl CallTree {
 /// code, the script location for JS.
 fn display_name(frame: &Frame) -> String {
     let name = strip_parameters(&frame.name);
+    if let Some(original) = &frame.original {
+        return format!(
+            "{name} {}:{}:{}",
+            original.file, original.line, original.column
+        );
+    }
     match (frame.kind, &frame.file, frame.line) {
         (FrameKind::Js, Some(file), Some(line)) => match frame.column {
             Some(column) => format!("{name} {file}:{line}:{column}"),
@@ -654,6 +660,7 @@ mod tests {
             file: file.map(str::to_owned),
             line,
             column: None,
+            original: None,
             kind,
         };
         BlockProfile {

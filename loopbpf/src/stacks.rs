@@ -156,6 +156,7 @@ mod tests {
             file: None,
             line: None,
             column: None,
+            original: None,
             kind: FrameKind::Native,
         }
     }

@@ -27,6 +27,8 @@ use blazesym::{
     },
 };
 
+use crate::v8::Original;
+
 /// Name of a JS frame that the perf map does not name (consecutive ones collapse into one).
 const UNNAMED_JS: &str = "[JS]";
 /// Name (and module) of an address nothing names.
@@ -75,6 +77,9 @@ pub struct Frame {
     pub line: Option<u32>,
     /// Column of a JS frame's position, as Node prints it (from 1).
     pub column: Option<u32>,
+    /// Where a JS frame's position comes from in the source its script was built from
+    /// (TypeScript, a bundle's modules), by the script's source map.
+    pub original: Option<Original>,
     pub kind: FrameKind,
 }
 
@@ -99,6 +104,7 @@ impl Frame {
             file,
             line: position.map(|(line, _)| line),
             column: position.and_then(|(_, column)| column),
+            original: None,
             kind: FrameKind::Js,
         }
     }
@@ -110,6 +116,7 @@ impl Frame {
             file: None,
             line: None,
             column: None,
+            original: None,
             kind,
         }
     }
@@ -129,6 +136,7 @@ impl Frame {
             file,
             line,
             column: None,
+            original: None,
             kind,
         }
     }

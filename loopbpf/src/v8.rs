@@ -15,6 +15,7 @@
 //! read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by V8's version in the binary.
 
 mod layout;
+mod source_maps;
 
 use std::{
     collections::HashMap,
@@ -29,6 +30,8 @@ use crate::{
 };
 
 use layout::{Layout, postmortem_metadata};
+pub use source_maps::Original;
+use source_maps::SourceMaps;
 
 /// Longest name or path read from a V8 string; longer ones are cut.
 const MAX_NAME: usize = 512;
@@ -147,6 +150,7 @@ pub struct JsNamer {
     captured_before: HashMap<(u64, u64, u64), CapturedFrame>,
     /// Class name of receivers by their map (`None`: not a method call).
     receiver_types: HashMap<u64, Option<String>>,
+    source_maps: SourceMaps,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
 }
@@ -185,6 +189,7 @@ impl JsNamer {
             line_ends: HashMap::new(),
             receiver_types: HashMap::new(),
             captured_before: HashMap::new(),
+            source_maps: SourceMaps::new(pid),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
         }))
@@ -333,11 +338,14 @@ impl JsNamer {
             (Some(receiver), Some(map)) => self.receiver_type(receiver, map),
             _ => None,
         };
-        let frame = Frame::js_at(
+        let mut frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
             info.file.clone(),
             position.map(|(line, column)| (line, Some(column))),
         );
+        if let (Some(file), Some((line, column))) = (&info.file, position) {
+            frame.original = self.source_maps.original(file, line, column);
+        }
         Some(self.intern(frame))
     }
 

@@ -1,0 +1,169 @@
+//! Original positions of transpiled JS (TypeScript, bundles): the source map a script names in
+//! its `//# sourceMappingURL=` comment, next to it or inline, read from the target's own
+//! filesystem (`/proc/PID/root`, so a container's files).
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Component, Path, PathBuf},
+};
+
+use serde::Serialize;
+use sourcemap::{DecodedMap, SourceMap, decode_slice, locate_sourcemap_reference_slice};
+
+/// Largest script or source map read (a bundle's map can be tens of MB).
+const MAX_FILE: u64 = 256 << 20;
+
+/// Where a position of transpiled JS came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Original {
+    pub file: String,
+    /// From 1, like Node's stack traces.
+    pub line: u32,
+    pub column: u32,
+}
+
+/// The source maps of one process's scripts, read once each.
+pub struct SourceMaps {
+    root: PathBuf,
+    /// By script path; `None` when the script has no readable source map.
+    maps: HashMap<String, Option<Loaded>>,
+}
+
+struct Loaded {
+    map: SourceMap,
+    /// Where relative source paths start: the map's directory and its `sourceRoot`.
+    base: PathBuf,
+}
+
+impl SourceMaps {
+    pub fn new(pid: u32) -> Self {
+        Self {
+            root: PathBuf::from(format!("/proc/{pid}/root")),
+            maps: HashMap::new(),
+        }
+    }
+
+    /// The original file, line and column of `script`'s `line:column` (from 1), if the script
+    /// has a source map that covers it.
+    pub fn original(&mut self, script: &str, line: u32, column: u32) -> Option<Original> {
+        if !self.maps.contains_key(script) {
+            let loaded = self.load(script);
+            self.maps.insert(script.to_owned(), loaded);
+        }
+        let loaded = self.maps.get(script)?.as_ref()?;
+        let token = loaded
+            .map
+            .lookup_token(line.checked_sub(1)?, column.checked_sub(1)?)?;
+        let source = token.get_source()?;
+        let file = if source.contains("://") || Path::new(source).is_absolute() {
+            source.to_owned()
+        } else {
+            normalize(&loaded.base.join(source)).display().to_string()
+        };
+        Some(Original {
+            file,
+            line: token.get_src_line() + 1,
+            column: token.get_src_col() + 1,
+        })
+    }
+
+    fn load(&self, script: &str) -> Option<Loaded> {
+        // CommonJS scripts are named by path, ES modules by file URL; node: and the rest have
+        // no file of their own.
+        let path = Path::new(script.strip_prefix("file://").unwrap_or(script));
+        if !path.is_absolute() {
+            return None;
+        }
+        let code = self.read(path)?;
+        let reference = locate_sourcemap_reference_slice(&code).ok()??;
+        let dir = path.parent()?;
+        let (map, map_dir) = match reference.get_embedded_sourcemap() {
+            Ok(Some(inline)) => (regular(inline)?, dir.to_path_buf()),
+            _ => {
+                let url = reference.get_url();
+                let map_path = normalize(&dir.join(url.strip_prefix("file://").unwrap_or(url)));
+                let bytes = self.read(&map_path)?;
+                (
+                    regular(decode_slice(&bytes).ok()?)?,
+                    map_path.parent()?.to_path_buf(),
+                )
+            }
+        };
+        let base = match map.get_source_root() {
+            Some(root) if !root.is_empty() => map_dir.join(root),
+            _ => map_dir,
+        };
+        Some(Loaded { map, base })
+    }
+
+    /// A file as the target sees it.
+    fn read(&self, path: &Path) -> Option<Vec<u8>> {
+        let inside = self.root.join(path.strip_prefix("/").ok()?);
+        if fs::metadata(&inside).ok()?.len() > MAX_FILE {
+            return None;
+        }
+        fs::read(inside).ok()
+    }
+}
+
+/// A plain source map; an index of maps (a bundle's sections) flattened into one.
+fn regular(map: DecodedMap) -> Option<SourceMap> {
+    match map {
+        DecodedMap::Regular(map) => Some(map),
+        DecodedMap::Index(index) => index.flatten().ok(),
+        DecodedMap::Hermes(_) => None,
+    }
+}
+
+/// `a/./b/../c` -> `a/c`, without touching the filesystem (the path is the target's).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_normalize_lexically() {
+        assert_eq!(
+            normalize(Path::new("/app/dist/../src/./a.ts")),
+            Path::new("/app/src/a.ts")
+        );
+    }
+
+    #[test]
+    fn a_script_with_a_map_next_to_it_maps_back_to_its_source() {
+        let dir = std::env::temp_dir().join(format!("loopbpf-sourcemap-{}", std::process::id()));
+        fs::create_dir_all(dir.join("dist")).unwrap();
+        // `let a = 1;` on line 1 of src/a.ts became line 2 of dist/a.js, column 5.
+        fs::write(
+            dir.join("dist/a.js"),
+            "'use strict';\n    let a = 1;\n//# sourceMappingURL=a.js.map\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("dist/a.js.map"),
+            r#"{"version":3,"file":"a.js","sourceRoot":"","sources":["../src/a.ts"],"names":[],"mappings":";IAAA"}"#,
+        )
+        .unwrap();
+        let mut maps = SourceMaps::new(std::process::id());
+        let script = dir.join("dist/a.js").display().to_string();
+        let original = maps.original(&script, 2, 5).unwrap();
+        assert_eq!(original.file, dir.join("src/a.ts").display().to_string());
+        assert_eq!((original.line, original.column), (1, 1));
+        assert_eq!(maps.original("node:internal/timers", 1, 1), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
