@@ -78,17 +78,14 @@ impl SourceMaps {
         let code = self.read(path)?;
         let reference = locate_sourcemap_reference_slice(&code).ok()??;
         let dir = path.parent()?;
-        let (map, map_dir) = match reference.get_embedded_sourcemap() {
-            Ok(Some(inline)) => (regular(inline)?, dir.to_path_buf()),
-            _ => {
-                let url = reference.get_url();
-                let map_path = normalize(&dir.join(url.strip_prefix("file://").unwrap_or(url)));
-                let bytes = self.read(&map_path)?;
-                (
-                    regular(decode_slice(&bytes).ok()?)?,
-                    map_path.parent()?.to_path_buf(),
-                )
-            }
+        let (map, map_dir) = if let Ok(Some(inline)) = reference.get_embedded_sourcemap() {
+            (regular(inline)?, dir.to_path_buf())
+        } else {
+            let url = reference.get_url();
+            let map_path = normalize(&dir.join(url.strip_prefix("file://").unwrap_or(url)));
+            let bytes = self.read(&map_path)?;
+            let map_dir = map_path.parent()?.to_path_buf();
+            (regular(decode_slice(&bytes).ok()?)?, map_dir)
         };
         let base = match map.get_source_root() {
             Some(root) if !root.is_empty() => map_dir.join(root),
