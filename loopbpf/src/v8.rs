@@ -148,8 +148,8 @@ pub struct JsNamer {
     /// for samples where it could not follow the chain to that frame (a leaf in libc). The
     /// GC rewrites the slots when it moves the objects, so equal slots mean the same objects.
     captured_before: HashMap<(u64, u64, u64), CapturedFrame>,
-    /// Class name of receivers by their map (`None`: not a method call).
-    receiver_types: HashMap<u64, Option<String>>,
+    /// Class name of receivers by their map.
+    receiver_types: HashMap<u64, String>,
     source_maps: SourceMaps,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
@@ -649,11 +649,12 @@ impl JsNamer {
             return self.function_info(shared)?.name.filter(|n| !n.is_empty());
         }
         if let Some(name) = self.receiver_types.get(&map) {
-            return name.clone();
+            return Some(name.clone());
         }
-        let name = self.constructor_name(map);
+        // Not kept when not found: the map may have been read in the middle of a change.
+        let name = self.constructor_name(map)?;
         bounded(&mut self.receiver_types).insert(map, name.clone());
-        name
+        Some(name)
     }
 
     /// The name of the constructor a map was made by (following back pointers to it).
