@@ -156,6 +156,14 @@ fn check_block(block: &Value, truth: &[JsFrame], leaf: &str, method: &str, major
                     same_place(frame, expected),
                     "Node {major}: {frame:?} placed elsewhere than Node's {expected:?}"
                 );
+                // A column says the position is exact (an interpreted frame).
+                if frame.column.is_some() {
+                    assert_eq!(
+                        (frame.line, frame.column),
+                        (expected.line, expected.column),
+                        "Node {major}"
+                    );
+                }
             }
             next += found + 1;
         }
@@ -207,7 +215,10 @@ fn names_js_frames_like_node(major: u32) {
         "the fixture's own truth"
     );
     check_block(blocks[0], &truths[0], "blockOnce", "Ledger.settle", major);
-    check_block(blocks[1], &truths[1], "blockOnce", "Ledger.settle", major);
+    // A subclass instance: Node says `Audit.settle`; the map names the base class, so loopbpf
+    // says no class rather than a wrong one.
+    assert_eq!(truths[1][1].name, "Audit.settle", "the fixture's own truth");
+    check_block(blocks[1], &truths[1], "blockOnce", "settle", major);
     assert_eq!(blocks[2]["thread"], "worker");
     check_block(
         blocks[2],

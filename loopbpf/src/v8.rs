@@ -8,8 +8,9 @@
 //! name and the script, the bytecode offset of an interpreted frame gives the line and column
 //! it was at, the receiver gives the class of a method call, as Node prints them.
 //!
-//! Objects move when the GC compacts, so no pointer is trusted before the type of the object it
-//! points at is checked; a frame that does not check out stays `[JS]`, never a wrong name.
+//! Objects move when the GC runs, so what the GC moves soonest (functions, receivers) is read
+//! by the kernel side when the sample is taken, and no pointer is followed before the type of
+//! the object it points at is checked; a frame that does not check out stays `[JS]`.
 //!
 //! What the metadata does not describe (the `ScopeInfo` layout, the source position table) is
 //! read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by V8's version in the binary.
@@ -37,6 +38,8 @@ use source_maps::SourceMaps;
 const MAX_NAME: usize = 512;
 /// Longest script source read to find line ends (a large bundle is still read once).
 const MAX_SOURCE: usize = 64 << 20;
+/// Most line ends read from a script's own table (V8 computed them).
+const MAX_LINES: usize = 1 << 22;
 /// Longest source position table read.
 const MAX_POSITION_TABLE: usize = 1 << 20;
 /// Cons strings nest; deeper ones are not followed.
@@ -113,6 +116,11 @@ impl Memory {
         self.read(addr, &mut buf).then(|| u16::from_le_bytes(buf))
     }
 
+    fn u8(&self, addr: u64) -> Option<u8> {
+        let mut buf = [0; 1];
+        self.read(addr, &mut buf).then(|| buf[0])
+    }
+
     fn i32(&self, addr: u64) -> Option<i32> {
         let mut buf = [0; 4];
         self.read(addr, &mut buf).then(|| i32::from_le_bytes(buf))
@@ -141,15 +149,15 @@ pub struct JsNamer {
     /// Instance type by map address (maps live in old space and seldom move).
     types: HashMap<u64, u16>,
     functions: HashMap<u64, FunctionInfo>,
-    /// Script offset by bytecode array and bytecode offset.
-    positions: HashMap<(u64, i64), Option<u32>>,
+    /// Script offset by bytecode array, its position table and bytecode offset.
+    positions: HashMap<(u64, u64, i64), Option<u32>>,
     line_ends: HashMap<u64, LineEnds>,
     /// What the kernel side read for a frame (frame pointer, function and receiver slots):
     /// for samples where it could not follow the chain to that frame (a leaf in libc). The
     /// GC rewrites the slots when it moves the objects, so equal slots mean the same objects.
     captured_before: HashMap<(u64, u64, u64), CapturedFrame>,
-    /// Class name of receivers by their map.
-    receiver_types: HashMap<u64, String>,
+    /// Class name of receivers by their map, with the constructor word it was read from.
+    receiver_types: HashMap<u64, (u64, String)>,
     source_maps: SourceMaps,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
@@ -198,11 +206,20 @@ impl JsNamer {
     /// What the kernel side reads of each sampled frame, for this process's V8.
     pub fn kernel_layout(&self) -> V8Layout {
         let l = &self.layout;
-        V8Layout {
-            fp_function: i32::try_from(l.fp_function).unwrap_or(0),
-            fp_receiver: i32::try_from(l.fp_receiver).unwrap_or(0),
-            function_shared: u32::try_from(l.function_shared).unwrap_or(0),
-            enabled: 1,
+        // Out of range (never in a real V8): the kernel side reads nothing.
+        let fields = (
+            i32::try_from(l.fp_function),
+            i32::try_from(l.fp_receiver),
+            u32::try_from(l.function_shared),
+        );
+        match fields {
+            (Ok(fp_function), Ok(fp_receiver), Ok(function_shared)) => V8Layout {
+                fp_function,
+                fp_receiver,
+                function_shared,
+                enabled: 1,
+            },
+            _ => V8Layout::default(),
         }
     }
 
@@ -233,15 +250,27 @@ impl JsNamer {
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap()));
         let words: Vec<u64> = words.collect();
-        let mut from = 1;
-        for &ra in sample.user.iter().skip(1).take(MAX_SEEDS) {
+        // Above the red zone: below sp are leftovers of calls that returned.
+        let mut from = usize::try_from(RED_ZONE / 8).unwrap_or(0) + 1;
+        for (k, &ra) in sample.user.iter().enumerate().skip(1).take(MAX_SEEDS) {
             let Some(at) = words[from.min(words.len())..].iter().position(|&w| w == ra) else {
                 continue;
             };
             let at = from + at;
             from = at + 1;
             let caller_fp = words[at - 1];
-            if !seen.contains(&caller_fp) {
+            // The caller's frame is above this one, inside the copy.
+            let slot_addr = base + 8 * (at as u64 - 1);
+            let copy_end = base + words.len() as u64 * 8;
+            // And it is the frame of the function at `ra` only if it returns where the
+            // unwinding says that function returns.
+            let returns_to = slot(caller_fp.checked_add(8));
+            if caller_fp > slot_addr
+                && caller_fp < copy_end
+                && returns_to.is_some()
+                && returns_to == sample.user.get(k + 1).copied()
+                && !seen.contains(&caller_fp)
+            {
                 self.walk_chain(sample, ra, caller_fp, &slot, &mut seen, &mut refs);
             }
         }
@@ -318,7 +347,8 @@ impl JsNamer {
             // Read when the sample was taken; checked below as a SharedFunctionInfo.
             heap_object(captured.shared)?
         } else {
-            // Deeper than the kernel side reads: the function has most likely not moved.
+            // Not read by the kernel side (deeper than it walks, past a chain it could not
+            // follow, or before the layout was set): read now, and type-checked.
             if !self.is_function(function) {
                 return None;
             }
@@ -326,8 +356,11 @@ impl JsNamer {
         };
         let info = self.function_info(shared)?;
         let name = info.name.clone()?;
-        let offset = self
-            .bytecode_position(slots)
+        // Exact for an interpreted frame; a compiled one is placed where its function starts,
+        // and says so by having no column.
+        let current = self.bytecode_position(slots);
+        let exact = current.is_some();
+        let offset = current
             .or(info.start)
             .and_then(|offset| Some((info.script?, offset)));
         let position = offset.and_then(|(script, offset)| self.line_column(script, offset));
@@ -341,7 +374,7 @@ impl JsNamer {
         let mut frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
             info.file.clone(),
-            position.map(|(line, column)| (line, Some(column))),
+            position.map(|(line, column)| (line, exact.then_some(column))),
         );
         if let (Some(file), Some((line, column))) = (&info.file, position) {
             frame.original = self.source_maps.original(file, line, column);
@@ -374,16 +407,15 @@ impl JsNamer {
         Some(t)
     }
 
-    /// A `JSFunction` or one of its subtypes (class and built-in constructors), which V8
-    /// numbers right after `JS_FUNCTION_TYPE`.
+    /// A `JSFunction` or one of its subtypes (class and built-in constructors).
     fn is_function(&mut self, object: u64) -> bool {
         self.instance_type(object)
             .is_some_and(|t| self.is_function_type(t))
     }
 
     fn is_function_type(&self, t: u16) -> bool {
-        let function_type = self.layout.types.js_function;
-        (function_type..=function_type + 32).contains(&t)
+        let types = &self.layout.types;
+        (types.js_function..=types.last_js_function).contains(&t)
     }
 
     fn is_string(&mut self, object: u64) -> bool {
@@ -559,18 +591,18 @@ impl JsNamer {
             return None;
         }
         let offset = raw_offset - (self.layout.bytecode_header - 1);
-        if let Some(&position) = self.positions.get(&(array, offset)) {
+        // With the table's address: flushed bytecode leaves its address to other bytecode.
+        let table = self.memory.word(array + self.layout.position_table?)?;
+        if let Some(&position) = self.positions.get(&(array, table, offset)) {
             return position;
         }
-        let position = self.source_position(array, offset);
-        bounded(&mut self.positions).insert((array, offset), position);
+        let position = self.source_position(table, offset);
+        bounded(&mut self.positions).insert((array, table, offset), position);
         position
     }
 
-    fn source_position(&mut self, array: u64, offset: i64) -> Option<u32> {
-        let l = &self.layout;
-        let table_offset = l.position_table?;
-        let table = heap_object(self.memory.word(array + table_offset)?)?;
+    fn source_position(&mut self, table: u64, offset: i64) -> Option<u32> {
+        let table = heap_object(table)?;
         if self.instance_type(table)? != self.layout.types.byte_array {
             return None; // not collected (yet)
         }
@@ -620,7 +652,10 @@ impl JsNamer {
         {
             let l = &self.layout;
             let length = smi(self.memory.word(array + l.array_length)?)?;
-            let length = usize::try_from(length).ok()?.min(MAX_SOURCE);
+            let length = usize::try_from(length).ok()?;
+            if length > MAX_LINES {
+                return None;
+            }
             let bytes = self.memory.bytes(array + l.fixed_array_data, length * 8)?;
             return bytes
                 .chunks_exact(8)
@@ -631,7 +666,8 @@ impl JsNamer {
         }
         let source = heap_object(source).filter(|&s| self.is_string(s))?;
         let units = self.string_units(source, MAX_SOURCE, 0)?;
-        Some(line_ends(&units))
+        // A source cut short would end its last line at the cut.
+        (units.len() < MAX_SOURCE).then(|| line_ends(&units))
     }
 
     /// The class name of a method call's receiver, as `Error.stack` prints it before the
@@ -648,12 +684,24 @@ impl JsNamer {
             let shared = heap_object(self.memory.word(receiver + self.layout.function_shared)?)?;
             return self.function_info(shared)?.name.filter(|n| !n.is_empty());
         }
-        if let Some(name) = self.receiver_types.get(&map) {
+        // Node names the class by the map's constructor only for an instance of the class
+        // itself; a subclass instance's map names the base class (V8 copies the base's initial
+        // map), and a prototype's map says nothing: no class then, rather than a wrong one.
+        let new_target_is_base = self.memory.u8(map + self.layout.map_bit_field2)? & 1 != 0;
+        let is_prototype_map = self.memory.i32(map + self.layout.map_bit_field3)? & (1 << 20) != 0;
+        if !new_target_is_base || is_prototype_map {
+            return None;
+        }
+        // Checked on every use: a map that died or moved leaves its address to another.
+        let constructor = self.memory.word(map + self.layout.map_constructor)?;
+        if let Some((read_from, name)) = self.receiver_types.get(&map)
+            && *read_from == constructor
+        {
             return Some(name.clone());
         }
         // Not kept when not found: the map may have been read in the middle of a change.
         let name = self.constructor_name(map)?;
-        bounded(&mut self.receiver_types).insert(map, name.clone());
+        bounded(&mut self.receiver_types).insert(map, (constructor, name.clone()));
         Some(name)
     }
 
@@ -791,10 +839,10 @@ fn position_at(table: &[u8], bytecode_offset: i64, unsigned_code_offsets: bool) 
             (code >> 2).cast_signed()
         } else {
             let v = zigzag(code);
-            if v >= 0 { v } else { -v - 1 }
+            if v >= 0 { v } else { v.checked_neg()? - 1 }
         };
-        code_offset += delta;
-        position += zigzag(vlq(table, &mut at)?);
+        code_offset = code_offset.checked_add(delta)?;
+        position = position.checked_add(zigzag(vlq(table, &mut at)?))?;
         if code_offset > bytecode_offset {
             break;
         }

@@ -27,6 +27,8 @@ pub struct Layout {
     pub map: u64,
     pub instance_type: u64,
     pub map_constructor: u64,
+    pub map_bit_field2: u64,
+    pub map_bit_field3: u64,
     pub types: Types,
     pub function_shared: u64,
     pub sfi_function_data: u64,
@@ -54,6 +56,9 @@ pub struct Layout {
 pub struct Types {
     pub first_nonstring: u16,
     pub js_function: u16,
+    /// The last of the `JSFunction` subtypes (class and built-in constructors), which V8
+    /// numbers right after `JS_FUNCTION_TYPE`, up to the next type the metadata names.
+    pub last_js_function: u16,
     pub shared_function_info: u16,
     pub script: u16,
     pub scope_info: u16,
@@ -143,6 +148,15 @@ impl Layout {
         let first_vars = offset(&["scopeinfo_idx_first_vars"])?;
         // V8 12.8 moved the positions to fixed slots 3 and 4, before the variable part.
         let fixed_positions = first_vars == 5;
+        let js_function = tag(&["type_JSFunction__JS_FUNCTION_TYPE"])?;
+        let last_js_function = values
+            .iter()
+            .filter(|(k, _)| k.starts_with("v8dbg_type_"))
+            .filter_map(|(_, &v)| u16::try_from(v).ok())
+            .filter(|&t| t > js_function)
+            .min()
+            .map_or(js_function, |next| next - 1)
+            .min(js_function.saturating_add(32));
         let uncompiled_data: Vec<u16> = values
             .iter()
             .filter(|(k, _)| k.starts_with("v8dbg_type_UncompiledData"))
@@ -158,9 +172,12 @@ impl Layout {
             map: offset(&["class_HeapObject__map__"])?,
             instance_type: offset(&["class_Map__instance_type__"])?,
             map_constructor: offset(&["class_Map__constructor_or_back_pointer__"])?,
+            map_bit_field2: offset(&["class_Map__bit_field2__"])?,
+            map_bit_field3: offset(&["class_Map__bit_field3__"])?,
             types: Types {
                 first_nonstring: tag(&["FirstNonstringType"])?,
-                js_function: tag(&["type_JSFunction__JS_FUNCTION_TYPE"])?,
+                js_function,
+                last_js_function,
                 shared_function_info: tag(&["type_SharedFunctionInfo__SHARED_FUNCTION_INFO_TYPE"])?,
                 script: tag(&["type_Script__SCRIPT_TYPE"])?,
                 scope_info: tag(&["type_ScopeInfo__SCOPE_INFO_TYPE"])?,
@@ -194,10 +211,13 @@ impl Layout {
             uncompiled_inferred_name: offset(&["class_UncompiledData__inferred_name__"])?,
             uncompiled_start: offset(&["class_UncompiledData__start_position__"])?,
             bytecode_header: get(&["class_BytecodeArray__data__"])?,
+            // After the map, length, and (before V8 12) constant pool and handler table; from
+            // V8 12 (trusted space) after the map, length and bytecode wrapper.
             position_table: Some(if major >= 12 { 24 } else { 32 }),
             unsigned_code_offsets: major >= 14,
             array_length: offset(&["class_FixedArrayBase__length__"])?,
             fixed_array_data: offset(&["class_FixedArray__data__"])?,
+            // A (Trusted)ByteArray keeps its bytes where a FixedArray keeps its elements.
             byte_array_data: offset(&["class_FixedArray__data__"])?,
             scope: ScopeLayout {
                 flags_are_smi: !fixed_positions,
