@@ -592,7 +592,7 @@ impl JsNamer {
         }
         let offset = raw_offset - (self.layout.bytecode_header - 1);
         // With the table's address: flushed bytecode leaves its address to other bytecode.
-        let table = self.memory.word(array + self.layout.position_table?)?;
+        let table = self.memory.word(array + self.layout.position_table)?;
         if let Some(&position) = self.positions.get(&(array, table, offset)) {
             return position;
         }

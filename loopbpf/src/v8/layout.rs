@@ -42,7 +42,7 @@ pub struct Layout {
     /// Header size of a `BytecodeArray`: a frame's bytecode offset counts from the object.
     pub bytecode_header: i64,
     /// Where a `BytecodeArray` keeps its source position table.
-    pub position_table: Option<u64>,
+    pub position_table: u64,
     /// V8 14 encodes code offsets in position tables unsigned.
     pub unsigned_code_offsets: bool,
     pub array_length: u64,
@@ -213,7 +213,7 @@ impl Layout {
             bytecode_header: get(&["class_BytecodeArray__data__"])?,
             // After the map, length, and (before V8 12) constant pool and handler table; from
             // V8 12 (trusted space) after the map, length and bytecode wrapper.
-            position_table: Some(if major >= 12 { 24 } else { 32 }),
+            position_table: if major >= 12 { 24 } else { 32 },
             unsigned_code_offsets: major >= 14,
             array_length: offset(&["class_FixedArrayBase__length__"])?,
             fixed_array_data: offset(&["class_FixedArray__data__"])?,
