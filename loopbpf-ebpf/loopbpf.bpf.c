@@ -7,6 +7,7 @@
  *   uprobe uv__io_poll        finds loop threads and their uv_loop_t*; counts iterations
  *   epoll_* enter/exit        end and start busy intervals, when the fd is the loop's own
  *   sched_process_exit        a loop thread that dies busy still reports its block
+ *   sched_process_exec        the same for one that execs; new programs for fleet mode
  *   perf_event cpu-clock      on-CPU stacks of a loop thread while it is busy
  *   sched_switch              off-CPU stacks and time of a loop thread asleep while busy
  */
@@ -21,18 +22,21 @@
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
-/* Set by userspace before load. */
+/* Set by userspace before load. target_tgid 0 is fleet mode: every process that runs a
+ * probed libuv is a target. */
 const volatile __u32 target_tgid = 0;
 const volatile __u64 threshold_ns = 100000000ULL;
-/* Link-time address of uv__io_poll, and of the function a worker_threads Worker runs its loop
- * under (node::worker::Worker::Run), in the same object; 0 when there is none. */
-const volatile __u64 poll_symbol_addr = 0;
-const volatile __u64 worker_entry_start = 0;
-const volatile __u64 worker_entry_end = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LOOPBPF_MAX_LIBUVS);
+	__type(key, __u32);                  /* the uprobe's attach cookie */
+	__type(value, struct loopbpf_libuv); /* the object that uprobe sits in */
+} libuvs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 16384);
 	__type(key, __u32);                   /* tid */
 	__type(value, struct loopbpf_thread); /* that thread's loop state */
 } threads SEC(".maps");
@@ -57,11 +61,11 @@ struct {
 } dropped SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);                      /* 0 */
-	__type(value, struct loopbpf_v8_layout); /* set once the target's V8 is read */
-} v8_layout SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);                      /* tgid */
+	__type(value, struct loopbpf_v8_layout); /* set once that process's V8 is read */
+} v8_layouts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -109,8 +113,8 @@ static __always_inline void count_drop(void)
 		*n += 1;
 }
 
-static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
-				 __u64 start_ns, __u64 end_ns)
+static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
+				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
 {
 	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -119,13 +123,19 @@ static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thr
 		return;
 	}
 	e->kind = kind;
-	e->pid = t->pid;
+	e->pid = pid;
 	e->tid = tid;
-	e->flags = t->busy_before_attach;
+	e->flags = flags;
 	e->start_ns = start_ns;
 	e->end_ns = end_ns;
-	e->loop_addr = t->loop_addr;
+	e->loop_addr = loop_addr;
 	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
+				 __u64 start_ns, __u64 end_ns)
+{
+	emit_raw(kind, t->pid, tid, t->busy_before_attach, start_ns, end_ns, t->loop_addr);
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -148,7 +158,7 @@ static __always_inline bool is_reported(const struct loopbpf_thread *t)
 
 static __always_inline bool is_target(__u64 pid_tgid)
 {
-	return (__u32)(pid_tgid >> 32) == target_tgid;
+	return !target_tgid || (__u32)(pid_tgid >> 32) == target_tgid;
 }
 
 static __always_inline __s32 read_backend_fd(__u64 loop)
@@ -163,13 +173,15 @@ static __always_inline __s32 read_backend_fd(__u64 loop)
  * under the worker entry function. Runs once per adopted loop, never per iteration. */
 static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, which = bpf_get_attach_cookie(ctx);
+	const struct loopbpf_libuv *uv;
 	struct user_stack *stack;
 	__s64 bias, bytes;
 
 	if ((__u32)pid_tgid == (__u32)(pid_tgid >> 32))
 		return LOOPBPF_ROLE_MAIN;
-	if (!worker_entry_start)
+	uv = bpf_map_lookup_elem(&libuvs, &which);
+	if (!uv || !uv->worker_entry_start)
 		return LOOPBPF_ROLE_WORKER;
 	stack = bpf_map_lookup_elem(&role_stack, &zero);
 	if (!stack)
@@ -177,14 +189,14 @@ static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
 	bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), BPF_F_USER_STACK);
 	if (bytes <= 0)
 		return LOOPBPF_ROLE_WORKER; /* cannot tell: better shown than hidden */
-	bias = PT_REGS_IP(ctx) - poll_symbol_addr;
+	bias = PT_REGS_IP(ctx) - uv->poll_addr;
 	for (int i = 0; i < LOOPBPF_ROLE_STACK_DEPTH; i++) {
 		__u64 link_addr;
 
 		if (i * 8 >= bytes)
 			break;
 		link_addr = stack->ips[i] - bias;
-		if (link_addr >= worker_entry_start && link_addr < worker_entry_end)
+		if (link_addr >= uv->worker_entry_start && link_addr < uv->worker_entry_end)
 			return LOOPBPF_ROLE_WORKER;
 	}
 	return LOOPBPF_ROLE_OTHER;
@@ -315,9 +327,11 @@ static __always_inline void poll_exit(void)
 		/* A thread leaving a poll wait it entered after the attach-time scan
 		 * and before the probes: most likely a loop that was idle. Its busy
 		 * interval starts now; uv__io_poll's probe names the loop before the
-		 * interval ends. */
+		 * interval ends. Fleet mode scans after attaching: nothing to catch. */
 		struct loopbpf_thread fresh = {};
 
+		if (!target_tgid)
+			return;
 		fresh.pid = pid_tgid >> 32;
 		fresh.epfd = -1;
 		if (tid == fresh.pid)
@@ -389,25 +403,20 @@ int epoll_pwait2_exit(void *ctx)
 	return 0;
 }
 
-SEC("tracepoint/sched/sched_process_exit")
-int thread_exit(void *ctx)
+/* A loop thread's end: it exited, or it called execve and runs another program now. */
+static __always_inline void loop_thread_ends(__u32 tid)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
-	struct loopbpf_thread *t;
+	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
 	__u64 now;
 
-	if (!is_target(pid_tgid))
-		return 0;
-	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t)
-		return 0;
+		return;
 	bpf_map_delete_elem(&asleep, &tid);
 	/* A main thread seeded in its poll wait at attach is the main loop even if it
 	 * never named its loop (busy from then until exit). */
 	if (t->role != LOOPBPF_ROLE_MAIN && t->role != LOOPBPF_ROLE_WORKER) {
 		bpf_map_delete_elem(&threads, &tid);
-		return 0;
+		return;
 	}
 	now = bpf_ktime_get_ns();
 	t->exited_ns = now;
@@ -421,6 +430,31 @@ int thread_exit(void *ctx)
 	}
 	/* Userspace reads the final counters, then deletes the entry. */
 	emit(LOOPBPF_EVENT_LOOP_EXIT, tid, t, t->busy_since_ns, now);
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int thread_exit(void *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (is_target(pid_tgid))
+		loop_thread_ends((__u32)pid_tgid);
+	return 0;
+}
+
+/* Runs in the new program, with the tid that called execve now the process's only thread
+ * (and its tgid). Fleet mode hears of every exec, to look for libuv in the new program. */
+SEC("tracepoint/sched/sched_process_exec")
+int process_exec(void *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+
+	if (!is_target(pid_tgid))
+		return 0;
+	loop_thread_ends((__u32)pid_tgid);
+	if (!target_tgid)
+		emit_raw(LOOPBPF_EVENT_EXEC, tgid, (__u32)pid_tgid, 0, 0, bpf_ktime_get_ns(), 0);
 	return 0;
 }
 
@@ -440,8 +474,7 @@ static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
  * there. */
 static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
 {
-	__u32 zero = 0;
-	struct loopbpf_v8_layout *v8 = bpf_map_lookup_elem(&v8_layout, &zero);
+	struct loopbpf_v8_layout *v8 = bpf_map_lookup_elem(&v8_layouts, &e->pid);
 	__u64 fp = e->user_bp;
 
 	e->js_depth = 0;

@@ -29,6 +29,22 @@ enum loopbpf_event_kind {
 	LOOPBPF_EVENT_ON_CPU = 4,
 	/* struct loopbpf_stack_event: a busy loop thread that slept, with where it slept. */
 	LOOPBPF_EVENT_OFF_CPU = 5,
+	/* A process called execve (fleet mode watches for new libuv programs); a loop thread
+	 * that execs also reports LOOPBPF_EVENT_LOOP_EXIT first. */
+	LOOPBPF_EVENT_EXEC = 6,
+};
+
+/* Distinct libuv objects (a node binary, a libuv.so) probed at once: each has one uprobe,
+ * whose attach cookie indexes the libuvs map. */
+#define LOOPBPF_MAX_LIBUVS 64
+
+/* What the uprobe needs of the object it sits in: link-time addresses of uv__io_poll and of
+ * the function a worker_threads Worker runs its loop under (node::worker::Worker::Run;
+ * zero when the object has none). */
+struct loopbpf_libuv {
+	__u64 poll_addr;
+	__u64 worker_entry_start;
+	__u64 worker_entry_end;
 };
 
 /* What a loop thread is, decided when its loop is adopted. */
@@ -60,8 +76,9 @@ struct loopbpf_js_frame {
 	__u64 receiver_map; /* the receiver slot's object -> its Map (tagged) */
 };
 
-/* Where V8 keeps those (from the target's postmortem metadata): the value of the v8_layout
- * map, written by userspace once it has read the target's V8; zero turns the reads off. */
+/* Where V8 keeps those (from the target's postmortem metadata): the v8_layouts map's value
+ * for a process, written by userspace once it has read that process's V8; none, or
+ * enabled == 0, turns the reads off. */
 struct loopbpf_v8_layout {
 	__s32 fp_function;     /* frame slot of the JSFunction, from the frame pointer */
 	__s32 fp_receiver;     /* frame slot of the receiver */

@@ -210,6 +210,7 @@ impl Aggregator {
                 thread.stacks.1.add(sample);
                 None
             }
+            Event::Exec { .. } => None,
         }
     }
 
@@ -375,7 +376,34 @@ impl Aggregator {
         !self.loops.is_empty()
     }
 
+    /// Every main and worker loop thread with its newest state, exited ones too.
+    pub fn loops(&self) -> impl Iterator<Item = (LoopId, &ThreadState)> {
+        self.loops
+            .values()
+            .filter(|t| t.state.is_reported_loop())
+            .map(|t| (t.id, &t.state))
+    }
+
+    /// Forgets every loop thread of a process that is gone; returns their tids.
+    pub fn forget_process(&mut self, pid: u32) -> Vec<u32> {
+        self.workers_per_pid.remove(&pid);
+        let tids: Vec<u32> = self
+            .loops
+            .values()
+            .filter(|t| t.id.pid == pid)
+            .map(|t| t.id.tid)
+            .collect();
+        for tid in &tids {
+            self.loops.remove(tid);
+        }
+        tids
+    }
+
     fn loop_thread(&mut self, pid: u32, tid: u32, first_ns: u64) -> &mut LoopThread {
+        if self.loops.get(&tid).is_some_and(|t| t.id.pid != pid) {
+            // The tid was reused by another process (fleet mode sees many come and go).
+            self.loops.remove(&tid);
+        }
         let workers = &mut self.workers_per_pid;
         self.loops.entry(tid).or_insert_with(|| {
             let label = if pid == tid {

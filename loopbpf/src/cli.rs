@@ -1,6 +1,11 @@
 //! The command line: what to watch, for how long, and how to report it.
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::Parser;
 
@@ -11,7 +16,9 @@ EXAMPLES:
     sudo loopbpf --pid 1234 --interval 1s    also one line per loop thread per second: ELU, iterations
     sudo loopbpf --pid 1234 --duration 30s --json > blocks.jsonl
     sudo loopbpf --pid 1234 --duration 1m --flamegraph blocked.svg   what ran while the loop was blocked
-    sudo loopbpf -- node app.js              run app.js and profile it from its first loop iteration";
+    sudo loopbpf -- node app.js              run app.js and profile it from its first loop iteration
+    sudo loopbpf --all --metrics 9464        every Node process on the host; Prometheus metrics on
+                                             http://127.0.0.1:9464/metrics (0.0.0.0:9464 for all)";
 
 /// Finds when and why a Node.js (libuv) event loop was blocked, from outside the process.
 ///
@@ -24,6 +31,18 @@ pub struct Args {
     /// Process to attach to (a running Node.js or other libuv program).
     #[arg(short, long, value_parser = parse_pid, conflicts_with = "command")]
     pub pid: Option<u32>,
+
+    /// Watch every libuv process on the host, those in containers and those started later.
+    #[arg(short, long, conflicts_with_all = ["pid", "command"])]
+    pub all: bool,
+
+    /// Serve Prometheus metrics on `http://ADDR/metrics` (a bare port binds 127.0.0.1).
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
+
+    /// With --all: how long an exited process's summary line and metric series are kept.
+    #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
+    pub keep_exited: Duration,
 
     /// Report busy intervals at or over this duration (e.g. 50ms, 1.5s; a bare number is ms).
     #[arg(short, long, value_name = "DUR", default_value = "100ms", value_parser = parse_threshold)]
@@ -116,6 +135,15 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    text.parse().map_err(|_| {
+        format!("`{text}` is not an address: write a port (9464) or an address (0.0.0.0:9464)")
+    })
+}
+
 fn parse_pid(text: &str) -> Result<u32, String> {
     match text.parse::<u32>() {
         Ok(0) | Err(_) => Err(format!("`{text}` is not a process id")),
@@ -144,6 +172,38 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_threshold("0").is_err());
         assert!(parse_interval("10ms").is_err());
+    }
+
+    #[test]
+    fn a_bare_metrics_port_binds_loopback() {
+        assert_eq!(
+            parse_metrics_addr("9464"),
+            Ok("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9464"),
+            Ok("0.0.0.0:9464".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("[::]:80"),
+            Ok("[::]:80".parse().unwrap())
+        );
+        assert!(
+            parse_metrics_addr("localhost")
+                .unwrap_err()
+                .contains("9464")
+        );
+    }
+
+    #[test]
+    fn all_excludes_pid_and_command() {
+        for argv in [
+            &["loopbpf", "--all", "--pid", "1"][..],
+            &["loopbpf", "--all", "--", "node"],
+        ] {
+            let err = Args::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        }
     }
 
     #[test]

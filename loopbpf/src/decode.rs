@@ -43,7 +43,22 @@ pub struct CapturedFrame {
     pub receiver_map: u64,
 }
 
-/// `struct loopbpf_v8_layout`: the value of the `v8_layout` map.
+/// `struct loopbpf_libuv`: the `libuvs` map's value for one probed object.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LibuvInfo {
+    pub poll_addr: u64,
+    pub worker_entry_start: u64,
+    pub worker_entry_end: u64,
+}
+
+// SAFETY: integers only, no padding.
+unsafe impl aya::Pod for LibuvInfo {}
+
+/// Objects probed at once (`LOOPBPF_MAX_LIBUVS`).
+pub const MAX_LIBUVS: u32 = 64;
+
+/// `struct loopbpf_v8_layout`: the `v8_layouts` map's value for one process.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct V8Layout {
@@ -187,6 +202,8 @@ pub enum Event {
     },
     /// Where a busy loop thread was running, or where it slept.
     Stack(StackSample),
+    /// A process called execve (fleet mode): it may run a libuv program now.
+    Exec { pid: u32, at_ns: u64 },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -213,6 +230,7 @@ const EVENT_LOOP_FOUND: u32 = 2;
 const EVENT_LOOP_EXIT: u32 = 3;
 const EVENT_ON_CPU: u32 = 4;
 const EVENT_OFF_CPU: u32 = 5;
+const EVENT_EXEC: u32 = 6;
 
 impl Event {
     /// Decodes one ring-buffer record.
@@ -246,7 +264,7 @@ impl Event {
                     js: Vec::new(),
                 }))
             }
-            EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT => {
+            EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT | EVENT_EXEC => {
                 let RawEvent {
                     pid,
                     tid,
@@ -271,6 +289,7 @@ impl Event {
                         loop_addr,
                         at_ns: end_ns,
                     },
+                    EVENT_EXEC => Self::Exec { pid, at_ns: end_ns },
                     _ => Self::LoopExit {
                         pid,
                         tid,
@@ -512,6 +531,9 @@ mod tests {
         size!("loopbpf_js_frame", CapturedFrame);
         field!("loopbpf_js_frame", CapturedFrame, shared);
         field!("loopbpf_js_frame", CapturedFrame, receiver_map);
+        size!("loopbpf_libuv", LibuvInfo);
+        field!("loopbpf_libuv", LibuvInfo, worker_entry_start);
+        field!("loopbpf_libuv", LibuvInfo, worker_entry_end);
         size!("loopbpf_v8_layout", V8Layout);
         field!("loopbpf_v8_layout", V8Layout, fp_receiver);
         field!("loopbpf_v8_layout", V8Layout, function_shared);
@@ -543,7 +565,7 @@ mod tests {
             "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
              printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
-             printf(\"%d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT);\n\
+             printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT, LOOPBPF_EVENT_EXEC, LOOPBPF_MAX_LIBUVS);\n\
              return 0;\n}\n",
         );
         std::fs::write(&program, c).unwrap();
@@ -585,7 +607,12 @@ mod tests {
         assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
         assert_eq!(
             lines.next(),
-            Some(format!("{EVENT_BLOCK} {EVENT_LOOP_FOUND} {EVENT_LOOP_EXIT}").as_str())
+            Some(
+                format!(
+                    "{EVENT_BLOCK} {EVENT_LOOP_FOUND} {EVENT_LOOP_EXIT} {EVENT_EXEC} {MAX_LIBUVS}"
+                )
+                .as_str()
+            )
         );
     }
 }

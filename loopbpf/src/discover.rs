@@ -2,7 +2,7 @@
 //! host and this user can attach at all. Every failure here is a message that says what to do.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     ffi::OsStr,
     fs::{self, File},
     ops::Range,
@@ -12,6 +12,8 @@ use std::{
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 use thiserror::Error;
+
+pub mod container;
 
 /// The libuv function whose entry marks every loop iteration.
 pub const POLL_SYMBOL: &str = "uv__io_poll";
@@ -61,6 +63,43 @@ pub struct Target {
     pub pid: u32,
     pub comm: String,
     pub libuv: Libuv,
+    /// Which file that is, host-wide: processes running the same file share one probe.
+    pub libuv_file: FileId,
+}
+
+/// A file as `/proc/PID/maps` names it across mount namespaces: device and inode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct FileId {
+    pub dev: String,
+    pub inode: u64,
+}
+
+/// What the probes need from an object file with `uv__io_poll`, wherever it is mapped.
+#[derive(Debug, Clone)]
+struct LibuvFile {
+    poll_addr: u64,
+    poll_file_offset: u64,
+    worker_entry: Option<(u64, u64)>,
+    default_loop: Option<u64>,
+    /// Loadable segments (file offset, file size, address), to place `default_loop`.
+    segments: Vec<(u64, u64, u64)>,
+}
+
+/// Object files already read, by identity, with or without libuv: scanning every process of a
+/// host reads each distinct file once.
+#[derive(Debug, Default)]
+pub struct LibuvCache {
+    files: HashMap<FileId, Option<LibuvFile>>,
+}
+
+impl LibuvCache {
+    /// Forgets everything when it grows past what a host plausibly maps (files replaced by
+    /// upgrades keep their old identities in it).
+    fn bound(&mut self) {
+        if self.files.len() > 8192 {
+            self.files.clear();
+        }
+    }
 }
 
 /// The object file with `uv__io_poll`, and the link-time addresses the probes need from it.
@@ -84,6 +123,34 @@ impl Libuv {
     /// Reads the object's symbols; `None` when it has no `uv__io_poll`. `mapped` is where a
     /// running target maps it: the start and file offset of its executable mapping.
     fn read(path: &Path, mapped: Option<(u64, u64)>) -> Option<Self> {
+        Some(Self::placed(&LibuvFile::read(path)?, path, mapped))
+    }
+
+    fn placed(file: &LibuvFile, path: &Path, mapped: Option<(u64, u64)>) -> Self {
+        let bias = mapped.and_then(|(start, offset)| {
+            let &(segment_offset, _, address) =
+                file.segments.iter().find(|(file_offset, size, _)| {
+                    (*file_offset..file_offset + size).contains(&offset)
+                })?;
+            Some(start.wrapping_sub(address + (offset - segment_offset)))
+        });
+        Self {
+            path: path.to_path_buf(),
+            shown_as: path.to_path_buf(),
+            poll_addr: file.poll_addr,
+            poll_file_offset: file.poll_file_offset,
+            worker_entry: file.worker_entry,
+            default_loop_addr: file
+                .default_loop
+                .zip(bias)
+                .map(|(addr, bias)| addr.wrapping_add(bias)),
+        }
+    }
+}
+
+impl LibuvFile {
+    fn read(path: &Path) -> Option<Self> {
+        use object::ObjectSegment;
         let cache = open_elf(path)?;
         let elf = object::File::parse(&cache).ok()?;
         let mut poll = None;
@@ -101,19 +168,21 @@ impl Libuv {
                 _ => {}
             }
         }
-        let bias = mapped.and_then(|(start, offset)| load_bias(&elf, start, offset));
         let poll = poll?;
         let section = elf.section_by_index(poll.section_index()?).ok()?;
         let (section_offset, _) = section.file_range()?;
         Some(Self {
-            path: path.to_path_buf(),
-            shown_as: path.to_path_buf(),
             poll_addr: poll.address(),
             poll_file_offset: poll.address() - section.address() + section_offset,
             worker_entry,
-            default_loop_addr: default_loop
-                .zip(bias)
-                .map(|(addr, bias)| addr.wrapping_add(bias)),
+            default_loop,
+            segments: elf
+                .segments()
+                .map(|s| {
+                    let (offset, size) = s.file_range();
+                    (offset, size, s.address())
+                })
+                .collect(),
         })
     }
 }
@@ -150,6 +219,11 @@ impl Target {
 
 /// Finds the libuv of a running process.
 pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
+    find_target(pid, &mut LibuvCache::default())
+}
+
+/// Finds the libuv of a running process, reading only files not in `cache` yet.
+pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverError> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     if !proc_dir.exists() {
         return Err(DiscoverError::NoSuchProcess(pid));
@@ -166,11 +240,22 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
     let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
     // Through /proc/PID/root, so a process in another mount namespace resolves too.
     let root = proc_dir.join("root");
+    cache.bound();
     for mapping in first_mapping_per_file(&maps) {
         let path = mapped_file(pid, &mapping);
-        if let Some(mut libuv) = Libuv::read(&path, Some((mapping.range.start, mapping.offset))) {
+        let file = cache
+            .files
+            .entry(mapping.file.clone())
+            .or_insert_with(|| LibuvFile::read(&path));
+        if let Some(file) = file {
+            let mut libuv = Libuv::placed(file, &path, Some((mapping.range.start, mapping.offset)));
             libuv.shown_as.clone_from(&mapping.path);
-            return Ok(Target { pid, comm, libuv });
+            return Ok(Target {
+                pid,
+                comm,
+                libuv,
+                libuv_file: mapping.file,
+            });
         }
     }
     let exe_in_root = root.join(exe.strip_prefix("/").unwrap_or(&exe));
@@ -180,6 +265,31 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
         exe: exe.display().to_string(),
         stripped: stripped_note(&exe_in_root),
     })
+}
+
+/// Every process on the host that runs libuv (fleet mode), but loopbpf itself.
+pub fn libuv_processes(cache: &mut LibuvCache) -> Vec<Target> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let own = std::process::id();
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != own)
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter()
+        .filter_map(|pid| find_target(pid, cache).ok())
+        .collect()
+}
+
+/// When a process started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid,
+/// it names one process even after the pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from its last `)`.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Finds the libuv a command will run with, before it starts.
@@ -319,6 +429,7 @@ pub struct Mapping {
     /// Where in the file the mapping starts.
     pub offset: u64,
     pub path: PathBuf,
+    pub file: FileId,
 }
 
 /// The executable file mappings of `/proc/PID/maps` text, in map order.
@@ -329,12 +440,18 @@ pub fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
             let (start, end) = fields.next()?.split_once('-')?;
             let perms = fields.next()?;
             let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let path = fields.nth(2)?;
+            let dev = fields.next()?;
+            let inode = fields.next()?.parse().ok()?;
+            let path = fields.next()?;
             let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
             (perms.contains('x') && path.starts_with('/')).then(|| Mapping {
                 range,
                 offset,
                 path: PathBuf::from(path),
+                file: FileId {
+                    dev: dev.to_owned(),
+                    inode,
+                },
             })
         })
         .collect()

@@ -8,6 +8,7 @@ mod decode;
 mod discover;
 mod flame;
 mod launch;
+mod metrics;
 mod probe;
 mod report;
 mod session;

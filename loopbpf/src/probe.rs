@@ -12,22 +12,23 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        uprobe::UProbeScope,
+        uprobe::{UProbeAttachPoint, UProbeScope},
     },
 };
 use thiserror::Error;
 
 use crate::{
-    decode::{BUSY_BEFORE_ATTACH, ROLE_MAIN, ThreadState, V8Layout},
+    decode::{BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, ThreadState, V8Layout},
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
-/// Tracepoint programs and where they attach: thread exits, and both sides of every syscall
-/// libuv's epoll backend waits in (Node 20 uses `epoll_pwait`).
-const TRACEPOINTS: [(&str, &str, &str); 7] = [
+/// Tracepoint programs and where they attach: thread exits and execs, and both sides of every
+/// syscall libuv's epoll backend waits in (Node 20 uses `epoll_pwait`).
+const TRACEPOINTS: [(&str, &str, &str); 8] = [
     ("thread_exit", "sched", "sched_process_exit"),
+    ("process_exec", "sched", "sched_process_exec"),
     ("epoll_wait_enter", "syscalls", "sys_enter_epoll_wait"),
     ("epoll_wait_exit", "syscalls", "sys_exit_epoll_wait"),
     ("epoll_pwait_enter", "syscalls", "sys_enter_epoll_pwait"),
@@ -58,6 +59,8 @@ pub enum ProbeError {
         name: &'static str,
         error: aya::programs::ProgramError,
     },
+    #[error("more than {MAX_LIBUVS} distinct libuv programs to probe: the rest are not watched")]
+    TooManyLibuvs,
     #[error("eBPF map or program `{0}` is missing or of the wrong type")]
     Map(&'static str),
     #[error("reading eBPF map `{name}`: {error}")]
@@ -72,35 +75,39 @@ pub struct Probes {
     ebpf: Ebpf,
     threads: HashMap<MapData, u32, ThreadState>,
     window: Array<MapData, u64>,
-    v8_layout: Array<MapData, V8Layout>,
+    libuvs: Array<MapData, LibuvInfo>,
+    /// Entries of `libuvs` in use: the next uprobe's cookie.
+    libuvs_used: u32,
+    v8_layouts: HashMap<MapData, u32, V8Layout>,
     dropped: PerCpuArray<MapData, u64>,
     /// Per loop thread cpu-clock sampling, by tid.
     samplers: std::collections::HashMap<u32, PerfEventLinkId>,
 }
 
 impl Probes {
-    /// Loads the programs, configured for one target process and a block threshold.
-    pub fn load(target_pid: u32, libuv: &Libuv, threshold: Duration) -> Result<Self, ProbeError> {
+    /// Loads the programs, configured for one target process (`None`: every process that
+    /// runs a probed libuv, fleet mode) and a block threshold.
+    pub fn load(target_pid: Option<u32>, threshold: Duration) -> Result<Self, ProbeError> {
         raise_memlock_limit();
         let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
-        let (worker_start, worker_end) = libuv.worker_entry.unwrap_or((0, 0));
+        let target_tgid = target_pid.unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
-            .override_global("target_tgid", &target_pid, true)
+            .override_global("target_tgid", &target_tgid, true)
             .override_global("threshold_ns", &threshold_ns, true)
-            .override_global("poll_symbol_addr", &libuv.poll_addr, true)
-            .override_global("worker_entry_start", &worker_start, true)
-            .override_global("worker_entry_end", &worker_end, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
         let window = take_map(&mut ebpf, "window")?;
-        let v8_layout = take_map(&mut ebpf, "v8_layout")?;
+        let libuvs = take_map(&mut ebpf, "libuvs")?;
+        let v8_layouts = take_map(&mut ebpf, "v8_layouts")?;
         let dropped = take_map(&mut ebpf, "dropped")?;
         Ok(Self {
             ebpf,
             threads,
             window,
-            v8_layout,
+            libuvs,
+            libuvs_used: 0,
+            v8_layouts,
             dropped,
             samplers: std::collections::HashMap::new(),
         })
@@ -111,7 +118,7 @@ impl Probes {
         take_map(&mut self.ebpf, "events")
     }
 
-    /// Attaches the thread-exit and poll-wait tracepoints, which only act on the target.
+    /// Attaches the thread-exit, exec and poll-wait tracepoints, which only act on targets.
     pub fn attach_tracepoints(&mut self) -> Result<(), ProbeError> {
         for (program, category, tracepoint) in TRACEPOINTS {
             self.attach_tracepoint(program, category, tracepoint)?;
@@ -184,20 +191,47 @@ impl Probes {
         }
     }
 
-    /// Attaches the `uv__io_poll` entry probe to one process's copy of `libuv`.
-    pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: u32) -> Result<(), ProbeError> {
+    /// Attaches the `uv__io_poll` entry probe to `libuv`: for process `pid` only, or (`None`)
+    /// for every process that runs it, those started later too.
+    pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<(), ProbeError> {
+        let which = self.libuvs_used;
+        if which >= MAX_LIBUVS {
+            return Err(ProbeError::TooManyLibuvs);
+        }
+        let (worker_entry_start, worker_entry_end) = libuv.worker_entry.unwrap_or((0, 0));
+        let info = LibuvInfo {
+            poll_addr: libuv.poll_addr,
+            worker_entry_start,
+            worker_entry_end,
+        };
+        self.libuvs
+            .set(which, info, 0)
+            .map_err(|error| ProbeError::MapAccess {
+                name: "libuvs",
+                error,
+            })?;
         let name = "uv_io_poll_entry";
         let program: &mut UProbe = program(&mut self.ebpf, name)?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|error| ProbeError::Program { name, error })?;
+        }
+        let scope = pid
+            .and_then(NonZeroU32::new)
+            .map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        // The cookie tells the program which object it sits in.
+        let point = UProbeAttachPoint {
+            location: libuv.poll_file_offset.into(),
+            cookie: Some(u64::from(which)),
+        };
         program
-            .load()
-            .map_err(|error| ProbeError::Program { name, error })?;
-        let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-        program
-            .attach(libuv.poll_file_offset, &libuv.path, scope)
+            .attach(point, &libuv.path, scope)
             .map_err(|error| ProbeError::Uprobe {
                 path: libuv.shown_as.display().to_string(),
                 error,
             })?;
+        self.libuvs_used += 1;
         Ok(())
     }
 
@@ -292,14 +326,19 @@ impl Probes {
             })
     }
 
-    /// Turns on reading the V8 objects of JS frames when samples are taken.
-    pub fn set_v8_layout(&mut self, layout: V8Layout) -> Result<(), ProbeError> {
-        self.v8_layout
-            .set(0, layout, 0)
+    /// Turns on reading the V8 objects of JS frames when samples of `pid` are taken.
+    pub fn set_v8_layout(&mut self, pid: u32, layout: V8Layout) -> Result<(), ProbeError> {
+        self.v8_layouts
+            .insert(pid, layout, 0)
             .map_err(|error| ProbeError::MapAccess {
-                name: "v8_layout",
+                name: "v8_layouts",
                 error,
             })
+    }
+
+    /// Frees what the kernel side keeps for a process that is gone.
+    pub fn forget_process(&mut self, pid: u32) {
+        let _ = self.v8_layouts.remove(&pid);
     }
 
     /// Events the kernel side could not hand over because the ring buffer was full.

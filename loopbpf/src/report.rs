@@ -2,6 +2,7 @@
 //! or JSON lines for scripts, on stdout.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     io::{self, Write},
 };
@@ -10,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel},
+    metrics::ProcessLabels,
     stacks::{BlockProfile, above_the_loop},
     symbolize::{Frame, FrameKind},
 };
@@ -74,6 +76,10 @@ pub struct Reporter<W: Write> {
     json: bool,
     clock: Clock,
     header_done: bool,
+    /// Who each process is: JSON records carry it; fleet mode's text lines too.
+    processes: HashMap<u32, ProcessLabels>,
+    /// Text lines name the process (fleet mode, where many are watched).
+    command_column: bool,
 }
 
 impl<W: Write> Reporter<W> {
@@ -83,7 +89,46 @@ impl<W: Write> Reporter<W> {
             json,
             clock,
             header_done: false,
+            processes: HashMap::new(),
+            command_column: false,
         }
+    }
+
+    /// Names the process in every text line (fleet mode).
+    pub fn with_command_column(mut self) -> Self {
+        self.command_column = true;
+        self
+    }
+
+    pub fn name_process(&mut self, pid: u32, labels: ProcessLabels) {
+        self.processes.insert(pid, labels);
+    }
+
+    pub fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    /// The PID column: `1234` or, with the command column, `1234     node`.
+    fn who(&self, pid: u32) -> String {
+        if !self.command_column {
+            return format!("{pid:<8}");
+        }
+        let comm = self.processes.get(&pid).map_or("?", |p| p.comm.as_str());
+        format!("{pid:<8} {comm:<15}")
+    }
+
+    fn json_id(&self, event: &str, id: &LoopId) -> Value {
+        let mut v = json_id(event, id);
+        if let Some(process) = self.processes.get(&id.pid) {
+            v["comm"] = json!(process.comm);
+            if !process.container.is_empty() {
+                v["container"] = json!(process.container);
+            }
+            if !process.pod.is_empty() {
+                v["pod"] = json!(process.pod);
+            }
+        }
+        v
     }
 
     /// Reports one record; `now_ns` stamps interval lines.
@@ -110,7 +155,7 @@ impl<W: Write> Reporter<W> {
                 profile,
                 ..
             } => {
-                let mut v = json_id("block", id);
+                let mut v = self.json_id("block", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
                 v["end"] = json!(end);
@@ -126,7 +171,7 @@ impl<W: Write> Reporter<W> {
                 profile,
                 ..
             } => {
-                let mut v = json_id("ongoing", id);
+                let mut v = self.json_id("ongoing", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
                 v["started_before_attach"] = json!(before_attach);
@@ -139,7 +184,7 @@ impl<W: Write> Reporter<W> {
                 iterations,
                 max_busy_ns,
             } => {
-                let mut v = json_id("interval", id);
+                let mut v = self.json_id("interval", id);
                 v["unix_ms"] = json!(self.clock.unix_ms(now_ns));
                 v["elu"] = json!(round4(*elu));
                 v["iterations"] = json!(iterations);
@@ -154,7 +199,7 @@ impl<W: Write> Reporter<W> {
                 let loops: Vec<Value> = loops
                     .iter()
                     .map(|l| {
-                        let mut v = json_id("", &l.id);
+                        let mut v = self.json_id("", &l.id);
                         v.as_object_mut().map(|o| o.remove("event"));
                         v["elu"] = json!(round4(l.elu));
                         v["iterations"] = json!(l.iterations);
@@ -180,13 +225,21 @@ impl<W: Write> Reporter<W> {
         let mut text = String::new();
         if !self.header_done && !matches!(record, Record::Summary { .. }) {
             self.header_done = true;
-            text.push_str("TIME          PID      THREAD     EVENT     DURATION\n");
+            let command = if self.command_column {
+                "COMMAND         "
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                text,
+                "TIME          PID      {command}THREAD     EVENT     DURATION"
+            );
         }
         let line = |at_ns: u64, id: &LoopId, event: &str, rest: &str| {
             format!(
-                "{}  {:<8} {:<10} {event:<9} {rest}\n",
+                "{}  {} {:<10} {event:<9} {rest}\n",
                 self.clock.time_of_day(at_ns),
-                id.pid,
+                self.who(id.pid),
                 id.label.to_string()
             )
         };
@@ -259,7 +312,7 @@ impl<W: Write> Reporter<W> {
                 elapsed_ns,
                 dropped_events,
             } => {
-                text += &summary_text(loops, *elapsed_ns, *dropped_events);
+                text += &self.summary_text(loops, *elapsed_ns, *dropped_events);
             }
         }
         text
@@ -487,50 +540,60 @@ fn bucket_low(slot: usize) -> u64 {
     if slot == 0 { 0 } else { 1u64 << slot }
 }
 
-fn summary_text(loops: &[LoopSummary], elapsed_ns: u64, dropped_events: u64) -> String {
-    let mut text = format!(
-        "\nSummary: {} watched, {} loop thread{}\n",
-        human(elapsed_ns),
-        loops.len(),
-        if loops.len() == 1 { "" } else { "s" }
-    );
-    if loops.is_empty() {
-        text.push_str("No libuv loop iteration was seen (is the process's loop running?)\n");
-    } else {
-        text.push_str("PID      THREAD     ITERATIONS  BLOCKS  MAX BUSY     ELU\n");
-    }
-    for l in loops {
-        let note = match (l.ongoing_ns, l.exited) {
-            (Some(ns), _) => format!("  still blocked for {}", human(ns)),
-            (None, true) => "  (exited)".to_owned(),
-            (None, false) => String::new(),
-        };
-        let _ = writeln!(
-            text,
-            "{:<8} {:<10} {:>10}  {:>6}  {:>10}  {:>5.2}{note}",
-            l.id.pid,
-            l.id.label.to_string(),
-            l.iterations,
-            l.blocks,
-            human(l.max_busy_ns),
-            l.elu
+impl<W: Write> Reporter<W> {
+    fn summary_text(&self, loops: &[LoopSummary], elapsed_ns: u64, dropped_events: u64) -> String {
+        let mut text = format!(
+            "\nSummary: {} watched, {} loop thread{}\n",
+            human(elapsed_ns),
+            loops.len(),
+            if loops.len() == 1 { "" } else { "s" }
         );
+        if loops.is_empty() {
+            text.push_str("No libuv loop iteration was seen (is the process's loop running?)\n");
+        } else {
+            let command = if self.command_column {
+                "COMMAND         "
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                text,
+                "PID      {command}THREAD     ITERATIONS  BLOCKS  MAX BUSY     ELU"
+            );
+        }
+        for l in loops {
+            let note = match (l.ongoing_ns, l.exited) {
+                (Some(ns), _) => format!("  still blocked for {}", human(ns)),
+                (None, true) => "  (exited)".to_owned(),
+                (None, false) => String::new(),
+            };
+            let _ = writeln!(
+                text,
+                "{} {:<10} {:>10}  {:>6}  {:>10}  {:>5.2}{note}",
+                self.who(l.id.pid),
+                l.id.label.to_string(),
+                l.iterations,
+                l.blocks,
+                human(l.max_busy_ns),
+                l.elu
+            );
+        }
+        for l in loops.iter().filter(|l| l.iterations > 0) {
+            let _ = writeln!(
+                text,
+                "\nBusy time per iteration, pid {} {}:",
+                l.id.pid, l.id.label
+            );
+            text.push_str(&histogram_text(&l.busy_hist));
+        }
+        if dropped_events > 0 {
+            let _ = writeln!(
+                text,
+                "\nwarning: {dropped_events} events were lost (ring buffer full); counts above may be low"
+            );
+        }
+        text
     }
-    for l in loops.iter().filter(|l| l.iterations > 0) {
-        let _ = writeln!(
-            text,
-            "\nBusy time per iteration, pid {} {}:",
-            l.id.pid, l.id.label
-        );
-        text.push_str(&histogram_text(&l.busy_hist));
-    }
-    if dropped_events > 0 {
-        let _ = writeln!(
-            text,
-            "\nwarning: {dropped_events} events were lost (ring buffer full); counts above may be low"
-        );
-    }
-    text
 }
 
 /// A log2 histogram like bcc's tools print it.

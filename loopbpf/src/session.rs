@@ -1,13 +1,19 @@
 //! One profiling session, wiring the pipeline stages together:
-//! discover -> attach probes -> decode events -> aggregate -> report, until Ctrl-C, SIGTERM,
-//! `--duration`, or the target's exit.
+//! discover -> attach probes -> decode events -> aggregate -> report and serve metrics, until
+//! Ctrl-C, SIGTERM, `--duration`, or the target's exit.
+//!
+//! A session watches a set of processes: the one of `--pid` or of a launched command, or, with
+//! `--all`, every libuv process of the host, which comes and goes: those running at the start,
+//! those that exec a libuv program later (the exec tracepoint says when), and those that start
+//! a program already probed (its uprobe finds their loops).
 
 use std::{
+    collections::{BTreeMap, HashSet},
     fs,
     future::pending,
     io,
     os::fd::{FromRawFd, OwnedFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
 };
@@ -24,9 +30,10 @@ use crate::{
     aggregate::{Aggregator, Record},
     cli::Args,
     decode::{Event, StackSample},
-    discover::{self, Target},
+    discover::{self, FileId, LibuvCache, Target, container::Placement},
     flame::Flame,
     launch::StoppedChild,
+    metrics::{self, Health, LoopView, Metrics, ProcessLabels},
     probe::Probes,
     report::{Clock, Reporter},
     stacks,
@@ -37,18 +44,25 @@ use crate::{
 
 /// How often the per-thread state is read for ongoing blocks.
 const STATE_POLL: Duration = Duration::from_millis(100);
-/// How often the target's memory map is re-read for naming stacks.
+/// How often the targets' memory maps are re-read for naming stacks, gone processes are
+/// looked for, and metrics are rendered.
 const MAPS_REFRESH: Duration = Duration::from_secs(1);
+/// How long after an exec fleet mode looks again for libuv in the new program: a shared libuv
+/// is mapped by the dynamic loader, a moment after the exec.
+const EXEC_SECOND_LOOK_NS: u64 = 1_000_000_000;
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    if args.pid.is_none() && args.command.is_empty() {
-        bail!("nothing to watch: give --pid PID, or a command after `--` (see --help)");
+    if !args.all && args.pid.is_none() && args.command.is_empty() {
+        bail!("nothing to watch: give --pid PID, --all, or a command after `--` (see --help)");
     }
     discover::preflight()?;
+    let listener = args.metrics.map(metrics::bind).transpose()?;
 
     // Fork before anything starts a thread.
-    let (target, child) = if let Some(pid) = args.pid {
-        (discover::target_for_pid(pid)?, None)
+    let (target, child) = if args.all {
+        (None, None)
+    } else if let Some(pid) = args.pid {
+        (Some(discover::target_for_pid(pid)?), None)
     } else {
         let libuv = discover::libuv_for_command(&args.command[0])?;
         let child = StoppedChild::spawn(&args.command, args.json)?;
@@ -58,34 +72,42 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             .next()
             .unwrap_or_default()
             .to_owned();
-        (
-            Target {
-                pid: child.pid(),
-                comm,
-                libuv,
-            },
-            Some(child),
-        )
+        let target = Target {
+            pid: child.pid(),
+            comm,
+            libuv,
+            libuv_file: FileId::default(),
+        };
+        (Some(target), Some(child))
     };
 
-    let probes = attach(&target, args);
-    let probes = match (probes, &child) {
-        (Ok(probes), _) => probes,
+    let session = Session::start(args, target.as_ref());
+    let mut session = match (session, &child) {
+        (Ok(session), _) => session,
         (Err(e), Some(child)) => {
             child.kill();
             return Err(e);
         }
         (Err(e), None) => return Err(e),
     };
-    // Before saying we are ready: reading the target's unwind tables and symbols takes a moment.
-    let naming = (!args.no_stacks).then(|| Naming::new(target.pid));
-    eprintln!(
-        "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {}. Ctrl-C to end.",
-        target.pid,
-        target.comm,
-        target.libuv.shown_as.display(),
-        crate::report::human(args.threshold.as_nanos() as u64)
-    );
+    let threshold = crate::report::human(args.threshold.as_nanos() as u64);
+    if let Some(target) = &target {
+        eprintln!(
+            "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+            target.pid,
+            target.comm,
+            target.libuv.shown_as.display(),
+        );
+    } else {
+        session.watch_running_processes();
+        eprintln!(
+            "loopbpf: watching every libuv process ({} now); blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+            session.processes.len()
+        );
+    }
+    if let Some(addr) = args.metrics {
+        eprintln!("loopbpf: metrics on http://{addr}/metrics");
+    }
     if let Some(child) = &child {
         child.resume();
     }
@@ -94,46 +116,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
-    runtime.block_on(watch(args, &target, probes, naming, child.as_ref()))
-}
-
-fn attach(target: &Target, args: &Args) -> Result<Probes> {
-    let mut probes = Probes::load(target.pid, &target.libuv, args.threshold)?;
-    probes.attach_tracepoints()?;
-    probes
-        .attach_uprobe(&target.libuv, target.pid)
-        .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
-    // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
-    if args.command.is_empty() {
-        seed_running_loops(&mut probes, target)?;
-    }
-    if !args.no_stacks {
-        probes.attach_off_cpu()?;
-        // The main thread is a loop thread from the start; workers are sampled once found.
-        probes.sample_thread(target.pid, args.sample_rate)?;
-    }
-    Ok(probes)
-}
-
-/// Tells the kernel side about the loops of a process that runs already: those idle in their
-/// poll wait, and a main thread that is busy (perhaps stuck) as we attach.
-fn seed_running_loops(probes: &mut Probes, target: &Target) -> Result<()> {
-    let main_epfd = target.main_loop_epfd();
-    let now_ns = Clock::monotonic_ns();
-    let mut main_idle = false;
-    for idle in discover::threads_in_poll(target.pid) {
-        if idle.tid == target.pid {
-            if main_epfd.is_some_and(|main| main != idle.epfd) {
-                continue; // a nested loop's poll (a long execSync): the main loop is busy
-            }
-            main_idle = true;
-        }
-        probes.seed_idle_thread(target.pid, &idle, now_ns)?;
-    }
-    if !main_idle {
-        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), now_ns)?;
-    }
-    Ok(())
+    let target_pid = target.map(|t| t.pid);
+    runtime.block_on(watch(session, target_pid, child.as_ref(), listener))
 }
 
 /// Why the session ended.
@@ -142,6 +126,17 @@ enum End {
     TargetExited,
     Stopped,
     OutputClosed,
+}
+
+/// How much of a process's loop state to tell the kernel side as it is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seed {
+    /// It runs already: loops idle in their poll wait, and a main thread busy (or stuck) now.
+    Running,
+    /// It exec'd a moment ago: only loops already idle in their poll wait.
+    Fresh,
+    /// Its probes see it from its first iteration (a launched command), or they found it.
+    Nothing,
 }
 
 /// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
@@ -198,22 +193,171 @@ impl Naming {
     }
 }
 
-/// The running pipeline: kernel side, aggregation, naming, outputs.
-struct Session<'a, W: io::Write> {
+/// A watched process.
+struct Process {
+    target: Target,
+    /// With the pid, names the process: a reused pid is another process.
+    start_time: Option<u64>,
+    labels: ProcessLabels,
+    /// `None` with `--no-stacks`, and once the process is gone.
+    naming: Option<Naming>,
+    /// Whether the kernel side reads V8 objects of its sampled frames yet.
+    v8_layout_set: bool,
+    /// When it was found gone: fleet mode keeps its summary line and metric series for
+    /// `--keep-exited`.
+    gone_ns: Option<u64>,
+}
+
+/// Fleet mode's discovery state.
+#[derive(Default)]
+struct Fleet {
+    cache: LibuvCache,
+    /// Files probed already: one uprobe serves every process that runs the file.
+    probed: HashSet<FileId>,
+    /// Files that could not be probed: not tried again.
+    unprobeable: HashSet<FileId>,
+    /// Processes that exec'd, to look at for libuv: (pid, when to look, looks left).
+    execs: Vec<(u32, u64, u8)>,
+    attach_failures: u64,
+}
+
+/// The running pipeline: kernel side, processes, aggregation, naming, outputs.
+struct Session<'a> {
     args: &'a Args,
     probes: Probes,
+    processes: BTreeMap<u32, Process>,
+    /// `None` unless `--all`.
+    fleet: Option<Fleet>,
     aggregator: Aggregator,
-    reporter: Reporter<W>,
-    /// `None` with `--no-stacks`.
-    naming: Option<Naming>,
+    reporter: Reporter<io::StdoutLock<'static>>,
+    metrics: Option<Metrics>,
     flame: Flame,
     /// Lost events already warned about.
     dropped_warned: u64,
-    /// Whether the kernel side reads V8 objects of sampled frames yet.
-    v8_layout_set: bool,
+    started_ns: u64,
 }
 
-impl<W: io::Write> Session<'_, W> {
+impl<'a> Session<'a> {
+    /// Loads and attaches the kernel side, for `target` or (`None`) for the whole host.
+    fn start(args: &'a Args, target: Option<&Target>) -> Result<Self> {
+        let mut probes = Probes::load(target.map(|t| t.pid), args.threshold)?;
+        probes.attach_tracepoints()?;
+        if !args.no_stacks {
+            probes.attach_off_cpu()?;
+        }
+        let mut reporter = Reporter::new(io::stdout().lock(), args.json, Clock::new());
+        if target.is_none() {
+            reporter = reporter.with_command_column();
+        }
+        let mut session = Self {
+            args,
+            probes,
+            processes: BTreeMap::new(),
+            fleet: target.is_none().then(Fleet::default),
+            aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
+            reporter,
+            metrics: args
+                .metrics
+                .map(|_| Metrics::new(args.threshold.as_nanos() as u64)),
+            flame: Flame::default(),
+            dropped_warned: 0,
+            started_ns: Clock::monotonic_ns(),
+        };
+        if let Some(target) = target {
+            let seed = if args.command.is_empty() {
+                Seed::Running
+            } else {
+                Seed::Nothing
+            };
+            session
+                .probes
+                .attach_uprobe(&target.libuv, Some(target.pid))
+                .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
+            session.watch(target.clone(), seed)?;
+        }
+        Ok(session)
+    }
+
+    /// Fleet mode: every libuv process running now.
+    fn watch_running_processes(&mut self) {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        for target in discover::libuv_processes(&mut fleet.cache) {
+            self.watch_in_fleet(target, Seed::Running);
+        }
+    }
+
+    /// Fleet mode: probes the process's libuv unless its file is probed already, then watches.
+    fn watch_in_fleet(&mut self, target: Target, seed: Seed) {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        if self.processes.contains_key(&target.pid)
+            || fleet.unprobeable.contains(&target.libuv_file)
+        {
+            return;
+        }
+        if !fleet.probed.contains(&target.libuv_file) {
+            if let Err(e) = self.probes.attach_uprobe(&target.libuv, None) {
+                eprintln!(
+                    "loopbpf: warning: pid {} ({}) is not watched: {e}",
+                    target.pid, target.comm
+                );
+                fleet.attach_failures += 1;
+                fleet.unprobeable.insert(target.libuv_file);
+                return;
+            }
+            fleet.probed.insert(target.libuv_file.clone());
+        }
+        let (pid, comm) = (target.pid, target.comm.clone());
+        if let Err(e) = self.watch(target, seed) {
+            eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
+            if let Some(fleet) = self.fleet.as_mut() {
+                fleet.attach_failures += 1;
+            }
+        }
+    }
+
+    /// Takes a process whose libuv is probed into the session.
+    fn watch(&mut self, target: Target, seed: Seed) -> Result<()> {
+        let pid = target.pid;
+        // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
+        match seed {
+            Seed::Running => seed_running_loops(&mut self.probes, &target, true)?,
+            Seed::Fresh => seed_running_loops(&mut self.probes, &target, false)?,
+            Seed::Nothing => {}
+        }
+        if !self.args.no_stacks {
+            // The main thread is a loop thread from the start; workers are sampled once found.
+            self.probes.sample_thread(pid, self.args.sample_rate)?;
+        }
+        let placement = Placement::of(pid);
+        let labels = ProcessLabels {
+            comm: target.comm.clone(),
+            container: placement.container,
+            pod: placement.pod,
+        };
+        self.reporter.name_process(pid, labels.clone());
+        // Reading the process's unwind tables and symbols takes a moment.
+        let naming = (!self.args.no_stacks).then(|| Naming::new(pid));
+        let mut process = Process {
+            target,
+            start_time: discover::start_time(pid),
+            labels,
+            naming,
+            v8_layout_set: false,
+            gone_ns: None,
+        };
+        read_v8_objects_in_samples(&mut self.probes, &mut process);
+        self.processes.insert(pid, process);
+        Ok(())
+    }
+
+    fn naming_of(&mut self, pid: u32) -> Option<&mut Naming> {
+        self.processes.get_mut(&pid)?.naming.as_mut()
+    }
+
     /// Reads every queued event; an exited loop thread's final state is taken and the entry
     /// freed.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), End> {
@@ -222,7 +366,9 @@ impl<W: io::Write> Session<'_, W> {
             match Event::decode(&item) {
                 Ok(mut event) => {
                     self.follow_threads(&event);
-                    if let (Event::Stack(sample), Some(naming)) = (&mut event, &mut self.naming) {
+                    if let Event::Stack(sample) = &mut event
+                        && let Some(naming) = self.naming_of(sample.pid)
+                    {
                         naming.unwind(sample);
                     }
                     records.extend(self.aggregator.on_event(event));
@@ -236,11 +382,20 @@ impl<W: io::Write> Session<'_, W> {
         self.report_all(records)
     }
 
-    /// Starts sampling loop threads as they are found; takes the final state of those that exit.
+    /// Starts sampling loop threads as they are found; takes the final state of those that
+    /// exit; in fleet mode, takes in processes found by their probes or by their exec.
     fn follow_threads(&mut self, event: &Event) {
         match *event {
-            Event::LoopFound { tid, .. } if self.naming.is_some() => {
-                if let Err(e) = self.probes.sample_thread(tid, self.args.sample_rate) {
+            Event::LoopFound { pid, tid, .. } => {
+                if let Some(fleet) = self.fleet.as_mut()
+                    && !self.processes.contains_key(&pid)
+                    && let Ok(target) = discover::find_target(pid, &mut fleet.cache)
+                {
+                    self.watch_in_fleet(target, Seed::Nothing);
+                }
+                if !self.args.no_stacks
+                    && let Err(e) = self.probes.sample_thread(tid, self.args.sample_rate)
+                {
                     eprintln!("loopbpf: no stack samples for thread {tid}: {e}");
                 }
             }
@@ -250,7 +405,107 @@ impl<W: io::Write> Session<'_, W> {
                     self.aggregator.update_state(tid, &state);
                 }
             }
+            Event::Exec { pid, at_ns } => {
+                if self.fleet.is_none() {
+                    return;
+                }
+                // The program it ran is gone; the new one may be another libuv program.
+                self.process_gone(pid, at_ns);
+                if let Some(fleet) = self.fleet.as_mut() {
+                    fleet.execs.push((pid, at_ns, 2));
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// Fleet mode: looks at processes that exec'd for libuv, once right away and once a
+    /// second later.
+    fn look_at_execs(&mut self, now_ns: u64) {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        let mut due = Vec::new();
+        fleet.execs.retain_mut(|(pid, when_ns, looks)| {
+            if *when_ns > now_ns {
+                return true;
+            }
+            due.push(*pid);
+            *looks -= 1;
+            *when_ns = now_ns + EXEC_SECOND_LOOK_NS;
+            *looks > 0
+        });
+        for pid in due {
+            let Some(fleet) = self.fleet.as_mut() else {
+                return;
+            };
+            if self
+                .processes
+                .get(&pid)
+                .is_some_and(|p| p.gone_ns.is_none())
+            {
+                continue; // its probe found it first
+            }
+            if let Ok(target) = discover::find_target(pid, &mut fleet.cache) {
+                self.processes.remove(&pid);
+                self.watch_in_fleet(target, Seed::Fresh);
+            }
+        }
+    }
+
+    /// A process exited or exec'd another program: stop naming its stacks; fleet mode keeps
+    /// its lines and series for `--keep-exited`.
+    fn process_gone(&mut self, pid: u32, now_ns: u64) {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if process.gone_ns.is_none() {
+            process.gone_ns = Some(now_ns);
+            process.naming = None;
+            self.probes.forget_process(pid);
+        }
+    }
+
+    /// Fleet mode, once a second: finds processes that are gone, forgets those gone for longer
+    /// than `--keep-exited`, and frees kernel-side entries of threads that no longer exist.
+    fn tend_fleet(&mut self, now_ns: u64) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| p.gone_ns.is_none() && discover::start_time(**pid) != p.start_time)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            self.process_gone(pid, now_ns);
+        }
+        let keep_ns = self.args.keep_exited.as_nanos() as u64;
+        let expired: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| {
+                p.gone_ns
+                    .is_some_and(|gone| now_ns.saturating_sub(gone) >= keep_ns)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in expired {
+            self.processes.remove(&pid);
+            self.reporter.forget_process(pid);
+            for tid in self.aggregator.forget_process(pid) {
+                self.probes.forget_thread(tid);
+                if let Some(metrics) = self.metrics.as_mut() {
+                    metrics.forget(tid);
+                }
+            }
+        }
+        // Threads that ended without a word to us (a worker that exec'd, an exit we lost).
+        for (tid, state) in self.probes.threads() {
+            if !Path::new(&format!("/proc/{}/task/{tid}", state.pid)).exists() {
+                self.probes.forget_thread(tid);
+            }
         }
     }
 
@@ -262,10 +517,46 @@ impl<W: io::Write> Session<'_, W> {
         }
     }
 
+    /// Renders the metrics with the newest state of every loop thread.
+    fn refresh_metrics(&mut self, now_ns: u64) {
+        let Some(metrics) = self.metrics.as_mut() else {
+            return;
+        };
+        let unknown = ProcessLabels::default();
+        let loops: Vec<LoopView<'_>> = self
+            .aggregator
+            .loops()
+            .map(|(id, state)| LoopView {
+                id,
+                state,
+                process: self.processes.get(&id.pid).map_or(&unknown, |p| &p.labels),
+            })
+            .collect();
+        let health = Health {
+            processes: self
+                .processes
+                .values()
+                .filter(|p| p.gone_ns.is_none())
+                .count() as u64,
+            lost_events: self.probes.dropped_events(),
+            attach_failures: self.fleet.as_ref().map_or(0, |f| f.attach_failures),
+        };
+        metrics.refresh(now_ns, &loops, health);
+    }
+
     /// Names the stacks of blocks (the symbolize stage), then reports.
     fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
         let now_ns = Clock::monotonic_ns();
         for record in &mut records {
+            if let (
+                Record::Block {
+                    id, duration_ns, ..
+                },
+                Some(metrics),
+            ) = (&*record, self.metrics.as_mut())
+            {
+                metrics.on_block(id.tid, *duration_ns);
+            }
             self.name_stacks(record, matches!(record, Record::Block { .. }));
             if self.reporter.report(record, now_ns).is_err() {
                 // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
@@ -278,9 +569,6 @@ impl<W: io::Write> Session<'_, W> {
     /// Weights and names a record's stacks; `into_flame` adds them to the blocked time of
     /// `--folded` and `--flamegraph`.
     fn name_stacks(&mut self, record: &mut Record, into_flame: bool) {
-        let Some(naming) = self.naming.as_mut() else {
-            return;
-        };
         let (Record::Block {
             id,
             duration_ns,
@@ -298,6 +586,13 @@ impl<W: io::Write> Session<'_, W> {
         else {
             return;
         };
+        let Some(naming) = self
+            .processes
+            .get_mut(&id.pid)
+            .and_then(|p| p.naming.as_mut())
+        else {
+            return;
+        };
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         naming.symbolizer.refresh();
         let named = stacks::profile(
@@ -312,19 +607,15 @@ impl<W: io::Write> Session<'_, W> {
         *profile = Some(named);
     }
 
-    /// Once the target's V8 is known, has the kernel side read the objects that JS frames
-    /// point at when it takes a sample (they move with the GC).
-    fn read_v8_objects_in_samples(&mut self) {
-        if self.v8_layout_set {
-            return;
+    /// Once a second: current memory maps for naming, V8 layouts, lost events.
+    fn refresh_naming(&mut self) {
+        for process in self.processes.values_mut() {
+            if let Some(naming) = process.naming.as_mut() {
+                naming.refresh();
+            }
+            read_v8_objects_in_samples(&mut self.probes, process);
         }
-        let Some(js) = self.naming.as_ref().and_then(|naming| naming.js.as_ref()) else {
-            return;
-        };
-        match self.probes.set_v8_layout(js.kernel_layout()) {
-            Ok(()) => self.v8_layout_set = true,
-            Err(e) => eprintln!("loopbpf: warning: JS frames named after the sample: {e}"),
-        }
+        self.warn_of_lost_events();
     }
 
     /// Says so, at most once a second, when the kernel side could not hand events over: counts
@@ -340,16 +631,19 @@ impl<W: io::Write> Session<'_, W> {
     }
 
     /// The summary, then the `--folded` and `--flamegraph` files.
-    fn finish(&mut self, pid: u32, end: &End, started_ns: u64) -> Result<()> {
+    fn finish(&mut self, target_pid: Option<u32>, end: &End) -> Result<()> {
         self.refresh();
         let now_ns = Clock::monotonic_ns();
-        if *end == End::TargetExited && !self.aggregator.knows_loops() {
+        if let Some(pid) = target_pid
+            && *end == End::TargetExited
+            && !self.aggregator.knows_loops()
+        {
             eprintln!("loopbpf: pid {pid} exited before its event loop ran");
         }
         let dropped = self.probes.dropped_events();
         let summary = self
             .aggregator
-            .summary(now_ns, dropped, now_ns - started_ns);
+            .summary(now_ns, dropped, now_ns - self.started_ns);
         match self.reporter.report(&summary, now_ns) {
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
             _ => {}
@@ -358,50 +652,90 @@ impl<W: io::Write> Session<'_, W> {
         for mut stuck in self.aggregator.still_blocked(now_ns) {
             self.name_stacks(&mut stuck, true);
         }
-        self.write_files(pid)
+        self.write_files(target_pid)
     }
 
     /// Writes `--folded` and `--flamegraph` files.
-    fn write_files(&self, pid: u32) -> Result<()> {
+    fn write_files(&self, target_pid: Option<u32>) -> Result<()> {
         if let Some(path) = &self.args.folded {
             self.flame.write_folded(path)?;
         }
         if let Some(path) = &self.args.flamegraph {
-            let title = format!("loopbpf: blocked time of pid {pid}");
+            let title = match target_pid {
+                Some(pid) => format!("loopbpf: blocked time of pid {pid}"),
+                None => "loopbpf: blocked time of every watched process".to_owned(),
+            };
             self.flame.write_svg(path, &title)?;
         }
         Ok(())
     }
 }
 
-async fn watch(
-    args: &Args,
-    target: &Target,
-    mut probes: Probes,
-    naming: Option<Naming>,
-    child: Option<&StoppedChild>,
-) -> Result<ExitCode> {
-    let clock = Clock::new();
-    let started_ns = Clock::monotonic_ns();
-    // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
-    let mut ring = unsafe { AsyncFd::register_with_interest(probes.events()?, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the ring buffer")?;
-    // SAFETY: as above.
-    let exited = unsafe { AsyncFd::register_with_interest(pidfd(target.pid)?, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the target process")?;
-    let mut session = Session {
-        args,
-        probes,
-        aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
-        reporter: Reporter::new(io::stdout().lock(), args.json, clock),
-        naming,
-        flame: Flame::default(),
-        dropped_warned: 0,
-        v8_layout_set: false,
+/// Tells the kernel side about the loops of a process that runs already: those idle in their
+/// poll wait, and (with `busy_main`) a main thread that is busy (perhaps stuck) as we attach.
+fn seed_running_loops(probes: &mut Probes, target: &Target, busy_main: bool) -> Result<()> {
+    let main_epfd = target.main_loop_epfd();
+    let now_ns = Clock::monotonic_ns();
+    let mut main_idle = false;
+    for idle in discover::threads_in_poll(target.pid) {
+        if idle.tid == target.pid {
+            if main_epfd.is_some_and(|main| main != idle.epfd) {
+                continue; // a nested loop's poll (a long execSync): the main loop is busy
+            }
+            main_idle = true;
+        }
+        probes.seed_idle_thread(target.pid, &idle, now_ns)?;
+    }
+    if busy_main && !main_idle {
+        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), now_ns)?;
+    }
+    Ok(())
+}
+
+/// Once a process's V8 is known, has the kernel side read the objects that its JS frames
+/// point at when it takes a sample (they move with the GC).
+fn read_v8_objects_in_samples(probes: &mut Probes, process: &mut Process) {
+    if process.v8_layout_set {
+        return;
+    }
+    let Some(js) = process
+        .naming
+        .as_ref()
+        .and_then(|naming| naming.js.as_ref())
+    else {
+        return;
     };
-    session.read_v8_objects_in_samples();
+    match probes.set_v8_layout(process.target.pid, js.kernel_layout()) {
+        Ok(()) => process.v8_layout_set = true,
+        Err(e) => eprintln!("loopbpf: warning: JS frames named after the sample: {e}"),
+    }
+}
+
+async fn watch(
+    mut session: Session<'_>,
+    target_pid: Option<u32>,
+    child: Option<&StoppedChild>,
+    listener: Option<std::net::TcpListener>,
+) -> Result<ExitCode> {
+    let args = session.args;
+    // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(session.probes.events()?, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching the ring buffer")?;
+    let exited = match target_pid {
+        // SAFETY: as above.
+        Some(pid) => Some(
+            unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the target process")?,
+        ),
+        None => None,
+    };
+    session.refresh_metrics(Clock::monotonic_ns());
+    if let (Some(listener), Some(metrics)) = (listener, session.metrics.as_ref()) {
+        tokio::spawn(metrics::serve(listener, metrics.exposition()));
+    }
 
     let mut state_poll = tokio::time::interval(STATE_POLL);
     let mut maps_refresh = tokio::time::interval(MAPS_REFRESH);
@@ -416,6 +750,15 @@ async fn watch(
         }
     };
     tokio::pin!(deadline);
+    let target_exited = async {
+        match &exited {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => pending().await,
+        }
+    };
+    tokio::pin!(target_exited);
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
 
@@ -428,18 +771,20 @@ async fn watch(
                 step
             }
             _ = state_poll.tick() => {
+                let now_ns = Clock::monotonic_ns();
+                session.look_at_execs(now_ns);
                 session.refresh();
-                let records = session.aggregator.ongoing(Clock::monotonic_ns());
+                let records = session.aggregator.ongoing(now_ns);
                 session.report_all(records)
             }
             _ = maps_refresh.tick() => {
-                // Keep the memory map current while the target lives, so that stacks of a
-                // block that ends with its exit can still be named.
-                if let Some(naming) = session.naming.as_mut() {
-                    naming.refresh();
-                }
-                session.read_v8_objects_in_samples();
-                session.warn_of_lost_events();
+                // Keep the memory maps current while the targets live, so that stacks of a
+                // block that ends with an exit can still be named.
+                let now_ns = Clock::monotonic_ns();
+                session.refresh_naming();
+                session.tend_fleet(now_ns);
+                session.refresh();
+                session.refresh_metrics(now_ns);
                 Ok(())
             }
             () = tick(&mut interval_timer) => {
@@ -449,7 +794,7 @@ async fn watch(
                 session.probes.set_window(window)?;
                 session.report_all(records)
             }
-            _ = exited.readable() => Err(End::TargetExited),
+            () = &mut target_exited => Err(End::TargetExited),
             () = &mut deadline => Err(End::Stopped),
             _ = sigint.recv() => Err(End::Stopped),
             _ = sigterm.recv() => Err(End::Stopped),
@@ -460,7 +805,7 @@ async fn watch(
     };
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
     let _ = session.drain(ring.get_mut());
-    session.finish(target.pid, &end, started_ns)?;
+    session.finish(target_pid, &end)?;
     // A launched command that ended by itself passes its exit status on, like `time` does;
     // one still running when we stop is ended with us.
     let code = match (child, end) {

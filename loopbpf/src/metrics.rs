@@ -1,0 +1,603 @@
+//! Prometheus output (`--metrics ADDR`): per loop thread event-loop time, ELU, blocks and busy
+//! time per iteration, and loopbpf's own health, served as text on `/metrics`.
+//!
+//! Names follow what Node users know from prom-client and the OpenTelemetry runtime metrics,
+//! with a `loopbpf_` prefix and base units (seconds, ratios). The session renders the
+//! exposition once a second into a shared string; a scrape only copies it, so scrapers never
+//! wait for the pipeline and the pipeline never waits for scrapers.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, TextEncoder,
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    aggregate::LoopId,
+    decode::{HIST_SLOTS, ThreadState},
+};
+
+/// The window of the ELU gauge.
+const ELU_WINDOW_NS: u64 = 10_000_000_000;
+
+/// Upper bounds of the block-duration buckets, in seconds; those under the threshold are left
+/// out and the threshold itself is the first.
+const BLOCK_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Who a loop thread's series belong to.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessLabels {
+    pub comm: String,
+    pub container: String,
+    pub pod: String,
+}
+
+/// One loop thread as the session sees it at a refresh.
+pub struct LoopView<'a> {
+    pub id: LoopId,
+    pub state: &'a ThreadState,
+    pub process: &'a ProcessLabels,
+}
+
+/// loopbpf's own state at a refresh.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Health {
+    pub processes: u64,
+    pub lost_events: u64,
+    pub attach_failures: u64,
+}
+
+/// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
+#[derive(Debug, Default)]
+struct LoopMetrics {
+    /// Blocks per bucket of `buckets` (not cumulative), and their count and total time.
+    block_counts: Vec<u64>,
+    blocks: u64,
+    blocked_ns: u64,
+    /// (time, idle time) once a refresh, over the last `ELU_WINDOW_NS`.
+    elu_samples: VecDeque<(u64, u64)>,
+}
+
+impl LoopMetrics {
+    /// ELU over the last [`ELU_WINDOW_NS`], given the time and idle time now.
+    fn elu(&mut self, end_ns: u64, idle_ns: u64, discovered_ns: u64) -> f64 {
+        self.elu_samples.push_back((end_ns, idle_ns));
+        while self
+            .elu_samples
+            .get(1)
+            .is_some_and(|&(t, _)| end_ns.saturating_sub(t) >= ELU_WINDOW_NS)
+        {
+            self.elu_samples.pop_front();
+        }
+        let (from_ns, from_idle) = self
+            .elu_samples
+            .front()
+            .copied()
+            .filter(|&(t, _)| t < end_ns)
+            .unwrap_or((discovered_ns, 0));
+        let window = end_ns.saturating_sub(from_ns);
+        if window == 0 {
+            return 0.0;
+        }
+        1.0 - idle_ns.saturating_sub(from_idle).min(window) as f64 / window as f64
+    }
+}
+
+/// The metrics of every loop thread, and the exposition scrapers get.
+#[derive(Debug)]
+pub struct Metrics {
+    threshold_ns: u64,
+    buckets: Vec<f64>,
+    loops: HashMap<u32, LoopMetrics>,
+    exposition: Arc<Mutex<String>>,
+}
+
+impl Metrics {
+    pub fn new(threshold_ns: u64) -> Self {
+        let threshold = threshold_ns as f64 / 1e9;
+        let buckets = std::iter::once(threshold)
+            .chain(
+                BLOCK_BUCKETS
+                    .into_iter()
+                    .filter(|&b| b > threshold * 1.0001),
+            )
+            .collect();
+        Self {
+            threshold_ns,
+            buckets,
+            loops: HashMap::new(),
+            exposition: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// The text the server hands out.
+    pub fn exposition(&self) -> Arc<Mutex<String>> {
+        Arc::clone(&self.exposition)
+    }
+
+    /// Counts a block of loop thread `tid` (one that ended, at a poll wait or with the thread).
+    pub fn on_block(&mut self, tid: u32, duration_ns: u64) {
+        let buckets = &self.buckets;
+        let m = self.loops.entry(tid).or_default();
+        m.block_counts.resize(buckets.len(), 0);
+        let seconds = duration_ns as f64 / 1e9;
+        if let Some(i) = buckets.iter().position(|&le| seconds <= le) {
+            m.block_counts[i] += 1;
+        }
+        m.blocks += 1;
+        m.blocked_ns += duration_ns;
+    }
+
+    /// Drops a loop thread's series (its process is gone and its grace period over).
+    pub fn forget(&mut self, tid: u32) {
+        self.loops.remove(&tid);
+    }
+
+    /// Renders every series as of `now_ns` into the exposition.
+    pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: Health) {
+        let mut families = Families::default();
+        for view in loops {
+            let m = self.loops.entry(view.id.tid).or_default();
+            m.block_counts.resize(self.buckets.len(), 0);
+            loop_series(
+                &mut families,
+                view,
+                m,
+                &self.buckets,
+                self.threshold_ns,
+                now_ns,
+            );
+        }
+        health_series(&mut families, loops.len(), health);
+        let mut text = Vec::new();
+        if TextEncoder::new()
+            .encode(&families.into_vec(), &mut text)
+            .is_ok()
+            && let Ok(mut exposition) = self.exposition.lock()
+        {
+            *exposition = String::from_utf8(text).unwrap_or_default();
+        }
+    }
+}
+
+/// The metric families being built, in a fixed order.
+#[derive(Default)]
+struct Families {
+    order: Vec<&'static str>,
+    by_name: HashMap<&'static str, MetricFamily>,
+}
+
+impl Families {
+    fn add(&mut self, name: &'static str, help: &str, kind: MetricType, metric: Metric) {
+        let family = self.by_name.entry(name).or_insert_with(|| {
+            self.order.push(name);
+            let mut family = MetricFamily::default();
+            family.set_name(name.to_owned());
+            family.set_help(help.to_owned());
+            family.set_field_type(kind);
+            family
+        });
+        family.mut_metric().push(metric);
+    }
+
+    fn into_vec(mut self) -> Vec<MetricFamily> {
+        self.order
+            .iter()
+            .filter_map(|name| self.by_name.remove(name))
+            .collect()
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name((*name).to_owned());
+            pair.set_value((*value).to_owned());
+            pair
+        })
+        .collect()
+}
+
+fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+/// A histogram from per-bucket (not cumulative) counts with these upper bounds.
+fn histogram(labels: Vec<LabelPair>, bounds: &[f64], counts: &[u64], sum: f64) -> Metric {
+    let mut cumulative = 0;
+    let buckets = bounds
+        .iter()
+        .zip(counts)
+        .map(|(&le, &n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_bucket(buckets);
+    h.set_sample_count(counts.iter().sum());
+    h.set_sample_sum(sum);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+fn loop_series(
+    families: &mut Families,
+    view: &LoopView<'_>,
+    m: &mut LoopMetrics,
+    buckets: &[f64],
+    threshold_ns: u64,
+    now_ns: u64,
+) {
+    let state = view.state;
+    let (pid, tid) = (view.id.pid.to_string(), view.id.tid.to_string());
+    let base = [
+        ("pid", pid.as_str()),
+        ("tid", tid.as_str()),
+        ("thread", view.id.label.kind()),
+        ("comm", view.process.comm.as_str()),
+        ("container", view.process.container.as_str()),
+        ("pod", view.process.pod.as_str()),
+    ];
+    let with = |extra: (&'static str, &'static str)| {
+        let mut pairs = base.to_vec();
+        pairs.push(extra);
+        labels(&pairs)
+    };
+    let end_ns = if state.exited_ns != 0 {
+        state.exited_ns
+    } else {
+        now_ns
+    };
+    let wall_ns = end_ns.saturating_sub(state.discovered_ns);
+    let idle_ns = state.idle_ns_at(end_ns).min(wall_ns);
+    families.add(
+        "loopbpf_event_loop_time_seconds_total",
+        "Time the event loop spent active (running callbacks) or idle (waiting for I/O), since loopbpf found it.",
+        MetricType::COUNTER,
+        counter(with(("state", "active")), (wall_ns - idle_ns) as f64 / 1e9),
+    );
+    families.add(
+        "loopbpf_event_loop_time_seconds_total",
+        "",
+        MetricType::COUNTER,
+        counter(with(("state", "idle")), idle_ns as f64 / 1e9),
+    );
+
+    let elu = m.elu(end_ns, idle_ns, state.discovered_ns);
+    families.add(
+        "loopbpf_event_loop_utilization_ratio",
+        "Event loop utilization over the last 10 s: the share of time not idle, as performance.eventLoopUtilization() counts it.",
+        MetricType::GAUGE,
+        gauge(labels(&base), elu),
+    );
+    families.add(
+        "loopbpf_event_loop_iterations_total",
+        "Loop iterations (one uv__io_poll to the next).",
+        MetricType::COUNTER,
+        counter(labels(&base), state.iterations as f64),
+    );
+    families.add(
+        "loopbpf_event_loop_blocked_duration_seconds",
+        "Blocked intervals (busy intervals at or over the threshold) by duration.",
+        MetricType::HISTOGRAM,
+        histogram(
+            labels(&base),
+            buckets,
+            &m.block_counts,
+            m.blocked_ns as f64 / 1e9,
+        ),
+    );
+    families.add(
+        "loopbpf_event_loop_blocked_seconds_total",
+        "Time spent in blocked intervals that ended.",
+        MetricType::COUNTER,
+        counter(labels(&base), m.blocked_ns as f64 / 1e9),
+    );
+    let ongoing_ns = state
+        .busy_for_ns(now_ns)
+        .filter(|&busy| state.exited_ns == 0 && busy >= threshold_ns)
+        .unwrap_or(0);
+    families.add(
+        "loopbpf_event_loop_ongoing_block_seconds",
+        "How long the loop has been blocked right now (0 when it is not).",
+        MetricType::GAUGE,
+        gauge(labels(&base), ongoing_ns as f64 / 1e9),
+    );
+    // The kernel side's log2 buckets: slot i counts iterations busy for [2^i, 2^(i+1)) us.
+    let bounds: Vec<f64> = (0..HIST_SLOTS)
+        .map(|slot| (1u64 << (slot + 1)) as f64 / 1e6)
+        .collect();
+    families.add(
+        "loopbpf_event_loop_iteration_busy_seconds",
+        "Busy time per loop iteration (log2 buckets); the sum is the loop's active time.",
+        MetricType::HISTOGRAM,
+        histogram(
+            labels(&base),
+            &bounds,
+            &state.busy_hist,
+            (wall_ns - idle_ns) as f64 / 1e9,
+        ),
+    );
+}
+
+fn health_series(families: &mut Families, loops: usize, health: Health) {
+    let (cpu_seconds, rss_bytes) = own_usage();
+    let none = Vec::new;
+    families.add(
+        "loopbpf_processes_watched",
+        "Processes whose event loops loopbpf watches.",
+        MetricType::GAUGE,
+        gauge(none(), health.processes as f64),
+    );
+    families.add(
+        "loopbpf_loop_threads_watched",
+        "Event loop threads (main and workers) loopbpf watches.",
+        MetricType::GAUGE,
+        gauge(none(), loops as f64),
+    );
+    families.add(
+        "loopbpf_lost_events_total",
+        "Events the kernel side could not hand over (ring buffer full): blocks or stacks missing.",
+        MetricType::COUNTER,
+        counter(none(), health.lost_events as f64),
+    );
+    families.add(
+        "loopbpf_attach_failures_total",
+        "Processes loopbpf found but could not attach to.",
+        MetricType::COUNTER,
+        counter(none(), health.attach_failures as f64),
+    );
+    families.add(
+        "loopbpf_cpu_seconds_total",
+        "CPU time loopbpf itself used (user and system).",
+        MetricType::COUNTER,
+        counter(none(), cpu_seconds),
+    );
+    families.add(
+        "loopbpf_resident_memory_bytes",
+        "loopbpf's own resident memory.",
+        MetricType::GAUGE,
+        gauge(none(), rss_bytes),
+    );
+}
+
+/// loopbpf's CPU seconds and resident bytes, from /proc/self.
+fn own_usage() -> (f64, f64) {
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks.max(1) as f64)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |pages| pages * page as f64);
+    (cpu, rss)
+}
+
+/// Binds the metrics address now, so that a port in use fails before anything is attached.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot serve metrics on {addr} (is the port in use?)"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the exposition on `/metrics` until the runtime ends.
+pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String>>) {
+    let Ok(listener) = TcpListener::from_std(listener) else {
+        eprintln!("loopbpf: warning: the metrics listener could not be used");
+        return;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let exposition = Arc::clone(&exposition);
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let exposition = Arc::clone(&exposition);
+                async move { Ok::<_, Infallible>(respond(request.uri().path(), &exposition)) }
+            });
+            // A scraper that hangs up early is its business.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            exposition.lock().map(|e| e.clone()).unwrap_or_default(),
+        ),
+        "/" => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "loopbpf: event-loop metrics are at /metrics\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: metrics are at /metrics\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{aggregate::ThreadLabel, decode::ROLE_MAIN};
+
+    const S: u64 = 1_000_000_000;
+
+    fn view_of<'a>(state: &'a ThreadState, process: &'a ProcessLabels) -> LoopView<'a> {
+        LoopView {
+            id: LoopId {
+                pid: 7,
+                tid: 7,
+                label: ThreadLabel::Main,
+            },
+            state,
+            process,
+        }
+    }
+
+    fn text(metrics: &Metrics) -> String {
+        metrics.exposition().lock().unwrap().clone()
+    }
+
+    #[test]
+    fn buckets_start_at_the_threshold() {
+        assert_eq!(Metrics::new(100_000_000).buckets[..3], [0.1, 0.25, 0.5]);
+        assert_eq!(Metrics::new(30_000_000).buckets[..3], [0.03, 0.05, 0.1]);
+        assert_eq!(Metrics::new(60 * S).buckets, [60.0]);
+    }
+
+    #[test]
+    fn series_have_base_units_labels_and_consistent_histograms() {
+        let mut metrics = Metrics::new(100_000_000);
+        metrics.on_block(7, 150_000_000);
+        metrics.on_block(7, 3 * S);
+        let mut state = ThreadState {
+            pid: 7,
+            role: ROLE_MAIN,
+            discovered_ns: 10 * S,
+            idle_ns: 4 * S,
+            iterations: 12,
+            busy_since_ns: 15 * S,
+            ..ThreadState::default()
+        };
+        state.busy_hist[0] = 10;
+        state.busy_hist[17] = 2;
+        let process = ProcessLabels {
+            comm: "node".into(),
+            container: "3f1e0c5bd2a9".into(),
+            pod: "web-0".into(),
+        };
+        metrics.refresh(
+            20 * S,
+            &[view_of(&state, &process)],
+            Health {
+                processes: 1,
+                lost_events: 3,
+                attach_failures: 0,
+            },
+        );
+        let text = text(&metrics);
+        let labels =
+            r#"pid="7",tid="7",thread="main",comm="node",container="3f1e0c5bd2a9",pod="web-0""#;
+        for line in [
+            format!("loopbpf_event_loop_time_seconds_total{{{labels},state=\"active\"}} 6"),
+            format!("loopbpf_event_loop_time_seconds_total{{{labels},state=\"idle\"}} 4"),
+            format!("loopbpf_event_loop_iterations_total{{{labels}}} 12"),
+            format!("loopbpf_event_loop_blocked_duration_seconds_bucket{{{labels},le=\"0.1\"}} 0"),
+            format!("loopbpf_event_loop_blocked_duration_seconds_bucket{{{labels},le=\"0.25\"}} 1"),
+            format!("loopbpf_event_loop_blocked_duration_seconds_bucket{{{labels},le=\"5\"}} 2"),
+            format!("loopbpf_event_loop_blocked_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 2"),
+            format!("loopbpf_event_loop_blocked_duration_seconds_sum{{{labels}}} 3.15"),
+            format!("loopbpf_event_loop_blocked_seconds_total{{{labels}}} 3.15"),
+            format!("loopbpf_event_loop_ongoing_block_seconds{{{labels}}} 5"),
+            format!(
+                "loopbpf_event_loop_iteration_busy_seconds_bucket{{{labels},le=\"0.000002\"}} 10"
+            ),
+            format!("loopbpf_event_loop_iteration_busy_seconds_count{{{labels}}} 12"),
+            "loopbpf_processes_watched 1".to_owned(),
+            "loopbpf_loop_threads_watched 1".to_owned(),
+            "loopbpf_lost_events_total 3".to_owned(),
+            "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        assert!(text.contains("loopbpf_resident_memory_bytes "));
+    }
+
+    #[test]
+    fn elu_is_over_the_last_ten_seconds() {
+        let mut metrics = Metrics::new(100_000_000);
+        let process = ProcessLabels::default();
+        let mut state = ThreadState {
+            pid: 7,
+            role: ROLE_MAIN,
+            discovered_ns: 0,
+            ..ThreadState::default()
+        };
+        // Idle for the first 20 s, then fully busy for 10 s.
+        for second in 1..=30 {
+            state.idle_ns = second.min(20) * S;
+            metrics.refresh(second * S, &[view_of(&state, &process)], Health::default());
+        }
+        let text = text(&metrics);
+        let elu = text
+            .lines()
+            .find_map(|l| l.strip_prefix("loopbpf_event_loop_utilization_ratio{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap();
+        assert_eq!(elu, "1", "{text}");
+    }
+
+    #[test]
+    fn forgotten_loops_leave_no_series() {
+        let mut metrics = Metrics::new(100_000_000);
+        metrics.on_block(7, S);
+        metrics.forget(7);
+        metrics.refresh(S, &[], Health::default());
+        assert!(!text(&metrics).contains("pid=\"7\""));
+        assert!(metrics.loops.is_empty());
+    }
+}
