@@ -1,0 +1,1 @@
+//! Fleet mode tests (being written).
