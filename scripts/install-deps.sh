@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs what building and testing loopbpf needs on Debian/Ubuntu (run as root):
 # clang-19 and libbpf headers for the eBPF programs, bpftool and binutils for the tests,
-# Node.js and npm when there are none, and the Node majors the tests run on. Rust (1.95 or
-# newer, from rustup) must already be there.
+# Node.js and npm when there are none, the Node majors the tests run on, and Prometheus
+# and kubernetes-validate for the deploy/ tests. Rust (1.95 or newer, from rustup) must
+# already be there.
 set -eu
 
 missing=""
@@ -15,6 +16,10 @@ command -v setpriv >/dev/null || missing="$missing util-linux"
 command -v wrk >/dev/null || missing="$missing wrk"
 command -v node >/dev/null || missing="$missing nodejs"
 command -v npm >/dev/null || missing="$missing npm"
+# promtool and a real Prometheus check the metrics exporter and the dashboard queries.
+command -v promtool >/dev/null || missing="$missing prometheus"
+# kubernetes-validate is installed into a venv below.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 
 if [ -n "$missing" ]; then
     echo "install-deps: installing$missing"
@@ -22,6 +27,14 @@ if [ -n "$missing" ]; then
     apt-get update -q
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
+    # The package starts a service on :9090 (systemd, or its init script elsewhere); the
+    # tests start their own Prometheus.
+    case "$missing" in
+    *prometheus*)
+        systemctl disable --now prometheus 2>/dev/null || true
+        if [ -x /etc/init.d/prometheus ]; then /etc/init.d/prometheus stop >/dev/null 2>&1 || true; fi
+        ;;
+    esac
 fi
 
 if ! command -v cargo >/dev/null; then
@@ -44,8 +57,17 @@ for major in 18 20 22 24 26; do
     "$cache/$major/bin/node" --version >/dev/null
 done
 
+# tests/deploy.rs validates deploy/daemonset.yaml with kubernetes-validate, which bundles
+# the Kubernetes schemas and so works offline once installed.
+py_cache="${LOOPBPF_PY_CACHE:-/var/cache/loopbpf-py}"
+if ! "$py_cache/bin/kubernetes-validate" --version 2>/dev/null | grep -q '1\.37\.0'; then
+    echo "install-deps: installing kubernetes-validate into $py_cache"
+    python3 -m venv --clear "$py_cache"
+    "$py_cache/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+
 # The eBPF attach points live in tracefs.
 if ! grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts; then
     mount -t tracefs nodev /sys/kernel/tracing
 fi
-echo "install-deps: ready (clang-19, libbpf-dev, bpftool, node $(node --version))"
+echo "install-deps: ready (clang-19, libbpf-dev, bpftool, promtool, kubernetes-validate, node $(node --version))"

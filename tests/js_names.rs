@@ -3,25 +3,12 @@
 //! blocks on (`new Error().stack`): names (`Class.method`, arrows, `<anonymous>` listeners),
 //! files, lines and columns must agree, and under heavy GC no frame may carry a wrong name.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use loopbpf_tests::{Fixture, Loopbpf, events, fixture, require_root};
+use loopbpf_tests::{Fixture, Loopbpf, events, fixture, node_of, require_root};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where `scripts/install-deps.sh` puts the node binaries of each major.
-fn node_of(major: u32) -> PathBuf {
-    let cache = std::env::var_os("LOOPBPF_NODE_CACHE")
-        .map_or_else(|| PathBuf::from("/var/cache/loopbpf-node"), PathBuf::from);
-    let node = cache.join(major.to_string()).join("bin/node");
-    assert!(
-        node.exists(),
-        "LOUD FAILURE, NOT A SKIP: no Node {major} at {}: run scripts/install-deps.sh",
-        node.display()
-    );
-    node
-}
 
 /// A frame as Node prints it in `Error.stack`, or as loopbpf reports it.
 #[derive(Debug, Clone, PartialEq)]

@@ -51,6 +51,19 @@ pub fn installed_node() -> PathBuf {
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
+/// Where `scripts/install-deps.sh` puts the node binaries of each major.
+pub fn node_of(major: u32) -> PathBuf {
+    let cache = std::env::var_os("LOOPBPF_NODE_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/loopbpf-node"), PathBuf::from);
+    let node = cache.join(major.to_string()).join("bin/node");
+    assert!(
+        node.exists(),
+        "LOUD FAILURE, NOT A SKIP: no Node {major} at {}: run scripts/install-deps.sh",
+        node.display()
+    );
+    node
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(name)
 }
@@ -136,12 +149,20 @@ impl Fixture {
 
     /// Starts a fixture script (in tests/fixtures) on a given node binary.
     pub fn start_script(node: &str, script: &str, node_flags: &[&str]) -> Self {
-        let mut child = Command::new(node)
-            // node's own files (perf maps, V8 logs) land there, not in the source tree.
-            .current_dir(std::env::temp_dir())
+        let mut command = Command::new(node);
+        command
             .arg("--expose-gc")
             .args(node_flags)
-            .arg(fixture(script))
+            .arg(fixture(script));
+        Self::start_command(command)
+    }
+
+    /// Starts a fixture by a command of the test's making (one that ends up running a
+    /// fixture script, e.g. through `unshare`).
+    pub fn start_command(mut command: Command) -> Self {
+        let mut child = command
+            // node's own files (perf maps, V8 logs) land there, not in the source tree.
+            .current_dir(std::env::temp_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -218,6 +239,20 @@ impl Loopbpf {
         assert!(
             attached.is_some(),
             "loopbpf did not attach; stderr: {:?}",
+            this.err.seen
+        );
+        this
+    }
+
+    /// Starts `loopbpf --all` with more `args` and waits until it watches the host.
+    pub fn watch_all(args: &[&str]) -> Self {
+        let mut this = Self::spawn(&[&["--all"], args].concat());
+        let attached = this.err.wait_for(Duration::from_mins(1), |l| {
+            l.contains("watching every libuv process")
+        });
+        assert!(
+            attached.is_some(),
+            "loopbpf --all did not start; stderr: {:?}",
             this.err.seen
         );
         this
