@@ -158,6 +158,10 @@ impl Aggregator {
             Event::LoopFound {
                 pid, tid, at_ns, ..
             } => {
+                if self.loops.get(&tid).is_some_and(|t| t.exited_ns.is_some()) {
+                    // Its tid again, for a new loop: the process exec'd a libuv program again.
+                    self.loops.remove(&tid);
+                }
                 self.loop_thread(pid, tid, at_ns);
                 None
             }
@@ -490,6 +494,40 @@ mod tests {
         assert_eq!(id.label, ThreadLabel::Worker(2));
         assert_eq!(duration_ns, 250 * MS);
         assert_eq!(end, BlockEnd::Poll);
+    }
+
+    #[test]
+    fn a_reused_tid_is_a_new_loop_and_gone_processes_are_forgotten() {
+        let mut agg = Aggregator::new(100 * MS);
+        let found = |pid, tid| Event::LoopFound {
+            pid,
+            tid,
+            loop_addr: 1,
+            at_ns: 0,
+        };
+        agg.on_event(found(7, 7));
+        agg.on_event(found(7, 8));
+        agg.update_state(7, &state(7, 0));
+        agg.update_state(8, &state(7, 0));
+        // The main thread execs node again: its loop ends, and a new one starts on its tid.
+        agg.on_event(Event::LoopExit {
+            pid: 7,
+            tid: 7,
+            busy_since_ns: None,
+            at_ns: 5 * MS,
+            before_attach: false,
+        });
+        assert_eq!(agg.take_exited_tids(), [7]);
+        agg.on_event(found(7, 7));
+        assert!(agg.loops[&7].exited_ns.is_none());
+        // Another process gets tid 8.
+        agg.on_event(found(9, 8));
+        assert_eq!(agg.loops[&8].id.pid, 9);
+        assert_eq!(agg.loops[&8].id.label, ThreadLabel::Worker(1));
+        let mut forgotten = agg.forget_process(7);
+        forgotten.sort_unstable();
+        assert_eq!(forgotten, [7]);
+        assert!(agg.loops.keys().eq([&8]));
     }
 
     #[test]
