@@ -2,12 +2,14 @@
 //! host and this user can attach at all. Every failure here is a message that says what to do.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeSet, HashMap},
     ffi::OsStr,
     fs::{self, File},
     ops::Range,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
+    rc::Rc,
 };
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
@@ -74,6 +76,56 @@ pub struct FileId {
     pub inode: u64,
 }
 
+/// What was read of object files (unwind tables, V8 metadata), by file, shared by the stages of
+/// every watched process: processes that map the same file (fleet mode watches many nodes of
+/// one binary) have it read once.
+pub struct FileCache<T>(Rc<RefCell<HashMap<FileId, Option<Rc<T>>>>>);
+
+impl<T> FileCache<T> {
+    pub fn new() -> Self {
+        Self(Rc::default())
+    }
+
+    /// What was read of `file`, reading it now if it was not yet.
+    pub fn get_or_read(&self, file: &FileId, read: impl FnOnce() -> Option<T>) -> Option<Rc<T>> {
+        if let Some(known) = self.0.borrow().get(file) {
+            return known.clone();
+        }
+        let value = read().map(Rc::new);
+        self.0.borrow_mut().insert(file.clone(), value.clone());
+        value
+    }
+}
+
+impl<T> Clone for FileCache<T> {
+    fn clone(&self) -> Self {
+        Self(Rc::clone(&self.0))
+    }
+}
+
+/// Where a loadable segment of an ELF file is: (file offset, file size, link-time address).
+pub type Segment = (u64, u64, u64);
+
+/// The loadable segments of an ELF file.
+pub fn segments<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> Vec<Segment> {
+    use object::ObjectSegment;
+    elf.segments()
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (offset, size, s.address())
+        })
+        .collect()
+}
+
+/// How far a mapped object sits from its link-time addresses, from its segments: the mapping
+/// at `start` holds the file from `offset` on.
+pub fn bias_of(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
+    let &(segment_offset, _, address) = segments
+        .iter()
+        .find(|(file_offset, size, _)| (*file_offset..file_offset + size).contains(&offset))?;
+    Some(start.wrapping_sub(address + (offset - segment_offset)))
+}
+
 /// What the probes need from an object file with `uv__io_poll`, wherever it is mapped.
 #[derive(Debug, Clone)]
 struct LibuvFile {
@@ -81,8 +133,8 @@ struct LibuvFile {
     poll_file_offset: u64,
     worker_entry: Option<(u64, u64)>,
     default_loop: Option<u64>,
-    /// Loadable segments (file offset, file size, address), to place `default_loop`.
-    segments: Vec<(u64, u64, u64)>,
+    /// To place `default_loop`.
+    segments: Vec<Segment>,
 }
 
 /// Object files already read, by identity, with or without libuv: scanning every process of a
@@ -127,13 +179,7 @@ impl Libuv {
     }
 
     fn placed(file: &LibuvFile, path: &Path, mapped: Option<(u64, u64)>) -> Self {
-        let bias = mapped.and_then(|(start, offset)| {
-            let &(segment_offset, _, address) =
-                file.segments.iter().find(|(file_offset, size, _)| {
-                    (*file_offset..file_offset + size).contains(&offset)
-                })?;
-            Some(start.wrapping_sub(address + (offset - segment_offset)))
-        });
+        let bias = mapped.and_then(|(start, offset)| bias_of(&file.segments, start, offset));
         Self {
             path: path.to_path_buf(),
             shown_as: path.to_path_buf(),
@@ -150,7 +196,6 @@ impl Libuv {
 
 impl LibuvFile {
     fn read(path: &Path) -> Option<Self> {
-        use object::ObjectSegment;
         let cache = open_elf(path)?;
         let elf = object::File::parse(&cache).ok()?;
         let mut poll = None;
@@ -176,31 +221,9 @@ impl LibuvFile {
             poll_file_offset: poll.address() - section.address() + section_offset,
             worker_entry,
             default_loop,
-            segments: elf
-                .segments()
-                .map(|s| {
-                    let (offset, size) = s.file_range();
-                    (offset, size, s.address())
-                })
-                .collect(),
+            segments: segments(&elf),
         })
     }
-}
-
-/// How far a mapped object sits from its link-time addresses: the mapping at `start` holds the
-/// file from `offset` on.
-pub fn load_bias<'data, R: object::ReadRef<'data>>(
-    elf: &object::File<'data, R>,
-    start: u64,
-    offset: u64,
-) -> Option<u64> {
-    use object::ObjectSegment;
-    let segment = elf.segments().find(|s| {
-        let (file_offset, size) = s.file_range();
-        (file_offset..file_offset + size).contains(&offset)
-    })?;
-    let (segment_offset, _) = segment.file_range();
-    Some(start.wrapping_sub(segment.address() + (offset - segment_offset)))
 }
 
 impl Target {

@@ -30,16 +30,16 @@ use crate::{
     aggregate::{Aggregator, Record},
     cli::Args,
     decode::{Event, StackSample},
-    discover::{self, FileId, LibuvCache, Target, container::Placement},
+    discover::{self, FileCache, FileId, LibuvCache, Target, container::Placement},
     flame::Flame,
     launch::StoppedChild,
     metrics::{self, Health, LoopView, Metrics, ProcessLabels},
     probe::Probes,
     report::{Clock, Reporter},
     stacks,
-    symbolize::Symbolizer,
-    unwind::Unwinder,
-    v8::JsNamer,
+    symbolize::{SharedObjects, Symbolizer},
+    unwind::{UnwindSections, Unwinder},
+    v8::{JsNamer, Metadata},
 };
 
 /// How often the per-thread state is read for ongoing blocks.
@@ -149,16 +149,36 @@ struct Naming {
     js: Option<JsNamer>,
     /// The executable `js` was last looked for in: looked for again only when it changes.
     js_looked_in: Option<PathBuf>,
+    v8_metadata: FileCache<Metadata>,
+}
+
+/// What the naming stages of every watched process share: each file is read once.
+#[derive(Clone)]
+struct SharedFiles {
+    objects: SharedObjects,
+    unwind_sections: FileCache<UnwindSections>,
+    v8_metadata: FileCache<Metadata>,
+}
+
+impl SharedFiles {
+    fn new() -> Self {
+        Self {
+            objects: SharedObjects::new(),
+            unwind_sections: FileCache::new(),
+            v8_metadata: FileCache::new(),
+        }
+    }
 }
 
 impl Naming {
-    fn new(pid: u32) -> Self {
+    fn new(pid: u32, shared: &SharedFiles) -> Self {
         let mut naming = Self {
             pid,
-            unwinder: Unwinder::new(pid),
-            symbolizer: Symbolizer::new(pid),
+            unwinder: Unwinder::new(pid, &shared.unwind_sections),
+            symbolizer: Symbolizer::sharing(pid, &shared.objects),
             js: None,
             js_looked_in: None,
+            v8_metadata: shared.v8_metadata.clone(),
         };
         naming.find_v8();
         naming
@@ -170,7 +190,7 @@ impl Naming {
             return;
         }
         self.js_looked_in = exe;
-        match JsNamer::new(self.pid) {
+        match JsNamer::new(self.pid, &self.v8_metadata) {
             Ok(js) => self.js = js,
             Err(why) => eprintln!("loopbpf: warning: JS frames stay unnamed ([JS]): {why}"),
         }
@@ -231,6 +251,8 @@ struct Session<'a> {
     aggregator: Aggregator,
     reporter: Reporter<io::StdoutLock<'static>>,
     metrics: Option<Metrics>,
+    /// Object files, read once for every process that maps them.
+    shared: SharedFiles,
     flame: Flame,
     /// Lost events already warned about.
     dropped_warned: u64,
@@ -259,6 +281,7 @@ impl<'a> Session<'a> {
             metrics: args
                 .metrics
                 .map(|_| Metrics::new(args.threshold.as_nanos() as u64)),
+            shared: SharedFiles::new(),
             flame: Flame::default(),
             dropped_warned: 0,
             started_ns: Clock::monotonic_ns(),
@@ -340,7 +363,7 @@ impl<'a> Session<'a> {
         };
         self.reporter.name_process(pid, labels.clone());
         // Reading the process's unwind tables and symbols takes a moment.
-        let naming = (!self.args.no_stacks).then(|| Naming::new(pid));
+        let naming = (!self.args.no_stacks).then(|| Naming::new(pid, &self.shared));
         let mut process = Process {
             target,
             start_time: discover::start_time(pid),

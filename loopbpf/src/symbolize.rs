@@ -9,7 +9,7 @@
 //! read as it grows. Kernel frames are named from `/proc/kallsyms`.
 
 use std::{
-    cell::OnceCell,
+    cell::{OnceCell, RefCell},
     collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::{Read, Seek, SeekFrom},
@@ -152,10 +152,9 @@ pub struct Symbolizer {
     /// Start time of the target in clock ticks after boot: tells the target from a later
     /// process that reuses its PID. `None` once the target is known to be gone.
     start_ticks: Option<u64>,
-    blazesym: Blazesym,
+    native: SharedObjects,
     maps: Vec<Region>,
     maps_read_at: Instant,
-    objects: Objects,
     perf_map: PerfMap,
     /// Named frames of file-backed and vDSO addresses, by lookup address.
     native_cache: HashMap<u64, Frame>,
@@ -165,10 +164,46 @@ pub struct Symbolizer {
     own_vdso: OnceCell<Option<(u64, u64)>>,
 }
 
+/// The object files symbolizers have opened and what blazesym parsed of them, shared by the
+/// symbolizers of one session: processes that run the same binary (fleet mode watches many)
+/// parse its symbols and line tables once, not once each.
+#[derive(Clone)]
+pub struct SharedObjects(Rc<RefCell<NativeObjects>>);
+
+struct NativeObjects {
+    blazesym: Blazesym,
+    objects: Objects,
+}
+
+impl SharedObjects {
+    pub fn new() -> Self {
+        Self(Rc::new(RefCell::new(NativeObjects {
+            blazesym: Blazesym::builder()
+                // Objects are opened once and kept; never reparse a path that changed on disk.
+                .enable_auto_reload(false)
+                .enable_code_info(NATIVE_LINE_INFO)
+                // Only so that file and line are the named function's (the call site of what
+                // was inlined into it), not those of the innermost inlined callee.
+                .enable_inlined_fns(NATIVE_LINE_INFO)
+                .enable_demangling(true)
+                .build(),
+            objects: Objects::default(),
+        })))
+    }
+}
+
 impl Symbolizer {
     /// Symbolizer for process `pid`; reads /proc/PID/maps now.
+    #[cfg(test)]
     #[must_use]
     pub fn new(pid: u32) -> Self {
+        Self::sharing(pid, &SharedObjects::new())
+    }
+
+    /// Symbolizer for process `pid` that shares parsed objects with others; reads
+    /// /proc/PID/maps now.
+    #[must_use]
+    pub fn sharing(pid: u32, native: &SharedObjects) -> Self {
         let start_ticks = process_start_ticks(pid);
         let kernel_source = Source::Kernel(Kernel {
             kallsyms: MaybeDefault::Default,
@@ -180,18 +215,9 @@ impl Symbolizer {
         let mut symbolizer = Self {
             pid,
             start_ticks,
-            blazesym: Blazesym::builder()
-                // Objects are opened once and kept; never reparse a path that changed on disk.
-                .enable_auto_reload(false)
-                .enable_code_info(NATIVE_LINE_INFO)
-                // Only so that file and line are the named function's (the call site of what
-                // was inlined into it), not those of the innermost inlined callee.
-                .enable_inlined_fns(NATIVE_LINE_INFO)
-                .enable_demangling(true)
-                .build(),
+            native: native.clone(),
             maps: Vec::new(),
             maps_read_at: Instant::now(),
-            objects: Objects::default(),
             perf_map: PerfMap::new(pid, start_ticks),
             native_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
@@ -279,6 +305,9 @@ impl Symbolizer {
             return frame.clone();
         }
         let frame = match self
+            .native
+            .0
+            .borrow()
             .blazesym
             .symbolize_single(&self.kernel_source, Input::AbsAddr(addr))
         {
@@ -343,12 +372,14 @@ impl Symbolizer {
     }
 
     fn object_frame(&mut self, object: usize, file_offset: u64, addr: u64) -> Frame {
-        let object = &self.objects.list[object];
+        let native = Rc::clone(&self.native.0);
+        let native = native.borrow();
+        let object = &native.objects.list[object];
         let (module, sources) = (object.module.clone(), object.sources.clone());
         for path in &sources {
             let mut elf = Elf::new(path);
             elf.debug_syms = NATIVE_LINE_INFO;
-            match self
+            match native
                 .blazesym
                 .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
             {
@@ -388,6 +419,9 @@ impl Symbolizer {
             process.map_files = false;
             let source = Source::Process(process);
             if let Ok(Symbolized::Sym(sym)) = self
+                .native
+                .0
+                .borrow()
                 .blazesym
                 .symbolize_single(&source, Input::AbsAddr(own_start + offset))
             {
@@ -429,6 +463,8 @@ impl Symbolizer {
     }
 
     fn apply_maps(&mut self, maps_text: &str) {
+        let native = Rc::clone(&self.native.0);
+        let objects = &mut native.borrow_mut().objects;
         let mut regions: Vec<Region> = maps_text
             .lines()
             .filter_map(MapsLine::parse)
@@ -437,7 +473,7 @@ impl Symbolizer {
                 end: line.end,
                 offset: line.offset,
                 executable: line.executable,
-                mapping: self.objects.mapping(self.pid, &line),
+                mapping: objects.mapping(self.pid, &line),
             })
             .collect();
         regions.sort_by_key(|region| region.start);
@@ -523,6 +559,7 @@ struct MapsLine<'a> {
     end: u64,
     executable: bool,
     offset: u64,
+    device: &'a str,
     inode: u64,
     /// Empty for anonymous memory.
     path: &'a str,
@@ -534,7 +571,7 @@ impl<'a> MapsLine<'a> {
         let (start, end) = fields.next()?.split_once('-')?;
         let perms = fields.next()?;
         let offset = fields.next()?;
-        let _device = fields.next()?;
+        let device = fields.next()?;
         let inode = fields.next()?;
         let (start, end) = (
             u64::from_str_radix(start, 16).ok()?,
@@ -548,6 +585,7 @@ impl<'a> MapsLine<'a> {
             end,
             executable: perms.as_bytes().get(2) == Some(&b'x'),
             offset: u64::from_str_radix(offset, 16).ok()?,
+            device,
             inode: inode.parse().ok()?,
             path: fields.next().unwrap_or("").trim_start(),
         })
@@ -563,7 +601,8 @@ impl<'a> MapsLine<'a> {
 #[derive(Default)]
 struct Objects {
     list: Vec<MappedObject>,
-    by_file: HashMap<(String, u64), usize>,
+    /// By device, inode and path: the same path in two containers may be two files.
+    by_file: HashMap<(String, u64, String), usize>,
 }
 
 struct MappedObject {
@@ -591,7 +630,7 @@ impl Objects {
         if !line.executable {
             return Mapping::Other(module.into());
         }
-        let key = (path.to_owned(), line.inode);
+        let key = (line.device.to_owned(), line.inode, path.to_owned());
         if let Some(&object) = self.by_file.get(&key) {
             return Mapping::Object(object);
         }

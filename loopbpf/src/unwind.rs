@@ -26,15 +26,28 @@ use object::{Object, ObjectSection, read::ReadCache};
 
 use crate::{
     decode::{RED_ZONE, StackSample},
-    discover::{Mapping, executable_file_mappings, load_bias, mapped_file},
+    discover::{
+        FileCache, Mapping, Segment, bias_of, executable_file_mappings, mapped_file, segments,
+    },
 };
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
 const MAX_FRAMES: usize = 256;
 
+/// What unwinding needs of an object file, wherever it is mapped.
+pub struct UnwindSections {
+    segments: Vec<Segment>,
+    text_svma: Option<Range<u64>>,
+    eh_frame_svma: Range<u64>,
+    eh_frame: Arc<[u8]>,
+    eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
+}
+
 /// Unwinds the stacks of one process.
 pub struct Unwinder {
     pid: u32,
+    /// Sections by file, shared with the unwinders of other processes.
+    sections: FileCache<UnwindSections>,
     framehop: UnwinderX86_64<Arc<[u8]>>,
     cache: CacheX86_64,
     /// Start addresses of the executable mappings already given to framehop.
@@ -53,9 +66,10 @@ struct EhFrameTable {
 }
 
 impl Unwinder {
-    pub fn new(pid: u32) -> Self {
+    pub fn new(pid: u32, sections: &FileCache<UnwindSections>) -> Self {
         let mut unwinder = Self {
             pid,
+            sections: sections.clone(),
             framehop: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
             known: HashSet::new(),
@@ -75,7 +89,13 @@ impl Unwinder {
                 continue;
             }
             let opened = mapped_file(self.pid, &mapping);
-            if let Some((module, table)) = load_module(&opened, &mapping) {
+            let Some(sections) = self
+                .sections
+                .get_or_read(&mapping.file, || read_sections(&opened))
+            else {
+                continue;
+            };
+            if let Some((module, table)) = place_module(&opened, &mapping, &sections) {
                 self.framehop.add_module(module);
                 self.eh_frames.push(table);
             }
@@ -238,10 +258,9 @@ fn unwind_expression_leaf(
 }
 
 /// The unwind tables of one mapped object, placed where the process mapped it.
-fn load_module(path: &Path, mapping: &Mapping) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
+fn read_sections(path: &Path) -> Option<UnwindSections> {
     let cache = ReadCache::new(File::open(path).ok()?);
     let elf = object::File::parse(&cache).ok()?;
-    let bias = load_bias(&elf, mapping.range.start, mapping.offset)?;
     let section = |name: &str| {
         elf.section_by_name(name).and_then(|s| {
             let data: Arc<[u8]> = s.uncompressed_data().ok()?.into_owned().into();
@@ -249,24 +268,41 @@ fn load_module(path: &Path, mapping: &Mapping) -> Option<(Module<Arc<[u8]>>, EhF
         })
     };
     let (eh_frame_svma, eh_frame) = section(".eh_frame")?;
-    let eh_frame_hdr = section(".eh_frame_hdr");
-    let text_svma = elf
-        .section_by_name(".text")
-        .map(|s| s.address()..s.address() + s.size());
+    Some(UnwindSections {
+        segments: segments(&elf),
+        text_svma: elf
+            .section_by_name(".text")
+            .map(|s| s.address()..s.address() + s.size()),
+        eh_frame_svma,
+        eh_frame,
+        eh_frame_hdr: section(".eh_frame_hdr"),
+    })
+}
+
+/// A file's unwind sections where this process maps it.
+fn place_module(
+    path: &Path,
+    mapping: &Mapping,
+    sections: &UnwindSections,
+) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
+    let bias = bias_of(&sections.segments, mapping.range.start, mapping.offset)?;
     let table = EhFrameTable {
         range: mapping.range.clone(),
         bias,
-        eh_frame_svma: eh_frame_svma.start,
-        eh_frame: eh_frame.clone(),
-        eh_frame_hdr: eh_frame_hdr.as_ref().map(|(r, d)| (r.start, d.clone())),
+        eh_frame_svma: sections.eh_frame_svma.start,
+        eh_frame: Arc::clone(&sections.eh_frame),
+        eh_frame_hdr: sections
+            .eh_frame_hdr
+            .as_ref()
+            .map(|(r, d)| (r.start, Arc::clone(d))),
     };
     let info = ExplicitModuleSectionInfo {
         base_svma: 0,
-        text_svma,
-        eh_frame_svma: Some(eh_frame_svma),
-        eh_frame: Some(eh_frame),
-        eh_frame_hdr_svma: eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
-        eh_frame_hdr: eh_frame_hdr.map(|(_, d)| d),
+        text_svma: sections.text_svma.clone(),
+        eh_frame_svma: Some(sections.eh_frame_svma.clone()),
+        eh_frame: Some(Arc::clone(&sections.eh_frame)),
+        eh_frame_hdr_svma: sections.eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
+        eh_frame_hdr: sections.eh_frame_hdr.as_ref().map(|(_, d)| Arc::clone(d)),
         ..Default::default()
     };
     let module = Module::new(

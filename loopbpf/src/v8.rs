@@ -26,11 +26,14 @@ use std::{
 
 use crate::{
     decode::{CapturedFrame, RED_ZONE, StackSample, V8Layout},
-    discover::{executable_file_mappings, mapped_file},
+    discover::{FileCache, executable_file_mappings, mapped_file},
     symbolize::Frame,
 };
 
 use layout::{Layout, postmortem_metadata};
+
+/// The `v8dbg_*` values of a node binary, by name.
+pub type Metadata = HashMap<String, i64>;
 pub use source_maps::Original;
 use source_maps::SourceMaps;
 
@@ -166,7 +169,8 @@ pub struct JsNamer {
 impl JsNamer {
     /// The namer for `pid`; `None` when the process has no V8; why not when its V8 cannot be
     /// read.
-    pub fn new(pid: u32) -> Result<Option<Self>, String> {
+    /// `metadata` keeps what was read of each file, for other processes that map it.
+    pub fn new(pid: u32, metadata: &FileCache<Metadata>) -> Result<Option<Self>, String> {
         let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
             .map_err(|e| format!("cannot read the target's maps: {e}"))?;
         let mut seen = Vec::new();
@@ -176,7 +180,10 @@ impl JsNamer {
                 continue;
             }
             seen.push(mapping.path.clone());
-            if let Some(values) = postmortem_metadata(&mapped_file(pid, &mapping)) {
+            let opened = mapped_file(pid, &mapping);
+            if let Some(values) =
+                metadata.get_or_read(&mapping.file, || postmortem_metadata(&opened))
+            {
                 found = Some((mapping.path, values));
                 break;
             }
