@@ -18,6 +18,8 @@ command -v node >/dev/null || missing="$missing nodejs"
 command -v npm >/dev/null || missing="$missing npm"
 # promtool and a real Prometheus check the metrics exporter and the dashboard queries.
 command -v promtool >/dev/null || missing="$missing prometheus"
+# gcore, for `loopbpf record --on-block core`, and gdb to read the cores in the tests.
+command -v gcore >/dev/null || missing="$missing gdb"
 # kubernetes-validate is installed into a venv below.
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 

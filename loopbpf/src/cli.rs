@@ -18,7 +18,21 @@ EXAMPLES:
     sudo loopbpf --pid 1234 --duration 1m --flamegraph blocked.svg   what ran while the loop was blocked
     sudo loopbpf -- node app.js              run app.js and profile it from its first loop iteration
     sudo loopbpf --all --metrics 9464        every Node process on the host; Prometheus metrics on
-                                             http://127.0.0.1:9464/metrics (0.0.0.0:9464 for all)";
+                                             http://127.0.0.1:9464/metrics (0.0.0.0:9464 for all)
+    sudo loopbpf record --pid 1234 --duration 60s --out incident/   an evidence bundle (see
+                                             `loopbpf record --help`)";
+
+const RECORD_EXAMPLES: &str = "\
+EXAMPLES:
+    sudo loopbpf record --pid 1234 --duration 60s --out incident/
+        a minute of evidence: report.txt, report.json, flamegraph.svg, timeline.svg, index.html
+    sudo loopbpf record --pid 1234 --out hang/ --stop-after-blocks 1
+        a process that is hung right now: the bundle holds the ongoing block within seconds
+    sudo loopbpf record --pid 1234 --out dump/ --on-block core --on-block-min 2s
+        a core dump (gdb's gcore) while the loop has been stuck for 2 s: the culprit is on the stack
+    sudo loopbpf record --pid 1234 --out heap/ --on-block signal:SIGUSR2
+        a heap snapshot from an app started with node --heapsnapshot-signal=SIGUSR2
+    sudo loopbpf record --all --out fleet/ --on-block 'exec:logger blocked $LOOPBPF_PID'";
 
 /// Finds when and why a Node.js (libuv) event loop was blocked, from outside the process.
 ///
@@ -135,6 +149,142 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `loopbpf record`: an evidence bundle of a recording, with actions taken while a loop is
+/// blocked.
+///
+/// Records the blocks of a process (or of every libuv process) into a directory that holds
+/// everything: report.txt, report.json, flamegraph.svg (blocked time only), timeline.svg (each
+/// loop thread's busy and idle time, every block marked) and index.html, which shows it all
+/// from disk. The bundle is rewritten every few seconds while recording, and once more at the
+/// end (`--duration`, `--stop-after-blocks`, Ctrl-C, or the target's exit).
+#[derive(Debug, Parser)]
+#[command(name = "loopbpf record", version, after_long_help = RECORD_EXAMPLES, after_help = "See --help for examples.")]
+pub struct RecordArgs {
+    /// Process to record (a running Node.js or other libuv program).
+    #[arg(short, long, value_parser = parse_pid, required_unless_present = "all")]
+    pub pid: Option<u32>,
+
+    /// Record every libuv process on the host.
+    #[arg(short, long, conflicts_with = "pid")]
+    pub all: bool,
+
+    /// Directory to write the bundle into (created; files in it are replaced).
+    #[arg(short, long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Stop after this long (default: until Ctrl-C, --stop-after-blocks, or the target's exit).
+    #[arg(short, long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop once this many blocks were seen (one still going on counts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub stop_after_blocks: Option<u64>,
+
+    /// Report busy intervals at or over this duration (e.g. 50ms, 1.5s; a bare number is ms).
+    #[arg(short, long, value_name = "DUR", default_value = "100ms", value_parser = parse_threshold)]
+    pub threshold: Duration,
+
+    /// While a loop is blocked: `core` (a core dump by gdb's gcore), `signal:SIG` (e.g.
+    /// signal:SIGUSR2 for node --heapsnapshot-signal=SIGUSR2), or `exec:CMD` (run by sh with
+    /// `LOOPBPF_PID`, `LOOPBPF_TID`, `LOOPBPF_THREAD`, `LOOPBPF_BLOCKED_MS`, `LOOPBPF_OUT` set).
+    #[arg(long, value_name = "ACTION", value_parser = parse_action)]
+    pub on_block: Option<BlockAction>,
+
+    /// Take the action once a loop has been blocked this long (default: the threshold).
+    #[arg(long, value_name = "DUR", value_parser = parse_threshold, requires = "on_block")]
+    pub on_block_min: Option<Duration>,
+
+    /// Take the action at most this many times.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_triggers: u32,
+
+    /// Stack samples per second of a busy loop thread's CPU time.
+    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_rate: u64,
+
+    /// Do not collect stacks (only durations, ELU and counts).
+    #[arg(long)]
+    pub no_stacks: bool,
+}
+
+impl RecordArgs {
+    /// The options of a session that records.
+    pub fn session_args(&self) -> Args {
+        Args {
+            pid: self.pid,
+            all: self.all,
+            metrics: None,
+            keep_exited: Duration::from_mins(1),
+            threshold: self.threshold,
+            duration: self.duration,
+            interval: None,
+            json: false,
+            sample_rate: self.sample_rate,
+            no_stacks: self.no_stacks,
+            folded: None,
+            flamegraph: None,
+            command: Vec::new(),
+        }
+    }
+}
+
+/// What `record` does while a loop is blocked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockAction {
+    /// A core dump of the target, with gdb's `gcore`.
+    Core,
+    /// A signal to the target: its number and its name.
+    Signal(i32, String),
+    /// A shell command.
+    Exec(String),
+}
+
+impl std::fmt::Display for BlockAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Core => f.write_str("core"),
+            Self::Signal(_, name) => write!(f, "signal:{name}"),
+            Self::Exec(command) => write!(f, "exec:{command}"),
+        }
+    }
+}
+
+fn parse_action(text: &str) -> Result<BlockAction, String> {
+    const SIGNALS: [(&str, i32); 8] = [
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("TERM", libc::SIGTERM),
+        ("ABRT", libc::SIGABRT),
+        ("PROF", libc::SIGPROF),
+    ];
+    if text == "core" {
+        return Ok(BlockAction::Core);
+    }
+    if let Some(signal) = text.strip_prefix("signal:") {
+        let bare = signal.trim_start_matches("SIG");
+        let number = SIGNALS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(bare))
+            .map(|&(_, n)| n)
+            .or_else(|| signal.parse().ok().filter(|n| (1..=64).contains(n)));
+        return number
+            .map(|n| BlockAction::Signal(n, format!("SIG{}", bare.to_ascii_uppercase())))
+            .ok_or_else(|| format!("unknown signal `{signal}`: write e.g. signal:SIGUSR2"));
+    }
+    if let Some(command) = text.strip_prefix("exec:") {
+        if command.trim().is_empty() {
+            return Err("exec: needs a command, e.g. exec:'logger blocked'".into());
+        }
+        return Ok(BlockAction::Exec(command.to_owned()));
+    }
+    Err(format!(
+        "`{text}` is no action: write core, signal:SIGUSR2 or exec:COMMAND"
+    ))
+}
+
 fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = text.parse::<u16>() {
         return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
@@ -193,6 +343,37 @@ mod tests {
                 .unwrap_err()
                 .contains("9464")
         );
+    }
+
+    #[test]
+    fn block_actions() {
+        assert_eq!(parse_action("core"), Ok(BlockAction::Core));
+        assert_eq!(
+            parse_action("signal:SIGUSR2"),
+            Ok(BlockAction::Signal(libc::SIGUSR2, "SIGUSR2".into()))
+        );
+        assert_eq!(
+            parse_action("signal:usr1"),
+            Ok(BlockAction::Signal(libc::SIGUSR1, "SIGUSR1".into()))
+        );
+        assert_eq!(
+            parse_action("exec:echo $LOOPBPF_PID"),
+            Ok(BlockAction::Exec("echo $LOOPBPF_PID".into()))
+        );
+        assert!(parse_action("signal:NOPE").unwrap_err().contains("SIGUSR2"));
+        assert!(parse_action("dump").unwrap_err().contains("core"));
+        assert!(parse_action("exec:").is_err());
+    }
+
+    #[test]
+    fn record_needs_a_target_and_a_directory() {
+        let parse = |argv: &[&str]| RecordArgs::try_parse_from(argv);
+        assert!(parse(&["record", "--out", "x"]).is_err());
+        assert!(parse(&["record", "--pid", "1"]).is_err());
+        assert!(parse(&["record", "--pid", "1", "--out", "x", "--on-block-min", "1s"]).is_err());
+        let args = parse(&["record", "--pid", "1", "--out", "x", "--on-block", "core"]).unwrap();
+        assert_eq!(args.max_triggers, 1);
+        assert_eq!(args.session_args().pid, Some(1));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Folded stacks of all blocked time: `root;caller;...;leaf` -> microseconds.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Flame {
     folded: BTreeMap<String, u64>,
 }
@@ -54,6 +54,10 @@ impl Flame {
     pub fn write_svg(&self, path: &Path, title: &str) -> Result<()> {
         let file =
             File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        self.write_svg_to(file, title)
+    }
+
+    pub fn write_svg_to(&self, file: impl Write, title: &str) -> Result<()> {
         let lines: Vec<String> = self.lines().collect();
         let mut options = inferno::flamegraph::Options::default();
         title.clone_into(&mut options.title);

@@ -1,6 +1,7 @@
 //! loopbpf: finds when and why a Node.js (libuv) event loop is blocked, from outside the process.
 //!
-//! `main` only parses the command line, runs the session and turns the result into an exit code.
+//! `main` only parses the command line (`loopbpf ...` or `loopbpf record ...`), runs the session
+//! and turns the result into an exit code.
 
 mod aggregate;
 mod cli;
@@ -10,6 +11,7 @@ mod flame;
 mod launch;
 mod metrics;
 mod probe;
+mod record;
 mod report;
 mod session;
 mod stacks;
@@ -22,8 +24,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
-    match session::run(&args) {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = if argv.get(1).is_some_and(|a| a == "record") {
+        session::record(&cli::RecordArgs::parse_from(&argv[1..]))
+    } else {
+        session::run(&cli::Args::parse_from(&argv))
+    };
+    match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("loopbpf: error: {error:#}");

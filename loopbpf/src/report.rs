@@ -40,12 +40,12 @@ impl Clock {
         i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns
     }
 
-    fn unix_ms(self, monotonic_ns: u64) -> f64 {
+    pub fn unix_ms(self, monotonic_ns: u64) -> f64 {
         (self.unix_ns(monotonic_ns) / 1000) as f64 / 1000.0
     }
 
     /// `HH:MM:SS.mmm` in local time.
-    fn time_of_day(self, monotonic_ns: u64) -> String {
+    pub fn time_of_day(self, monotonic_ns: u64) -> String {
         let unix_ns = self.unix_ns(monotonic_ns);
         let secs = (unix_ns / 1_000_000_000) as libc::time_t;
         let millis = (unix_ns % 1_000_000_000) / 1_000_000;
@@ -102,6 +102,11 @@ impl<W: Write> Reporter<W> {
 
     pub fn name_process(&mut self, pid: u32, labels: ProcessLabels) {
         self.processes.insert(pid, labels);
+    }
+
+    /// What was written so far (a recording renders records into memory).
+    pub fn out_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 
     pub fn forget_process(&mut self, pid: u32) {

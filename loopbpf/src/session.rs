@@ -28,13 +28,14 @@ use tokio::{
 
 use crate::{
     aggregate::{Aggregator, Record},
-    cli::Args,
+    cli::{Args, RecordArgs},
     decode::{Event, StackSample},
     discover::{self, FileCache, FileId, LibuvCache, Target, container::Placement},
     flame::Flame,
     launch::StoppedChild,
     metrics::{self, Health, LoopView, Metrics, ProcessLabels},
     probe::Probes,
+    record::Recorder,
     report::{Clock, Reporter},
     stacks,
     symbolize::{SharedObjects, Symbolizer},
@@ -52,6 +53,15 @@ const MAPS_REFRESH: Duration = Duration::from_secs(1);
 const EXEC_SECOND_LOOK_NS: u64 = 1_000_000_000;
 
 pub fn run(args: &Args) -> Result<ExitCode> {
+    run_with(args, None)
+}
+
+/// `loopbpf record`: a session whose output is an evidence bundle.
+pub fn record(record: &RecordArgs) -> Result<ExitCode> {
+    run_with(&record.session_args(), Some(record))
+}
+
+fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
     if !args.all && args.pid.is_none() && args.command.is_empty() {
         bail!("nothing to watch: give --pid PID, --all, or a command after `--` (see --help)");
     }
@@ -81,7 +91,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         (Some(target), Some(child))
     };
 
-    let session = Session::start(args, target.as_ref());
+    // Once the target is known: a bad pid leaves no empty bundle directory behind.
+    let recorder = record.map(Recorder::new).transpose()?;
+    let session = Session::start(args, target.as_ref(), recorder);
     let mut session = match (session, &child) {
         (Ok(session), _) => session,
         (Err(e), Some(child)) => {
@@ -249,7 +261,9 @@ struct Session<'a> {
     /// `None` unless `--all`.
     fleet: Option<Fleet>,
     aggregator: Aggregator,
-    reporter: Reporter<io::StdoutLock<'static>>,
+    reporter: Reporter<Box<dyn io::Write>>,
+    /// `loopbpf record`: where the records go instead of the terminal.
+    recorder: Option<Recorder>,
     metrics: Option<Metrics>,
     /// Object files, read once for every process that maps them.
     shared: SharedFiles,
@@ -261,13 +275,18 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// Loads and attaches the kernel side, for `target` or (`None`) for the whole host.
-    fn start(args: &'a Args, target: Option<&Target>) -> Result<Self> {
+    fn start(args: &'a Args, target: Option<&Target>, recorder: Option<Recorder>) -> Result<Self> {
         let mut probes = Probes::load(target.map(|t| t.pid), args.threshold)?;
         probes.attach_tracepoints()?;
         if !args.no_stacks {
             probes.attach_off_cpu()?;
         }
-        let mut reporter = Reporter::new(io::stdout().lock(), args.json, Clock::new());
+        let out: Box<dyn io::Write> = if recorder.is_some() {
+            Box::new(io::sink())
+        } else {
+            Box::new(io::stdout().lock())
+        };
+        let mut reporter = Reporter::new(out, args.json, Clock::new());
         if target.is_none() {
             reporter = reporter.with_command_column();
         }
@@ -278,6 +297,7 @@ impl<'a> Session<'a> {
             fleet: target.is_none().then(Fleet::default),
             aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
             reporter,
+            recorder,
             metrics: args
                 .metrics
                 .map(|_| Metrics::new(args.threshold.as_nanos() as u64)),
@@ -362,6 +382,9 @@ impl<'a> Session<'a> {
             pod: placement.pod,
         };
         self.reporter.name_process(pid, labels.clone());
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.name_process(pid, labels.clone());
+        }
         // Reading the process's unwind tables and symbols takes a moment.
         let naming = (!self.args.no_stacks).then(|| Naming::new(pid, &self.shared));
         let mut process = Process {
@@ -567,6 +590,20 @@ impl<'a> Session<'a> {
         metrics.refresh(now_ns, &loops, health);
     }
 
+    /// `loopbpf record`, once a state poll: the timeline, the actions, the bundle so far; ends
+    /// the session once `--stop-after-blocks` is reached.
+    fn record_tick(&mut self, now_ns: u64) -> Result<(), End> {
+        let Some(recorder) = self.recorder.as_mut() else {
+            return Ok(());
+        };
+        recorder.tick(now_ns, self.aggregator.loops());
+        recorder.write_if_due(&self.flame);
+        if recorder.has_enough() {
+            return Err(End::Stopped);
+        }
+        Ok(())
+    }
+
     /// Names the stacks of blocks (the symbolize stage), then reports.
     fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
         let now_ns = Clock::monotonic_ns();
@@ -581,6 +618,9 @@ impl<'a> Session<'a> {
                 metrics.on_block(id.tid, *duration_ns);
             }
             self.name_stacks(record, matches!(record, Record::Block { .. }));
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.take(record, now_ns);
+            }
             if self.reporter.report(record, now_ns).is_err() {
                 // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
                 return Err(End::OutputClosed);
@@ -674,6 +714,13 @@ impl<'a> Session<'a> {
         // A loop still stuck as we stop (Ctrl-C on a hung process) is blocked time too.
         for mut stuck in self.aggregator.still_blocked(now_ns) {
             self.name_stacks(&mut stuck, true);
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.take(&stuck, now_ns);
+            }
+        }
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.take(&summary, now_ns);
+            recorder.finish(&self.flame)?;
         }
         self.write_files(target_pid)
     }
@@ -798,7 +845,7 @@ async fn watch(
                 session.look_at_execs(now_ns);
                 session.refresh();
                 let records = session.aggregator.ongoing(now_ns);
-                session.report_all(records)
+                session.report_all(records).and_then(|()| session.record_tick(now_ns))
             }
             _ = maps_refresh.tick() => {
                 // Keep the memory maps current while the targets live, so that stacks of a

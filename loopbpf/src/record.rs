@@ -1,0 +1,712 @@
+//! Incident mode (`loopbpf record`): an output that keeps the evidence in a directory instead
+//! of printing it, and takes an action (a core dump, a signal, a command) while a loop is still
+//! blocked, so that the culprit is on the stack when it runs.
+//!
+//! The bundle: report.txt and report.json (the blocks with their stacks, the summary, ELU over
+//! time, the actions taken), flamegraph.svg (blocked time only), timeline.svg (each loop
+//! thread's busy and idle time, every block marked) and index.html, which shows it all from
+//! disk. It is rewritten every few seconds while recording, each file replaced whole, so a
+//! recording cut short (a hung target, a kill) still leaves the evidence so far.
+
+mod page;
+mod timeline;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Write as _,
+    fs,
+    io::{self, IsTerminal},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::{
+    aggregate::{LoopId, Record},
+    cli::{BlockAction, RecordArgs},
+    decode::ThreadState,
+    flame::Flame,
+    report::{Clock, Reporter, human},
+    stacks::BlockProfile,
+};
+
+/// How often the bundle is rewritten while something changed.
+const REWRITE_EVERY: Duration = Duration::from_secs(2);
+/// How long the end of a recording waits for actions still under way (a core dump being
+/// written, a heap snapshot the target has not finished).
+const ACTIONS_GRACE: Duration = Duration::from_secs(30);
+
+/// One action taken, and what came of it.
+#[derive(Debug)]
+struct Trigger {
+    action: BlockAction,
+    id: LoopId,
+    at_ns: u64,
+    /// How long the loop had been blocked when the action was taken.
+    blocked_ns: u64,
+    /// `gcore` or the command, while it runs.
+    child: Option<Child>,
+    /// A heap snapshot is awaited in the target's working directory.
+    snapshot_dir: Option<PathBuf>,
+    /// The file the action produced (a core, a heap snapshot), as loopbpf can open it.
+    file: Option<PathBuf>,
+    /// How it ended: "done", "exit status 1", "failed: ...", or `None` while under way.
+    outcome: Option<String>,
+}
+
+impl Trigger {
+    fn json(&self, clock: Clock) -> Value {
+        let size = self
+            .file
+            .as_ref()
+            .and_then(|f| fs::metadata(f).ok())
+            .map(|m| m.len());
+        json!({
+            "action": self.action.to_string(),
+            "pid": self.id.pid,
+            "tid": self.id.tid,
+            "thread": self.id.label.kind(),
+            "at_unix_ms": clock.unix_ms(self.at_ns),
+            "blocked_ms": ms(self.blocked_ns),
+            "file": self.file.as_ref().map(|f| f.display().to_string()),
+            "size_bytes": size,
+            "outcome": self.outcome.as_deref().unwrap_or("under way"),
+        })
+    }
+
+    fn done(&self) -> bool {
+        self.outcome.is_some()
+    }
+}
+
+/// ELU of one loop thread over the recording, a point per state poll.
+#[derive(Debug)]
+struct Track {
+    id: LoopId,
+    /// (time, ELU since the previous point).
+    points: Vec<(u64, f64)>,
+    last: Option<(u64, u64)>,
+}
+
+/// The newest report of a block still going on.
+struct Ongoing {
+    json: Value,
+    text: String,
+    mark: Mark,
+    profile: Option<BlockProfile>,
+}
+
+/// A block on the timeline.
+#[derive(Debug, Clone)]
+struct Mark {
+    id: LoopId,
+    start_ns: u64,
+    duration_ns: u64,
+    ongoing: bool,
+    /// The heaviest stack's leaf-most frame above the plumbing, for the timeline's tooltip.
+    culprit: Option<String>,
+}
+
+pub struct Recorder {
+    out: PathBuf,
+    what: String,
+    clock: Clock,
+    threshold_ns: u64,
+    started_ns: u64,
+    action: Option<BlockAction>,
+    on_block_min_ns: u64,
+    max_triggers: u32,
+    stop_after_blocks: Option<u64>,
+    /// The terminal's text and JSON renderings of every record: report.txt and report.json
+    /// say what the terminal would have said.
+    text: Reporter<Vec<u8>>,
+    json: Reporter<Vec<u8>>,
+    /// Ended blocks as JSON, in order.
+    blocks: Vec<Value>,
+    /// The newest report of each block still going on, by (tid, start).
+    ongoing: BTreeMap<(u32, u64), Ongoing>,
+    summary: Option<Value>,
+    marks: Vec<Mark>,
+    tracks: BTreeMap<u32, Track>,
+    triggers: Vec<Trigger>,
+    /// Busy intervals an action was taken for already, by (tid, start).
+    triggered: HashSet<(u32, u64)>,
+    worst_ns: u64,
+    dirty: bool,
+    written_at: Option<Instant>,
+    progress: bool,
+}
+
+impl Recorder {
+    pub fn new(args: &RecordArgs) -> Result<Self> {
+        fs::create_dir_all(&args.out).with_context(|| {
+            format!("cannot create the bundle directory {}", args.out.display())
+        })?;
+        let out = fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
+        // Writable now rather than after a minute of recording.
+        let probe = out.join(".loopbpf-write-test");
+        fs::write(&probe, b"").with_context(|| format!("cannot write into {}", out.display()))?;
+        let _ = fs::remove_file(probe);
+        let clock = Clock::new();
+        let threshold_ns = args.threshold.as_nanos() as u64;
+        Ok(Self {
+            out,
+            what: args.pid.map_or_else(
+                || "every libuv process".to_owned(),
+                |pid| format!("pid {pid}"),
+            ),
+            clock,
+            threshold_ns,
+            started_ns: Clock::monotonic_ns(),
+            action: args.on_block.clone(),
+            on_block_min_ns: args
+                .on_block_min
+                .map_or(threshold_ns, |d| d.as_nanos() as u64),
+            max_triggers: args.max_triggers,
+            stop_after_blocks: args.stop_after_blocks,
+            text: if args.all {
+                Reporter::new(Vec::new(), false, clock).with_command_column()
+            } else {
+                Reporter::new(Vec::new(), false, clock)
+            },
+            json: Reporter::new(Vec::new(), true, clock),
+            blocks: Vec::new(),
+            ongoing: BTreeMap::new(),
+            summary: None,
+            marks: Vec::new(),
+            tracks: BTreeMap::new(),
+            triggers: Vec::new(),
+            triggered: HashSet::new(),
+            worst_ns: 0,
+            dirty: true,
+            written_at: None,
+            progress: io::stderr().is_terminal(),
+        })
+    }
+
+    /// Names the process of every report line (fleet recordings watch many).
+    pub fn name_process(&mut self, pid: u32, labels: crate::metrics::ProcessLabels) {
+        self.text.name_process(pid, labels.clone());
+        self.json.name_process(pid, labels);
+    }
+
+    /// Takes a record whose stacks are named.
+    pub fn take(&mut self, record: &Record, now_ns: u64) {
+        let Some(value) = self.render(record, now_ns) else {
+            return;
+        };
+        let mut text = String::from_utf8(std::mem::take(self.text.out_mut())).unwrap_or_default();
+        // The column header comes with the first record; report.txt writes its own.
+        if text.starts_with("TIME ") {
+            text = text
+                .split_once('\n')
+                .map(|(_, rest)| rest.to_owned())
+                .unwrap_or_default();
+        }
+        match record {
+            Record::Block {
+                id,
+                start_ns,
+                duration_ns,
+                profile,
+                ..
+            } => {
+                self.ongoing.remove(&(id.tid, *start_ns));
+                self.blocks.push(json!({ "record": value, "text": text }));
+                self.worst_ns = self.worst_ns.max(*duration_ns);
+                self.marks.push(Mark {
+                    id: *id,
+                    start_ns: *start_ns,
+                    duration_ns: *duration_ns,
+                    ongoing: false,
+                    culprit: culprit(profile.as_ref()),
+                });
+            }
+            Record::Ongoing {
+                id,
+                start_ns,
+                duration_ns,
+                profile,
+                ..
+            } => {
+                self.worst_ns = self.worst_ns.max(*duration_ns);
+                let mark = Mark {
+                    id: *id,
+                    start_ns: *start_ns,
+                    duration_ns: *duration_ns,
+                    ongoing: true,
+                    culprit: culprit(profile.as_ref()),
+                };
+                let ongoing = Ongoing {
+                    json: value,
+                    text,
+                    mark,
+                    profile: profile.clone(),
+                };
+                self.ongoing.insert((id.tid, *start_ns), ongoing);
+            }
+            Record::Summary { .. } => {
+                self.summary = Some(json!({ "record": value, "text": text }));
+            }
+            Record::Interval { .. } => {}
+        }
+        self.dirty = true;
+    }
+
+    fn render(&mut self, record: &Record, now_ns: u64) -> Option<Value> {
+        self.text.report(record, now_ns).ok()?;
+        self.json.report(record, now_ns).ok()?;
+        let line = String::from_utf8(std::mem::take(self.json.out_mut())).ok()?;
+        serde_json::from_str(line.trim()).ok()
+    }
+
+    /// Blocks seen so far: ended ones and those still going on.
+    fn block_count(&self) -> u64 {
+        (self.blocks.len() + self.ongoing.len()) as u64
+    }
+
+    /// Whether `--stop-after-blocks` is reached.
+    pub fn has_enough(&self) -> bool {
+        self.stop_after_blocks
+            .is_some_and(|enough| self.block_count() >= enough)
+    }
+
+    /// Once a state poll: a point of ELU per loop thread, actions for loops blocked long
+    /// enough, progress of actions under way.
+    pub fn tick<'a>(
+        &mut self,
+        now_ns: u64,
+        loops: impl Iterator<Item = (LoopId, &'a ThreadState)>,
+    ) {
+        for (id, state) in loops {
+            let track = self.tracks.entry(id.tid).or_insert_with(|| Track {
+                id,
+                points: Vec::new(),
+                last: None,
+            });
+            let end_ns = if state.exited_ns != 0 {
+                state.exited_ns
+            } else {
+                now_ns
+            };
+            let idle_ns = state.idle_ns_at(end_ns);
+            if let Some((last_ns, last_idle)) = track.last
+                && end_ns > last_ns
+            {
+                let wall = end_ns - last_ns;
+                let idle = idle_ns.saturating_sub(last_idle).min(wall);
+                track.points.push((end_ns, 1.0 - idle as f64 / wall as f64));
+            }
+            track.last = Some((end_ns, idle_ns));
+            if let Some(busy_ns) = state.busy_for_ns(now_ns)
+                && state.exited_ns == 0
+                && busy_ns >= self.on_block_min_ns
+            {
+                self.maybe_trigger(id, state.busy_since_ns, busy_ns, now_ns);
+            }
+        }
+        self.follow_triggers();
+        self.show_progress(now_ns);
+    }
+
+    fn maybe_trigger(&mut self, id: LoopId, start_ns: u64, blocked_ns: u64, now_ns: u64) {
+        let Some(action) = self.action.clone() else {
+            return;
+        };
+        if self.triggers.len() >= self.max_triggers as usize
+            || !self.triggered.insert((id.tid, start_ns))
+        {
+            return;
+        }
+        let mut trigger = Trigger {
+            action: action.clone(),
+            id,
+            at_ns: now_ns,
+            blocked_ns,
+            child: None,
+            snapshot_dir: None,
+            file: None,
+            outcome: None,
+        };
+        match &action {
+            BlockAction::Core => {
+                let prefix = self.out.join("core");
+                match Command::new("gcore")
+                    .arg("-o")
+                    .arg(&prefix)
+                    .arg(id.pid.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                {
+                    Ok(child) => {
+                        trigger.child = Some(child);
+                        trigger.file = Some(self.out.join(format!("core.{}", id.pid)));
+                    }
+                    Err(e) => {
+                        trigger.outcome = Some(format!(
+                            "failed: cannot run gcore ({e}): install gdb, which has it"
+                        ));
+                    }
+                }
+            }
+            BlockAction::Signal(signal, _) => {
+                // SAFETY: kill has no memory-safety preconditions.
+                let rc = unsafe { libc::kill(id.pid.cast_signed(), *signal) };
+                if rc == 0 {
+                    // Node writes heap snapshots (and reports) into its working directory.
+                    trigger.snapshot_dir = fs::read_link(format!("/proc/{}/cwd", id.pid))
+                        .ok()
+                        .map(|_| PathBuf::from(format!("/proc/{}/cwd", id.pid)));
+                    if trigger.snapshot_dir.is_none() {
+                        trigger.outcome = Some("done".into());
+                    }
+                } else {
+                    trigger.outcome = Some(format!("failed: {}", io::Error::last_os_error()));
+                }
+            }
+            BlockAction::Exec(command) => {
+                match Command::new("sh")
+                    .arg("-c")
+                    .arg(command)
+                    .env("LOOPBPF_PID", id.pid.to_string())
+                    .env("LOOPBPF_TID", id.tid.to_string())
+                    .env("LOOPBPF_THREAD", id.label.kind())
+                    .env("LOOPBPF_BLOCKED_MS", format!("{:.0}", ms(blocked_ns)))
+                    .env("LOOPBPF_OUT", &self.out)
+                    .stdin(Stdio::null())
+                    .spawn()
+                {
+                    Ok(child) => trigger.child = Some(child),
+                    Err(e) => trigger.outcome = Some(format!("failed: cannot run sh ({e})")),
+                }
+            }
+        }
+        self.note(&format!(
+            "{}: pid {} {} blocked for {}",
+            action,
+            id.pid,
+            id.label,
+            human(blocked_ns)
+        ));
+        self.triggers.push(trigger);
+        self.dirty = true;
+    }
+
+    /// Notes actions that finished: a command's exit, a core written, a heap snapshot that
+    /// appeared and stopped growing.
+    fn follow_triggers(&mut self) {
+        let clock = self.clock;
+        for trigger in self.triggers.iter_mut().filter(|t| !t.done()) {
+            if let Some(child) = trigger.child.as_mut() {
+                let Ok(Some(status)) = child.try_wait() else {
+                    continue;
+                };
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = io::Read::read_to_string(&mut err, &mut stderr);
+                }
+                trigger.outcome = Some(if status.success() {
+                    "done".to_owned()
+                } else {
+                    let last = stderr.lines().last().unwrap_or_default().trim().to_owned();
+                    format!("{status} {last}").trim().to_owned()
+                });
+                if trigger.file.as_ref().is_some_and(|f| !f.exists()) {
+                    trigger.file = None;
+                }
+                self.dirty = true;
+            } else if let Some(dir) = &trigger.snapshot_dir {
+                let since = std::time::SystemTime::UNIX_EPOCH
+                    + Duration::from_nanos(clock.unix_ns(trigger.at_ns).max(0) as u64);
+                if let Some((path, size)) = newest_snapshot(dir, since) {
+                    let previous = trigger
+                        .file
+                        .as_ref()
+                        .and_then(|f| fs::metadata(f).ok())
+                        .map(|m| m.len());
+                    // Finished once it stops growing between two polls.
+                    if trigger.file.as_ref() == Some(&path) && previous == Some(size) && size > 0 {
+                        trigger.outcome = Some("done".into());
+                    }
+                    trigger.file = Some(path);
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    fn show_progress(&mut self, now_ns: u64) {
+        if !self.progress {
+            return;
+        }
+        let worst = if self.worst_ns > 0 {
+            human(self.worst_ns)
+        } else {
+            "-".to_owned()
+        };
+        let mut line = format!(
+            "\rloopbpf: recording {} into {}  {:.0} s  blocks {}  worst {worst}",
+            self.what,
+            self.out.display(),
+            now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
+            self.block_count(),
+        );
+        if !self.triggers.is_empty() {
+            let _ = write!(line, "  actions {}", self.triggers.len());
+        }
+        eprint!("{line}\x1b[K");
+    }
+
+    /// A line on stderr that does not break the progress line.
+    fn note(&self, text: &str) {
+        let cut = if self.progress { "\r\x1b[K" } else { "" };
+        eprintln!("{cut}loopbpf: {text}");
+    }
+
+    /// Rewrites the bundle if something changed since the last write, at most every few
+    /// seconds.
+    pub fn write_if_due(&mut self, flame: &Flame) {
+        if !self.dirty
+            || self
+                .written_at
+                .is_some_and(|at| at.elapsed() < REWRITE_EVERY)
+        {
+            return;
+        }
+        if let Err(e) = self.write(flame) {
+            self.note(&format!("warning: the bundle could not be written: {e:#}"));
+        }
+    }
+
+    /// Waits a while for actions under way, then writes the bundle a last time.
+    pub fn finish(&mut self, flame: &Flame) -> Result<()> {
+        let deadline = Instant::now() + ACTIONS_GRACE;
+        let mut told = false;
+        while self.triggers.iter().any(|t| !t.done()) && Instant::now() < deadline {
+            if !told {
+                self.note("waiting up to 30 s for the actions under way");
+                told = true;
+            }
+            self.follow_triggers();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for trigger in self.triggers.iter_mut().filter(|t| !t.done()) {
+            trigger.outcome = Some("not finished when the recording ended".into());
+        }
+        self.write(flame)?;
+        let cut = if self.progress { "\r\x1b[K" } else { "" };
+        eprintln!(
+            "{cut}loopbpf: bundle written to {}: {} block{}, worst {}; open index.html",
+            self.out.display(),
+            self.block_count(),
+            if self.block_count() == 1 { "" } else { "s" },
+            if self.worst_ns > 0 {
+                human(self.worst_ns)
+            } else {
+                "none".to_owned()
+            }
+        );
+        Ok(())
+    }
+
+    fn write(&mut self, flame: &Flame) -> Result<()> {
+        let now_ns = Clock::monotonic_ns();
+        let report = self.report_json(now_ns);
+        write_file(
+            &self.out.join("report.json"),
+            &serde_json::to_vec_pretty(&report)?,
+        )?;
+        write_file(
+            &self.out.join("report.txt"),
+            self.report_text(now_ns).as_bytes(),
+        )?;
+        // The blocks still going on are blocked time too.
+        let mut flame = flame.clone();
+        for ongoing in self.ongoing.values() {
+            if let Some(profile) = &ongoing.profile {
+                flame.add(&ongoing.mark.id, profile);
+            }
+        }
+        let mut svg = Vec::new();
+        let title = format!("loopbpf: blocked time of {}", self.what);
+        flame.write_svg_to(&mut svg, &title)?;
+        write_file(&self.out.join("flamegraph.svg"), &svg)?;
+        let marks: Vec<Mark> = self
+            .marks
+            .iter()
+            .cloned()
+            .chain(self.ongoing.values().map(|o| o.mark.clone()))
+            .collect();
+        let tracks: Vec<timeline::Row<'_>> = self
+            .tracks
+            .values()
+            .map(|t| timeline::Row {
+                id: t.id,
+                points: &t.points,
+            })
+            .collect();
+        let svg = timeline::render(
+            &tracks,
+            &marks,
+            self.started_ns,
+            now_ns,
+            self.threshold_ns,
+            self.clock,
+        );
+        write_file(&self.out.join("timeline.svg"), svg.as_bytes())?;
+        write_file(
+            &self.out.join("index.html"),
+            page::render(&report).as_bytes(),
+        )?;
+        self.dirty = false;
+        self.written_at = Some(Instant::now());
+        Ok(())
+    }
+
+    fn report_json(&self, now_ns: u64) -> Value {
+        let blocks: Vec<&Value> = self
+            .blocks
+            .iter()
+            .map(|b| &b["record"])
+            .chain(self.ongoing.values().map(|o| &o.json))
+            .collect();
+        let elu: Vec<Value> = self
+            .tracks
+            .values()
+            .map(|t| {
+                json!({
+                    "pid": t.id.pid,
+                    "tid": t.id.tid,
+                    "thread": t.id.label.to_string(),
+                    "points": t.points.iter().map(|&(at, elu)| json!([self.clock.unix_ms(at), round3(elu)])).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "loopbpf": env!("CARGO_PKG_VERSION"),
+            "recorded": self.what,
+            "started_unix_ms": self.clock.unix_ms(self.started_ns),
+            "ended_unix_ms": self.clock.unix_ms(now_ns),
+            "threshold_ms": ms(self.threshold_ns),
+            "blocks": blocks,
+            "summary": self.summary.as_ref().map(|s| &s["record"]),
+            "elu": elu,
+            "triggers": self.triggers.iter().map(|t| t.json(self.clock)).collect::<Vec<_>>(),
+        })
+    }
+
+    fn report_text(&self, now_ns: u64) -> String {
+        let mut text = format!(
+            "loopbpf {}: {} from {} to {}, blocks are busy intervals >= {}\n\n",
+            env!("CARGO_PKG_VERSION"),
+            self.what,
+            self.clock.time_of_day(self.started_ns),
+            self.clock.time_of_day(now_ns),
+            human(self.threshold_ns),
+        );
+        text += "Blocks, in order:\n";
+        if self.blocks.is_empty() && self.ongoing.is_empty() {
+            text += "  none\n";
+        } else if self.what.starts_with("every") {
+            text += "TIME          PID      COMMAND         THREAD     EVENT     DURATION\n";
+        } else {
+            text += "TIME          PID      THREAD     EVENT     DURATION\n";
+        }
+        for block in &self.blocks {
+            text += block["text"].as_str().unwrap_or_default();
+        }
+        for ongoing in self.ongoing.values() {
+            text += &ongoing.text;
+        }
+        if !self.triggers.is_empty() {
+            text += "\nActions taken:\n";
+            for t in &self.triggers {
+                let v = t.json(self.clock);
+                let _ = writeln!(
+                    text,
+                    "  {}  {}  pid {} {} blocked {}  {}{}",
+                    self.clock.time_of_day(t.at_ns),
+                    t.action,
+                    t.id.pid,
+                    t.id.label,
+                    human(t.blocked_ns),
+                    v["outcome"].as_str().unwrap_or_default(),
+                    t.file
+                        .as_ref()
+                        .map(|f| format!(
+                            ": {} ({} bytes)",
+                            f.display(),
+                            v["size_bytes"].as_u64().unwrap_or(0)
+                        ))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        text += "\nEvent loop utilization per second:\n";
+        for track in self.tracks.values() {
+            let _ = write!(text, "  pid {} {}:", track.id.pid, track.id.label);
+            for chunk in track.points.chunks(10) {
+                let mean = chunk.iter().map(|(_, e)| e).sum::<f64>() / chunk.len() as f64;
+                let _ = write!(text, " {mean:.2}");
+            }
+            text += "\n";
+        }
+        if let Some(summary) = &self.summary {
+            text += summary["text"].as_str().unwrap_or_default();
+        }
+        text
+    }
+}
+
+/// Who to name for a block: in its heaviest stack, the innermost JS function of the app (not
+/// of node's own `node:` modules), else the innermost JS function, else the leaf.
+fn culprit(profile: Option<&BlockProfile>) -> Option<String> {
+    let frames = &profile?.stacks.first()?.frames;
+    let js = |f: &&crate::symbolize::Frame| f.kind == crate::symbolize::FrameKind::Js;
+    frames
+        .iter()
+        .filter(js)
+        .find(|f| !f.file.as_deref().unwrap_or_default().starts_with("node:"))
+        .or_else(|| frames.iter().find(js))
+        .or_else(|| frames.first())
+        .map(|f| f.name.clone())
+}
+
+/// The newest `*.heapsnapshot` in `dir` written since `since`, with its size.
+fn newest_snapshot(dir: &Path, since: std::time::SystemTime) -> Option<(PathBuf, u64)> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".heapsnapshot"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let modified = meta.modified().ok()?;
+            (modified >= since).then(|| (modified, e.path(), meta.len()))
+        })
+        .max_by_key(|(modified, _, _)| *modified)
+        .map(|(_, path, size)| {
+            // Shown as the target sees it (its cwd), which is where the user will look.
+            let real = fs::canonicalize(&path).unwrap_or(path);
+            (real, size)
+        })
+}
+
+/// Replaces a file whole: a reader never sees half of it.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1e4).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
+}
