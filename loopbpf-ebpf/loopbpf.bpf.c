@@ -8,6 +8,7 @@
  *   epoll_* enter/exit        end and start busy intervals, when the fd is the loop's own
  *   sched_process_exit        a loop thread that dies busy still reports its block
  *   sched_process_exec        the same for one that execs; new programs for fleet mode
+ *   uprobes on V8's GC        GC pauses of loop threads: prologue callbacks to epilogue ones
  *   perf_event cpu-clock      on-CPU stacks of a loop thread while it is busy
  *   sched_switch              off-CPU stacks and time of a loop thread asleep while busy
  */
@@ -569,6 +570,56 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->reserved = 0;
 	fill_stacks(ctx, e);
 	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* V8 calls its GC prologue callbacks as a pause begins and its epilogue callbacks as it ends,
+ * whether or not any are registered: entry probes on both time the pause. Node's own 'gc'
+ * performance entries are taken by callbacks it registers there. */
+SEC("uprobe/gc_prologue")
+int gc_prologue(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
+
+	if (t && is_reported(t))
+		t->gc_start_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+SEC("uprobe/gc_epilogue")
+int gc_epilogue(struct pt_regs *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
+
+	if (!t || !t->gc_start_ns)
+		return 0;
+	/* Heap::CallGCEpilogueCallbacks(this, GCType, ...): the kind is its second argument. */
+	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
+		 bpf_ktime_get_ns(), t->loop_addr);
+	t->gc_start_ns = 0;
+	return 0;
+}
+
+/* V8 10 (Node 18) inlines those calls on its GC paths; there the pause is timed from
+ * Heap::GarbageCollectionPrologue to Heap::GarbageCollectionEpilogue(GarbageCollector), whose
+ * argument is the collector (0 scavenger, 1 mark-compactor, 2 minor mark-compactor). */
+SEC("uprobe/gc_epilogue_collector")
+int gc_epilogue_collector(struct pt_regs *ctx)
+{
+	static const __u32 gc_types[3] = {
+		LOOPBPF_GC_SCAVENGE, LOOPBPF_GC_MARK_SWEEP_COMPACT, LOOPBPF_GC_MINOR_MARK_SWEEP,
+	};
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
+	__u32 collector = (__u32)PT_REGS_PARM2(ctx);
+
+	if (!t || !t->gc_start_ns || collector > 2)
+		return 0;
+	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
+		 bpf_ktime_get_ns(), t->loop_addr);
+	t->gc_start_ns = 0;
 	return 0;
 }
 

@@ -32,7 +32,18 @@ enum loopbpf_event_kind {
 	/* A process called execve (fleet mode watches for new libuv programs); a loop thread
 	 * that execs also reports LOOPBPF_EVENT_LOOP_EXIT first. */
 	LOOPBPF_EVENT_EXEC = 6,
+	/* A V8 garbage-collection pause of a loop thread: start_ns at the entry of V8's GC
+	 * prologue callbacks, end_ns at the entry of its epilogue callbacks (the calls Node's
+	 * own 'gc' performance entries are timed by); flags is the epilogue's GCType. */
+	LOOPBPF_EVENT_GC = 7,
 };
+
+/* V8's GCType bits (v8-callbacks.h), as the GC callbacks get them. */
+#define LOOPBPF_GC_SCAVENGE 1
+#define LOOPBPF_GC_MINOR_MARK_SWEEP 2
+#define LOOPBPF_GC_MARK_SWEEP_COMPACT 4
+#define LOOPBPF_GC_INCREMENTAL_MARKING 8
+#define LOOPBPF_GC_PROCESS_WEAK_CALLBACKS 16
 
 /* Distinct libuv objects (a node binary, a libuv.so) probed at once: each has one uprobe,
  * whose attach cookie indexes the libuvs map. */
@@ -152,6 +163,7 @@ struct loopbpf_thread {
 	__u64 blocks;          /* busy intervals at or over the threshold */
 	__u64 exited_ns;       /* thread exit, 0 while alive */
 	__u64 busy_hist[LOOPBPF_HIST_SLOTS]; /* log2(us) of busy time per iteration */
+	__u64 gc_start_ns;     /* entry of the GC prologue callbacks, 0 outside a GC pause */
 };
 
 #endif /* LOOPBPF_H */

@@ -1,17 +1,19 @@
 //! Loop and interval aggregation: turns kernel events and per-thread state into what a user is
 //! told — blocks, ongoing blocks, interval lines and the summary — for every loop thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
 use crate::{
-    decode::{Event, HIST_SLOTS, ThreadState},
+    decode::{Event, GcKind, HIST_SLOTS, ThreadState},
     stacks::{BlockProfile, RawStacks},
 };
 
 /// How often an ongoing block is reported again, and how long after the threshold the first time.
 const ONGOING_EVERY_NS: u64 = 1_000_000_000;
+/// GC pauses kept per loop thread to tell how much of a block was GC.
+const GC_PAUSES_KEPT: usize = 4096;
 
 /// Which loop of a process a thread runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub enum Record {
         /// Already going on when loopbpf attached: `start_ns` is the attach time and
         /// `duration_ns` a lower bound.
         before_attach: bool,
+        /// Time of V8 GC pauses inside the block.
+        gc_ns: u64,
         stacks: RawStacks,
         /// The stacks weighted and named, by the symbolize stage.
         profile: Option<BlockProfile>,
@@ -77,6 +81,7 @@ pub enum Record {
         start_ns: u64,
         duration_ns: u64,
         before_attach: bool,
+        gc_ns: u64,
         stacks: RawStacks,
         profile: Option<BlockProfile>,
     },
@@ -86,6 +91,8 @@ pub enum Record {
         iterations: u64,
         max_busy_ns: u64,
     },
+    /// Memory after major GC grew over several in a row (see `leak`).
+    Leak { id: LoopId, leak: crate::leak::Leak },
     Summary {
         loops: Vec<LoopSummary>,
         elapsed_ns: u64,
@@ -106,6 +113,33 @@ pub struct LoopSummary {
     /// Iterations by busy time: `busy_hist[i]` counts those of [2^i, 2^(i+1)) microseconds.
     pub busy_hist: [u64; HIST_SLOTS],
     pub exited: bool,
+    /// V8 GC pauses by kind, those that happened.
+    pub gc: Vec<(GcKind, GcStats)>,
+}
+
+/// The GC pauses of one kind on one loop thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// `hist[i]` counts pauses of [2^i, 2^(i+1)) microseconds.
+    pub hist: [u64; HIST_SLOTS],
+}
+
+impl GcStats {
+    fn add(&mut self, pause_ns: u64) {
+        self.count += 1;
+        self.total_ns += pause_ns;
+        self.max_ns = self.max_ns.max(pause_ns);
+        let micros = pause_ns / 1000;
+        let slot = if micros == 0 {
+            0
+        } else {
+            micros.ilog2() as usize
+        };
+        self.hist[slot.min(HIST_SLOTS - 1)] += 1;
+    }
 }
 
 #[derive(Debug)]
@@ -122,9 +156,20 @@ struct LoopThread {
     forgotten: bool,
     /// Stacks of the current busy interval, keyed by its start.
     stacks: (u64, RawStacks),
+    gc: BTreeMap<GcKind, GcStats>,
+    /// Recent GC pauses (start, end), to tell how much of a block was GC.
+    gc_pauses: VecDeque<(u64, u64)>,
 }
 
 impl LoopThread {
+    /// GC time inside `[start_ns, end_ns)`.
+    fn gc_within(&self, start_ns: u64, end_ns: u64) -> u64 {
+        self.gc_pauses
+            .iter()
+            .map(|&(from, to)| to.min(end_ns).saturating_sub(from.max(start_ns)))
+            .sum()
+    }
+
     /// The stacks gathered for the busy interval that started at `start_ns`.
     fn take_stacks(&mut self, start_ns: u64) -> RawStacks {
         if self.stacks.0 == start_ns {
@@ -179,6 +224,7 @@ impl Aggregator {
                     duration_ns: end_ns.saturating_sub(start_ns),
                     end: BlockEnd::Poll,
                     before_attach,
+                    gc_ns: thread.gc_within(start_ns, end_ns),
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -201,6 +247,7 @@ impl Aggregator {
                     duration_ns,
                     end: BlockEnd::Exit,
                     before_attach,
+                    gc_ns: thread.gc_within(start_ns, at_ns),
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -215,6 +262,25 @@ impl Aggregator {
                 None
             }
             Event::Exec { .. } => None,
+            Event::Gc {
+                pid,
+                tid,
+                start_ns,
+                end_ns,
+                kind,
+            } => {
+                let thread = self.loop_thread(pid, tid, start_ns);
+                thread
+                    .gc
+                    .entry(kind)
+                    .or_default()
+                    .add(end_ns.saturating_sub(start_ns));
+                if thread.gc_pauses.len() == GC_PAUSES_KEPT {
+                    thread.gc_pauses.pop_front();
+                }
+                thread.gc_pauses.push_back((start_ns, end_ns));
+                None
+            }
         }
     }
 
@@ -271,6 +337,7 @@ impl Aggregator {
                     start_ns,
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
+                    gc_ns: thread.gc_within(start_ns, now_ns),
                     stacks,
                     profile: None,
                 });
@@ -299,6 +366,7 @@ impl Aggregator {
                     start_ns,
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
+                    gc_ns: thread.gc_within(start_ns, now_ns),
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -365,6 +433,7 @@ impl Aggregator {
                     ongoing_ns,
                     busy_hist: state.busy_hist,
                     exited: thread.exited_ns.is_some(),
+                    gc: thread.gc.iter().map(|(k, s)| (*k, *s)).collect(),
                 }
             })
             .collect();
@@ -425,6 +494,8 @@ impl Aggregator {
                 exited_ns: None,
                 forgotten: false,
                 stacks: (0, RawStacks::default()),
+                gc: BTreeMap::new(),
+                gc_pauses: VecDeque::new(),
             }
         })
     }

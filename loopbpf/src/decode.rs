@@ -119,6 +119,7 @@ pub struct ThreadState {
     pub blocks: u64,
     pub exited_ns: u64,
     pub busy_hist: [u64; HIST_SLOTS],
+    pub gc_start_ns: u64,
 }
 
 // SAFETY: plain old data of integers only, no padding the kernel could leave uninitialised
@@ -204,6 +205,49 @@ pub enum Event {
     Stack(StackSample),
     /// A process called execve (fleet mode): it may run a libuv program now.
     Exec { pid: u32, at_ns: u64 },
+    /// A V8 garbage-collection pause of a loop thread.
+    Gc {
+        pid: u32,
+        tid: u32,
+        start_ns: u64,
+        end_ns: u64,
+        kind: GcKind,
+    },
+}
+
+/// What kind of GC a pause was, as Node's `perf_hooks` and prom-client name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GcKind {
+    /// Scavenge or minor mark-sweep: the young generation.
+    Minor,
+    /// Mark-sweep-compact: the whole heap.
+    Major,
+    /// A step of incremental marking.
+    Incremental,
+    /// Processing weak callbacks (finalizers).
+    WeakCallbacks,
+}
+
+impl GcKind {
+    /// From V8's `GCType` bits (`LOOPBPF_GC_*`).
+    pub fn from_gc_type(gc_type: u32) -> Self {
+        match gc_type {
+            GC_MARK_SWEEP_COMPACT => Self::Major,
+            GC_INCREMENTAL_MARKING => Self::Incremental,
+            GC_PROCESS_WEAK_CALLBACKS => Self::WeakCallbacks,
+            _ => Self::Minor,
+        }
+    }
+
+    /// The label prom-client and OpenTelemetry use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Minor => "minor",
+            Self::Major => "major",
+            Self::Incremental => "incremental",
+            Self::WeakCallbacks => "weakcb",
+        }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -231,6 +275,12 @@ const EVENT_LOOP_EXIT: u32 = 3;
 const EVENT_ON_CPU: u32 = 4;
 const EVENT_OFF_CPU: u32 = 5;
 const EVENT_EXEC: u32 = 6;
+const EVENT_GC: u32 = 7;
+
+/// `LOOPBPF_GC_*`: V8's `GCType` bits (scavenges, 1, and minor mark-sweeps, 2, are minor).
+const GC_MARK_SWEEP_COMPACT: u32 = 4;
+const GC_INCREMENTAL_MARKING: u32 = 8;
+const GC_PROCESS_WEAK_CALLBACKS: u32 = 16;
 
 impl Event {
     /// Decodes one ring-buffer record.
@@ -264,7 +314,7 @@ impl Event {
                     js: Vec::new(),
                 }))
             }
-            EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT | EVENT_EXEC => {
+            EVENT_BLOCK | EVENT_LOOP_FOUND | EVENT_LOOP_EXIT | EVENT_EXEC | EVENT_GC => {
                 let RawEvent {
                     pid,
                     tid,
@@ -290,6 +340,13 @@ impl Event {
                         at_ns: end_ns,
                     },
                     EVENT_EXEC => Self::Exec { pid, at_ns: end_ns },
+                    EVENT_GC => Self::Gc {
+                        pid,
+                        tid,
+                        start_ns,
+                        end_ns,
+                        kind: GcKind::from_gc_type(flags),
+                    },
                     _ => Self::LoopExit {
                         pid,
                         tid,
@@ -480,6 +537,7 @@ mod tests {
         reason = "one line per field of the mirrored structs"
     )]
     fn mirror_matches_the_c_header() {
+        const GC_SCAVENGE: u32 = 1;
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loopbpf-ebpf");
         let out = std::env::temp_dir().join(format!("loopbpf-layout-{}", std::process::id()));
         let program = out.with_extension("c");
@@ -561,10 +619,12 @@ mod tests {
         field!("loopbpf_thread", ThreadState, blocks);
         field!("loopbpf_thread", ThreadState, exited_ns);
         field!("loopbpf_thread", ThreadState, busy_hist);
+        field!("loopbpf_thread", ThreadState, gc_start_ns);
         c.push_str(
             "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
              printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
+             printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_GC, LOOPBPF_GC_SCAVENGE, LOOPBPF_GC_MARK_SWEEP_COMPACT, LOOPBPF_GC_INCREMENTAL_MARKING, LOOPBPF_GC_PROCESS_WEAK_CALLBACKS);\n\
              printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT, LOOPBPF_EVENT_EXEC, LOOPBPF_MAX_LIBUVS);\n\
              return 0;\n}\n",
         );
@@ -605,6 +665,15 @@ mod tests {
             )
         );
         assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
+        assert_eq!(
+            lines.next(),
+            Some(
+                format!(
+                    "{EVENT_GC} {GC_SCAVENGE} {GC_MARK_SWEEP_COMPACT} {GC_INCREMENTAL_MARKING} {GC_PROCESS_WEAK_CALLBACKS}"
+                )
+                .as_str()
+            )
+        );
         assert_eq!(
             lines.next(),
             Some(

@@ -26,6 +26,30 @@ const WORKER_ENTRY_SYMBOL: &str = "_ZN4node6worker6Worker3RunEv";
 /// libuv's default loop (`uv_default_loop()`), which node runs on its main thread.
 const DEFAULT_LOOP_SYMBOL: &str = "default_loop_struct";
 
+/// `v8::internal::Heap::CallGCPrologueCallbacks(GCType, GCCallbackFlags, ...)` and its
+/// epilogue twin, by the start of their mangled names: the parameters after the flags changed
+/// between V8 10 and 11 (Node 18 and 20), the names did not.
+const GC_PROLOGUE_SYMBOL: &[u8] = b"_ZN2v88internal4Heap23CallGCPrologueCallbacksE";
+const GC_EPILOGUE_SYMBOL: &[u8] = b"_ZN2v88internal4Heap23CallGCEpilogueCallbacksE";
+/// V8 10's two-parameter form of the prologue call, which that version inlines on its GC paths
+/// (the out-of-line copy only serves weak callbacks).
+const GC_PROLOGUE_V8_10: &[u8] =
+    b"_ZN2v88internal4Heap23CallGCPrologueCallbacksENS_6GCTypeENS_15GCCallbackFlagsE";
+/// What V8 10 calls around every collection: `Heap::GarbageCollectionPrologue(...)` and
+/// `Heap::GarbageCollectionEpilogue(GarbageCollector)`.
+const GC_START_V8_10: &[u8] = b"_ZN2v88internal4Heap25GarbageCollectionPrologueE";
+const GC_END_V8_10: &[u8] = b"_ZN2v88internal4Heap25GarbageCollectionEpilogueE";
+
+/// Where the GC pause probes go in an object with V8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcProbes {
+    /// File offsets of the functions at the start and at the end of a pause.
+    pub start: u64,
+    pub end: u64,
+    /// The end function's argument is V8 10's `GarbageCollector`, not a `GCType`.
+    pub end_takes_collector: bool,
+}
+
 #[derive(Debug, Error)]
 pub enum DiscoverError {
     #[error("no process with pid {0}: check the pid (`pgrep -a node` lists Node processes)")]
@@ -132,6 +156,7 @@ struct LibuvFile {
     poll_addr: u64,
     poll_file_offset: u64,
     worker_entry: Option<(u64, u64)>,
+    gc_probes: Option<GcProbes>,
     default_loop: Option<u64>,
     /// To place `default_loop`.
     segments: Vec<Segment>,
@@ -167,6 +192,8 @@ pub struct Libuv {
     pub poll_file_offset: u64,
     /// Address range of Node's worker entry function, when this object is a node binary.
     pub worker_entry: Option<(u64, u64)>,
+    /// Where to time V8's GC pauses, when V8 is in this object too (a node binary).
+    pub gc_probes: Option<GcProbes>,
     /// Where the target has libuv's default loop, when it runs and the symbol is there.
     pub default_loop_addr: Option<u64>,
 }
@@ -186,6 +213,7 @@ impl Libuv {
             poll_addr: file.poll_addr,
             poll_file_offset: file.poll_file_offset,
             worker_entry: file.worker_entry,
+            gc_probes: file.gc_probes,
             default_loop_addr: file
                 .default_loop
                 .zip(bias)
@@ -201,9 +229,24 @@ impl LibuvFile {
         let mut poll = None;
         let mut worker_entry = None;
         let mut default_loop = None;
+        let (mut gc_prologue, mut gc_epilogue) = (None, None);
+        let (mut gc_start_v8_10, mut gc_end_v8_10, mut v8_10) = (None, None, false);
         for sym in elf.symbols().chain(elf.dynamic_symbols()) {
             match sym.name_bytes() {
                 Ok(name) if name == POLL_SYMBOL.as_bytes() => poll = Some(sym),
+                Ok(name) if name.starts_with(GC_PROLOGUE_SYMBOL) && sym.size() > 0 => {
+                    v8_10 |= name == GC_PROLOGUE_V8_10;
+                    gc_prologue = Some(sym);
+                }
+                Ok(name) if name.starts_with(GC_START_V8_10) && sym.size() > 0 => {
+                    gc_start_v8_10 = Some(sym);
+                }
+                Ok(name) if name.starts_with(GC_END_V8_10) && sym.size() > 0 => {
+                    gc_end_v8_10 = Some(sym);
+                }
+                Ok(name) if name.starts_with(GC_EPILOGUE_SYMBOL) && sym.size() > 0 => {
+                    gc_epilogue = Some(sym);
+                }
                 Ok(name) if name == WORKER_ENTRY_SYMBOL.as_bytes() && sym.size() > 0 => {
                     worker_entry = Some((sym.address(), sym.address() + sym.size()));
                 }
@@ -213,13 +256,30 @@ impl LibuvFile {
                 _ => {}
             }
         }
+        let file_offset = |sym: &object::Symbol<'_, '_, _>| {
+            let section = elf.section_by_index(sym.section_index()?).ok()?;
+            let (section_offset, _) = section.file_range()?;
+            Some(sym.address() - section.address() + section_offset)
+        };
         let poll = poll?;
-        let section = elf.section_by_index(poll.section_index()?).ok()?;
-        let (section_offset, _) = section.file_range()?;
+        let (start, end) = if v8_10 {
+            (gc_start_v8_10, gc_end_v8_10)
+        } else {
+            (gc_prologue, gc_epilogue)
+        };
+        let gc_probes = start
+            .and_then(|s| file_offset(&s))
+            .zip(end.and_then(|e| file_offset(&e)))
+            .map(|(start, end)| GcProbes {
+                start,
+                end,
+                end_takes_collector: v8_10,
+            });
         Some(Self {
             poll_addr: poll.address(),
-            poll_file_offset: poll.address() - section.address() + section_offset,
+            poll_file_offset: file_offset(&poll)?,
             worker_entry,
+            gc_probes,
             default_loop,
             segments: segments(&elf),
         })
@@ -631,6 +691,8 @@ mod tests {
         assert_ne!(libuv.poll_addr, 0);
         let (start, end) = libuv.worker_entry.expect("node::worker::Worker::Run");
         assert!(start < end);
+        let gc = libuv.gc_probes.expect("V8's GC callback calls");
+        assert!(gc.start != gc.end && gc.start > 0 && gc.end > 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod decode;
 mod discover;
 mod flame;
 mod launch;
+mod leak;
 mod metrics;
 mod probe;
 mod record;

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     aggregate::LoopId,
-    decode::{HIST_SLOTS, ThreadState},
+    decode::{GcKind, HIST_SLOTS, ThreadState},
 };
 
 /// The window of the ELU gauge.
@@ -36,6 +36,10 @@ const ELU_WINDOW_NS: u64 = 10_000_000_000;
 const BLOCK_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// Upper bounds of the GC pause buckets, in seconds: prom-client's for
+/// `nodejs_gc_duration_seconds`, so dashboards built for it read these too.
+const GC_BUCKETS: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 2.0, 5.0];
 
 /// Who a loop thread's series belong to.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +54,8 @@ pub struct LoopView<'a> {
     pub id: LoopId,
     pub state: &'a ThreadState,
     pub process: &'a ProcessLabels,
+    /// Main threads: the process's memory after its last major GC, and leak warnings so far.
+    pub memory: Option<(u64, u64)>,
 }
 
 /// loopbpf's own state at a refresh.
@@ -69,6 +75,9 @@ struct LoopMetrics {
     blocked_ns: u64,
     /// (time, idle time) once a refresh, over the last `ELU_WINDOW_NS`.
     elu_samples: VecDeque<(u64, u64)>,
+    /// GC pauses by kind: per bucket of `GC_BUCKETS` (not cumulative), all of them, their
+    /// total time.
+    gc: std::collections::BTreeMap<GcKind, ([u64; GC_BUCKETS.len()], u64, u64)>,
 }
 
 impl LoopMetrics {
@@ -139,6 +148,23 @@ impl Metrics {
         }
         m.blocks += 1;
         m.blocked_ns += duration_ns;
+    }
+
+    /// Counts a GC pause of loop thread `tid`.
+    pub fn on_gc(&mut self, tid: u32, kind: GcKind, pause_ns: u64) {
+        let (counts, count, total_ns) = self
+            .loops
+            .entry(tid)
+            .or_default()
+            .gc
+            .entry(kind)
+            .or_default();
+        let seconds = pause_ns as f64 / 1e9;
+        if let Some(i) = GC_BUCKETS.iter().position(|&le| seconds <= le) {
+            counts[i] += 1;
+        }
+        *count += 1;
+        *total_ns += pause_ns;
     }
 
     /// Drops a loop thread's series (its process is gone and its grace period over).
@@ -231,8 +257,15 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
     m
 }
 
-/// A histogram from per-bucket (not cumulative) counts with these upper bounds.
-fn histogram(labels: Vec<LabelPair>, bounds: &[f64], counts: &[u64], sum: f64) -> Metric {
+/// A histogram from per-bucket (not cumulative) counts with these upper bounds; `count` also
+/// has those over the last bound (+Inf).
+fn histogram(
+    labels: Vec<LabelPair>,
+    bounds: &[f64],
+    counts: &[u64],
+    count: u64,
+    sum: f64,
+) -> Metric {
     let mut cumulative = 0;
     let buckets = bounds
         .iter()
@@ -247,7 +280,7 @@ fn histogram(labels: Vec<LabelPair>, bounds: &[f64], counts: &[u64], sum: f64) -
         .collect();
     let mut h = Histogram::default();
     h.set_bucket(buckets);
-    h.set_sample_count(counts.iter().sum());
+    h.set_sample_count(count);
     h.set_sample_sum(sum);
     let mut m = Metric::default();
     m.set_label(labels);
@@ -319,6 +352,7 @@ fn loop_series(
             labels(&base),
             buckets,
             &m.block_counts,
+            m.blocks,
             m.blocked_ns as f64 / 1e9,
         ),
     );
@@ -338,6 +372,7 @@ fn loop_series(
         MetricType::GAUGE,
         gauge(labels(&base), ongoing_ns as f64 / 1e9),
     );
+    gc_and_memory_series(families, view, m, &base);
     // The kernel side's log2 buckets: slot i counts iterations busy for [2^i, 2^(i+1)) us.
     let bounds: Vec<f64> = (0..HIST_SLOTS)
         .map(|slot| (1u64 << (slot + 1)) as f64 / 1e6)
@@ -350,9 +385,51 @@ fn loop_series(
             labels(&base),
             &bounds,
             &state.busy_hist,
+            state.busy_hist.iter().sum(),
             (wall_ns - idle_ns) as f64 / 1e9,
         ),
     );
+}
+
+/// A loop thread's GC pauses by kind, and for a main thread its process's memory after GC.
+fn gc_and_memory_series(
+    families: &mut Families,
+    view: &LoopView<'_>,
+    m: &LoopMetrics,
+    base: &[(&str, &str)],
+) {
+    for (kind, (counts, count, total_ns)) in &m.gc {
+        families.add(
+            "loopbpf_gc_duration_seconds",
+            "V8 garbage-collection pauses of the loop thread by kind (minor, major, incremental, weakcb), as Node's perf_hooks 'gc' entries time them.",
+            MetricType::HISTOGRAM,
+            histogram(
+                {
+                let mut pairs = base.to_vec();
+                pairs.push(("kind", kind.label()));
+                labels(&pairs)
+            },
+                &GC_BUCKETS,
+                counts,
+                *count,
+                *total_ns as f64 / 1e9,
+            ),
+        );
+    }
+    if let Some((rss_bytes, warnings)) = view.memory {
+        families.add(
+            "loopbpf_memory_after_major_gc_bytes",
+            "The process's resident memory right after its last major GC.",
+            MetricType::GAUGE,
+            gauge(labels(base), rss_bytes as f64),
+        );
+        families.add(
+            "loopbpf_leak_warnings_total",
+            "Times memory after major GC grew over 5 major GCs in a row (a suspected leak).",
+            MetricType::COUNTER,
+            counter(labels(base), warnings as f64),
+        );
+    }
 }
 
 fn health_series(families: &mut Families, loops: usize, health: Health) {
@@ -495,6 +572,7 @@ mod tests {
             },
             state,
             process,
+            memory: None,
         }
     }
 
@@ -514,6 +592,9 @@ mod tests {
         let mut metrics = Metrics::new(100_000_000);
         metrics.on_block(7, 150_000_000);
         metrics.on_block(7, 3 * S);
+        metrics.on_gc(7, GcKind::Minor, 2_000_000);
+        metrics.on_gc(7, GcKind::Minor, 500_000);
+        metrics.on_gc(7, GcKind::Major, 7 * S);
         let mut state = ThreadState {
             pid: 7,
             role: ROLE_MAIN,
@@ -557,6 +638,11 @@ mod tests {
                 "loopbpf_event_loop_iteration_busy_seconds_bucket{{{labels},le=\"0.000002\"}} 10"
             ),
             format!("loopbpf_event_loop_iteration_busy_seconds_count{{{labels}}} 12"),
+            format!("loopbpf_gc_duration_seconds_bucket{{{labels},kind=\"minor\",le=\"0.001\"}} 1"),
+            format!("loopbpf_gc_duration_seconds_bucket{{{labels},kind=\"minor\",le=\"0.01\"}} 2"),
+            format!("loopbpf_gc_duration_seconds_sum{{{labels},kind=\"minor\"}} 0.0025"),
+            format!("loopbpf_gc_duration_seconds_bucket{{{labels},kind=\"major\",le=\"5\"}} 0"),
+            format!("loopbpf_gc_duration_seconds_count{{{labels},kind=\"major\"}} 1"),
             "loopbpf_processes_watched 1".to_owned(),
             "loopbpf_loop_threads_watched 1".to_owned(),
             "loopbpf_lost_events_total 3".to_owned(),

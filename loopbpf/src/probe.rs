@@ -235,6 +235,35 @@ impl Probes {
         Ok(())
     }
 
+    /// Attaches the GC pause probes to `libuv`'s object, for process `pid` or (`None`) every
+    /// process that runs it; `false` when V8 is not in that object (a libuv program that is not
+    /// node, a node linked to a shared libnode).
+    pub fn attach_gc(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<bool, ProbeError> {
+        let Some(gc) = libuv.gc_probes else {
+            return Ok(false);
+        };
+        let end_program = if gc.end_takes_collector {
+            "gc_epilogue_collector"
+        } else {
+            "gc_epilogue"
+        };
+        let scope = pid
+            .and_then(NonZeroU32::new)
+            .map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+        for (name, offset) in [("gc_prologue", gc.start), (end_program, gc.end)] {
+            let program: &mut UProbe = program(&mut self.ebpf, name)?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .map_err(|error| ProbeError::Program { name, error })?;
+            }
+            program
+                .attach(offset, &libuv.path, scope)
+                .map_err(|error| ProbeError::Program { name, error })?;
+        }
+        Ok(true)
+    }
+
     fn attach_tracepoint(
         &mut self,
         name: &'static str,

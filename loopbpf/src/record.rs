@@ -251,7 +251,7 @@ impl Recorder {
             Record::Summary { .. } => {
                 self.summary = Some(json!({ "record": value, "text": text }));
             }
-            Record::Interval { .. } => {}
+            Record::Interval { .. } | Record::Leak { .. } => {}
         }
         self.dirty = true;
     }

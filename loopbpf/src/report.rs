@@ -113,6 +113,16 @@ impl<W: Write> Reporter<W> {
         self.processes.remove(&pid);
     }
 
+    /// The column titles, before the first line.
+    fn header(&self) -> String {
+        let command = if self.command_column {
+            "COMMAND         "
+        } else {
+            ""
+        };
+        format!("TIME          PID      {command}THREAD     EVENT     DURATION\n")
+    }
+
     /// The PID column: `1234` or, with the command column, `1234     node`.
     fn who(&self, pid: u32) -> String {
         if !self.command_column {
@@ -157,12 +167,15 @@ impl<W: Write> Reporter<W> {
                 duration_ns,
                 end,
                 before_attach,
+                gc_ns,
                 profile,
                 ..
             } => {
                 let mut v = self.json_id("block", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
+                v["gc_ms"] = json!(ms(*gc_ns));
+                v["gc_share"] = json!(round4(*gc_ns as f64 / (*duration_ns).max(1) as f64));
                 v["end"] = json!(end);
                 v["started_before_attach"] = json!(before_attach);
                 json_profile(&mut v, profile.as_ref());
@@ -173,12 +186,15 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 before_attach,
+                gc_ns,
                 profile,
                 ..
             } => {
                 let mut v = self.json_id("ongoing", id);
                 v["start_unix_ms"] = json!(self.clock.unix_ms(*start_ns));
                 v["duration_ms"] = json!(ms(*duration_ns));
+                v["gc_ms"] = json!(ms(*gc_ns));
+                v["gc_share"] = json!(round4(*gc_ns as f64 / (*duration_ns).max(1) as f64));
                 v["started_before_attach"] = json!(before_attach);
                 json_profile(&mut v, profile.as_ref());
                 v
@@ -194,6 +210,14 @@ impl<W: Write> Reporter<W> {
                 v["elu"] = json!(round4(*elu));
                 v["iterations"] = json!(iterations);
                 v["max_busy_ms"] = json!(ms(*max_busy_ns));
+                v
+            }
+            Record::Leak { id, leak } => {
+                let mut v = self.json_id("leak", id);
+                v["unix_ms"] = json!(self.clock.unix_ms(now_ns));
+                v["rss_bytes"] = json!(leak.rss_bytes);
+                v["growth_bytes_per_min"] = json!(leak.growth_bytes_per_min.round());
+                v["major_gcs"] = json!(leak.major_gcs);
                 v
             }
             Record::Summary {
@@ -212,7 +236,8 @@ impl<W: Write> Reporter<W> {
                         v["max_busy_ms"] = json!(ms(l.max_busy_ns));
                         v["ongoing_ms"] = json!(l.ongoing_ns.map(ms));
                         v["exited"] = json!(l.exited);
-                        v["busy_hist_us"] = histogram_json(l);
+                        v["busy_hist_us"] = histogram_json(&l.busy_hist);
+                        v["gc"] = gc_json(l);
                         v
                     })
                     .collect();
@@ -230,15 +255,7 @@ impl<W: Write> Reporter<W> {
         let mut text = String::new();
         if !self.header_done && !matches!(record, Record::Summary { .. }) {
             self.header_done = true;
-            let command = if self.command_column {
-                "COMMAND         "
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                text,
-                "TIME          PID      {command}THREAD     EVENT     DURATION"
-            );
+            text = self.header();
         }
         let line = |at_ns: u64, id: &LoopId, event: &str, rest: &str| {
             format!(
@@ -255,6 +272,7 @@ impl<W: Write> Reporter<W> {
                 duration_ns,
                 end,
                 before_attach,
+                gc_ns,
                 profile,
                 ..
             } => {
@@ -271,7 +289,11 @@ impl<W: Write> Reporter<W> {
                     *start_ns,
                     id,
                     "blocked",
-                    &format!("{prefix}{}{suffix}{note}", human(*duration_ns)),
+                    &format!(
+                        "{prefix}{}{}{suffix}{note}",
+                        human(*duration_ns),
+                        gc_share(*gc_ns, *duration_ns)
+                    ),
                 );
                 text += &profile_text(profile.as_ref());
             }
@@ -280,6 +302,7 @@ impl<W: Write> Reporter<W> {
                 start_ns,
                 duration_ns,
                 before_attach,
+                gc_ns,
                 profile,
                 ..
             } => {
@@ -292,7 +315,11 @@ impl<W: Write> Reporter<W> {
                     *start_ns,
                     id,
                     "ongoing",
-                    &format!("{} and counting ({note})", human(*duration_ns)),
+                    &format!(
+                        "{} and counting{} ({note})",
+                        human(*duration_ns),
+                        gc_share(*gc_ns, *duration_ns)
+                    ),
                 );
                 text += &profile_text(profile.as_ref());
             }
@@ -311,6 +338,9 @@ impl<W: Write> Reporter<W> {
                         human(*max_busy_ns)
                     ),
                 );
+            }
+            Record::Leak { id, leak } => {
+                text += &line(now_ns, id, "leak?", &leak_text(leak));
             }
             Record::Summary {
                 loops,
@@ -530,9 +560,25 @@ fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
-fn histogram_json(l: &LoopSummary) -> Value {
-    let buckets: Vec<Value> = l
-        .busy_hist
+/// A loop thread's GC pauses by kind.
+fn gc_json(l: &LoopSummary) -> Value {
+    let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
+    l.gc.iter()
+        .map(|(kind, g)| {
+            let stats = json!({
+                "count": g.count,
+                "total_ms": ms(g.total_ns),
+                "max_ms": ms(g.max_ns),
+                "hist_us": histogram_json(&g.hist),
+            });
+            (kind.label().to_owned(), stats)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn histogram_json(hist: &[u64]) -> Value {
+    let buckets: Vec<Value> = hist
         .iter()
         .enumerate()
         .filter(|&(_, &count)| count > 0)
@@ -591,6 +637,23 @@ impl<W: Write> Reporter<W> {
             );
             text.push_str(&histogram_text(&l.busy_hist));
         }
+        for l in loops.iter().filter(|l| !l.gc.is_empty()) {
+            let _ = writeln!(text, "\nGC pauses, pid {} {}:", l.id.pid, l.id.label);
+            for (kind, g) in &l.gc {
+                let _ = writeln!(
+                    text,
+                    "  {:<12} {:>6} pauses  {:>10} in all  longest {}",
+                    kind.label(),
+                    g.count,
+                    human(g.total_ns),
+                    human(g.max_ns)
+                );
+            }
+            for (kind, g) in &l.gc {
+                let _ = writeln!(text, "{} pauses:", kind.label());
+                text.push_str(&histogram_text(&g.hist));
+            }
+        }
         if dropped_events > 0 {
             let _ = writeln!(
                 text,
@@ -599,6 +662,27 @@ impl<W: Write> Reporter<W> {
         }
         text
     }
+}
+
+fn leak_text(leak: &crate::leak::Leak) -> String {
+    format!(
+        "memory after major GC grew {} times in a row, to {:.1} MB (+{:.1} MB/min)",
+        leak.major_gcs,
+        leak.rss_bytes as f64 / 1e6,
+        leak.growth_bytes_per_min / 1e6
+    )
+}
+
+/// `, GC 80.1 ms (65%)` when part of a block was garbage collection.
+fn gc_share(gc_ns: u64, duration_ns: u64) -> String {
+    if gc_ns == 0 || duration_ns == 0 {
+        return String::new();
+    }
+    format!(
+        ", GC {} ({:.0}%)",
+        human(gc_ns),
+        gc_ns as f64 * 100.0 / duration_ns as f64
+    )
 }
 
 /// A log2 histogram like bcc's tools print it.
@@ -659,6 +743,7 @@ mod tests {
                 duration_ns: 123_456_789,
                 end: BlockEnd::Exit,
                 before_attach: false,
+                gc_ns: 0,
                 stacks: RawStacks::default(),
                 profile: Some(profile()),
             },
@@ -689,6 +774,7 @@ mod tests {
             start_ns: 0,
             duration_ns: 4200 * MS,
             before_attach: true,
+            gc_ns: 0,
             stacks: RawStacks::default(),
             profile: Some(profile()),
         };

@@ -29,10 +29,11 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Record},
     cli::{Args, RecordArgs},
-    decode::{Event, StackSample},
+    decode::{Event, GcKind, StackSample},
     discover::{self, FileCache, FileId, LibuvCache, Target, container::Placement},
     flame::Flame,
     launch::StoppedChild,
+    leak::{LeakWatch, rss_of},
     metrics::{self, Health, LoopView, Metrics, ProcessLabels},
     probe::Probes,
     record::Recorder,
@@ -238,6 +239,8 @@ struct Process {
     /// When it was found gone: fleet mode keeps its summary line and metric series for
     /// `--keep-exited`.
     gone_ns: Option<u64>,
+    /// Its memory after major GCs.
+    leak: LeakWatch,
 }
 
 /// Fleet mode's discovery state.
@@ -316,6 +319,7 @@ impl<'a> Session<'a> {
                 .probes
                 .attach_uprobe(&target.libuv, Some(target.pid))
                 .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
+            session.attach_gc(target, Some(target.pid));
             session.watch(target.clone(), seed)?;
         }
         Ok(session)
@@ -352,6 +356,7 @@ impl<'a> Session<'a> {
                 return;
             }
             fleet.probed.insert(target.libuv_file.clone());
+            self.attach_gc(&target, None);
         }
         let (pid, comm) = (target.pid, target.comm.clone());
         if let Err(e) = self.watch(target, seed) {
@@ -359,6 +364,19 @@ impl<'a> Session<'a> {
             if let Some(fleet) = self.fleet.as_mut() {
                 fleet.attach_failures += 1;
             }
+        }
+    }
+
+    /// Times the GC pauses of the processes that run `target`'s libuv object; says once when
+    /// that cannot be done.
+    fn attach_gc(&mut self, target: &Target, pid: Option<u32>) {
+        let shown = target.libuv.shown_as.display();
+        match self.probes.attach_gc(&target.libuv, pid) {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "loopbpf: note: no GC pauses for {shown}: V8's GC callbacks are not in it"
+            ),
+            Err(e) => eprintln!("loopbpf: warning: no GC pauses for {shown}: {e}"),
         }
     }
 
@@ -394,6 +412,7 @@ impl<'a> Session<'a> {
             naming,
             v8_layout_set: false,
             gone_ns: None,
+            leak: LeakWatch::default(),
         };
         read_v8_objects_in_samples(&mut self.probes, &mut process);
         self.processes.insert(pid, process);
@@ -416,6 +435,9 @@ impl<'a> Session<'a> {
                         && let Some(naming) = self.naming_of(sample.pid)
                     {
                         naming.unwind(sample);
+                    }
+                    if let Event::Gc { .. } = event {
+                        records.extend(self.follow_gc(&event));
                     }
                     records.extend(self.aggregator.on_event(event));
                 }
@@ -463,6 +485,31 @@ impl<'a> Session<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Counts a GC pause for the metrics; after a major GC of a main thread, looks at the
+    /// process's memory for a leak.
+    fn follow_gc(&mut self, event: &Event) -> Option<Record> {
+        let Event::Gc {
+            pid,
+            tid,
+            start_ns,
+            end_ns,
+            kind,
+        } = *event
+        else {
+            return None;
+        };
+        if let Some(metrics) = self.metrics.as_mut() {
+            metrics.on_gc(tid, kind, end_ns.saturating_sub(start_ns));
+        }
+        if kind != GcKind::Major || tid != pid {
+            return None;
+        }
+        let process = self.processes.get_mut(&pid)?;
+        let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?)?;
+        let id = self.aggregator.loops().find(|(id, _)| id.tid == tid)?.0;
+        Some(Record::Leak { id, leak })
     }
 
     /// Fleet mode: looks at processes that exec'd for libuv, once right away and once a
@@ -572,10 +619,16 @@ impl<'a> Session<'a> {
         let loops: Vec<LoopView<'_>> = self
             .aggregator
             .loops()
-            .map(|(id, state)| LoopView {
-                id,
-                state,
-                process: self.processes.get(&id.pid).map_or(&unknown, |p| &p.labels),
+            .map(|(id, state)| {
+                let process = self.processes.get(&id.pid);
+                LoopView {
+                    id,
+                    state,
+                    process: process.map_or(&unknown, |p| &p.labels),
+                    memory: process
+                        .filter(|_| id.tid == id.pid)
+                        .and_then(|p| Some((p.leak.rss_after_gc?, p.leak.warnings))),
+                }
             })
             .collect();
         let health = Health {
