@@ -410,8 +410,8 @@ static __always_inline void loop_thread_ends(__u32 tid)
 	struct loopbpf_thread *t = bpf_map_lookup_elem(&threads, &tid);
 	__u64 now;
 
-	if (!t)
-		return;
+	if (!t || t->exited_ns)
+		return; /* not a loop thread, or ended already (it exited after an exec) */
 	bpf_map_delete_elem(&asleep, &tid);
 	/* A main thread seeded in its poll wait at attach is the main loop even if it
 	 * never named its loop (busy from then until exit). */
@@ -443,17 +443,27 @@ int thread_exit(void *ctx)
 	return 0;
 }
 
-/* Runs in the new program, with the tid that called execve now the process's only thread
- * (and its tgid). Fleet mode hears of every exec, to look for libuv in the new program. */
+/* sched/sched_process_exec's record: see events/sched/sched_process_exec/format. */
+struct sched_process_exec_ctx {
+	__u64 common;
+	__u32 filename; /* __data_loc */
+	__s32 pid;
+	__s32 old_pid;
+};
+
+/* Runs in the new program, with the thread that called execve now the process's only thread,
+ * under the tgid; old_pid is the tid it had (a worker's, when a worker exec'd). Fleet mode
+ * hears of every exec, to look for libuv in the new program. */
 SEC("tracepoint/sched/sched_process_exec")
-int process_exec(void *ctx)
+int process_exec(struct sched_process_exec_ctx *ctx)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
 
 	if (!is_target(pid_tgid))
 		return 0;
-	loop_thread_ends((__u32)pid_tgid);
+	loop_thread_ends((__u32)ctx->old_pid);
+	loop_thread_ends(tgid);
 	if (!target_tgid)
 		emit_raw(LOOPBPF_EVENT_EXEC, tgid, (__u32)pid_tgid, 0, 0, bpf_ktime_get_ns(), 0);
 	return 0;
@@ -475,7 +485,8 @@ static __always_inline struct loopbpf_thread *busy_loop_thread(__u32 tid)
  * there. */
 static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
 {
-	struct loopbpf_v8_layout *v8 = bpf_map_lookup_elem(&v8_layouts, &e->pid);
+	__u32 pid = e->pid; /* map keys from the stack: older verifiers refuse ring-buffer memory */
+	struct loopbpf_v8_layout *v8 = bpf_map_lookup_elem(&v8_layouts, &pid);
 	__u64 fp = e->user_bp;
 
 	e->js_depth = 0;

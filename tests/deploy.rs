@@ -23,6 +23,8 @@ const PLAIN_METRICS: &[&str] = &[
     "loopbpf_event_loop_iterations_total",
     "loopbpf_event_loop_blocked_seconds_total",
     "loopbpf_event_loop_ongoing_block_seconds",
+    "loopbpf_memory_after_major_gc_bytes",
+    "loopbpf_leak_warnings_total",
     "loopbpf_processes_watched",
     "loopbpf_loop_threads_watched",
     "loopbpf_lost_events_total",
@@ -35,6 +37,7 @@ const PLAIN_METRICS: &[&str] = &[
 const HISTOGRAMS: &[&str] = &[
     "loopbpf_event_loop_blocked_duration_seconds",
     "loopbpf_event_loop_iteration_busy_seconds",
+    "loopbpf_gc_duration_seconds",
 ];
 const HISTOGRAM_SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
 

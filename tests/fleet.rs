@@ -8,6 +8,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -43,7 +44,16 @@ fn every_node_process_is_watched_those_started_later_too() {
     let mut running = Fixture::start();
     let loopbpf = Loopbpf::watch_all(&["--json", "--threshold", "50ms"]);
     // Another node binary, with no probe on it yet: only its exec says it is there.
-    let mut later = Fixture::start_on(node_of(22).to_str().unwrap(), &[]);
+    let other = node_of(22);
+    let (this_file, other_file) = (
+        fs::metadata(which(&node_bin())).unwrap(),
+        fs::metadata(&other).unwrap(),
+    );
+    assert!(
+        (this_file.dev(), this_file.ino()) != (other_file.dev(), other_file.ino()),
+        "the later node must run another binary than the first"
+    );
+    let mut later = Fixture::start_on(other.to_str().unwrap(), &[]);
     // Found within a second of its exec.
     thread::sleep(Duration::from_secs(1));
     later.send("block immediate spin 300");

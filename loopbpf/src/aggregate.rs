@@ -457,6 +457,14 @@ impl Aggregator {
             .map(|t| (t.id, &t.state))
     }
 
+    /// A thread found gone without an exit event: it is no loop any more (and no block).
+    pub fn thread_gone(&mut self, tid: u32, at_ns: u64) {
+        if let Some(thread) = self.loops.get_mut(&tid) {
+            thread.exited_ns.get_or_insert(at_ns);
+            thread.forgotten = true;
+        }
+    }
+
     /// Forgets every loop thread of a process that is gone; returns their tids.
     pub fn forget_process(&mut self, pid: u32) -> Vec<u32> {
         self.workers_per_pid.remove(&pid);

@@ -110,13 +110,22 @@ impl<T> FileCache<T> {
         Self(Rc::default())
     }
 
-    /// What was read of `file`, reading it now if it was not yet.
-    pub fn get_or_read(&self, file: &FileId, read: impl FnOnce() -> Option<T>) -> Option<Rc<T>> {
+    /// What was read of `file` (opened as `path`), reading it now if it was not yet. Nothing
+    /// is remembered of a file that could not be opened: its process may have exited
+    /// mid-read, and the next one that maps the file must still find what is in it.
+    pub fn get_or_read(
+        &self,
+        file: &FileId,
+        path: &Path,
+        read: impl FnOnce() -> Option<T>,
+    ) -> Option<Rc<T>> {
         if let Some(known) = self.0.borrow().get(file) {
             return known.clone();
         }
         let value = read().map(Rc::new);
-        self.0.borrow_mut().insert(file.clone(), value.clone());
+        if value.is_some() || File::open(path).is_ok() {
+            self.0.borrow_mut().insert(file.clone(), value.clone());
+        }
         value
     }
 }
@@ -234,6 +243,9 @@ impl LibuvFile {
         for sym in elf.symbols().chain(elf.dynamic_symbols()) {
             match sym.name_bytes() {
                 Ok(name) if name == POLL_SYMBOL.as_bytes() => poll = Some(sym),
+                // Not the compiler's partial copies (`.cold`, `.isra.0`, `.part.0`), which the
+                // GC paths do not enter at their start.
+                Ok(name) if name.contains(&b'.') => {}
                 Ok(name) if name.starts_with(GC_PROLOGUE_SYMBOL) && sym.size() > 0 => {
                     v8_10 |= name == GC_PROLOGUE_V8_10;
                     gc_prologue = Some(sym);
@@ -326,11 +338,15 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
     cache.bound();
     for mapping in first_mapping_per_file(&maps) {
         let path = mapped_file(pid, &mapping);
-        let file = cache
-            .files
-            .entry(mapping.file.clone())
-            .or_insert_with(|| LibuvFile::read(&path));
-        if let Some(file) = file {
+        if !cache.files.contains_key(&mapping.file) {
+            let read = LibuvFile::read(&path);
+            // A file that could not be opened (its process exited mid-scan) is not known yet.
+            if read.is_none() && File::open(&path).is_err() {
+                continue;
+            }
+            cache.files.insert(mapping.file.clone(), read);
+        }
+        if let Some(Some(file)) = cache.files.get(&mapping.file) {
             let mut libuv = Libuv::placed(file, &path, Some((mapping.range.start, mapping.offset)));
             libuv.shown_as.clone_from(&mapping.path);
             return Ok(Target {

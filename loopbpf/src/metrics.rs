@@ -75,6 +75,8 @@ struct LoopMetrics {
     blocked_ns: u64,
     /// (time, idle time) once a refresh, over the last `ELU_WINDOW_NS`.
     elu_samples: VecDeque<(u64, u64)>,
+    /// The (active, idle) time last served.
+    last_time: (u64, u64),
     /// GC pauses by kind: per bucket of `GC_BUCKETS` (not cumulative), all of them, their
     /// total time.
     gc: std::collections::BTreeMap<GcKind, ([u64; GC_BUCKETS.len()], u64, u64)>,
@@ -110,7 +112,8 @@ impl LoopMetrics {
 pub struct Metrics {
     threshold_ns: u64,
     buckets: Vec<f64>,
-    loops: HashMap<u32, LoopMetrics>,
+    /// By (pid, tid): a tid reused by another process starts with fresh series.
+    loops: HashMap<(u32, u32), LoopMetrics>,
     exposition: Arc<Mutex<String>>,
 }
 
@@ -138,9 +141,9 @@ impl Metrics {
     }
 
     /// Counts a block of loop thread `tid` (one that ended, at a poll wait or with the thread).
-    pub fn on_block(&mut self, tid: u32, duration_ns: u64) {
+    pub fn on_block(&mut self, pid: u32, tid: u32, duration_ns: u64) {
         let buckets = &self.buckets;
-        let m = self.loops.entry(tid).or_default();
+        let m = self.loops.entry((pid, tid)).or_default();
         m.block_counts.resize(buckets.len(), 0);
         let seconds = duration_ns as f64 / 1e9;
         if let Some(i) = buckets.iter().position(|&le| seconds <= le) {
@@ -150,11 +153,11 @@ impl Metrics {
         m.blocked_ns += duration_ns;
     }
 
-    /// Counts a GC pause of loop thread `tid`.
-    pub fn on_gc(&mut self, tid: u32, kind: GcKind, pause_ns: u64) {
+    /// Counts a GC pause of loop thread `tid` of `pid`.
+    pub fn on_gc(&mut self, pid: u32, tid: u32, kind: GcKind, pause_ns: u64) {
         let (counts, count, total_ns) = self
             .loops
-            .entry(tid)
+            .entry((pid, tid))
             .or_default()
             .gc
             .entry(kind)
@@ -168,15 +171,15 @@ impl Metrics {
     }
 
     /// Drops a loop thread's series (its process is gone and its grace period over).
-    pub fn forget(&mut self, tid: u32) {
-        self.loops.remove(&tid);
+    pub fn forget(&mut self, pid: u32, tid: u32) {
+        self.loops.remove(&(pid, tid));
     }
 
     /// Renders every series as of `now_ns` into the exposition.
     pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: Health) {
         let mut families = Families::default();
         for view in loops {
-            let m = self.loops.entry(view.id.tid).or_default();
+            let m = self.loops.entry((view.id.pid, view.id.tid)).or_default();
             m.block_counts.resize(self.buckets.len(), 0);
             loop_series(
                 &mut families,
@@ -318,11 +321,16 @@ fn loop_series(
     };
     let wall_ns = end_ns.saturating_sub(state.discovered_ns);
     let idle_ns = state.idle_ns_at(end_ns).min(wall_ns);
+    // Counters never go down: a poll wait that ended after `now_ns` (the state was read a
+    // moment later) would otherwise move time from active back to idle.
+    let active_ns = (wall_ns - idle_ns).max(m.last_time.0);
+    let idle_ns = idle_ns.max(m.last_time.1);
+    m.last_time = (active_ns, idle_ns);
     families.add(
         "loopbpf_event_loop_time_seconds_total",
         "Time the event loop spent active (running callbacks) or idle (waiting for I/O), since loopbpf found it.",
         MetricType::COUNTER,
-        counter(with(("state", "active")), (wall_ns - idle_ns) as f64 / 1e9),
+        counter(with(("state", "active")), active_ns as f64 / 1e9),
     );
     families.add(
         "loopbpf_event_loop_time_seconds_total",
@@ -386,7 +394,7 @@ fn loop_series(
             &bounds,
             &state.busy_hist,
             state.busy_hist.iter().sum(),
-            (wall_ns - idle_ns) as f64 / 1e9,
+            active_ns as f64 / 1e9,
         ),
     );
 }
@@ -590,11 +598,11 @@ mod tests {
     #[test]
     fn series_have_base_units_labels_and_consistent_histograms() {
         let mut metrics = Metrics::new(100_000_000);
-        metrics.on_block(7, 150_000_000);
-        metrics.on_block(7, 3 * S);
-        metrics.on_gc(7, GcKind::Minor, 2_000_000);
-        metrics.on_gc(7, GcKind::Minor, 500_000);
-        metrics.on_gc(7, GcKind::Major, 7 * S);
+        metrics.on_block(7, 7, 150_000_000);
+        metrics.on_block(7, 7, 3 * S);
+        metrics.on_gc(7, 7, GcKind::Minor, 2_000_000);
+        metrics.on_gc(7, 7, GcKind::Minor, 500_000);
+        metrics.on_gc(7, 7, GcKind::Major, 7 * S);
         let mut state = ThreadState {
             pid: 7,
             role: ROLE_MAIN,
@@ -680,8 +688,8 @@ mod tests {
     #[test]
     fn forgotten_loops_leave_no_series() {
         let mut metrics = Metrics::new(100_000_000);
-        metrics.on_block(7, S);
-        metrics.forget(7);
+        metrics.on_block(7, 7, S);
+        metrics.forget(7, 7);
         metrics.refresh(S, &[], Health::default());
         assert!(!text(&metrics).contains("pid=\"7\""));
         assert!(metrics.loops.is_empty());

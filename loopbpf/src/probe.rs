@@ -40,7 +40,7 @@ const TRACEPOINTS: [(&str, &str, &str); 8] = [
 #[derive(Debug, Error)]
 pub enum ProbeError {
     #[error(
-        "could not load the eBPF programs: {0} (loopbpf needs BPF ring buffers, Linux 5.8 or newer)"
+        "could not load the eBPF programs: {0} (loopbpf needs BPF ring buffers and uprobe attach cookies, Linux 5.15 or newer)"
     )]
     Load(#[source] aya::EbpfError),
     #[error("the kernel rejected eBPF program `{name}`: {error}")]
@@ -80,8 +80,8 @@ pub struct Probes {
     libuvs_used: u32,
     v8_layouts: HashMap<MapData, u32, V8Layout>,
     dropped: PerCpuArray<MapData, u64>,
-    /// Per loop thread cpu-clock sampling, by tid.
-    samplers: std::collections::HashMap<u32, PerfEventLinkId>,
+    /// Per loop thread cpu-clock sampling, by tid, with the thread's process.
+    samplers: std::collections::HashMap<u32, (u32, PerfEventLinkId)>,
 }
 
 impl Probes {
@@ -290,10 +290,12 @@ impl Probes {
     }
 
     /// Samples one loop thread's stacks `hz` times per second of its CPU time.
-    pub fn sample_thread(&mut self, tid: u32, hz: u64) -> Result<(), ProbeError> {
-        if self.samplers.contains_key(&tid) {
+    pub fn sample_thread(&mut self, pid: u32, tid: u32, hz: u64) -> Result<(), ProbeError> {
+        if self.samplers.get(&tid).is_some_and(|&(of, _)| of == pid) {
             return Ok(());
         }
+        // A tid reused by another process: that sampler's thread is gone.
+        self.stop_sampling(tid);
         let name = "on_cpu_sample";
         let program: &mut PerfEvent = program(&mut self.ebpf, name)?;
         if program.fd().is_err() {
@@ -312,13 +314,13 @@ impl Probes {
                 false,
             )
             .map_err(|error| ProbeError::Program { name, error })?;
-        self.samplers.insert(tid, link);
+        self.samplers.insert(tid, (pid, link));
         Ok(())
     }
 
     /// Stops sampling a thread that exited.
     pub fn stop_sampling(&mut self, tid: u32) {
-        let Some(link) = self.samplers.remove(&tid) else {
+        let Some((_, link)) = self.samplers.remove(&tid) else {
             return;
         };
         if let Some(program) = self
@@ -327,6 +329,20 @@ impl Probes {
             .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
         {
             let _ = program.detach(link);
+        }
+    }
+
+    /// Stops sampling every thread of a process that is gone (threads that exited before
+    /// saying so, a process that exec'd).
+    pub fn stop_sampling_process(&mut self, pid: u32) {
+        let tids: Vec<u32> = self
+            .samplers
+            .iter()
+            .filter(|(_, (of, _))| *of == pid)
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in tids {
+            self.stop_sampling(tid);
         }
     }
 

@@ -316,11 +316,16 @@ impl Recorder {
         let Some(action) = self.action.clone() else {
             return;
         };
+        // One core dump of a process at a time: gcore cannot attach twice.
+        let dumping =
+            |t: &Trigger| !t.done() && t.action == BlockAction::Core && t.id.pid == id.pid;
         if self.triggers.len() >= self.max_triggers as usize
+            || self.triggers.iter().any(dumping)
             || !self.triggered.insert((id.tid, start_ns))
         {
             return;
         }
+        let n = self.triggers.len() + 1;
         let mut trigger = Trigger {
             action: action.clone(),
             id,
@@ -333,19 +338,22 @@ impl Recorder {
         };
         match &action {
             BlockAction::Core => {
-                let prefix = self.out.join("core");
+                // core-N.PID, gdb's messages in gcore-N.log.
+                let prefix = self.out.join(format!("core-{n}"));
+                let log = fs::File::create(self.out.join(format!("gcore-{n}.log")))
+                    .map_or_else(|_| Stdio::null(), Stdio::from);
                 match Command::new("gcore")
                     .arg("-o")
                     .arg(&prefix)
                     .arg(id.pid.to_string())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
+                    .stderr(log)
                     .spawn()
                 {
                     Ok(child) => {
                         trigger.child = Some(child);
-                        trigger.file = Some(self.out.join(format!("core.{}", id.pid)));
+                        trigger.file = Some(self.out.join(format!("core-{n}.{}", id.pid)));
                     }
                     Err(e) => {
                         trigger.outcome = Some(format!(
@@ -406,15 +414,10 @@ impl Recorder {
                 let Ok(Some(status)) = child.try_wait() else {
                     continue;
                 };
-                let mut stderr = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    let _ = io::Read::read_to_string(&mut err, &mut stderr);
-                }
                 trigger.outcome = Some(if status.success() {
                     "done".to_owned()
                 } else {
-                    let last = stderr.lines().last().unwrap_or_default().trim().to_owned();
-                    format!("{status} {last}").trim().to_owned()
+                    status.to_string()
                 });
                 if trigger.file.as_ref().is_some_and(|f| !f.exists()) {
                     trigger.file = None;

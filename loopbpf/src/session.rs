@@ -385,13 +385,18 @@ impl<'a> Session<'a> {
         let pid = target.pid;
         // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
         match seed {
-            Seed::Running => seed_running_loops(&mut self.probes, &target, true)?,
+            // Fleet mode: only a main thread known to run libuv's default loop is taken for
+            // busy (a program may link libuv and never run its loop on the main thread).
+            Seed::Running => {
+                let busy_main = self.fleet.is_none() || target.main_loop_epfd().is_some();
+                seed_running_loops(&mut self.probes, &target, busy_main)?;
+            }
             Seed::Fresh => seed_running_loops(&mut self.probes, &target, false)?,
             Seed::Nothing => {}
         }
         if !self.args.no_stacks {
             // The main thread is a loop thread from the start; workers are sampled once found.
-            self.probes.sample_thread(pid, self.args.sample_rate)?;
+            self.probes.sample_thread(pid, pid, self.args.sample_rate)?;
         }
         let placement = Placement::of(pid);
         let labels = ProcessLabels {
@@ -462,7 +467,7 @@ impl<'a> Session<'a> {
                     self.watch_in_fleet(target, Seed::Nothing);
                 }
                 if !self.args.no_stacks
-                    && let Err(e) = self.probes.sample_thread(tid, self.args.sample_rate)
+                    && let Err(e) = self.probes.sample_thread(pid, tid, self.args.sample_rate)
                 {
                     eprintln!("loopbpf: no stack samples for thread {tid}: {e}");
                 }
@@ -501,7 +506,7 @@ impl<'a> Session<'a> {
             return None;
         };
         if let Some(metrics) = self.metrics.as_mut() {
-            metrics.on_gc(tid, kind, end_ns.saturating_sub(start_ns));
+            metrics.on_gc(pid, tid, kind, end_ns.saturating_sub(start_ns));
         }
         if kind != GcKind::Major || tid != pid {
             return None;
@@ -540,7 +545,8 @@ impl<'a> Session<'a> {
                 continue; // its probe found it first
             }
             if let Ok(target) = discover::find_target(pid, &mut fleet.cache) {
-                self.processes.remove(&pid);
+                // The program it ran before is gone for good.
+                self.forget_process(pid);
                 self.watch_in_fleet(target, Seed::Fresh);
             }
         }
@@ -556,6 +562,7 @@ impl<'a> Session<'a> {
             process.gone_ns = Some(now_ns);
             process.naming = None;
             self.probes.forget_process(pid);
+            self.probes.stop_sampling_process(pid);
         }
     }
 
@@ -585,19 +592,31 @@ impl<'a> Session<'a> {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in expired {
-            self.processes.remove(&pid);
-            self.reporter.forget_process(pid);
-            for tid in self.aggregator.forget_process(pid) {
+            self.forget_process(pid);
+        }
+        // Threads that ended without a word to us (an exit we lost); those that said so are
+        // freed once their last state is read.
+        for (tid, state) in self.probes.threads() {
+            if state.exited_ns == 0
+                && !Path::new(&format!("/proc/{}/task/{tid}", state.pid)).exists()
+            {
                 self.probes.forget_thread(tid);
-                if let Some(metrics) = self.metrics.as_mut() {
-                    metrics.forget(tid);
-                }
+                self.probes.stop_sampling(tid);
+                self.aggregator.thread_gone(tid, now_ns);
             }
         }
-        // Threads that ended without a word to us (a worker that exec'd, an exit we lost).
-        for (tid, state) in self.probes.threads() {
-            if !Path::new(&format!("/proc/{}/task/{tid}", state.pid)).exists() {
-                self.probes.forget_thread(tid);
+    }
+
+    /// Forgets a gone process: its lines, series and kernel-side state.
+    fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+        self.reporter.forget_process(pid);
+        self.probes.forget_process(pid);
+        self.probes.stop_sampling_process(pid);
+        for tid in self.aggregator.forget_process(pid) {
+            self.probes.forget_thread(tid);
+            if let Some(metrics) = self.metrics.as_mut() {
+                metrics.forget(pid, tid);
             }
         }
     }
@@ -668,7 +687,7 @@ impl<'a> Session<'a> {
                 Some(metrics),
             ) = (&*record, self.metrics.as_mut())
             {
-                metrics.on_block(id.tid, *duration_ns);
+                metrics.on_block(id.pid, id.tid, *duration_ns);
             }
             self.name_stacks(record, matches!(record, Record::Block { .. }));
             if let Some(recorder) = self.recorder.as_mut() {

@@ -27,7 +27,7 @@ use blazesym::{
     },
 };
 
-use crate::v8::Original;
+use crate::{discover::start_time, v8::Original};
 
 /// Name of a JS frame that the perf map does not name (consecutive ones collapse into one).
 const UNNAMED_JS: &str = "[JS]";
@@ -204,7 +204,7 @@ impl Symbolizer {
     /// /proc/PID/maps now.
     #[must_use]
     pub fn sharing(pid: u32, native: &SharedObjects) -> Self {
-        let start_ticks = process_start_ticks(pid);
+        let start_ticks = start_time(pid);
         let kernel_source = Source::Kernel(Kernel {
             kallsyms: MaybeDefault::Default,
             vmlinux: MaybeDefault::None,
@@ -446,7 +446,7 @@ impl Symbolizer {
     /// Replaces the snapshot with the current maps of the target; false if the target is gone.
     fn reread_maps(&mut self) -> bool {
         self.maps_read_at = Instant::now();
-        if self.start_ticks.is_none() || process_start_ticks(self.pid) != self.start_ticks {
+        if self.start_ticks.is_none() || start_time(self.pid) != self.start_ticks {
             // Gone, or its PID now belongs to another process: keep the last snapshot.
             self.start_ticks = None;
             return false;
@@ -676,14 +676,7 @@ fn find_own_vdso() -> Option<(u64, u64)> {
         .map(|line| (line.start, line.end - line.start))
 }
 
-/// Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot.
-fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
-}
-
+/// Clock ticks after boot (a process's start time) as wall-clock time.
 fn ticks_to_system_time(ticks: u64) -> Option<SystemTime> {
     let stat = fs::read_to_string("/proc/stat").ok()?;
     let boot_secs: u64 = stat
@@ -828,7 +821,7 @@ impl PerfMap {
     }
 
     fn target_alive(&self) -> bool {
-        self.start_ticks.is_some() && process_start_ticks(self.pid) == self.start_ticks
+        self.start_ticks.is_some() && start_time(self.pid) == self.start_ticks
     }
 
     fn insert(&mut self, start: u64, end: u64, frame: usize) {

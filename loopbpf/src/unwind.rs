@@ -91,7 +91,7 @@ impl Unwinder {
             let opened = mapped_file(self.pid, &mapping);
             let Some(sections) = self
                 .sections
-                .get_or_read(&mapping.file, || read_sections(&opened))
+                .get_or_read(&mapping.file, &opened, || read_sections(&opened))
             else {
                 continue;
             };

@@ -182,7 +182,7 @@ impl JsNamer {
             seen.push(mapping.path.clone());
             let opened = mapped_file(pid, &mapping);
             if let Some(values) =
-                metadata.get_or_read(&mapping.file, || postmortem_metadata(&opened))
+                metadata.get_or_read(&mapping.file, &opened, || postmortem_metadata(&opened))
             {
                 found = Some((mapping.path, values));
                 break;
