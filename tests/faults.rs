@@ -10,7 +10,7 @@ use std::{
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, events, installed_node, loopbpf_bin, node_bin, require_root,
+    Fixture, Loopbpf, events, installed_node, loopbpf_bin, node_bin, node_of, require_root,
 };
 
 /// Runs loopbpf to completion (through `wrapper` if given, e.g. `unshare`), with a time limit.
@@ -313,4 +313,32 @@ fn sigint_and_sigterm_print_the_summary_and_detach() {
         );
         assert!(node.is_running());
     }
+}
+
+#[test]
+fn a_target_that_execs_another_program_ends_its_loop_and_loopbpf_with_it() {
+    require_root();
+    // Node 24 can replace itself (`process.execve`): a 300 ms block in a timer, then an exec of
+    // `sleep 1` from the next one.
+    let script = "setTimeout(() => { const end = Date.now() + 300; while (Date.now() < end); \
+        setTimeout(() => process.execve('/bin/sleep', ['sleep', '1']), 50); }, 2500);";
+    let mut node = Command::new(node_of(24))
+        .args(["-e", script])
+        .spawn()
+        .expect("node 24");
+    let pid = node.id().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json", "--no-stacks"]);
+    assert!(node.wait().unwrap().success(), "the exec'd program ran");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+
+    let blocks = events(&output, "block");
+    assert_eq!(blocks.len(), 1, "{output:?}");
+    let ms = blocks[0]["duration_ms"].as_f64().unwrap();
+    assert!((300.0..330.0).contains(&ms), "{ms} ms");
+    // The exec ended the loop: the summary says so, and nothing runs on as a block.
+    let summary = events(&output, "summary");
+    let main = &summary[0]["loops"][0];
+    assert_eq!(main["exited"], true, "{summary:?}");
+    assert_eq!(main["ongoing_ms"], serde_json::Value::Null, "{summary:?}");
 }

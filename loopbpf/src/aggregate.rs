@@ -218,13 +218,16 @@ impl Aggregator {
                 before_attach,
             } => {
                 let thread = self.loop_thread(pid, tid, start_ns);
+                let gc_ns = thread.gc_within(start_ns, end_ns);
+                // Later blocks start after this one ends.
+                thread.gc_pauses.retain(|&(_, to)| to > end_ns);
                 Some(Record::Block {
                     id: thread.id,
                     start_ns,
                     duration_ns: end_ns.saturating_sub(start_ns),
                     end: BlockEnd::Poll,
                     before_attach,
-                    gc_ns: thread.gc_within(start_ns, end_ns),
+                    gc_ns,
                     stacks: thread.take_stacks(start_ns),
                     profile: None,
                 })
@@ -573,6 +576,39 @@ mod tests {
         assert_eq!(id.label, ThreadLabel::Worker(2));
         assert_eq!(duration_ns, 250 * MS);
         assert_eq!(end, BlockEnd::Poll);
+    }
+
+    #[test]
+    fn a_block_counts_the_gc_pauses_inside_it() {
+        let mut agg = Aggregator::new(100 * MS);
+        let gc = |start_ns, end_ns, kind| Event::Gc {
+            pid: 7,
+            tid: 7,
+            start_ns,
+            end_ns,
+            kind,
+        };
+        // One pause before the block, one inside, one straddling its start.
+        agg.on_event(gc(5 * MS, 8 * MS, GcKind::Minor));
+        agg.on_event(gc(95 * MS, 110 * MS, GcKind::Minor));
+        agg.on_event(gc(150 * MS, 230 * MS, GcKind::Major));
+        let Some(Record::Block { gc_ns, .. }) = agg.on_event(Event::Block {
+            pid: 7,
+            tid: 7,
+            start_ns: 100 * MS,
+            end_ns: 300 * MS,
+            before_attach: false,
+        }) else {
+            panic!("no block")
+        };
+        assert_eq!(gc_ns, 90 * MS);
+        let thread = &agg.loops[&7];
+        assert!(
+            thread.gc_pauses.is_empty(),
+            "pauses of ended blocks are dropped"
+        );
+        assert_eq!(thread.gc[&GcKind::Minor].count, 2);
+        assert_eq!(thread.gc[&GcKind::Major].total_ns, 80 * MS);
     }
 
     #[test]
