@@ -16,8 +16,8 @@ use std::{
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, assert_duration_close, events, fixture, node_bin, node_of, require_root,
-    workspace,
+    Fixture, Loopbpf, assert_block_close, assert_duration_close, events, fixture, node_bin,
+    node_of, require_root, workspace,
 };
 use serde_json::Value;
 
@@ -31,14 +31,7 @@ fn assert_block_of(output: &[Value], pid: u32, truth: &Value, what: &str) {
         .collect();
     assert_eq!(blocks.len(), 1, "{what}: blocks of pid {pid}: {output:?}");
     assert_eq!(blocks[0]["comm"], "node", "{what}: {:?}", blocks[0]);
-    // The fixture times its spin; loopbpf the whole busy interval, which may also hold a
-    // scavenge before or after the spin (a young process still has garbage to collect).
-    // loopbpf says how much GC the block had: outside the spin, that much more is right.
-    let reported = blocks[0]["duration_ms"].as_f64().unwrap();
-    let gc = blocks[0]["gc_ms"].as_f64().unwrap();
-    let spin = truth["measured_ms"].as_f64().unwrap();
-    eprintln!("{what}: loopbpf {reported} ms with {gc} ms of GC, fixture {spin} ms");
-    assert_duration_close(reported - gc.min(reported - spin).max(0.0), spin, what);
+    assert_block_close(blocks[0], truth["measured_ms"].as_f64().unwrap(), what);
 }
 
 #[test]
