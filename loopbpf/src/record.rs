@@ -29,7 +29,7 @@ use crate::{
     cli::{BlockAction, RecordArgs},
     decode::ThreadState,
     flame::Flame,
-    report::{Clock, Reporter, human},
+    report::{Clock, Reporter, human, ms},
     stacks::BlockProfile,
 };
 
@@ -704,10 +704,6 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn ms(ns: u64) -> f64 {
-    (ns as f64 / 1e4).round() / 100.0
 }
 
 fn round3(x: f64) -> f64 {

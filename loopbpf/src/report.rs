@@ -159,7 +159,6 @@ impl<W: Write> Reporter<W> {
     }
 
     fn json_record(&self, record: &Record, now_ns: u64) -> Value {
-        let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
         match record {
             Record::Block {
                 id,
@@ -359,7 +358,6 @@ const MIN_STACK_SHARE: f64 = 0.05;
 
 fn json_profile(v: &mut Value, profile: Option<&BlockProfile>) {
     let Some(profile) = profile else { return };
-    let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
     v["on_cpu_ms"] = json!(ms(profile.on_cpu_ns));
     v["off_cpu_ms"] = json!(ms(profile.off_cpu_ns));
     v["stacks"] = profile
@@ -556,13 +554,17 @@ fn json_id(event: &str, id: &LoopId) -> Value {
     v
 }
 
+/// Nanoseconds as milliseconds, to the hundredth, as the JSON records carry them.
+pub fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1e4).round() / 100.0
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
 /// A loop thread's GC pauses by kind.
 fn gc_json(l: &LoopSummary) -> Value {
-    let ms = |ns: u64| (ns as f64 / 1e4).round() / 100.0;
     l.gc.iter()
         .map(|(kind, g)| {
             let stats = json!({
