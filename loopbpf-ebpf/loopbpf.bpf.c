@@ -1,16 +1,22 @@
 // SPDX-License-Identifier: (MIT OR Apache-2.0)
 /*
- * loopbpf's kernel side: splits each libuv loop thread's time into idle (its
- * own poll wait) and busy (everything else), and reports busy intervals at or
- * over the threshold.
+ * loopbpf's kernel side: splits each libuv loop thread's time into idle (asleep in its
+ * own poll wait) and busy (everything else), and reports busy intervals at or over the
+ * threshold. Nothing here runs on every loop iteration or on every syscall: a loop that
+ * iterates as fast as it can, and every other process on the host, do not pay for it.
  *
- *   uprobe uv__io_poll        finds loop threads and their uv_loop_t*; counts iterations
- *   epoll_* enter/exit        end and start busy intervals, when the fd is the loop's own
+ *   uprobe uv_run             finds loop threads and their uv_loop_t* as their loops start
+ *   uprobe uv__io_poll        the same for loops already running at attach, for a few seconds;
+ *                             for libuv before 1.45 (Node 18), it stays and counts iterations
+ *   sched_switch              a loop thread falling asleep in its poll wait ends a busy interval
+ *                             (exactly), waking there starts one; off-CPU stacks and time of a
+ *                             busy loop thread asleep anywhere else
+ *   perf_event cpu-clock      every millisecond of a loop thread's CPU time: reads libuv's own
+ *                             iteration count, to split busy time that never sleeps; on-CPU
+ *                             stacks while busy
  *   sched_process_exit        a loop thread that dies busy still reports its block
  *   sched_process_exec        the same for one that execs; new programs for fleet mode
  *   uprobes on V8's GC        GC pauses of loop threads: prologue callbacks to epilogue ones
- *   perf_event cpu-clock      on-CPU stacks of a loop thread while it is busy
- *   sched_switch              off-CPU stacks and time of a loop thread asleep while busy
  */
 #include <stdbool.h>
 #include <linux/bpf.h>
@@ -27,6 +33,8 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
  * probed libuv is a target. */
 const volatile __u32 target_tgid = 0;
 const volatile __u64 threshold_ns = 100000000ULL;
+/* Every stack_every-th sample of a busy loop thread carries its stacks; 0: none (--no-stacks). */
+const volatile __u32 stack_every = 5;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -89,21 +97,10 @@ struct {
 static const struct loopbpf_thread empty_thread;
 static const struct loopbpf_stack_event empty_stack;
 
-/* Syscall tracepoint records: see events/syscalls/<name>/format in tracefs. */
-struct sys_enter_epoll_ctx {
-	__u64 common;
-	__s32 syscall_nr;
-	__u32 pad;
-	__u64 epfd;
-	__u64 events;
-	__u64 maxevents;
-	__u64 timeout; /* int ms, or a struct __kernel_timespec * for epoll_pwait2 */
-};
-
-struct timespec64 {
-	__s64 tv_sec;
-	__s64 tv_nsec;
-};
+/* x86-64 numbers of the syscalls libuv's epoll backend waits in (Node 20 uses epoll_pwait). */
+#define NR_EPOLL_WAIT 232
+#define NR_EPOLL_PWAIT 281
+#define NR_EPOLL_PWAIT2 441
 
 static __always_inline void count_drop(void)
 {
@@ -172,7 +169,7 @@ static __always_inline __s32 read_backend_fd(__u64 loop)
 
 /* Main thread, worker_threads Worker, or a runtime-internal loop: a worker's first poll runs
  * under the worker entry function. Runs once per adopted loop, never per iteration. */
-static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
+static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid, bool at_poll)
 {
 	__u32 zero = 0, which = bpf_get_attach_cookie(ctx);
 	const struct loopbpf_libuv *uv;
@@ -190,7 +187,7 @@ static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
 	bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), BPF_F_USER_STACK);
 	if (bytes <= 0)
 		return LOOPBPF_ROLE_WORKER; /* cannot tell: better shown than hidden */
-	bias = PT_REGS_IP(ctx) - uv->poll_addr;
+	bias = PT_REGS_IP(ctx) - (at_poll ? uv->poll_addr : uv->run_addr);
 	for (int i = 0; i < LOOPBPF_ROLE_STACK_DEPTH; i++) {
 		__u64 link_addr;
 
@@ -203,204 +200,165 @@ static __always_inline __u32 classify_loop(struct pt_regs *ctx, __u64 pid_tgid)
 	return LOOPBPF_ROLE_OTHER;
 }
 
-/* Close the iteration that ends at this uv__io_poll entry. */
-static __always_inline void end_iteration(struct loopbpf_thread *t, __u64 now)
+static __always_inline void count_busy(struct loopbpf_thread *t, __u64 busy_ns, __u64 n)
 {
-	__u64 idle = t->idle_ns - t->iter_idle_start_ns;
-	__u64 span = now - t->iter_start_ns;
-	__u64 busy_us = (span > idle ? span - idle : 0) / 1000;
-	__u32 slot = log2_u64(busy_us);
+	__u32 slot = log2_u64(busy_ns / 1000);
 
 	if (slot >= LOOPBPF_HIST_SLOTS)
 		slot = LOOPBPF_HIST_SLOTS - 1;
-	t->busy_hist[slot] += 1;
-	t->iterations += 1;
+	t->busy_hist[slot] += n;
 }
 
-SEC("uprobe/uv__io_poll")
-int uv_io_poll_entry(struct pt_regs *ctx)
+/* The busy interval under way ends at `end`: the entry of the loop's next poll. */
+static __always_inline void close_busy(struct loopbpf_thread *t, __u32 tid, __u64 end)
+{
+	__u64 busy, w, *current_window;
+	__u32 zero = 0;
+
+	if (!t->busy_since_ns || end < t->busy_since_ns)
+		return;
+	busy = end - t->busy_since_ns;
+	count_busy(t, busy, 1);
+	if (busy > t->max_busy_ns)
+		t->max_busy_ns = busy;
+	current_window = bpf_map_lookup_elem(&window, &zero);
+	w = current_window ? *current_window : 0;
+	if (t->window != w) {
+		t->window = w;
+		t->window_max_busy_ns = 0;
+	}
+	if (busy > t->window_max_busy_ns)
+		t->window_max_busy_ns = busy;
+	if (busy >= threshold_ns && is_reported(t)) {
+		t->blocks += 1;
+		emit(LOOPBPF_EVENT_BLOCK, tid, t, t->busy_since_ns, end);
+	}
+	t->busy_since_ns = 0;
+	t->busy_before_attach = 0;
+}
+
+/* Finds where libuv counts this loop's iterations. Runs in the loop thread (its memory). */
+static __always_inline void find_count(struct loopbpf_thread *t, __u64 now)
+{
+	__u64 fields = 0, count = 0;
+
+	if (t->count_addr || !t->counts_iterations || !t->loop_addr)
+		return;
+	if (bpf_probe_read_user(&fields, sizeof(fields),
+				(void *)(t->loop_addr + LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET)) || !fields)
+		return;
+	if (bpf_probe_read_user(&count, sizeof(count), (void *)(fields + LOOPBPF_UV_LOOP_COUNT_OFFSET)))
+		return;
+	t->count_addr = fields + LOOPBPF_UV_LOOP_COUNT_OFFSET;
+	t->seen_count = count;
+	t->seen_ns = now;
+}
+
+/* libuv's iteration count now; false where it is not known (then nothing is decided). */
+static __always_inline bool read_count(struct loopbpf_thread *t, __u64 now, __u64 *count)
+{
+	find_count(t, now);
+	return t->count_addr &&
+	       !bpf_probe_read_user(count, sizeof(*count), (void *)t->count_addr);
+}
+
+/* The loop's count went from seen_count (at seen_ns) to `count` (now), the thread awake in
+ * between: the busy interval under way at seen_ns ended at the first of those polls, the one
+ * under way now began at the last. Without a probe on the poll, they are placed at the middle
+ * of that span: at most half a sampling period (0.5 ms of CPU time) from the truth. */
+static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 now, __u64 count)
+{
+	__u64 polls, mid;
+
+	if (count < t->seen_count) /* a loop initialised again in the same memory */
+		t->seen_count = count;
+	polls = count - t->seen_count;
+	if (polls) {
+		mid = t->seen_ns + (now - t->seen_ns) / 2;
+		t->iterations += polls;
+		close_busy(t, tid, mid);
+		if (polls > 1) /* the iterations in between, each shorter than the span */
+			count_busy(t, (now - t->seen_ns) / polls, polls - 1);
+		t->busy_since_ns = mid;
+		t->seen_count = count;
+	}
+	t->seen_ns = now;
+}
+
+/* Makes `loop` the thread's loop when it is the first, or replaces one that was closed; and
+ * for libuv before 1.45, where this probe stays on uv__io_poll, ends each iteration. */
+static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_poll)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
-	__u64 loop = PT_REGS_PARM1(ctx);
+	__u32 tid = (__u32)pid_tgid, which = bpf_get_attach_cookie(ctx);
+	const struct loopbpf_libuv *uv;
 	__u64 now = bpf_ktime_get_ns();
 	struct loopbpf_thread *t;
 
 	if (!is_target(pid_tgid))
-		return 0;
+		return;
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t) {
 		bpf_map_update_elem(&threads, &tid, &empty_thread, BPF_NOEXIST);
 		t = bpf_map_lookup_elem(&threads, &tid);
 		if (!t)
-			return 0;
+			return;
 		t->epfd = -1;
 	}
 
 	if (t->loop_addr == loop) {
-		end_iteration(t, now);
-		t->iter_start_ns = now;
-		t->iter_idle_start_ns = t->idle_ns;
-		return 0;
+		if (at_poll && !t->counts_iterations) {
+			/* The poll's entry ends the busy interval; the poll returning at once
+			 * starts the next, a sleep in it (sched_switch) makes it idle. */
+			t->iterations += 1;
+			close_busy(t, tid, now);
+			t->busy_since_ns = now;
+		}
+		return;
 	}
 
 	if (t->loop_addr) {
-		/* A second loop on a known loop thread is spawnSync's private loop, polled
+		/* A second loop on a known loop thread is spawnSync's private loop, run
 		 * inside one busy interval of the outer loop: ignore it while the outer
 		 * loop still owns its epoll fd. A loop we adopted that has since been
 		 * closed (a spawnSync before the real loop started) gives way. */
 		if (read_backend_fd(t->loop_addr) == t->epfd)
-			return 0;
+			return;
 	} else if (t->epfd >= 0 && read_backend_fd(loop) != t->epfd) {
 		/* The thread sat in this epoll fd when we attached: that is its loop.
 		 * Another one (spawnSync's, or one polled while Node exits) is not. */
-		return 0;
+		return;
 	}
 
+	uv = bpf_map_lookup_elem(&libuvs, &which);
 	t->loop_addr = loop;
 	t->epfd = read_backend_fd(loop);
 	t->pid = pid_tgid >> 32;
 	if (!t->discovered_ns)
 		t->discovered_ns = now;
 	t->in_poll = 0;
-	t->iter_start_ns = now;
-	t->iter_idle_start_ns = t->idle_ns;
+	if (!t->busy_since_ns)
+		t->busy_since_ns = now;
+	t->counts_iterations = uv ? uv->counts_iterations : 0;
+	t->count_addr = 0;
+	find_count(t, now);
 	if (t->role == LOOPBPF_ROLE_UNKNOWN)
-		t->role = classify_loop(ctx, pid_tgid);
+		t->role = classify_loop(ctx, pid_tgid, at_poll);
 	if (t->role != LOOPBPF_ROLE_OTHER)
 		emit(LOOPBPF_EVENT_LOOP_FOUND, tid, t, t->busy_since_ns, now);
+}
+
+SEC("uprobe/uv_run")
+int uv_run_entry(struct pt_regs *ctx)
+{
+	adopt_loop(ctx, PT_REGS_PARM1(ctx), false);
 	return 0;
 }
 
-static __always_inline void poll_enter(__s32 epfd, bool counts_idle)
+SEC("uprobe/uv__io_poll")
+int uv_io_poll_entry(struct pt_regs *ctx)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
-	struct loopbpf_thread *t;
-	__u64 now, busy, w;
-	__u32 zero = 0;
-	__u64 *current_window;
-
-	if (!is_target(pid_tgid))
-		return;
-	t = bpf_map_lookup_elem(&threads, &tid);
-	/* The loop's own poll wait only: not a nested loop's, and for a thread seeded
-	 * idle at attach, already before uv__io_poll names the loop. */
-	if (!t || t->epfd < 0 || epfd != t->epfd || t->role == LOOPBPF_ROLE_OTHER)
-		return;
-
-	now = bpf_ktime_get_ns();
-	if (t->busy_since_ns) {
-		busy = now - t->busy_since_ns;
-		if (busy > t->max_busy_ns)
-			t->max_busy_ns = busy;
-		current_window = bpf_map_lookup_elem(&window, &zero);
-		w = current_window ? *current_window : 0;
-		if (t->window != w) {
-			t->window = w;
-			t->window_max_busy_ns = 0;
-		}
-		if (busy > t->window_max_busy_ns)
-			t->window_max_busy_ns = busy;
-		if (busy >= threshold_ns && is_reported(t)) {
-			t->blocks += 1;
-			emit(LOOPBPF_EVENT_BLOCK, tid, t, t->busy_since_ns, now);
-		}
-	}
-	t->busy_since_ns = 0;
-	t->in_poll = 1;
-	t->poll_enter_ns = now;
-	t->poll_counts_idle = counts_idle;
-}
-
-static __always_inline void poll_exit(void)
-{
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
-	struct loopbpf_thread *t;
-	__u64 now;
-
-	if (!is_target(pid_tgid))
-		return;
-	now = bpf_ktime_get_ns();
-	t = bpf_map_lookup_elem(&threads, &tid);
-	if (!t) {
-		/* A thread leaving a poll wait it entered after the attach-time scan
-		 * and before the probes: most likely a loop that was idle. Its busy
-		 * interval starts now; uv__io_poll's probe names the loop before the
-		 * interval ends. Fleet mode scans after attaching: nothing to catch. */
-		struct loopbpf_thread fresh = {};
-
-		if (!target_tgid)
-			return;
-		fresh.pid = pid_tgid >> 32;
-		fresh.epfd = -1;
-		if (tid == fresh.pid)
-			fresh.role = LOOPBPF_ROLE_MAIN;
-		fresh.busy_since_ns = now;
-		fresh.discovered_ns = now;
-		bpf_map_update_elem(&threads, &tid, &fresh, BPF_NOEXIST);
-		return;
-	}
-	if (!t->in_poll)
-		return; /* a nested loop's poll (spawnSync), or a loop we do not report */
-	t->in_poll = 0;
-	if (t->poll_counts_idle)
-		t->idle_ns += now - t->poll_enter_ns;
-	t->busy_since_ns = now;
-	t->busy_before_attach = 0;
-	if (!t->discovered_ns)
-		t->discovered_ns = now;
-}
-
-SEC("tracepoint/syscalls/sys_enter_epoll_wait")
-int epoll_wait_enter(struct sys_enter_epoll_ctx *ctx)
-{
-	poll_enter((__s32)ctx->epfd, (__s32)ctx->timeout != 0);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_epoll_pwait")
-int epoll_pwait_enter(struct sys_enter_epoll_ctx *ctx)
-{
-	poll_enter((__s32)ctx->epfd, (__s32)ctx->timeout != 0);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_epoll_pwait2")
-int epoll_pwait2_enter(struct sys_enter_epoll_ctx *ctx)
-{
-	struct timespec64 ts = {};
-	bool counts_idle = true; /* NULL timeout waits forever */
-
-	if (!is_target(bpf_get_current_pid_tgid()))
-		return 0;
-	if (ctx->timeout) {
-		bpf_probe_read_user(&ts, sizeof(ts), (void *)ctx->timeout);
-		counts_idle = ts.tv_sec != 0 || ts.tv_nsec != 0;
-	}
-	poll_enter((__s32)ctx->epfd, counts_idle);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_epoll_wait")
-int epoll_wait_exit(void *ctx)
-{
-	poll_exit();
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_epoll_pwait")
-int epoll_pwait_exit(void *ctx)
-{
-	poll_exit();
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_epoll_pwait2")
-int epoll_pwait2_exit(void *ctx)
-{
-	poll_exit();
+	adopt_loop(ctx, PT_REGS_PARM1(ctx), true);
 	return 0;
 }
 
@@ -561,12 +519,21 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	__u32 tid = (__u32)pid_tgid;
 	struct loopbpf_thread *t;
 	struct loopbpf_stack_event *e;
+	__u64 now, count;
 
 	if (!is_target(pid_tgid))
 		return 0;
+	t = bpf_map_lookup_elem(&threads, &tid);
+	if (!t || t->exited_ns || t->role == LOOPBPF_ROLE_OTHER)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (read_count(t, now, &count))
+		observe(t, tid, now, count);
 	t = busy_loop_thread(tid);
-	if (!t)
+	if (!t || !stack_every)
 		return 0; /* idle in its poll wait: not a stack of a block */
+	if (t->samples++ % stack_every)
+		return 0;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count_drop();
@@ -576,7 +543,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->pid = pid_tgid >> 32;
 	e->tid = tid;
 	e->busy_since_ns = t->busy_since_ns;
-	e->at_ns = bpf_ktime_get_ns();
+	e->at_ns = now;
 	e->off_cpu_ns = 0;
 	e->reserved = 0;
 	fill_stacks(ctx, e);
@@ -645,7 +612,50 @@ struct sched_switch_ctx {
 	__s32 next_prio;
 };
 
-/* A busy loop thread leaving the CPU: remember where. One coming back: report how long. */
+/* Whether the current task sleeps in its loop's own poll wait: a syscall of libuv's epoll
+ * backend on the loop's epoll fd (spawnSync's nested loop has another). */
+static __always_inline bool asleep_in_loop_poll(const struct loopbpf_thread *t)
+{
+	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 nr = 0, fd = 0;
+
+	if (t->epfd < 0)
+		return false;
+	bpf_probe_read_kernel(&nr, sizeof(nr), &user_regs->orig_rax);
+	if (nr != NR_EPOLL_PWAIT && nr != NR_EPOLL_WAIT && nr != NR_EPOLL_PWAIT2)
+		return false;
+	bpf_probe_read_kernel(&fd, sizeof(fd), &user_regs->rdi);
+	return (__s32)fd == t->epfd;
+}
+
+/* A loop thread falls asleep in its poll wait: the busy interval ends, exactly, now. */
+static __always_inline void poll_sleeps(struct loopbpf_thread *t, __u32 tid, __u64 now)
+{
+	__u64 count;
+
+	if (t->in_poll)
+		return;
+	if (!t->counts_iterations) {
+		/* The uv__io_poll probe ended the interval at the poll's entry. */
+		t->busy_since_ns = 0;
+	} else if (read_count(t, now, &count) && count > t->seen_count) {
+		/* This poll's count is the last one: polls before it end earlier intervals. */
+		observe(t, tid, now, count - 1);
+		t->iterations += 1;
+		t->seen_count = count;
+		close_busy(t, tid, now);
+	} else {
+		/* A sample between the count's bump and this sleep ended the interval already;
+		 * what it began since is this poll's own few microseconds. */
+		t->busy_since_ns = 0;
+	}
+	t->in_poll = 1;
+	t->poll_enter_ns = now;
+	t->seen_ns = now;
+}
+
+/* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving
+ * the CPU to sleep elsewhere than its poll wait records where; coming back reports how long. */
 SEC("tracepoint/sched/sched_switch")
 int on_switch(struct sched_switch_ctx *ctx)
 {
@@ -653,31 +663,54 @@ int on_switch(struct sched_switch_ctx *ctx)
 	__u32 tid = (__u32)pid_tgid;
 	__u32 next_tid = ctx->next_pid;
 	struct loopbpf_stack_event *sleep, *e;
-	struct loopbpf_thread *t;
-	__u64 now = 0;
+	struct loopbpf_thread *t = NULL;
+	__u64 now = 0, count;
 
-	/* Only sleeps (TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE): a preempted thread, which
-	 * the tracepoint reports with another non-zero state, is waiting for a CPU in the middle
-	 * of its work, and its on-CPU samples account for that time. */
-	if ((ctx->prev_state & 3) && is_target(pid_tgid) && (t = busy_loop_thread(tid))) {
-		bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
-		sleep = bpf_map_lookup_elem(&asleep, &tid);
-		if (sleep) {
-			now = bpf_ktime_get_ns();
-			sleep->kind = LOOPBPF_EVENT_OFF_CPU;
-			sleep->pid = pid_tgid >> 32;
-			sleep->tid = tid;
-			sleep->busy_since_ns = t->busy_since_ns;
-			sleep->at_ns = now;
-			fill_stacks(ctx, sleep);
+	if (is_target(pid_tgid))
+		t = bpf_map_lookup_elem(&threads, &tid);
+	/* A sleep is TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE: a preempted thread, which the
+	 * tracepoint reports with another state, is waiting for a CPU in the middle of its
+	 * work. An exited thread still switches out once, after its exit probe. */
+	if (t && !t->exited_ns && t->role != LOOPBPF_ROLE_OTHER) {
+		now = bpf_ktime_get_ns();
+		if ((ctx->prev_state & 3) && asleep_in_loop_poll(t)) {
+			poll_sleeps(t, tid, now);
+		} else {
+			if (read_count(t, now, &count))
+				observe(t, tid, now, count);
+			if ((ctx->prev_state & 3) && stack_every && (t = busy_loop_thread(tid))) {
+				bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
+				sleep = bpf_map_lookup_elem(&asleep, &tid);
+				if (sleep) {
+					sleep->kind = LOOPBPF_EVENT_OFF_CPU;
+					sleep->pid = pid_tgid >> 32;
+					sleep->tid = tid;
+					sleep->busy_since_ns = t->busy_since_ns;
+					sleep->at_ns = now;
+					fill_stacks(ctx, sleep);
+				}
+			}
 		}
 	}
+
+	t = bpf_map_lookup_elem(&threads, &next_tid);
+	if (!t || t->exited_ns)
+		return 0;
+	if (!now)
+		now = bpf_ktime_get_ns();
+	if (t->in_poll) {
+		/* Woken in its poll wait: the poll returns, a busy interval begins. */
+		t->in_poll = 0;
+		t->idle_ns += now - t->poll_enter_ns;
+		t->busy_since_ns = now;
+		t->busy_before_attach = 0;
+	}
+	/* The count cannot move while the thread is off the CPU. */
+	t->seen_ns = now;
 
 	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
 	if (!sleep)
 		return 0;
-	if (!now)
-		now = bpf_ktime_get_ns();
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (e) {
 		bpf_probe_read_kernel(e, sizeof(*e), sleep);

@@ -18,6 +18,16 @@
  * Linux; unchanged from libuv 1.0 to today. */
 #define LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET 64
 
+/* libuv 1.45 and later count their loop's iterations: uv_loop_t's internal_fields pointer
+ * (at this offset since libuv 1.39) leads to loop_metrics.metrics.loop_count, which uv_run
+ * bumps right before each uv__io_poll. Reading it lets the probes leave the iterations alone. */
+#define LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET 40
+#define LOOPBPF_UV_LOOP_COUNT_OFFSET 8
+
+/* Period of the per-loop-thread cpu-clock sampler, which also reads the iteration count:
+ * where a loop iterates without sleeping, its busy intervals end within this of the truth. */
+#define LOOPBPF_SAMPLE_PERIOD_NS 1000000
+
 enum loopbpf_event_kind {
 	/* A busy interval at or over the threshold ended at a poll wait. */
 	LOOPBPF_EVENT_BLOCK = 1,
@@ -49,13 +59,16 @@ enum loopbpf_event_kind {
  * whose attach cookie indexes the libuvs map. */
 #define LOOPBPF_MAX_LIBUVS 64
 
-/* What the uprobe needs of the object it sits in: link-time addresses of uv__io_poll and of
- * the function a worker_threads Worker runs its loop under (node::worker::Worker::Run;
- * zero when the object has none). */
+/* What the uprobes need of the object they sit in: link-time addresses of uv__io_poll, of
+ * uv_run, and of the function a worker_threads Worker runs its loop under
+ * (node::worker::Worker::Run; zero when the object has none). */
 struct loopbpf_libuv {
 	__u64 poll_addr;
+	__u64 run_addr;
 	__u64 worker_entry_start;
 	__u64 worker_entry_end;
+	__u32 counts_iterations; /* libuv >= 1.45: loop_count is there to read */
+	__u32 reserved;
 };
 
 /* What a loop thread is, decided when its loop is adopted. */
@@ -147,16 +160,17 @@ struct loopbpf_thread {
 	__u32 pid;             /* tgid */
 	__u64 discovered_ns;   /* first probe hit on this thread */
 	__u64 busy_since_ns;   /* start of the current busy interval, 0 = in poll or unknown */
-	__u64 poll_enter_ns;   /* entry of the current poll wait */
-	__u32 in_poll;         /* inside the loop's own poll wait */
-	__u32 poll_counts_idle;/* that wait has a non-zero timeout (libuv counts it idle) */
+	__u64 poll_enter_ns;   /* when it went to sleep in its loop's poll wait */
+	__u32 in_poll;         /* asleep in the loop's own poll wait: idle */
+	__u32 counts_iterations; /* its libuv counts iterations (count_addr); else the
+	                          * uv__io_poll probe stays and counts them */
 	__u32 role;            /* enum loopbpf_role */
 	__u32 busy_before_attach; /* LOOPBPF_BUSY_BEFORE_ATTACH: the current busy interval began
 	                           * before loopbpf attached; busy_since_ns is the attach time */
 	__u64 idle_ns;         /* sum of finished idle poll waits */
 	__u64 iterations;      /* completed uv__io_poll -> uv__io_poll iterations */
-	__u64 iter_start_ns;   /* entry of the current iteration */
-	__u64 iter_idle_start_ns; /* idle_ns at that entry */
+	__u64 seen_ns;         /* when the iteration count was last known to be seen_count */
+	__u64 seen_count;      /* libuv's loop_count then */
 	__u64 max_busy_ns;     /* longest finished busy interval */
 	__u64 window_max_busy_ns; /* longest in the current reporting window */
 	__u64 window;          /* which window window_max_busy_ns belongs to */
@@ -164,6 +178,8 @@ struct loopbpf_thread {
 	__u64 exited_ns;       /* thread exit, 0 while alive */
 	__u64 busy_hist[LOOPBPF_HIST_SLOTS]; /* log2(us) of busy time per iteration */
 	__u64 gc_start_ns;     /* entry of the GC prologue callbacks, 0 outside a GC pause */
+	__u64 count_addr;      /* where libuv counts this loop's iterations; 0 = not found yet */
+	__u64 samples;         /* cpu-clock samples taken while busy: every stack_every-th has a stack */
 };
 
 #endif /* LOOPBPF_H */

@@ -694,7 +694,6 @@ mod tests {
         // 1 s window: 300 ms idle finished, then idle since 800 ms.
         s.idle_ns = 300 * MS;
         s.in_poll = 1;
-        s.poll_counts_idle = 1;
         s.poll_enter_ns = 800 * MS;
         s.iterations = 42;
         s.window = 1;

@@ -48,12 +48,24 @@ pub struct CapturedFrame {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LibuvInfo {
     pub poll_addr: u64,
+    pub run_addr: u64,
     pub worker_entry_start: u64,
     pub worker_entry_end: u64,
+    pub counts_iterations: u32,
+    pub reserved: u32,
 }
 
 // SAFETY: integers only, no padding.
 unsafe impl aya::Pod for LibuvInfo {}
+
+/// Where libuv 1.45+ counts a loop's iterations: `uv_loop_t`'s internal_fields pointer, and
+/// loop_count behind it (`LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET`, `_COUNT_OFFSET`).
+pub const UV_LOOP_INTERNAL_FIELDS_OFFSET: u64 = 40;
+pub const UV_LOOP_COUNT_OFFSET: u64 = 8;
+/// `int backend_fd` in `uv_loop_t` (`LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET`).
+pub const UV_LOOP_BACKEND_FD_OFFSET: u64 = 64;
+/// The loop threads' cpu-clock sampling period (`LOOPBPF_SAMPLE_PERIOD_NS`).
+pub const SAMPLE_PERIOD_NS: u64 = 1_000_000;
 
 /// Objects probed at once (`LOOPBPF_MAX_LIBUVS`).
 pub const MAX_LIBUVS: u32 = 64;
@@ -106,13 +118,13 @@ pub struct ThreadState {
     pub busy_since_ns: u64,
     pub poll_enter_ns: u64,
     pub in_poll: u32,
-    pub poll_counts_idle: u32,
+    pub counts_iterations: u32,
     pub role: u32,
     pub busy_before_attach: u32,
     pub idle_ns: u64,
     pub iterations: u64,
-    pub iter_start_ns: u64,
-    pub iter_idle_start_ns: u64,
+    pub seen_ns: u64,
+    pub seen_count: u64,
     pub max_busy_ns: u64,
     pub window_max_busy_ns: u64,
     pub window: u64,
@@ -120,6 +132,8 @@ pub struct ThreadState {
     pub exited_ns: u64,
     pub busy_hist: [u64; HIST_SLOTS],
     pub gc_start_ns: u64,
+    pub count_addr: u64,
+    pub samples: u64,
 }
 
 // SAFETY: plain old data of integers only, no padding the kernel could leave uninitialised
@@ -129,7 +143,7 @@ unsafe impl aya::Pod for ThreadState {}
 impl ThreadState {
     /// Idle time up to `now_ns`, counting a poll wait that is still going on.
     pub fn idle_ns_at(&self, now_ns: u64) -> u64 {
-        let ongoing = if self.in_poll != 0 && self.poll_counts_idle != 0 {
+        let ongoing = if self.in_poll != 0 {
             now_ns.saturating_sub(self.poll_enter_ns)
         } else {
             0
@@ -265,6 +279,7 @@ pub enum DecodeError {
 /// `enum loopbpf_role` values.
 pub const ROLE_MAIN: u32 = 1;
 pub const ROLE_WORKER: u32 = 2;
+pub const ROLE_OTHER: u32 = 3;
 
 /// `LOOPBPF_BUSY_BEFORE_ATTACH`.
 pub const BUSY_BEFORE_ATTACH: u32 = 1;
@@ -511,7 +526,6 @@ mod tests {
             loop_addr: 1,
             role: ROLE_MAIN,
             in_poll: 1,
-            poll_counts_idle: 1,
             poll_enter_ns: 100,
             idle_ns: 50,
             ..ThreadState::default()
@@ -590,8 +604,10 @@ mod tests {
         field!("loopbpf_js_frame", CapturedFrame, shared);
         field!("loopbpf_js_frame", CapturedFrame, receiver_map);
         size!("loopbpf_libuv", LibuvInfo);
+        field!("loopbpf_libuv", LibuvInfo, run_addr);
         field!("loopbpf_libuv", LibuvInfo, worker_entry_start);
         field!("loopbpf_libuv", LibuvInfo, worker_entry_end);
+        field!("loopbpf_libuv", LibuvInfo, counts_iterations);
         size!("loopbpf_v8_layout", V8Layout);
         field!("loopbpf_v8_layout", V8Layout, fp_receiver);
         field!("loopbpf_v8_layout", V8Layout, function_shared);
@@ -605,14 +621,14 @@ mod tests {
         field!("loopbpf_thread", ThreadState, busy_since_ns);
         field!("loopbpf_thread", ThreadState, poll_enter_ns);
         field!("loopbpf_thread", ThreadState, in_poll);
-        field!("loopbpf_thread", ThreadState, poll_counts_idle);
+        field!("loopbpf_thread", ThreadState, counts_iterations);
         field!("loopbpf_thread", ThreadState, role);
         field!("loopbpf_thread", ThreadState, busy_before_attach);
         field!("loopbpf_event", RawEvent, flags);
         field!("loopbpf_thread", ThreadState, idle_ns);
         field!("loopbpf_thread", ThreadState, iterations);
-        field!("loopbpf_thread", ThreadState, iter_start_ns);
-        field!("loopbpf_thread", ThreadState, iter_idle_start_ns);
+        field!("loopbpf_thread", ThreadState, seen_ns);
+        field!("loopbpf_thread", ThreadState, seen_count);
         field!("loopbpf_thread", ThreadState, max_busy_ns);
         field!("loopbpf_thread", ThreadState, window_max_busy_ns);
         field!("loopbpf_thread", ThreadState, window);
@@ -620,12 +636,15 @@ mod tests {
         field!("loopbpf_thread", ThreadState, exited_ns);
         field!("loopbpf_thread", ThreadState, busy_hist);
         field!("loopbpf_thread", ThreadState, gc_start_ns);
+        field!("loopbpf_thread", ThreadState, count_addr);
+        field!("loopbpf_thread", ThreadState, samples);
         c.push_str(
             "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
              printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
              printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
              printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_GC, LOOPBPF_GC_SCAVENGE, LOOPBPF_GC_MARK_SWEEP_COMPACT, LOOPBPF_GC_INCREMENTAL_MARKING, LOOPBPF_GC_PROCESS_WEAK_CALLBACKS);\n\
              printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT, LOOPBPF_EVENT_EXEC, LOOPBPF_MAX_LIBUVS);\n\
+             printf(\"%d %d %d %d\\n\", LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET, LOOPBPF_UV_LOOP_COUNT_OFFSET, LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET, LOOPBPF_SAMPLE_PERIOD_NS);\n\
              return 0;\n}\n",
         );
         std::fs::write(&program, c).unwrap();
@@ -679,6 +698,15 @@ mod tests {
             Some(
                 format!(
                     "{EVENT_BLOCK} {EVENT_LOOP_FOUND} {EVENT_LOOP_EXIT} {EVENT_EXEC} {MAX_LIBUVS}"
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(
+            lines.next(),
+            Some(
+                format!(
+                    "{UV_LOOP_INTERNAL_FIELDS_OFFSET} {UV_LOOP_COUNT_OFFSET} {UV_LOOP_BACKEND_FD_OFFSET} {SAMPLE_PERIOD_NS}"
                 )
                 .as_str()
             )

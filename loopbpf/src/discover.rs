@@ -13,6 +13,10 @@ use std::{
 };
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
+
+use crate::decode::{
+    UV_LOOP_BACKEND_FD_OFFSET, UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET,
+};
 use thiserror::Error;
 
 pub mod container;
@@ -164,6 +168,9 @@ pub fn bias_of(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
 struct LibuvFile {
     poll_addr: u64,
     poll_file_offset: u64,
+    /// `uv_run`'s link address and file offset, when the object has it.
+    run: Option<(u64, u64)>,
+    counts_iterations: bool,
     worker_entry: Option<(u64, u64)>,
     gc_probes: Option<GcProbes>,
     default_loop: Option<u64>,
@@ -199,12 +206,19 @@ pub struct Libuv {
     /// Where `uv__io_poll` starts in the file: the uprobe attaches there, so that the object
     /// is not searched for the symbol a second time.
     pub poll_file_offset: u64,
+    /// `uv_run`'s link address and file offset: loops that start later are found there.
+    pub run: Option<(u64, u64)>,
+    /// libuv 1.45 or later (it has `uv_metrics_info`): it counts its loop iterations, and the
+    /// probes read that count instead of probing `uv__io_poll` on every iteration.
+    pub counts_iterations: bool,
     /// Address range of Node's worker entry function, when this object is a node binary.
     pub worker_entry: Option<(u64, u64)>,
     /// Where to time V8's GC pauses, when V8 is in this object too (a node binary).
     pub gc_probes: Option<GcProbes>,
     /// Where the target has libuv's default loop, when it runs and the symbol is there.
     pub default_loop_addr: Option<u64>,
+    /// How far the running target has the object from its link-time addresses.
+    pub bias: Option<u64>,
 }
 
 impl Libuv {
@@ -221,12 +235,15 @@ impl Libuv {
             shown_as: path.to_path_buf(),
             poll_addr: file.poll_addr,
             poll_file_offset: file.poll_file_offset,
+            run: file.run,
+            counts_iterations: file.counts_iterations,
             worker_entry: file.worker_entry,
             gc_probes: file.gc_probes,
             default_loop_addr: file
                 .default_loop
                 .zip(bias)
                 .map(|(addr, bias)| addr.wrapping_add(bias)),
+            bias,
         }
     }
 }
@@ -236,6 +253,8 @@ impl LibuvFile {
         let cache = open_elf(path)?;
         let elf = object::File::parse(&cache).ok()?;
         let mut poll = None;
+        let mut run = None;
+        let mut counts_iterations = false;
         let mut worker_entry = None;
         let mut default_loop = None;
         let (mut gc_prologue, mut gc_epilogue) = (None, None);
@@ -243,6 +262,8 @@ impl LibuvFile {
         for sym in elf.symbols().chain(elf.dynamic_symbols()) {
             match sym.name_bytes() {
                 Ok(name) if name == POLL_SYMBOL.as_bytes() => poll = Some(sym),
+                Ok(b"uv_run") if sym.size() > 0 => run = Some(sym),
+                Ok(b"uv_metrics_info") => counts_iterations = true,
                 // Not the compiler's partial copies (`.cold`, `.isra.0`, `.part.0`), which the
                 // GC paths do not enter at their start.
                 Ok(name) if name.contains(&b'.') => {}
@@ -290,6 +311,8 @@ impl LibuvFile {
         Some(Self {
             poll_addr: poll.address(),
             poll_file_offset: file_offset(&poll)?,
+            run: run.and_then(|sym| Some((sym.address(), file_offset(&sym)?))),
+            counts_iterations,
             worker_entry,
             gc_probes,
             default_loop,
@@ -302,13 +325,89 @@ impl Target {
     /// The epoll fd of the main thread's loop (libuv's default loop), read from the target's
     /// memory; `None` when it cannot be read.
     pub fn main_loop_epfd(&self) -> Option<i32> {
-        use std::os::unix::fs::FileExt;
-        const BACKEND_FD_OFFSET: u64 = 64; // LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET
         let addr = self.libuv.default_loop_addr?;
+        let fd = self.read_u64(addr + UV_LOOP_BACKEND_FD_OFFSET)? as u32 as i32;
+        Some(fd).filter(|&fd| fd > 0)
+    }
+
+    /// Where libuv counts the iterations of the loop at `loop_addr`, and the count now: `None`
+    /// before libuv 1.45, or when the loop is not initialised.
+    pub fn loop_count(&self, loop_addr: u64) -> Option<(u64, u64)> {
+        if !self.libuv.counts_iterations {
+            return None;
+        }
+        let fields = self.read_u64(loop_addr + UV_LOOP_INTERNAL_FIELDS_OFFSET)?;
+        let addr = fields
+            .checked_add(UV_LOOP_COUNT_OFFSET)
+            .filter(|_| fields != 0)?;
+        Some((addr, self.read_u64(addr)?))
+    }
+
+    /// Names the loop of a thread asleep in its poll wait as we attach, from its stack: the
+    /// `uv_loop_t*` that uv_run and uv__io_poll keep there (the word pointing at a loop whose
+    /// epoll fd is the one the thread waits on, and whose internal fields are set), and
+    /// whether a worker_threads Worker's entry function is among its callers. `None` when no
+    /// such word is found: the `uv__io_poll` probe names it if it wakes while that is on.
+    pub fn sleeping_loop(&self, idle: &IdleThread) -> Option<SleepingLoop> {
+        use std::os::unix::fs::FileExt;
+        // `uv_loop_t`'s handle_queue (next, prev), after `data` and `active_handles`.
+        const UV_LOOP_HANDLE_QUEUE_OFFSET: u64 = 16;
+        const STACK_SCAN: usize = 64 * 1024;
         let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
-        let mut fd = [0u8; 4];
-        mem.read_exact_at(&mut fd, addr + BACKEND_FD_OFFSET).ok()?;
-        Some(i32::from_ne_bytes(fd)).filter(|&fd| fd > 0)
+        // Near the top of the stack a long read fails: halve until one fits.
+        let mut stack = vec![0u8; STACK_SCAN];
+        let mut len = STACK_SCAN;
+        while len >= 4096 && mem.read_exact_at(&mut stack[..len], idle.sp).is_err() {
+            len /= 2;
+        }
+        if len < 4096 {
+            return None;
+        }
+        let words: Vec<u64> = stack[..len]
+            .chunks_exact(8)
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+            .collect();
+        let worker_entry = self
+            .libuv
+            .worker_entry
+            .zip(self.libuv.bias)
+            .map(|((start, end), bias)| start.wrapping_add(bias)..end.wrapping_add(bias));
+        let in_worker = match &worker_entry {
+            Some(range) => words.iter().any(|w| range.contains(w)),
+            None => true, // a libuv program without workers: any other loop is reported
+        };
+        let mut tried = std::collections::HashSet::new();
+        let loop_addr = words
+            .iter()
+            .copied()
+            .filter(|&w| w > 0x10000 && w % 8 == 0 && w < 0x8000_0000_0000)
+            .filter(|&w| tried.insert(w))
+            .take(4096)
+            .find(|&w| {
+                let mut fd = [0u8; 4];
+                mem.read_exact_at(&mut fd, w + UV_LOOP_BACKEND_FD_OFFSET).is_ok()
+                    && i32::from_ne_bytes(fd) == idle.epfd
+                    && self
+                        .read_u64(w + UV_LOOP_INTERNAL_FIELDS_OFFSET)
+                        .is_some_and(|fields| fields > 0x10000)
+                    // handle_queue, a circular list: its next node's prev is the queue.
+                    && self
+                        .read_u64(w + UV_LOOP_HANDLE_QUEUE_OFFSET)
+                        .and_then(|next| self.read_u64(next + 8))
+                        == Some(w + UV_LOOP_HANDLE_QUEUE_OFFSET)
+            })?;
+        Some(SleepingLoop {
+            loop_addr,
+            worker: in_worker,
+        })
+    }
+
+    fn read_u64(&self, addr: u64) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let mut bytes = [0u8; 8];
+        mem.read_exact_at(&mut bytes, addr).ok()?;
+        Some(u64::from_ne_bytes(bytes))
     }
 }
 
@@ -424,13 +523,24 @@ pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
             // The timeout (epoll_pwait2: a pointer to it, NULL for "forever"): libuv counts a
             // wait idle unless its timeout is 0.
             let timeout = hex(fields.nth(2)?)?;
+            // The remaining arguments, then the stack pointer.
+            let sp = hex(fields.nth(2)?)?;
             Some(IdleThread {
                 tid,
                 epfd,
+                sp,
                 counts_idle: timeout as u32 != 0,
             })
         })
         .collect()
+}
+
+/// The loop of a thread asleep in its poll wait, found on its stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SleepingLoop {
+    pub loop_addr: u64,
+    /// A worker_threads Worker's loop (else a runtime-internal one, not reported).
+    pub worker: bool,
 }
 
 /// A thread sitting in an epoll wait.
@@ -438,6 +548,8 @@ pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
 pub struct IdleThread {
     pub tid: u32,
     pub epfd: i32,
+    /// Its user stack pointer.
+    pub sp: u64,
     /// The wait has a non-zero timeout: libuv counts it as idle time.
     pub counts_idle: bool,
 }

@@ -2,7 +2,10 @@
 //! and owns them. Dropping [`Probes`] detaches everything; so does the process dying, because
 //! every attachment is a file descriptor (perf-event links, never tracefs text entries).
 
-use std::{num::NonZeroU32, time::Duration};
+use std::{
+    num::NonZeroU32,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -12,30 +15,36 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        uprobe::{UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use thiserror::Error;
 
 use crate::{
-    decode::{BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, ThreadState, V8Layout},
+    decode::{
+        BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, SAMPLE_PERIOD_NS, ThreadState,
+        V8Layout,
+    },
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
-/// Tracepoint programs and where they attach: thread exits and execs, and both sides of every
-/// syscall libuv's epoll backend waits in (Node 20 uses `epoll_pwait`).
-const TRACEPOINTS: [(&str, &str, &str); 8] = [
+/// Tracepoint programs and where they attach: thread exits and execs, and context switches
+/// (a loop thread falling asleep in its poll wait, or waking there). No syscall tracepoint:
+/// enabling one sends every syscall of every process on the host down the kernel's slow path.
+const TRACEPOINTS: [(&str, &str, &str); 3] = [
     ("thread_exit", "sched", "sched_process_exit"),
     ("process_exec", "sched", "sched_process_exec"),
-    ("epoll_wait_enter", "syscalls", "sys_enter_epoll_wait"),
-    ("epoll_wait_exit", "syscalls", "sys_exit_epoll_wait"),
-    ("epoll_pwait_enter", "syscalls", "sys_enter_epoll_pwait"),
-    ("epoll_pwait_exit", "syscalls", "sys_exit_epoll_pwait"),
-    ("epoll_pwait2_enter", "syscalls", "sys_enter_epoll_pwait2"),
-    ("epoll_pwait2_exit", "syscalls", "sys_exit_epoll_pwait2"),
+    ("on_switch", "sched", "sched_switch"),
 ];
+
+/// How long the `uv__io_poll` probe, which traps on every iteration, stays after attaching
+/// to an object whose libuv counts its iterations: loops already running are found there.
+/// Loops that start later are found by the `uv_run` probe.
+pub const DISCOVERY: Duration = Duration::from_secs(2);
+/// The longest it stays while a loop thread seen asleep at attach is still unnamed.
+pub const DISCOVERY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -48,8 +57,9 @@ pub enum ProbeError {
         name: &'static str,
         error: aya::programs::ProgramError,
     },
-    #[error("could not attach to `{POLL_SYMBOL}` in {path}: {error}")]
+    #[error("could not attach to `{symbol}` in {path}: {error}")]
     Uprobe {
+        symbol: &'static str,
         path: String,
         error: aya::programs::ProgramError,
     },
@@ -82,18 +92,32 @@ pub struct Probes {
     dropped: PerCpuArray<MapData, u64>,
     /// Per loop thread cpu-clock sampling, by tid, with the thread's process.
     samplers: std::collections::HashMap<u32, (u32, PerfEventLinkId)>,
+    /// `uv__io_poll` probes still finding running loops, by `libuvs` entry, with their start
+    /// and the object's path as shown.
+    discovering: std::collections::HashMap<u32, (UProbeLinkId, Instant, String)>,
 }
 
 impl Probes {
     /// Loads the programs, configured for one target process (`None`: every process that
-    /// runs a probed libuv, fleet mode) and a block threshold.
-    pub fn load(target_pid: Option<u32>, threshold: Duration) -> Result<Self, ProbeError> {
+    /// runs a probed libuv, fleet mode), a block threshold, and stacks per second of a busy
+    /// loop thread's CPU time (`None`: no stacks).
+    pub fn load(
+        target_pid: Option<u32>,
+        threshold: Duration,
+        stacks_hz: Option<u64>,
+    ) -> Result<Self, ProbeError> {
         raise_memlock_limit();
         let threshold_ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
         let target_tgid = target_pid.unwrap_or(0);
+        // The sampler runs every SAMPLE_PERIOD_NS of CPU time; every n-th sample has stacks.
+        let samples_per_s = 1_000_000_000 / SAMPLE_PERIOD_NS;
+        let stack_every: u32 = stacks_hz.map_or(0, |hz| {
+            (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u32
+        });
         let mut ebpf = EbpfLoader::new()
             .override_global("target_tgid", &target_tgid, true)
             .override_global("threshold_ns", &threshold_ns, true)
+            .override_global("stack_every", &stack_every, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
@@ -110,6 +134,7 @@ impl Probes {
             v8_layouts,
             dropped,
             samplers: std::collections::HashMap::new(),
+            discovering: std::collections::HashMap::new(),
         })
     }
 
@@ -118,7 +143,7 @@ impl Probes {
         take_map(&mut self.ebpf, "events")
     }
 
-    /// Attaches the thread-exit, exec and poll-wait tracepoints, which only act on targets.
+    /// Attaches the thread-exit, exec and context-switch tracepoints, which only act on targets.
     pub fn attach_tracepoints(&mut self) -> Result<(), ProbeError> {
         for (program, category, tracepoint) in TRACEPOINTS {
             self.attach_tracepoint(program, category, tracepoint)?;
@@ -127,28 +152,27 @@ impl Probes {
     }
 
     /// Marks a thread that sits in epoll fd `epfd` as a loop thread to be named by its next
-    /// `uv__io_poll`; call before attaching, for loops idle at attach time. A main thread in
-    /// its poll wait is the main loop from the start.
+    /// `uv__io_poll`, or named now by `known`; call before attaching, for loops idle at attach
+    /// time. A main thread in its poll wait is the main loop from the start.
     pub fn seed_idle_thread(
         &mut self,
         pid: u32,
         idle: &IdleThread,
+        known: Option<&KnownLoop>,
         now_ns: u64,
     ) -> Result<(), ProbeError> {
         // Idle since some time before now: its idle time counts from the attach.
-        self.seed(
-            idle.tid,
-            &ThreadState {
-                pid,
-                epfd: idle.epfd,
-                in_poll: 1,
-                poll_counts_idle: u32::from(idle.counts_idle),
-                poll_enter_ns: now_ns,
-                discovered_ns: now_ns,
-                role: if idle.tid == pid { ROLE_MAIN } else { 0 },
-                ..ThreadState::default()
-            },
-        )
+        let state = ThreadState {
+            pid,
+            epfd: idle.epfd,
+            in_poll: 1,
+            poll_enter_ns: now_ns,
+            discovered_ns: now_ns,
+            role: if idle.tid == pid { ROLE_MAIN } else { 0 },
+            ..ThreadState::default()
+        };
+        let state = known.map_or(state, |known| known.apply(state, now_ns));
+        self.seed(idle.tid, &state)
     }
 
     /// Marks the main thread, not in its loop's poll wait as we attach, as busy since `now_ns`:
@@ -158,20 +182,20 @@ impl Probes {
         &mut self,
         pid: u32,
         epfd: i32,
+        main: Option<&KnownLoop>,
         now_ns: u64,
     ) -> Result<(), ProbeError> {
-        self.seed(
+        let state = ThreadState {
             pid,
-            &ThreadState {
-                pid,
-                epfd,
-                role: ROLE_MAIN,
-                busy_since_ns: now_ns,
-                discovered_ns: now_ns,
-                busy_before_attach: BUSY_BEFORE_ATTACH,
-                ..ThreadState::default()
-            },
-        )
+            epfd,
+            role: ROLE_MAIN,
+            busy_since_ns: now_ns,
+            discovered_ns: now_ns,
+            busy_before_attach: BUSY_BEFORE_ATTACH,
+            ..ThreadState::default()
+        };
+        let state = main.map_or(state, |main| main.apply(state, now_ns));
+        self.seed(pid, &state)
     }
 
     /// Inserts a state unless the probes, already attached, have made one for the thread
@@ -191,18 +215,25 @@ impl Probes {
         }
     }
 
-    /// Attaches the `uv__io_poll` entry probe to `libuv`: for process `pid` only, or (`None`)
-    /// for every process that runs it, those started later too.
+    /// Attaches the loop-finding probes to `libuv`, for process `pid` only, or (`None`) for
+    /// every process that runs it, those started later too: `uv_run`'s, for good, and
+    /// `uv__io_poll`'s, until [`Probes::end_discovery`] (for good where libuv does not count
+    /// its iterations).
     pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<(), ProbeError> {
         let which = self.libuvs_used;
         if which >= MAX_LIBUVS {
             return Err(ProbeError::TooManyLibuvs);
         }
         let (worker_entry_start, worker_entry_end) = libuv.worker_entry.unwrap_or((0, 0));
+        // Without uv_run's probe, uv__io_poll's must stay to find loops that start later.
+        let counts_iterations = libuv.counts_iterations && libuv.run.is_some();
         let info = LibuvInfo {
             poll_addr: libuv.poll_addr,
+            run_addr: libuv.run.map_or(0, |(addr, _)| addr),
             worker_entry_start,
             worker_entry_end,
+            counts_iterations: u32::from(counts_iterations),
+            reserved: 0,
         };
         self.libuvs
             .set(which, info, 0)
@@ -210,7 +241,35 @@ impl Probes {
                 name: "libuvs",
                 error,
             })?;
-        let name = "uv_io_poll_entry";
+        if let Some((_, run_offset)) = libuv.run {
+            self.attach_loop_probe("uv_run_entry", "uv_run", run_offset, which, libuv, pid)?;
+        }
+        let poll = self.attach_loop_probe(
+            "uv_io_poll_entry",
+            POLL_SYMBOL,
+            libuv.poll_file_offset,
+            which,
+            libuv,
+            pid,
+        )?;
+        if counts_iterations {
+            let shown = libuv.shown_as.display().to_string();
+            self.discovering
+                .insert(which, (poll, Instant::now(), shown));
+        }
+        self.libuvs_used += 1;
+        Ok(())
+    }
+
+    fn attach_loop_probe(
+        &mut self,
+        name: &'static str,
+        symbol: &'static str,
+        offset: u64,
+        which: u32,
+        libuv: &Libuv,
+        pid: Option<u32>,
+    ) -> Result<UProbeLinkId, ProbeError> {
         let program: &mut UProbe = program(&mut self.ebpf, name)?;
         if program.fd().is_err() {
             program
@@ -222,17 +281,43 @@ impl Probes {
             .map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
         // The cookie tells the program which object it sits in.
         let point = UProbeAttachPoint {
-            location: libuv.poll_file_offset.into(),
+            location: offset.into(),
             cookie: Some(u64::from(which)),
         };
         program
             .attach(point, &libuv.path, scope)
             .map_err(|error| ProbeError::Uprobe {
+                symbol,
                 path: libuv.shown_as.display().to_string(),
                 error,
-            })?;
-        self.libuvs_used += 1;
-        Ok(())
+            })
+    }
+
+    /// Takes the per-iteration `uv__io_poll` probes off objects whose libuv counts its
+    /// iterations, once they have had [`DISCOVERY`] to find the loops already running (and,
+    /// while `unnamed` says a loop thread seen asleep at attach is still to be named, up to
+    /// [`DISCOVERY_MAX`]). Returns the objects whose probe came off.
+    pub fn end_discovery(&mut self, unnamed: bool) -> Vec<String> {
+        let done: Vec<u32> = self
+            .discovering
+            .iter()
+            .filter(|(_, (_, since, _))| {
+                let age = since.elapsed();
+                age >= DISCOVERY_MAX || (age >= DISCOVERY && !unnamed)
+            })
+            .map(|(which, _)| *which)
+            .collect();
+        let mut ended = Vec::new();
+        for which in done {
+            let Some((link, _, shown)) = self.discovering.remove(&which) else {
+                continue;
+            };
+            if let Ok(program) = program::<UProbe>(&mut self.ebpf, "uv_io_poll_entry") {
+                let _ = program.detach(link);
+            }
+            ended.push(shown);
+        }
+        ended
     }
 
     /// Attaches the GC pause probes to `libuv`'s object, for process `pid` or (`None`) every
@@ -284,13 +369,9 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the off-CPU probe (`sched_switch`): where busy loop threads sleep, how long.
-    pub fn attach_off_cpu(&mut self) -> Result<(), ProbeError> {
-        self.attach_tracepoint("on_switch", "sched", "sched_switch")
-    }
-
-    /// Samples one loop thread's stacks `hz` times per second of its CPU time.
-    pub fn sample_thread(&mut self, pid: u32, tid: u32, hz: u64) -> Result<(), ProbeError> {
+    /// Samples one loop thread every [`SAMPLE_PERIOD_NS`] of its CPU time: the sampler reads
+    /// its iteration count, and takes its stacks while it is busy.
+    pub fn sample_thread(&mut self, pid: u32, tid: u32) -> Result<(), ProbeError> {
         if self.samplers.get(&tid).is_some_and(|&(of, _)| of == pid) {
             return Ok(());
         }
@@ -310,7 +391,7 @@ impl Probes {
                     pid: tid,
                     cpu: None,
                 },
-                SamplePolicy::Frequency(hz),
+                SamplePolicy::Period(SAMPLE_PERIOD_NS),
                 false,
             )
             .map_err(|error| ProbeError::Program { name, error })?;
@@ -391,6 +472,32 @@ impl Probes {
         self.dropped
             .get(&0, 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+}
+
+/// What userspace can tell the kernel side of a running loop before any probe fires, from
+/// the target's memory: a main thread's default loop, a sleeping worker's loop.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownLoop {
+    pub loop_addr: u64,
+    /// `enum loopbpf_role`.
+    pub role: u32,
+    /// Where libuv 1.45+ counts its iterations, and the count as read.
+    pub count: Option<(u64, u64)>,
+}
+
+impl KnownLoop {
+    fn apply(&self, state: ThreadState, now_ns: u64) -> ThreadState {
+        let (count_addr, seen_count) = self.count.unwrap_or((0, 0));
+        ThreadState {
+            loop_addr: self.loop_addr,
+            role: self.role,
+            counts_iterations: u32::from(self.count.is_some()),
+            count_addr,
+            seen_count,
+            seen_ns: now_ns,
+            ..state
+        }
     }
 }
 

@@ -29,13 +29,13 @@ use tokio::{
 use crate::{
     aggregate::{Aggregator, Record},
     cli::{Args, RecordArgs},
-    decode::{Event, GcKind, StackSample},
+    decode::{Event, GcKind, ROLE_MAIN, ROLE_OTHER, ROLE_WORKER, StackSample},
     discover::{self, FileCache, FileId, LibuvCache, Target, container::Placement},
     flame::Flame,
     launch::StoppedChild,
     leak::{LeakWatch, rss_of},
     metrics::{self, Health, LoopView, Metrics, ProcessLabels},
-    probe::Probes,
+    probe::{KnownLoop, Probes},
     record::Recorder,
     report::{Clock, Reporter},
     stacks,
@@ -279,11 +279,9 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     /// Loads and attaches the kernel side, for `target` or (`None`) for the whole host.
     fn start(args: &'a Args, target: Option<&Target>, recorder: Option<Recorder>) -> Result<Self> {
-        let mut probes = Probes::load(target.map(|t| t.pid), args.threshold)?;
+        let stacks_hz = (!args.no_stacks).then_some(args.sample_rate);
+        let mut probes = Probes::load(target.map(|t| t.pid), args.threshold, stacks_hz)?;
         probes.attach_tracepoints()?;
-        if !args.no_stacks {
-            probes.attach_off_cpu()?;
-        }
         let out: Box<dyn io::Write> = if recorder.is_some() {
             Box::new(io::sink())
         } else {
@@ -394,10 +392,9 @@ impl<'a> Session<'a> {
             Seed::Fresh => seed_running_loops(&mut self.probes, &target, false)?,
             Seed::Nothing => {}
         }
-        if !self.args.no_stacks {
-            // The main thread is a loop thread from the start; workers are sampled once found.
-            self.probes.sample_thread(pid, pid, self.args.sample_rate)?;
-        }
+        // The main thread is a loop thread from the start; workers are sampled once found.
+        // Sampling is not only for stacks: it reads the loops' iteration counts.
+        self.probes.sample_thread(pid, pid)?;
         let placement = Placement::of(pid);
         let labels = ProcessLabels {
             comm: target.comm.clone(),
@@ -466,10 +463,8 @@ impl<'a> Session<'a> {
                 {
                     self.watch_in_fleet(target, Seed::Nothing);
                 }
-                if !self.args.no_stacks
-                    && let Err(e) = self.probes.sample_thread(pid, tid, self.args.sample_rate)
-                {
-                    eprintln!("loopbpf: no stack samples for thread {tid}: {e}");
+                if let Err(e) = self.probes.sample_thread(pid, tid) {
+                    eprintln!("loopbpf: thread {tid} is not sampled: {e}");
                 }
             }
             Event::LoopExit { tid, .. } => {
@@ -622,10 +617,16 @@ impl<'a> Session<'a> {
     }
 
     fn refresh(&mut self) {
+        let mut unnamed = false;
         for (tid, state) in self.probes.threads() {
             if state.exited_ns == 0 {
                 self.aggregator.update_state(tid, &state);
+                // Seen asleep in a poll wait at attach, its loop not known yet.
+                unnamed |= state.loop_addr == 0 && state.role != ROLE_OTHER;
             }
+        }
+        for shown in self.probes.end_discovery(unnamed) {
+            eprintln!("loopbpf: loops running in {shown} found; no probe left on its iterations");
         }
     }
 
@@ -817,6 +818,13 @@ impl<'a> Session<'a> {
 /// poll wait, and (with `busy_main`) a main thread that is busy (perhaps stuck) as we attach.
 fn seed_running_loops(probes: &mut Probes, target: &Target, busy_main: bool) -> Result<()> {
     let main_epfd = target.main_loop_epfd();
+    let main = main_epfd
+        .and(target.libuv.default_loop_addr)
+        .map(|loop_addr| KnownLoop {
+            loop_addr,
+            role: ROLE_MAIN,
+            count: target.loop_count(loop_addr),
+        });
     let now_ns = Clock::monotonic_ns();
     let mut main_idle = false;
     for idle in discover::threads_in_poll(target.pid) {
@@ -826,10 +834,27 @@ fn seed_running_loops(probes: &mut Probes, target: &Target, busy_main: bool) -> 
             }
             main_idle = true;
         }
-        probes.seed_idle_thread(target.pid, &idle, now_ns)?;
+        let known = if idle.tid == target.pid {
+            main
+        } else {
+            target.sleeping_loop(&idle).map(|found| KnownLoop {
+                loop_addr: found.loop_addr,
+                role: if found.worker {
+                    ROLE_WORKER
+                } else {
+                    ROLE_OTHER
+                },
+                count: target.loop_count(found.loop_addr),
+            })
+        };
+        probes.seed_idle_thread(target.pid, &idle, known.as_ref(), now_ns)?;
+        if known.is_some_and(|known| known.role == ROLE_WORKER) {
+            // Named here, it never reaches the probes that start a worker's sampling.
+            probes.sample_thread(target.pid, idle.tid)?;
+        }
     }
     if busy_main && !main_idle {
-        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), now_ns)?;
+        probes.seed_busy_main_thread(target.pid, main_epfd.unwrap_or(-1), main.as_ref(), now_ns)?;
     }
     Ok(())
 }
