@@ -58,8 +58,8 @@ pub struct LibuvInfo {
 // SAFETY: integers only, no padding.
 unsafe impl aya::Pod for LibuvInfo {}
 
-/// Where libuv 1.45+ counts a loop's iterations: `uv_loop_t`'s internal_fields pointer, and
-/// loop_count behind it (`LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET`, `_COUNT_OFFSET`).
+/// Where libuv 1.45+ counts a loop's iterations: `uv_loop_t`'s `internal_fields` pointer, and
+/// `loop_count` behind it (`LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET`, `_COUNT_OFFSET`).
 pub const UV_LOOP_INTERNAL_FIELDS_OFFSET: u64 = 40;
 pub const UV_LOOP_COUNT_OFFSET: u64 = 8;
 /// `int backend_fd` in `uv_loop_t` (`LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET`).

@@ -326,7 +326,7 @@ impl Target {
     /// memory; `None` when it cannot be read.
     pub fn main_loop_epfd(&self) -> Option<i32> {
         let addr = self.libuv.default_loop_addr?;
-        let fd = self.read_u64(addr + UV_LOOP_BACKEND_FD_OFFSET)? as u32 as i32;
+        let fd = (self.read_u64(addr + UV_LOOP_BACKEND_FD_OFFSET)? as u32).cast_signed();
         Some(fd).filter(|&fd| fd > 0)
     }
 
@@ -344,9 +344,9 @@ impl Target {
     }
 
     /// Names the loop of a thread asleep in its poll wait as we attach, from its stack: the
-    /// `uv_loop_t*` that uv_run and uv__io_poll keep there (the word pointing at a loop whose
+    /// `uv_loop_t*` that `uv_run` and `uv__io_poll` keep there (the word pointing at a loop whose
     /// epoll fd is the one the thread waits on, and whose internal fields are set), and
-    /// whether a worker_threads Worker's entry function is among its callers. `None` when no
+    /// whether a `worker_threads` Worker's entry function is among its callers. `None` when no
     /// such word is found: the `uv__io_poll` probe names it if it wakes while that is on.
     pub fn sleeping_loop(&self, idle: &IdleThread) -> Option<SleepingLoop> {
         use std::os::unix::fs::FileExt;
@@ -539,7 +539,7 @@ pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SleepingLoop {
     pub loop_addr: u64,
-    /// A worker_threads Worker's loop (else a runtime-internal one, not reported).
+    /// A `worker_threads` Worker's loop (else a runtime-internal one, not reported).
     pub worker: bool,
 }
 

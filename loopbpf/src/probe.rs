@@ -171,7 +171,7 @@ impl Probes {
             role: if idle.tid == pid { ROLE_MAIN } else { 0 },
             ..ThreadState::default()
         };
-        let state = known.map_or(state, |known| known.apply(state, now_ns));
+        let state = known.map_or(state, |known| known.apply(&state, now_ns));
         self.seed(idle.tid, &state)
     }
 
@@ -194,7 +194,7 @@ impl Probes {
             busy_before_attach: BUSY_BEFORE_ATTACH,
             ..ThreadState::default()
         };
-        let state = main.map_or(state, |main| main.apply(state, now_ns));
+        let state = main.map_or(state, |main| main.apply(&state, now_ns));
         self.seed(pid, &state)
     }
 
@@ -487,7 +487,7 @@ pub struct KnownLoop {
 }
 
 impl KnownLoop {
-    fn apply(&self, state: ThreadState, now_ns: u64) -> ThreadState {
+    fn apply(&self, state: &ThreadState, now_ns: u64) -> ThreadState {
         let (count_addr, seen_count) = self.count.unwrap_or((0, 0));
         ThreadState {
             loop_addr: self.loop_addr,
@@ -496,7 +496,7 @@ impl KnownLoop {
             count_addr,
             seen_count,
             seen_ns: now_ns,
-            ..state
+            ..*state
         }
     }
 }
