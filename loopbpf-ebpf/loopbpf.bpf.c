@@ -102,6 +102,10 @@ static const struct loopbpf_stack_event empty_stack;
 #define NR_EPOLL_PWAIT 281
 #define NR_EPOLL_PWAIT2 441
 
+/* More iterations than a loop can make between two looks (1 ms of CPU time apart, or a sleep):
+ * the count is not one (a loop closed and its memory reused). */
+#define LOOPBPF_MAX_POLLS_SEEN (1ULL << 24)
+
 static __always_inline void count_drop(void)
 {
 	__u32 zero = 0;
@@ -254,11 +258,12 @@ static __always_inline void find_count(struct loopbpf_thread *t, __u64 now)
 	t->seen_ns = now;
 }
 
-/* libuv's iteration count now; false where it is not known (then nothing is decided). */
+/* libuv's iteration count now; false where it is not known (then nothing is decided), and
+ * once the loop is closed (its epoll fd gone): uv_loop_close frees where the count was. */
 static __always_inline bool read_count(struct loopbpf_thread *t, __u64 now, __u64 *count)
 {
 	find_count(t, now);
-	return t->count_addr &&
+	return t->count_addr && read_backend_fd(t->loop_addr) == t->epfd &&
 	       !bpf_probe_read_user(count, sizeof(*count), (void *)t->count_addr);
 }
 
@@ -270,7 +275,8 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 {
 	__u64 polls, mid;
 
-	if (count < t->seen_count) /* a loop initialised again in the same memory */
+	/* A loop initialised again in the same memory: count from there. */
+	if (count < t->seen_count || count - t->seen_count > LOOPBPF_MAX_POLLS_SEEN)
 		t->seen_count = count;
 	polls = count - t->seen_count;
 	if (polls) {

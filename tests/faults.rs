@@ -342,3 +342,84 @@ fn a_target_that_execs_another_program_ends_its_loop_and_loopbpf_with_it() {
     assert_eq!(main["exited"], true, "{summary:?}");
     assert_eq!(main["ongoing_ms"], serde_json::Value::Null, "{summary:?}");
 }
+
+/// Installs, in the child about to exec, a seccomp filter that kills the process on the
+/// `uretprobe` syscall (x86-64 number 335, Linux 6.11+): what container runtimes' default
+/// profiles do to syscalls they do not know. A uretprobe on any function the target calls would
+/// kill it on that function's first return.
+fn forbid_uretprobe_syscall(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const NR_URETPROBE: u32 = 335;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7FFF_0000;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let ld_abs = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let filter = [
+        op(ld_abs, 0, 0, 4), // seccomp_data.arch
+        op(jeq, 1, 0, AUDIT_ARCH_X86_64),
+        op(ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        op(ld_abs, 0, 0, 0), // seccomp_data.nr
+        op(jeq, 0, 1, NR_URETPROBE),
+        op(ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        op(ret, 0, 0, SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: runs in the forked child before exec; prctl only reads the filter, which lives
+    // until exec (the kernel copies it).
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &raw const program,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn a_target_under_seccomp_that_forbids_uretprobes_keeps_running() {
+    require_root();
+    let mut command = Command::new(node_bin());
+    command
+        .arg("--expose-gc")
+        .arg(loopbpf_tests::fixture("blocker.js"));
+    forbid_uretprobe_syscall(&mut command);
+    let mut node = Fixture::start_command(command);
+    let pid = node.pid();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("Seccomp:\t2") && status.contains("Seccomp_filters:\t1"),
+        "the filter is not in place: {status}"
+    );
+    // Every probe loopbpf has: loop finding, sampling with stacks and JS names, GC pauses.
+    let loopbpf = Loopbpf::attach(&["--pid", &pid.to_string(), "--json"]);
+    for ms in [150, 200] {
+        node.send(&format!("block timer spin {ms}"));
+        node.done("block", Duration::from_secs(10));
+    }
+    node.send("block timer gc 200");
+    node.done("block", Duration::from_secs(10));
+    node.send("worker-block 150");
+    node.done("worker-block", Duration::from_secs(10));
+    assert!(node.is_running(), "the target died under loopbpf");
+    node.send("exit");
+    let exit = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("the target did not exit");
+    assert!(exit.success(), "the target ended badly: {exit}");
+    let (_, output) = loopbpf.finish(Duration::from_secs(15));
+    let blocks = events(&output, "block");
+    assert!(blocks.len() >= 3, "{output:?}");
+}

@@ -448,6 +448,39 @@ mod tests {
         );
     }
 
+    /// Property: whatever the bytes (random, or a valid record of any kind with random fields,
+    /// cut short or lengthened), decoding returns, never panics.
+    #[test]
+    fn any_bytes_decode_or_fail_without_panicking() {
+        // xorshift64*: deterministic, so a failure reproduces.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let sizes = [size_of::<RawEvent>(), size_of::<RawStackEvent>()];
+        for round in 0..20_000 {
+            let base = sizes[round % 2];
+            let len = match next() % 4 {
+                0 => base,
+                1 => (next() as usize) % (base + 1),
+                2 => base + 1 + (next() as usize) % 64,
+                _ => (next() as usize) % 256,
+            };
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if len >= 4 {
+                // Mostly kinds that exist, so the per-kind decoding is exercised.
+                let kind = (next() % 9) as u32;
+                bytes[..4].copy_from_slice(&kind.to_ne_bytes());
+            }
+            if let Ok(Event::Stack(sample)) = Event::decode(&bytes) {
+                assert!(sample.user.len() <= USER_FRAMES && sample.kernel.len() <= KERNEL_FRAMES);
+            }
+        }
+    }
+
     #[test]
     fn rejects_truncated_long_and_unknown_records() {
         let raw = RawEvent {
