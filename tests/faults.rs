@@ -423,3 +423,31 @@ fn a_target_under_seccomp_that_forbids_uretprobes_keeps_running() {
     let blocks = events(&output, "block");
     assert!(blocks.len() >= 3, "{output:?}");
 }
+
+#[test]
+fn a_full_ring_buffer_is_counted_and_reported() {
+    require_root();
+    let mut node = Fixture::start();
+    let pid = node.pid().to_string();
+    // A stack on every sample: about 37 KB for each millisecond of the block.
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json", "--sample-rate", "1000"]);
+    // loopbpf stopped: nobody reads the 8 MiB ring buffer while 1.5 s of stacks go in.
+    loopbpf.signal(libc::SIGSTOP);
+    node.send("block timer spin 1500");
+    node.done("block", Duration::from_secs(10));
+    loopbpf.signal(libc::SIGCONT);
+    thread::sleep(Duration::from_millis(500));
+    loopbpf.signal(libc::SIGINT);
+    let warning = loopbpf.err.wait_for(Duration::from_secs(10), |l| {
+        l.contains("events lost so far (ring buffer full)")
+    });
+    assert!(warning.is_some(), "no warning: {:?}", loopbpf.err.seen);
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    let summary = events(&output, "summary");
+    let dropped = summary[0]["dropped_events"].as_u64().unwrap();
+    assert!(dropped > 100, "{dropped} events dropped: {summary:?}");
+    // The kernel side's own count still has the block, whatever was lost.
+    assert_eq!(summary[0]["loops"][0]["blocks"], 1, "{summary:?}");
+    assert!(node.is_running());
+}

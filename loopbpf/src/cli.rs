@@ -74,8 +74,9 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
-    /// Stack samples per second of a busy loop thread's CPU time.
-    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Stack samples per second of a busy loop thread's CPU time (at most 1000, the rate the
+    /// loop threads are sampled at; each stack is taken on the nearest whole number of samples).
+    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     pub sample_rate: u64,
 
     /// Do not collect stacks (only durations, ELU and counts).
@@ -198,8 +199,9 @@ pub struct RecordArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_triggers: u32,
 
-    /// Stack samples per second of a busy loop thread's CPU time.
-    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Stack samples per second of a busy loop thread's CPU time (at most 1000, the rate the
+    /// loop threads are sampled at; each stack is taken on the nearest whole number of samples).
+    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     pub sample_rate: u64,
 
     /// Do not collect stacks (only durations, ELU and counts).

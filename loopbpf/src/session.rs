@@ -769,6 +769,7 @@ impl<'a> Session<'a> {
     /// The summary, then the `--folded` and `--flamegraph` files.
     fn finish(&mut self, target_pid: Option<u32>, end: &End) -> Result<()> {
         self.refresh();
+        self.warn_of_lost_events();
         let now_ns = Clock::monotonic_ns();
         if let Some(pid) = target_pid
             && *end == End::TargetExited
