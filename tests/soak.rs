@@ -54,7 +54,7 @@ fn thousands_of_blocks_keep_memory_and_maps_flat() {
     // Half the default stack rate: 75 blocks a second is not a rate any service keeps up,
     // and naming every block's stacks on a 2-core machine the target keeps 93% busy would
     // fall behind the ring buffer (lost events are counted; see below).
-    let mut loopbpf = Loopbpf::attach(&[
+    let loopbpf = Loopbpf::attach(&[
         "--pid",
         &pid,
         "--json",
