@@ -534,3 +534,68 @@ fn only_child(pid: u32) -> u32 {
     assert_eq!(children.len(), 1, "children of {pid}: {children:?}");
     children[0]
 }
+
+/// Starts `sleep` under pid `pid` (free again) by setting the kernel's last-pid counter just
+/// below it; `None` when another process took the pid first.
+fn sleep_under_pid(pid: u32) -> Option<Child> {
+    for _ in 0..20 {
+        fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let child = Command::new("sleep").arg("30").spawn().ok()?;
+        if child.id() == pid {
+            return Some(child);
+        }
+        let mut other = child;
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+    None
+}
+
+#[test]
+fn a_pid_reused_by_another_program_is_not_taken_for_the_node_that_had_it() {
+    require_root();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let loopbpf = Loopbpf::watch_all(&["--json", "--metrics", &address, "--keep-exited", "1s"]);
+    let mut node = Fixture::start();
+    let pid = node.pid();
+    let deadline = Instant::now() + TIMEOUT;
+    while !try_http_get(&address, "/metrics").is_some_and(|m| m.contains(&format!("pid=\"{pid}\"")))
+    {
+        assert!(Instant::now() < deadline, "the node was never watched");
+        thread::sleep(Duration::from_millis(100));
+    }
+    node.send("block timer spin 150");
+    node.done("block", TIMEOUT);
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    let mut sleeper = sleep_under_pid(pid).expect("could not start a process under the freed pid");
+    // Past --keep-exited and a refresh.
+    thread::sleep(Duration::from_secs(4));
+    let metrics = http_get(&address, "/metrics");
+    assert!(
+        !metrics.contains(&format!("pid=\"{pid}\"")),
+        "series of pid {pid}, now `sleep`, remain: {metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "loopbpf_processes_watched 0"),
+        "{metrics}"
+    );
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the new process was harmed"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    loopbpf.signal(libc::SIGINT);
+    let (status, output) = loopbpf.finish(TIMEOUT);
+    assert!(status.success(), "loopbpf failed: {status}");
+    assert_eq!(
+        events(&output, "block")
+            .iter()
+            .filter(|b| b["pid"] == pid)
+            .count(),
+        1,
+        "{output:?}"
+    );
+}

@@ -7,7 +7,10 @@
 //!   and with `loopbpf --all` running (a syscall tracepoint, were one enabled, would tax it);
 //! - target overhead: a node HTTP server saturated by wrk on loopback, its throughput and p99
 //!   latency with no monitor, with what users run in-process today (an `async_hooks` monitor,
-//!   blocked-at, prom-client's default metrics), and with loopbpf without and with stacks.
+//!   blocked-at, prom-client's default metrics), and with loopbpf without and with stacks;
+//! - accuracy: blocks of known length (100 ms to 5 s, several sources) against the fixture's
+//!   own measure, and the delay from a block's end to its line;
+//! - agent cost: loopbpf's CPU and memory watching 1, 10 and 50 node processes.
 
 use std::{
     io::{BufRead, BufReader},
@@ -21,8 +24,24 @@ use crate::{run, workspace};
 
 const ROUNDS: usize = 7;
 
-pub fn bench() -> Result<()> {
+/// Runs the benchmarks: `part` one of `overhead`, `accuracy` and `agent`, or (`None`) all.
+pub fn bench(part: Option<&str>) -> Result<()> {
     run("cargo", &["build", "--release", "--package", "loopbpf"])?;
+    match part {
+        None => {
+            overhead()?;
+            accuracy()?;
+            agent_cost()
+        }
+        Some("overhead") => overhead(),
+        Some("accuracy") => accuracy(),
+        Some("agent") => agent_cost(),
+        Some(other) => bail!("no benchmark `{other}`: overhead, accuracy or agent"),
+    }
+}
+
+/// Target overhead (HTTP), iteration cost and host tax, in interleaved rounds.
+fn overhead() -> Result<()> {
     http_overhead()?;
     let mut iteration_ratios = Vec::new();
     let mut syscall_ns = (Vec::new(), Vec::new());
@@ -315,4 +334,200 @@ fn parse_wrk_duration(text: &str) -> Option<f64> {
 unsafe extern "C" {
     #[link_name = "getppid"]
     fn libc_getppid() -> i32;
+}
+
+/// Blocks of known length, from 100 ms to 5 s, made by the test fixture in several ways:
+/// loopbpf's duration against the fixture's own measure of its work, and how long after the
+/// block's end loopbpf's line arrived.
+pub fn accuracy() -> Result<()> {
+    const WORKS: [&str; 5] = ["spin", "crypto", "json", "regex", "gc"];
+    const LENGTHS_MS: [u32; 3] = [100, 300, 1000];
+    let mut node = Command::new("node")
+        .arg("--expose-gc")
+        .arg(workspace().join("tests/fixtures/blocker.js"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting node")?;
+    let mut fixture_in = node.stdin.take().unwrap();
+    let mut fixture_out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let node = Killed(node);
+    fixture_out.next().context("the fixture did not start")??;
+    let mut loopbpf = Command::new(workspace().join("target/release/loopbpf"))
+        .args([
+            "--pid",
+            &node.0.id().to_string(),
+            "--json",
+            "--threshold",
+            "50ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting loopbpf")?;
+    let stderr = loopbpf.stderr.take().unwrap();
+    let stdout = loopbpf.stdout.take().unwrap();
+    let _loopbpf = Killed(loopbpf);
+    wait_for_line(stderr, "no probe left on its iterations")?;
+    // loopbpf's block lines as they arrive, each with the wall time of its arrival.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("\"event\":\"block\"") {
+                let _ = tx.send((line, unix_ms()));
+            }
+        }
+    });
+    let mut rows = Vec::new();
+    let mut plan: Vec<(&str, u32)> = WORKS
+        .iter()
+        .flat_map(|w| LENGTHS_MS.iter().map(move |ms| (*w, *ms)))
+        .collect();
+    plan.push(("spin", 5000));
+    for (work, ms) in plan {
+        for _ in 0..3 {
+            use std::io::Write;
+            writeln!(fixture_in, "block timer {work} {ms}")?;
+            let done = loop {
+                let line = fixture_out.next().context("the fixture ended")??;
+                if line.contains("\"done\":\"block\"") {
+                    break serde_json::from_str::<serde_json::Value>(&line)?;
+                }
+            };
+            let (line, arrived_ms) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .context("loopbpf reported no block")?;
+            let block: serde_json::Value = serde_json::from_str(&line)?;
+            let reported = block["duration_ms"].as_f64().unwrap_or_default();
+            let truth = done["measured_ms"].as_f64().unwrap_or_default();
+            let end_ms = block["start_unix_ms"].as_f64().unwrap_or_default() + reported;
+            rows.push((work, ms, reported - truth, arrived_ms - end_ms));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!(
+        "| block (3 each) | error vs the fixture's own measure: median, max (ms) | line printed after the block's end: median, max (ms) |"
+    );
+    println!("|---|---|---|");
+    for (work, ms) in rows
+        .iter()
+        .map(|r| (r.0, r.1))
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let errors: Vec<f64> = rows
+            .iter()
+            .filter(|r| (r.0, r.1) == (work, ms))
+            .map(|r| r.2)
+            .collect();
+        let delays: Vec<f64> = rows
+            .iter()
+            .filter(|r| (r.0, r.1) == (work, ms))
+            .map(|r| r.3)
+            .collect();
+        println!(
+            "| {work} {ms} ms | {:+.2}, {:+.2} | {:.1}, {:.1} |",
+            median(&errors),
+            range(&errors).1,
+            median(&delays),
+            range(&delays).1
+        );
+    }
+    let errors: Vec<f64> = rows.iter().map(|r| r.2).collect();
+    let delays: Vec<f64> = rows.iter().map(|r| r.3).collect();
+    println!(
+        "\nall {} blocks: error median {:+.2} ms, min {:+.2}, max {:+.2}; printed a median {:.1} ms (max {:.1}) after the block ended",
+        rows.len(),
+        median(&errors),
+        range(&errors).0,
+        range(&errors).1,
+        median(&delays),
+        range(&delays).1
+    );
+    Ok(())
+}
+
+/// loopbpf --all watching N node processes that each block 20 ms of every second (threshold
+/// 10 ms, so every such block is reported and named): time to attach, CPU over 30 s, RSS.
+pub fn agent_cost() -> Result<()> {
+    const SCRIPT: &str =
+        "setInterval(() => { const t = Date.now(); while (Date.now() - t < 20); }, 1000);";
+    println!("| node processes watched | time to attach | loopbpf CPU over 30 s | loopbpf RSS |");
+    println!("|---|---|---|---|");
+    for n in [1, 10, 50] {
+        let nodes: Vec<Killed> = (0..n)
+            .map(|_| {
+                Command::new("node")
+                    .args(["-e", SCRIPT])
+                    .spawn()
+                    .map(Killed)
+                    .context("starting node")
+            })
+            .collect::<Result<_>>()?;
+        std::thread::sleep(Duration::from_secs(2));
+        let start = Instant::now();
+        let mut child = Command::new(workspace().join("target/release/loopbpf"))
+            .args(["--all", "--json", "--threshold", "10ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting loopbpf")?;
+        let stderr = child.stderr.take().unwrap();
+        let loopbpf = Killed(child);
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("watching every libuv process") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("loopbpf did not start"),
+            }
+        }
+        let attach = start.elapsed();
+        std::thread::spawn(move || lines.for_each(drop));
+        let pid = loopbpf.0.id();
+        let cpu_before = cpu_ticks(pid)?;
+        std::thread::sleep(Duration::from_secs(30));
+        let cpu_ms = (cpu_ticks(pid)? - cpu_before) * 10; // USER_HZ is 100
+        let rss_mb = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok())
+            .context("no VmRSS")?
+            / 1024.0;
+        println!(
+            "| {n} | {:.2} s | {cpu_ms} ms ({:.1}% of a core) | {rss_mb:.0} MB |",
+            attach.as_secs_f64(),
+            cpu_ms as f64 / 300.0
+        );
+        drop(loopbpf);
+        drop(nodes);
+    }
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat[stat.rfind(')').context("bad stat")? + 2..]
+        .split_whitespace()
+        .collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str) -> Result<()> {
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains(needle) => break,
+            Some(Ok(_)) => {}
+            _ => bail!("loopbpf ended before saying: {needle}"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(())
 }

@@ -19,9 +19,9 @@ fn main() {
     let result = match task.as_str() {
         "test" => test(),
         "demo" => demo(),
-        "bench" => bench::bench(),
+        "bench" => bench::bench(std::env::args().nth(2).as_deref()),
         _ => {
-            eprintln!("usage: cargo xtask test | demo | bench");
+            eprintln!("usage: cargo xtask test | demo | bench [overhead|accuracy|agent]");
             std::process::exit(2);
         }
     };
