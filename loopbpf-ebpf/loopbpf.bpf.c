@@ -106,6 +106,10 @@ static const struct loopbpf_stack_event empty_stack;
  * the count is not one (a loop closed and its memory reused). */
 #define LOOPBPF_MAX_POLLS_SEEN (1ULL << 24)
 
+/* Longer than a thread can stay awake between two looks when it is sampled (a sample every
+ * period of its CPU time; switches look too). */
+#define LOOPBPF_UNSEEN_NS (4 * LOOPBPF_SAMPLE_PERIOD_NS)
+
 static __always_inline void count_drop(void)
 {
 	__u32 zero = 0;
@@ -279,7 +283,14 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 	if (count < t->seen_count || count - t->seen_count > LOOPBPF_MAX_POLLS_SEEN)
 		t->seen_count = count;
 	polls = count - t->seen_count;
-	if (polls) {
+	if (polls && now - t->seen_ns > LOOPBPF_UNSEEN_NS) {
+		/* Awake that long without a look (no sampler yet): where the interval ended is
+		 * not known, and no block is made up from a guess. */
+		t->iterations += polls;
+		t->busy_since_ns = now;
+		t->busy_before_attach = 0;
+		t->seen_count = count;
+	} else if (polls) {
 		mid = t->seen_ns + (now - t->seen_ns) / 2;
 		t->iterations += polls;
 		close_busy(t, tid, mid);
@@ -533,6 +544,11 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	if (!t || t->exited_ns || t->role == LOOPBPF_ROLE_OTHER)
 		return 0;
 	now = bpf_ktime_get_ns();
+	/* Two samplers on one thread fire at two phases: keep the samples at least 0.6 periods
+	 * apart, which keeps exactly one of the two streams. */
+	if (now - t->last_sample_ns < LOOPBPF_SAMPLE_PERIOD_NS * 6 / 10)
+		return 0;
+	t->last_sample_ns = now;
 	if (read_count(t, now, &count))
 		observe(t, tid, now, count);
 	t = busy_loop_thread(tid);
@@ -660,6 +676,32 @@ static __always_inline void poll_sleeps(struct loopbpf_thread *t, __u32 tid, __u
 	t->seen_ns = now;
 }
 
+/* A busy loop thread falls asleep elsewhere than its poll wait: where, for its off-CPU stack.
+ * Sleeps come in bursts (a GC waits for its helpers again and again): one stack per stack
+ * period, the other sleeps' time added to the next record. */
+static __always_inline void off_cpu_begins(void *ctx, struct loopbpf_thread *t, __u64 pid_tgid,
+					   __u64 now)
+{
+	__u32 tid = (__u32)pid_tgid;
+	struct loopbpf_stack_event *sleep;
+
+	if (now - t->last_off_cpu_ns < stack_every * LOOPBPF_SAMPLE_PERIOD_NS) {
+		t->sleep_start_ns = now;
+		return;
+	}
+	t->last_off_cpu_ns = now;
+	bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
+	sleep = bpf_map_lookup_elem(&asleep, &tid);
+	if (!sleep)
+		return;
+	sleep->kind = LOOPBPF_EVENT_OFF_CPU;
+	sleep->pid = pid_tgid >> 32;
+	sleep->tid = tid;
+	sleep->busy_since_ns = t->busy_since_ns;
+	sleep->at_ns = now;
+	fill_stacks(ctx, sleep);
+}
+
 /* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving
  * the CPU to sleep elsewhere than its poll wait records where; coming back reports how long. */
 SEC("tracepoint/sched/sched_switch")
@@ -684,18 +726,8 @@ int on_switch(struct sched_switch_ctx *ctx)
 		} else {
 			if (read_count(t, now, &count))
 				observe(t, tid, now, count);
-			if ((ctx->prev_state & 3) && stack_every && (t = busy_loop_thread(tid))) {
-				bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
-				sleep = bpf_map_lookup_elem(&asleep, &tid);
-				if (sleep) {
-					sleep->kind = LOOPBPF_EVENT_OFF_CPU;
-					sleep->pid = pid_tgid >> 32;
-					sleep->tid = tid;
-					sleep->busy_since_ns = t->busy_since_ns;
-					sleep->at_ns = now;
-					fill_stacks(ctx, sleep);
-				}
-			}
+			if ((ctx->prev_state & 3) && stack_every && (t = busy_loop_thread(tid)))
+				off_cpu_begins(ctx, t, pid_tgid, now);
 		}
 	}
 
@@ -713,6 +745,10 @@ int on_switch(struct sched_switch_ctx *ctx)
 	}
 	/* The count cannot move while the thread is off the CPU. */
 	t->seen_ns = now;
+	if (t->sleep_start_ns) {
+		t->off_cpu_pending_ns += now - t->sleep_start_ns;
+		t->sleep_start_ns = 0;
+	}
 
 	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
 	if (!sleep)
@@ -720,7 +756,8 @@ int on_switch(struct sched_switch_ctx *ctx)
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (e) {
 		bpf_probe_read_kernel(e, sizeof(*e), sleep);
-		e->off_cpu_ns = now - sleep->at_ns;
+		e->off_cpu_ns = now - sleep->at_ns + t->off_cpu_pending_ns;
+		t->off_cpu_pending_ns = 0;
 		bpf_ringbuf_submit(e, 0);
 	} else {
 		count_drop();

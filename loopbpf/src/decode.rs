@@ -134,6 +134,10 @@ pub struct ThreadState {
     pub gc_start_ns: u64,
     pub count_addr: u64,
     pub samples: u64,
+    pub last_sample_ns: u64,
+    pub last_off_cpu_ns: u64,
+    pub sleep_start_ns: u64,
+    pub off_cpu_pending_ns: u64,
 }
 
 // SAFETY: plain old data of integers only, no padding the kernel could leave uninitialised
@@ -671,6 +675,8 @@ mod tests {
         field!("loopbpf_thread", ThreadState, gc_start_ns);
         field!("loopbpf_thread", ThreadState, count_addr);
         field!("loopbpf_thread", ThreadState, samples);
+        field!("loopbpf_thread", ThreadState, last_sample_ns);
+        field!("loopbpf_thread", ThreadState, off_cpu_pending_ns);
         c.push_str(
             "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
              printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\

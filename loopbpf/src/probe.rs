@@ -370,7 +370,9 @@ impl Probes {
     }
 
     /// Samples one loop thread every [`SAMPLE_PERIOD_NS`] of its CPU time: the sampler reads
-    /// its iteration count, and takes its stacks while it is busy.
+    /// its iteration count, and takes its stacks while it is busy. A main thread's sampler is
+    /// inherited by the threads it creates from now on: a new worker is sampled from its first
+    /// instruction, before loopbpf hears of it.
     pub fn sample_thread(&mut self, pid: u32, tid: u32) -> Result<(), ProbeError> {
         if self.samplers.get(&tid).is_some_and(|&(of, _)| of == pid) {
             return Ok(());
@@ -392,7 +394,7 @@ impl Probes {
                     cpu: None,
                 },
                 SamplePolicy::Period(SAMPLE_PERIOD_NS),
-                false,
+                tid == pid,
             )
             .map_err(|error| ProbeError::Program { name, error })?;
         self.samplers.insert(tid, (pid, link));

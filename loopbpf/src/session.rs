@@ -464,7 +464,10 @@ impl<'a> Session<'a> {
                     self.watch_in_fleet(target, Seed::Nothing);
                 }
                 if let Err(e) = self.probes.sample_thread(pid, tid) {
-                    eprintln!("loopbpf: thread {tid} is not sampled: {e}");
+                    eprintln!(
+                        "loopbpf: thread {tid} is not sampled: {:#}",
+                        anyhow::Error::from(e)
+                    );
                 }
             }
             Event::LoopExit { tid, .. } => {

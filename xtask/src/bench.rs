@@ -3,8 +3,9 @@
 //!
 //! - iteration cost: a setImmediate chain's loop iterations per second, without and with
 //!   loopbpf attached to it;
-//! - host tax: how long a `getppid` syscall takes in a process loopbpf does not watch, without
-//!   and with `loopbpf --all` running (a syscall tracepoint, were one enabled, would tax it);
+//! - host tax: how long a `getppid` syscall, and a round trip between two threads (wake-ups and
+//!   context switches), take in a process loopbpf does not watch, without and with `loopbpf
+//!   --all` running;
 //! - target overhead: a node HTTP server saturated by wrk on loopback, its throughput and p99
 //!   latency with no monitor, with what users run in-process today (an `async_hooks` monitor,
 //!   blocked-at, prom-client's default metrics), and with loopbpf without and with stacks;
@@ -45,6 +46,7 @@ fn overhead() -> Result<()> {
     http_overhead()?;
     let mut iteration_ratios = Vec::new();
     let mut syscall_ns = (Vec::new(), Vec::new());
+    let mut switch_ns = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         // Alternate which side goes first, so drift over time does not favour one.
         let order = if round % 2 == 0 {
@@ -64,11 +66,13 @@ fn overhead() -> Result<()> {
         iteration_ratios.push(ratio);
 
         for with_loopbpf in order {
-            let ns = getppid_cost(with_loopbpf)?;
+            let (syscall, switch) = host_tax(with_loopbpf)?;
             if with_loopbpf {
-                syscall_ns.1.push(ns);
+                syscall_ns.1.push(syscall);
+                switch_ns.1.push(switch);
             } else {
-                syscall_ns.0.push(ns);
+                syscall_ns.0.push(syscall);
+                switch_ns.0.push(switch);
             }
         }
     }
@@ -89,8 +93,23 @@ fn overhead() -> Result<()> {
         "getppid loop in an unwatched process: rate kept while loopbpf --all runs",
         &tax_ratios,
     );
+    let switch_ratios: Vec<f64> = switch_ns
+        .0
+        .iter()
+        .zip(&switch_ns.1)
+        .map(|(b, w)| b / w)
+        .collect();
+    print_row(
+        "pipe ping-pong between two unwatched threads: round trips kept while loopbpf --all runs",
+        &switch_ratios,
+    );
     println!(
         "\ngetppid: {base_ns:.0} ns without loopbpf, {with_ns:.0} ns with (+{:.0} ns per syscall)",
+        with_ns - base_ns
+    );
+    let (base_ns, with_ns) = (median(&switch_ns.0), median(&switch_ns.1));
+    println!(
+        "ping-pong round trip: {base_ns:.0} ns without loopbpf, {with_ns:.0} ns with (+{:.0} ns per round trip, two wake-ups and their context switches)",
         with_ns - base_ns
     );
     Ok(())
@@ -184,9 +203,10 @@ fn iteration_rate(with_loopbpf: bool) -> Result<f64> {
     Ok(median(&rates))
 }
 
-/// Nanoseconds per `getppid` in this (unwatched) process, with `loopbpf --all` watching the
-/// host (an idle node among its processes).
-fn getppid_cost(with_loopbpf: bool) -> Result<f64> {
+/// Nanoseconds per `getppid`, and per round trip of a byte between two threads over a socket
+/// pair, in this (unwatched) process, with `loopbpf --all` watching the host (an idle node
+/// among its processes) or not: the tax on syscalls and on context switches.
+fn host_tax(with_loopbpf: bool) -> Result<(f64, f64)> {
     let _node = Killed(
         Command::new("node")
             .args(["-e", "setInterval(() => {}, 1000)"])
@@ -209,7 +229,35 @@ fn getppid_cost(with_loopbpf: bool) -> Result<f64> {
         }
         samples.push(start.elapsed().as_nanos() as f64 / f64::from(calls));
     }
-    Ok(median(&samples))
+    Ok((median(&samples), ping_pong_ns()?))
+}
+
+/// Nanoseconds per round trip of one byte between two threads of this process.
+fn ping_pong_ns() -> Result<f64> {
+    use std::{
+        io::{Read, Write},
+        os::unix::net::UnixStream,
+    };
+    const TRIPS: u32 = 50_000;
+    let (mut near, mut far) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut byte = [0u8];
+        for _ in 0..TRIPS {
+            far.read_exact(&mut byte)?;
+            far.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let start = Instant::now();
+    let mut byte = [7u8];
+    for _ in 0..TRIPS {
+        near.write_all(&byte)?;
+        near.read_exact(&mut byte)?;
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(TRIPS);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
+    Ok(ns)
 }
 
 /// Throughput and p99 latency of a saturated node HTTP server under each kind of watching,
