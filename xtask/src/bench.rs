@@ -453,25 +453,21 @@ pub fn accuracy() -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    print_accuracy(&rows);
+    Ok(())
+}
+
+/// (work, length, error ms, print delay ms) rows, per kind and length of block, as a table.
+fn print_accuracy(rows: &[(&str, u32, f64, f64)]) {
     println!(
         "| block (3 each) | error vs the fixture's own measure: median, max (ms) | line printed after the block's end: median, max (ms) |"
     );
     println!("|---|---|---|");
-    for (work, ms) in rows
-        .iter()
-        .map(|r| (r.0, r.1))
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        let errors: Vec<f64> = rows
-            .iter()
-            .filter(|r| (r.0, r.1) == (work, ms))
-            .map(|r| r.2)
-            .collect();
-        let delays: Vec<f64> = rows
-            .iter()
-            .filter(|r| (r.0, r.1) == (work, ms))
-            .map(|r| r.3)
-            .collect();
+    let kinds: std::collections::BTreeSet<(&str, u32)> = rows.iter().map(|r| (r.0, r.1)).collect();
+    for (work, ms) in kinds {
+        let of_kind = rows.iter().filter(|r| (r.0, r.1) == (work, ms));
+        let errors: Vec<f64> = of_kind.clone().map(|r| r.2).collect();
+        let delays: Vec<f64> = of_kind.map(|r| r.3).collect();
         println!(
             "| {work} {ms} ms | {:+.2}, {:+.2} | {:.1}, {:.1} |",
             median(&errors),
@@ -491,7 +487,6 @@ pub fn accuracy() -> Result<()> {
         median(&delays),
         range(&delays).1
     );
-    Ok(())
 }
 
 /// loopbpf --all watching N node processes that each block 20 ms of every second (threshold
