@@ -41,9 +41,10 @@ pub fn bench(part: Option<&str>) -> Result<()> {
     }
 }
 
-/// Target overhead (HTTP), iteration cost and host tax, in interleaved rounds.
+/// Target overhead (HTTP), iteration cost and host tax, in interleaved rounds; the ratios are
+/// also drawn in `BENCHMARKS.svg`.
 fn overhead() -> Result<()> {
-    http_overhead()?;
+    let mut series = http_overhead()?;
     let mut iteration_ratios = Vec::new();
     let mut syscall_ns = (Vec::new(), Vec::new());
     let mut switch_ns = (Vec::new(), Vec::new());
@@ -112,7 +113,16 @@ fn overhead() -> Result<()> {
         "ping-pong round trip: {base_ns:.0} ns without loopbpf, {with_ns:.0} ns with (+{:.0} ns per round trip, two wake-ups and their context switches)",
         with_ns - base_ns
     );
-    Ok(())
+    series.push(("setImmediate chain: iterations/s".into(), iteration_ratios));
+    series.push((
+        "unwatched getppid loop, loopbpf --all: calls/s".into(),
+        tax_ratios,
+    ));
+    series.push((
+        "unwatched ping-pong, loopbpf --all: round trips/s".into(),
+        switch_ratios,
+    ));
+    write_plot(&series, &workspace().join("BENCHMARKS.svg"))
 }
 
 fn print_row(what: &str, values: &[f64]) {
@@ -261,8 +271,8 @@ fn ping_pong_ns() -> Result<f64> {
 }
 
 /// Throughput and p99 latency of a saturated node HTTP server under each kind of watching,
-/// in interleaved rounds; prints the ratios to the unwatched server.
-fn http_overhead() -> Result<()> {
+/// in interleaved rounds; prints the ratios to the unwatched server and returns them.
+fn http_overhead() -> Result<Vec<Series>> {
     // (name, in-process monitor, loopbpf arguments)
     const MODES: [(&str, &str, Option<&[&str]>); 6] = [
         ("no monitor", "none", None),
@@ -302,6 +312,7 @@ fn http_overhead() -> Result<()> {
         "| target: saturated HTTP server ({ROUNDS} interleaved rounds) | throughput kept (median, min, max) | p99 latency, median |"
     );
     println!("|---|---|---|");
+    let mut series = Vec::new();
     for (mode, (name, _, _)) in MODES.iter().enumerate() {
         let ratios: Vec<f64> = throughput[mode]
             .iter()
@@ -315,8 +326,70 @@ fn http_overhead() -> Result<()> {
             median(&ratios),
             median(&p99[mode])
         );
+        if mode > 0 {
+            series.push((format!("HTTP throughput: {name}"), ratios));
+        }
     }
-    Ok(())
+    Ok(series)
+}
+
+/// A plot's row: what was measured, and its ratios from each round.
+type Series = (String, Vec<f64>);
+
+/// Draws `series` as horizontal bars (median) with whiskers (min to max), against a line at 1
+/// (no cost), as SVG at `path`.
+fn write_plot(series: &[Series], path: &std::path::Path) -> Result<()> {
+    use std::fmt::Write;
+    const LABEL_W: f64 = 430.0;
+    const PLOT_W: f64 = 420.0;
+    const ROW_H: f64 = 26.0;
+    let scale_max = 1.6_f64;
+    let x = |ratio: f64| LABEL_W + ratio.clamp(0.0, scale_max) / scale_max * PLOT_W;
+    let height = 50.0 + ROW_H * series.len() as f64;
+    let mut svg = String::new();
+    writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = LABEL_W + PLOT_W + 20.0
+    )?;
+    writeln!(
+        svg,
+        r#"<text x="10" y="18" font-weight="bold">Share kept of the unwatched rate (median; whiskers: min and max over the rounds)</text>"#
+    )?;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let y = 34.0 + ROW_H * i as f64;
+        let (min, max) = range(values);
+        let med = median(values);
+        let name = name.replace('&', "&amp;").replace('<', "&lt;");
+        writeln!(svg, r#"<text x="10" y="{}">{name}</text>"#, y + 14.0)?;
+        writeln!(
+            svg,
+            r##"<rect x="{LABEL_W}" y="{}" width="{:.1}" height="16" fill="#6a9fd4"/>"##,
+            y + 2.0,
+            x(med) - LABEL_W
+        )?;
+        writeln!(
+            svg,
+            r#"<line x1="{:.1}" x2="{:.1}" y1="{yc}" y2="{yc}" stroke="black"/>"#,
+            x(min),
+            x(max),
+            yc = y + 10.0
+        )?;
+        writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}">{med:.3}</text>"#,
+            x(max) + 4.0,
+            y + 14.0
+        )?;
+    }
+    let one = x(1.0);
+    writeln!(
+        svg,
+        r##"<line x1="{one:.1}" x2="{one:.1}" y1="26" y2="{}" stroke="#c00" stroke-dasharray="4 3"/>"##,
+        height - 8.0
+    )?;
+    writeln!(svg, "</svg>")?;
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
 }
 
 /// One 4-second wrk run against a fresh server with an in-process `monitor`, and loopbpf (given
