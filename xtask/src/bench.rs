@@ -182,8 +182,11 @@ fn attach_with(args: &[&str]) -> Result<Killed> {
 }
 
 /// Median iterations per second of a setImmediate chain over 3 one-second windows, measured
-/// only once loopbpf (if any) is fully attached.
+/// only once loopbpf (if any) is fully attached: its `uv__io_poll` probe, which finds loops
+/// already running, off again.
 fn iteration_rate(with_loopbpf: bool) -> Result<f64> {
+    // Both sides skip node's first 3 s (its JIT warming up; loopbpf attaching takes that long).
+    let settled_ms = unix_ms() + 3000.0;
     let mut node = Command::new("node")
         .arg(workspace().join("bench/iterations.js"))
         .arg("1000")
@@ -197,18 +200,24 @@ fn iteration_rate(with_loopbpf: bool) -> Result<f64> {
     } else {
         None
     };
-    let mut lines = BufReader::new(stdout).lines();
-    // The window in progress during the attach is discarded.
-    lines.next();
+    // Only windows that began once loopbpf was fully attached (the pipe holds those from
+    // before).
+    let attached_ms = unix_ms().max(settled_ms);
     let mut rates = Vec::new();
-    for line in lines.take(3) {
-        let line = line?;
-        let rate: f64 = line
-            .split(':')
-            .nth(1)
-            .and_then(|v| v.trim_end_matches('}').parse().ok())
-            .context("bad rate line")?;
-        rates.push(rate);
+    for line in BufReader::new(stdout).lines() {
+        let window: serde_json::Value = serde_json::from_str(&line?)?;
+        let (Some(rate), Some(start)) = (
+            window["per_second"].as_f64(),
+            window["start_unix_ms"].as_f64(),
+        ) else {
+            bail!("bad rate line: {window}");
+        };
+        if start >= attached_ms {
+            rates.push(rate);
+        }
+        if rates.len() == 3 {
+            break;
+        }
     }
     Ok(median(&rates))
 }
