@@ -159,10 +159,19 @@ fn attach(pid: u32) -> Result<Killed> {
 /// Starts loopbpf with `args` and returns once it is fully attached: its probe on every loop
 /// iteration, which finds the loops already running, is off again (about 2 s).
 fn attach_with(args: &[&str]) -> Result<Killed> {
+    start_loopbpf(
+        &[&["--json"], args].concat(),
+        "no probe left on its iterations",
+        Stdio::null(),
+    )
+}
+
+/// Starts loopbpf with `args` and returns once it has said `ready` on stderr, whose rest is
+/// drained so that loopbpf never blocks on it.
+fn start_loopbpf(args: &[&str], ready: &str, stdout: Stdio) -> Result<Killed> {
     let mut child = Command::new(workspace().join("target/release/loopbpf"))
-        .arg("--json")
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .context("starting loopbpf")?;
@@ -171,12 +180,11 @@ fn attach_with(args: &[&str]) -> Result<Killed> {
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains("no probe left on its iterations") => break,
+            Some(Ok(line)) if line.contains(ready) => break,
             Some(Ok(_)) => {}
-            _ => bail!("loopbpf did not attach"),
+            _ => bail!("loopbpf ended before saying: {ready}"),
         }
     }
-    // Keep draining stderr so loopbpf never blocks on it.
     std::thread::spawn(move || lines.for_each(drop));
     Ok(child)
 }
@@ -483,22 +491,13 @@ pub fn accuracy() -> Result<()> {
     let mut fixture_out = BufReader::new(node.stdout.take().unwrap()).lines();
     let node = Killed(node);
     fixture_out.next().context("the fixture did not start")??;
-    let mut loopbpf = Command::new(workspace().join("target/release/loopbpf"))
-        .args([
-            "--pid",
-            &node.0.id().to_string(),
-            "--json",
-            "--threshold",
-            "50ms",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting loopbpf")?;
-    let stderr = loopbpf.stderr.take().unwrap();
-    let stdout = loopbpf.stdout.take().unwrap();
-    let _loopbpf = Killed(loopbpf);
-    wait_for_line(stderr, "no probe left on its iterations")?;
+    let pid = node.0.id().to_string();
+    let mut loopbpf = start_loopbpf(
+        &["--pid", &pid, "--json", "--threshold", "50ms"],
+        "no probe left on its iterations",
+        Stdio::piped(),
+    )?;
+    let stdout = loopbpf.0.stdout.take().unwrap();
     // loopbpf's block lines as they arrive, each with the wall time of its arrival.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -590,24 +589,12 @@ pub fn agent_cost() -> Result<()> {
             .collect::<Result<_>>()?;
         std::thread::sleep(Duration::from_secs(2));
         let start = Instant::now();
-        let mut child = Command::new(workspace().join("target/release/loopbpf"))
-            .args(["--all", "--json", "--threshold", "10ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting loopbpf")?;
-        let stderr = child.stderr.take().unwrap();
-        let loopbpf = Killed(child);
-        let mut lines = BufReader::new(stderr).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains("watching every libuv process") => break,
-                Some(Ok(_)) => {}
-                _ => bail!("loopbpf did not start"),
-            }
-        }
+        let loopbpf = start_loopbpf(
+            &["--all", "--json", "--threshold", "10ms"],
+            "watching every libuv process",
+            Stdio::null(),
+        )?;
         let attach = start.elapsed();
-        std::thread::spawn(move || lines.for_each(drop));
         let pid = loopbpf.0.id();
         let cpu_before = cpu_ticks(pid)?;
         std::thread::sleep(Duration::from_secs(30));
@@ -642,17 +629,4 @@ fn unix_ms() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-fn wait_for_line(stream: impl std::io::Read + Send + 'static, needle: &str) -> Result<()> {
-    let mut lines = BufReader::new(stream).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains(needle) => break,
-            Some(Ok(_)) => {}
-            _ => bail!("loopbpf ended before saying: {needle}"),
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(())
 }
