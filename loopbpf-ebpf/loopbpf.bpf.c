@@ -676,20 +676,14 @@ static __always_inline void poll_sleeps(struct loopbpf_thread *t, __u32 tid, __u
 	t->seen_ns = now;
 }
 
-/* A busy loop thread falls asleep elsewhere than its poll wait: where, for its off-CPU stack.
- * Sleeps come in bursts (a GC waits for its helpers again and again): one stack per stack
- * period, the other sleeps' time added to the next record. */
-static __always_inline void off_cpu_begins(void *ctx, struct loopbpf_thread *t, __u64 pid_tgid,
+/* A busy loop thread falls asleep elsewhere than its poll wait: where, for its off-CPU stack
+ * (reported when it wakes, see off_cpu_ends). */
+static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy_since_ns,
 					   __u64 now)
 {
 	__u32 tid = (__u32)pid_tgid;
 	struct loopbpf_stack_event *sleep;
 
-	if (now - t->last_off_cpu_ns < stack_every * LOOPBPF_SAMPLE_PERIOD_NS) {
-		t->sleep_start_ns = now;
-		return;
-	}
-	t->last_off_cpu_ns = now;
 	bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
 	sleep = bpf_map_lookup_elem(&asleep, &tid);
 	if (!sleep)
@@ -697,9 +691,34 @@ static __always_inline void off_cpu_begins(void *ctx, struct loopbpf_thread *t, 
 	sleep->kind = LOOPBPF_EVENT_OFF_CPU;
 	sleep->pid = pid_tgid >> 32;
 	sleep->tid = tid;
-	sleep->busy_since_ns = t->busy_since_ns;
+	sleep->busy_since_ns = busy_since_ns;
 	sleep->at_ns = now;
 	fill_stacks(ctx, sleep);
+}
+
+/* The thread of `sleep` runs again. Sleeps come in bursts (a GC waits for its helper threads
+ * again and again): a sleep as long as a stack period, or the first after one, is reported
+ * with its stack; the time of the others is added to the next report. */
+static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbpf_stack_event *sleep,
+					 __u64 now)
+{
+	__u64 budget = stack_every * LOOPBPF_SAMPLE_PERIOD_NS, slept = now - sleep->at_ns;
+	struct loopbpf_stack_event *e;
+
+	if (slept < budget && now - t->last_off_cpu_ns < budget) {
+		t->off_cpu_pending_ns += slept;
+		return;
+	}
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return;
+	}
+	bpf_probe_read_kernel(e, sizeof(*e), sleep);
+	e->off_cpu_ns = slept + t->off_cpu_pending_ns;
+	t->off_cpu_pending_ns = 0;
+	t->last_off_cpu_ns = now;
+	bpf_ringbuf_submit(e, 0);
 }
 
 /* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving
@@ -710,7 +729,7 @@ int on_switch(struct sched_switch_ctx *ctx)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)pid_tgid;
 	__u32 next_tid = ctx->next_pid;
-	struct loopbpf_stack_event *sleep, *e;
+	struct loopbpf_stack_event *sleep;
 	struct loopbpf_thread *t = NULL;
 	__u64 now = 0, count;
 
@@ -727,7 +746,7 @@ int on_switch(struct sched_switch_ctx *ctx)
 			if (read_count(t, now, &count))
 				observe(t, tid, now, count);
 			if ((ctx->prev_state & 3) && stack_every && (t = busy_loop_thread(tid)))
-				off_cpu_begins(ctx, t, pid_tgid, now);
+				off_cpu_begins(ctx, pid_tgid, t->busy_since_ns, now);
 		}
 	}
 
@@ -745,23 +764,11 @@ int on_switch(struct sched_switch_ctx *ctx)
 	}
 	/* The count cannot move while the thread is off the CPU. */
 	t->seen_ns = now;
-	if (t->sleep_start_ns) {
-		t->off_cpu_pending_ns += now - t->sleep_start_ns;
-		t->sleep_start_ns = 0;
-	}
 
 	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
 	if (!sleep)
 		return 0;
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (e) {
-		bpf_probe_read_kernel(e, sizeof(*e), sleep);
-		e->off_cpu_ns = now - sleep->at_ns + t->off_cpu_pending_ns;
-		t->off_cpu_pending_ns = 0;
-		bpf_ringbuf_submit(e, 0);
-	} else {
-		count_drop();
-	}
+	off_cpu_ends(t, sleep, now);
 	bpf_map_delete_elem(&asleep, &next_tid);
 	return 0;
 }

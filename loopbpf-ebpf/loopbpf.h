@@ -182,9 +182,8 @@ struct loopbpf_thread {
 	__u64 samples;         /* cpu-clock samples taken while busy: every stack_every-th has a stack */
 	__u64 last_sample_ns;  /* the last sample kept: a thread sampled twice (its own sampler and
 	                        * one inherited from the thread that created it) keeps one stream */
-	__u64 last_off_cpu_ns; /* the last sleep whose stack was taken: at most one per stack period */
-	__u64 sleep_start_ns;  /* a sleep in a busy interval whose stack was not taken, 0 = none */
-	__u64 off_cpu_pending_ns; /* those sleeps' time, added to the next off-CPU record */
+	__u64 last_off_cpu_ns; /* the last off-CPU record: short sleeps get at most one per stack period */
+	__u64 off_cpu_pending_ns; /* the other short sleeps' time, added to the next record */
 };
 
 #endif /* LOOPBPF_H */

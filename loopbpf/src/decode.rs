@@ -136,7 +136,6 @@ pub struct ThreadState {
     pub samples: u64,
     pub last_sample_ns: u64,
     pub last_off_cpu_ns: u64,
-    pub sleep_start_ns: u64,
     pub off_cpu_pending_ns: u64,
 }
 
