@@ -3,12 +3,12 @@
 
 use std::{
     fs,
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use loopbpf_tests::{Loopbpf, events, node_bin, require_root};
+use loopbpf_tests::{Loopbpf, events, map_keys, node_bin, require_root};
 
 /// 40 s of cycles: 3000 setImmediate iterations, then a 6 ms spin (a block at a 5 ms
 /// threshold), then a 1 ms timer. About 3,500 blocks and 10 million iterations: an hour of a
@@ -31,16 +31,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
         .unwrap()
-}
-
-fn threads_map_entries() -> usize {
-    let out = Command::new("bpftool")
-        .args(["map", "dump", "name", "threads", "-j"])
-        .stderr(Stdio::null())
-        .output()
-        .expect("bpftool is needed for this test (quickstart.sh installs it)");
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    dump.as_array().map_or(0, Vec::len)
 }
 
 #[test]
@@ -67,13 +57,13 @@ fn thousands_of_blocks_keep_memory_and_maps_flat() {
     // Past attaching, the first naming of the binary's symbols and the first JS frames.
     thread::sleep(Duration::from_secs(10));
     let early_kib = rss_kib(loopbpf.pid());
-    let early_entries = threads_map_entries();
+    let early_entries = map_keys("threads").len();
     let mut late = (early_kib, early_entries);
     while started.elapsed() < Duration::from_secs(37) {
         thread::sleep(Duration::from_secs(3));
         late = (
             rss_kib(loopbpf.pid()).max(late.0),
-            threads_map_entries().max(late.1),
+            map_keys("threads").len().max(late.1),
         );
     }
     assert!(node.wait().unwrap().success(), "the target failed");

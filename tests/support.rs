@@ -343,3 +343,36 @@ pub fn assert_duration_close(reported_ms: f64, true_ms: f64, what: &str) {
         "{what}: loopbpf reported {reported_ms:.2} ms, the fixture measured {true_ms:.2} ms (tolerance {tolerance:.2} ms)"
     );
 }
+
+/// Keys of a loopbpf map (`bpftool map dump`), as numbers.
+pub fn map_keys(name: &str) -> Vec<u64> {
+    let output = Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", name])
+        .output()
+        .expect("bpftool: run scripts/install-deps.sh");
+    assert!(
+        output.status.success(),
+        "bpftool map dump {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let dump: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entries = match &dump {
+        // With several maps of that name bpftool nests them; loopbpf has one.
+        Value::Array(items) => items.clone(),
+        _ => Vec::new(),
+    };
+    entries
+        .iter()
+        .filter_map(|e| e.get("formatted").unwrap_or(e).get("key"))
+        .filter_map(|k| {
+            k.as_u64().or_else(|| {
+                // Without BTF, keys are byte arrays ("0x12", ...), little endian.
+                let bytes = k.as_array()?;
+                bytes.iter().rev().try_fold(0u64, |acc, b| {
+                    let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+                    Some(acc << 8 | b)
+                })
+            })
+        })
+        .collect()
+}
