@@ -16,8 +16,8 @@ use std::{
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, assert_block_close, assert_duration_close, events, fixture, map_keys,
-    node_bin, node_of, require_root, workspace,
+    Fixture, Loopbpf, assert_block_close, assert_duration_close, events, fixture, installed_node,
+    map_keys, node_bin, node_of, require_root, workspace,
 };
 use serde_json::Value;
 
@@ -565,4 +565,131 @@ fn a_pid_reused_by_another_program_is_not_taken_for_the_node_that_had_it() {
         1,
         "{output:?}"
     );
+}
+
+/// A directory removed when the test ends, whichever way.
+struct RemovedAtEnd(PathBuf);
+
+impl Drop for RemovedAtEnd {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How many of loopbpf's uprobes run `program` (bpftool: links, then their programs' names).
+fn probes_running(program: &str) -> usize {
+    let bpftool = |args: &[&str]| -> Value {
+        let output = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool: run scripts/install-deps.sh");
+        assert!(output.status.success(), "bpftool {args:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let ids: BTreeSet<u64> = bpftool(&["prog", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == program)
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    bpftool(&["link", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .count()
+}
+
+/// Waits until `program` runs in `count` uprobes.
+fn wait_for_probes(loopbpf: &mut Loopbpf, program: &str, count: usize, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while probes_running(program) != count {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} {program} probes, not {count}; loopbpf said {:?}",
+            probes_running(program),
+            loopbpf.err.rest(Duration::ZERO)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_probes_on_a_binary_come_off_with_its_last_process() {
+    require_root();
+    // A host where services are upgraded: each version is another node binary, the old one
+    // deleted. A uprobe on the old one would keep it open (and its disk space), and a fleet
+    // agent running for weeks would run out of slots for new binaries.
+    let dir =
+        RemovedAtEnd(std::env::temp_dir().join(format!("loopbpf-upgrade-{}", std::process::id())));
+    let (old, new) = (dir.0.join("old/node"), dir.0.join("new/node"));
+    for binary in [&old, &new] {
+        fs::create_dir_all(binary.parent().unwrap()).unwrap();
+        fs::copy(installed_node(), binary).unwrap();
+    }
+    let mut loopbpf = Loopbpf::watch_all(&["--json", "--keep-exited", "1s"]);
+    let (loops, gc) = (
+        probes_running("uv_run_entry"),
+        probes_running("gc_prologue"),
+    );
+
+    let mut before = Fixture::start_on(old.to_str().unwrap(), &[]);
+    wait_for_probes(
+        &mut loopbpf,
+        "uv_run_entry",
+        loops + 1,
+        "the old binary's process started",
+    );
+    wait_for_probes(
+        &mut loopbpf,
+        "gc_prologue",
+        gc + 1,
+        "the old binary's process started",
+    );
+    // Fully watched: its block is reported.
+    before.send("block immediate spin 150");
+    let tag = format!("\"pid\":{}", before.pid());
+    loopbpf
+        .out
+        .wait_for(TIMEOUT, |l| {
+            l.contains("\"event\":\"block\"") && l.contains(&tag)
+        })
+        .expect("the old binary's process was not watched");
+    fs::remove_file(&old).unwrap();
+    before.send("exit");
+    before
+        .wait_exit(TIMEOUT)
+        .expect("the old node did not exit");
+    // Forgotten after --keep-exited (1 s), with the probes on its binary.
+    wait_for_probes(
+        &mut loopbpf,
+        "uv_run_entry",
+        loops,
+        "the old binary's last process exited",
+    );
+    wait_for_probes(
+        &mut loopbpf,
+        "gc_prologue",
+        gc,
+        "the old binary's last process exited",
+    );
+
+    // The upgraded service runs another binary, in the freed slot: it must be watched as well.
+    let mut after = Fixture::start_on(new.to_str().unwrap(), &[]);
+    wait_for_probes(
+        &mut loopbpf,
+        "uv_run_entry",
+        loops + 1,
+        "the new binary's process started",
+    );
+    after.send("block immediate spin 200");
+    let truth = after.done("block", TIMEOUT);
+    after.send("exit");
+    after.wait_exit(TIMEOUT).expect("the new node did not exit");
+    loopbpf.signal(libc::SIGINT);
+    let (status, output) = loopbpf.finish(TIMEOUT);
+    assert!(status.success(), "loopbpf failed: {status}");
+    assert_block_of(&output, after.pid(), &truth, "the new binary");
 }

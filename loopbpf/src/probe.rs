@@ -86,8 +86,12 @@ pub struct Probes {
     threads: HashMap<MapData, u32, ThreadState>,
     window: Array<MapData, u64>,
     libuvs: Array<MapData, LibuvInfo>,
-    /// Entries of `libuvs` in use: the next uprobe's cookie.
+    /// Entries of `libuvs` ever used; the next new uprobe cookie unless one was released.
     libuvs_used: u32,
+    /// Entries of `libuvs` released by [`Probes::release_libuv`], to be used again.
+    libuvs_free: Vec<u32>,
+    /// The uprobes on each `libuvs` entry's object (but `discovering`'s), by program.
+    object_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     v8_layouts: HashMap<MapData, u32, V8Layout>,
     dropped: PerCpuArray<MapData, u64>,
     /// Per loop thread cpu-clock sampling, by tid, with the thread's process.
@@ -131,6 +135,8 @@ impl Probes {
             window,
             libuvs,
             libuvs_used: 0,
+            libuvs_free: Vec::new(),
+            object_links: std::collections::HashMap::new(),
             v8_layouts,
             dropped,
             samplers: std::collections::HashMap::new(),
@@ -218,12 +224,30 @@ impl Probes {
     /// Attaches the loop-finding probes to `libuv`, for process `pid` only, or (`None`) for
     /// every process that runs it, those started later too: `uv_run`'s, for good, and
     /// `uv__io_poll`'s, until [`Probes::end_discovery`] (for good where libuv does not count
-    /// its iterations).
-    pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<(), ProbeError> {
-        let which = self.libuvs_used;
-        if which >= MAX_LIBUVS {
-            return Err(ProbeError::TooManyLibuvs);
+    /// its iterations). Returns the object's `libuvs` entry, for [`Probes::attach_gc`] and
+    /// [`Probes::release_libuv`].
+    pub fn attach_uprobe(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<u32, ProbeError> {
+        let which = match self.libuvs_free.pop() {
+            Some(which) => which,
+            None if self.libuvs_used < MAX_LIBUVS => {
+                self.libuvs_used += 1;
+                self.libuvs_used - 1
+            }
+            None => return Err(ProbeError::TooManyLibuvs),
+        };
+        let attached = self.attach_loop_probes(libuv, pid, which);
+        if attached.is_err() {
+            self.release_libuv(which);
         }
+        attached.map(|()| which)
+    }
+
+    fn attach_loop_probes(
+        &mut self,
+        libuv: &Libuv,
+        pid: Option<u32>,
+        which: u32,
+    ) -> Result<(), ProbeError> {
         let (worker_entry_start, worker_entry_end) = libuv.worker_entry.unwrap_or((0, 0));
         // Without uv_run's probe, uv__io_poll's must stay to find loops that start later.
         let counts_iterations = libuv.counts_iterations && libuv.run.is_some();
@@ -242,7 +266,12 @@ impl Probes {
                 error,
             })?;
         if let Some((_, run_offset)) = libuv.run {
-            self.attach_loop_probe("uv_run_entry", "uv_run", run_offset, which, libuv, pid)?;
+            let link =
+                self.attach_loop_probe("uv_run_entry", "uv_run", run_offset, which, libuv, pid)?;
+            self.object_links
+                .entry(which)
+                .or_default()
+                .push(("uv_run_entry", link));
         }
         let poll = self.attach_loop_probe(
             "uv_io_poll_entry",
@@ -256,9 +285,29 @@ impl Probes {
             let shown = libuv.shown_as.display().to_string();
             self.discovering
                 .insert(which, (poll, Instant::now(), shown));
+        } else {
+            self.object_links
+                .entry(which)
+                .or_default()
+                .push(("uv_io_poll_entry", poll));
         }
-        self.libuvs_used += 1;
         Ok(())
+    }
+
+    /// Takes every probe off the object of `libuvs` entry `which` (fleet mode, once no process
+    /// runs it), and frees the entry. An object with a uprobe stays open in the kernel: the
+    /// old binary of an upgraded service would keep its disk space.
+    pub fn release_libuv(&mut self, which: u32) {
+        let mut links = self.object_links.remove(&which).unwrap_or_default();
+        if let Some((link, ..)) = self.discovering.remove(&which) {
+            links.push(("uv_io_poll_entry", link));
+        }
+        for (name, link) in links {
+            if let Ok(program) = program::<UProbe>(&mut self.ebpf, name) {
+                let _ = program.detach(link);
+            }
+        }
+        self.libuvs_free.push(which);
     }
 
     fn attach_loop_probe(
@@ -322,8 +371,14 @@ impl Probes {
 
     /// Attaches the GC pause probes to `libuv`'s object, for process `pid` or (`None`) every
     /// process that runs it; `false` when V8 is not in that object (a libuv program that is not
-    /// node, a node linked to a shared libnode).
-    pub fn attach_gc(&mut self, libuv: &Libuv, pid: Option<u32>) -> Result<bool, ProbeError> {
+    /// node, a node linked to a shared libnode). `which` is the object's `libuvs` entry: the
+    /// probes come off with [`Probes::release_libuv`].
+    pub fn attach_gc(
+        &mut self,
+        libuv: &Libuv,
+        pid: Option<u32>,
+        which: u32,
+    ) -> Result<bool, ProbeError> {
         let Some(gc) = libuv.gc_probes else {
             return Ok(false);
         };
@@ -342,9 +397,13 @@ impl Probes {
                     .load()
                     .map_err(|error| ProbeError::Program { name, error })?;
             }
-            program
+            let link = program
                 .attach(offset, &libuv.path, scope)
                 .map_err(|error| ProbeError::Program { name, error })?;
+            self.object_links
+                .entry(which)
+                .or_default()
+                .push((name, link));
         }
         Ok(true)
     }

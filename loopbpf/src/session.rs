@@ -8,7 +8,7 @@
 //! a program already probed (its uprobe finds their loops).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     future::pending,
     io,
@@ -247,8 +247,9 @@ struct Process {
 #[derive(Default)]
 struct Fleet {
     cache: LibuvCache,
-    /// Files probed already: one uprobe serves every process that runs the file.
-    probed: HashSet<FileId>,
+    /// Files probed already, with their `libuvs` entry: one uprobe serves every process that
+    /// runs the file. Their probes come off when the last of those processes is forgotten.
+    probed: HashMap<FileId, u32>,
     /// Files that could not be probed: not tried again.
     unprobeable: HashSet<FileId>,
     /// Processes that exec'd, to look at for libuv: (pid, when to look, looks left).
@@ -313,11 +314,11 @@ impl<'a> Session<'a> {
             } else {
                 Seed::Nothing
             };
-            session
+            let which = session
                 .probes
                 .attach_uprobe(&target.libuv, Some(target.pid))
                 .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
-            session.attach_gc(target, Some(target.pid));
+            session.attach_gc(target, Some(target.pid), which);
             session.watch(target.clone(), seed)?;
         }
         Ok(session)
@@ -343,33 +344,58 @@ impl<'a> Session<'a> {
         {
             return;
         }
-        if !fleet.probed.contains(&target.libuv_file) {
-            if let Err(e) = self.probes.attach_uprobe(&target.libuv, None) {
-                eprintln!(
-                    "loopbpf: warning: pid {} ({}) is not watched: {e}",
-                    target.pid, target.comm
-                );
-                fleet.attach_failures += 1;
-                fleet.unprobeable.insert(target.libuv_file);
-                return;
-            }
-            fleet.probed.insert(target.libuv_file.clone());
-            self.attach_gc(&target, None);
+        if !fleet.probed.contains_key(&target.libuv_file) {
+            let which = match self.probes.attach_uprobe(&target.libuv, None) {
+                Ok(which) => which,
+                Err(e) => {
+                    eprintln!(
+                        "loopbpf: warning: pid {} ({}) is not watched: {e}",
+                        target.pid, target.comm
+                    );
+                    fleet.attach_failures += 1;
+                    fleet.unprobeable.insert(target.libuv_file);
+                    return;
+                }
+            };
+            fleet.probed.insert(target.libuv_file.clone(), which);
+            self.attach_gc(&target, None, which);
         }
-        let (pid, comm) = (target.pid, target.comm.clone());
+        let (pid, comm, file) = (target.pid, target.comm.clone(), target.libuv_file.clone());
         if let Err(e) = self.watch(target, seed) {
-            eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
-            if let Some(fleet) = self.fleet.as_mut() {
-                fleet.attach_failures += 1;
+            // One that exited meanwhile is no failure.
+            if discover::start_time(pid).is_some() {
+                eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
+                if let Some(fleet) = self.fleet.as_mut() {
+                    fleet.attach_failures += 1;
+                }
             }
+            self.release_if_unused(&file);
+        }
+    }
+
+    /// Fleet mode: takes the probes off a libuv file no watched process runs (one started
+    /// later has them put back).
+    fn release_if_unused(&mut self, file: &FileId) {
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        if self
+            .processes
+            .values()
+            .any(|p| &p.target.libuv_file == file)
+        {
+            return;
+        }
+        if let Some(which) = fleet.probed.remove(file) {
+            self.probes.release_libuv(which);
         }
     }
 
     /// Times the GC pauses of the processes that run `target`'s libuv object; says once when
     /// that cannot be done.
-    fn attach_gc(&mut self, target: &Target, pid: Option<u32>) {
+    fn attach_gc(&mut self, target: &Target, pid: Option<u32>, which: u32) {
         let shown = target.libuv.shown_as.display();
-        match self.probes.attach_gc(&target.libuv, pid) {
+        match self.probes.attach_gc(&target.libuv, pid, which) {
             Ok(true) => {}
             Ok(false) => eprintln!(
                 "loopbpf: note: no GC pauses for {shown}: V8's GC callbacks are not in it"
@@ -381,6 +407,8 @@ impl<'a> Session<'a> {
     /// Takes a process whose libuv is probed into the session.
     fn watch(&mut self, target: Target, seed: Seed) -> Result<()> {
         let pid = target.pid;
+        // First: a process that exits during the attach must still be found gone.
+        let start_time = discover::start_time(pid);
         // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
         match seed {
             // Fleet mode: only a main thread known to run libuv's default loop is taken for
@@ -409,7 +437,7 @@ impl<'a> Session<'a> {
         let naming = (!self.args.no_stacks).then(|| Naming::new(pid, &self.shared));
         let mut process = Process {
             target,
-            start_time: discover::start_time(pid),
+            start_time,
             labels,
             naming,
             v8_layout_set: false,
@@ -573,7 +601,10 @@ impl<'a> Session<'a> {
         let gone: Vec<u32> = self
             .processes
             .iter()
-            .filter(|(pid, p)| p.gone_ns.is_none() && discover::start_time(**pid) != p.start_time)
+            .filter(|(pid, p)| {
+                p.gone_ns.is_none()
+                    && (p.start_time.is_none() || discover::start_time(**pid) != p.start_time)
+            })
             .map(|(pid, _)| *pid)
             .collect();
         for pid in gone {
@@ -605,9 +636,12 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Forgets a gone process: its lines, series and kernel-side state.
+    /// Forgets a gone process: its lines, series and kernel-side state, and the probes on its
+    /// libuv file if no other process runs it.
     fn forget_process(&mut self, pid: u32) {
-        self.processes.remove(&pid);
+        if let Some(process) = self.processes.remove(&pid) {
+            self.release_if_unused(&process.target.libuv_file);
+        }
         self.reporter.forget_process(pid);
         self.probes.forget_process(pid);
         self.probes.stop_sampling_process(pid);
