@@ -576,6 +576,19 @@ impl Drop for RemovedAtEnd {
     }
 }
 
+/// Where process `pid` has `file` open or mapped: its fds and its maps lines.
+fn files_open(pid: u32, file: &Path) -> Vec<String> {
+    let name = file.to_str().unwrap();
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.display().to_string());
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    fds.chain(maps.lines().map(str::to_owned))
+        .filter(|line| line.contains(name))
+        .collect()
+}
+
 /// How many of loopbpf's uprobes run `program` (bpftool: links, then their programs' names).
 fn probes_running(program: &str) -> usize {
     let bpftool = |args: &[&str]| -> Value {
@@ -657,6 +670,11 @@ fn the_probes_on_a_binary_come_off_with_its_last_process() {
             l.contains("\"event\":\"block\"") && l.contains(&tag)
         })
         .expect("the old binary's process was not watched");
+    // Naming its stacks opened the binary.
+    assert!(
+        !files_open(loopbpf.pid(), &old).is_empty(),
+        "loopbpf never opened {old:?}"
+    );
     fs::remove_file(&old).unwrap();
     before.send("exit");
     before
@@ -675,6 +693,9 @@ fn the_probes_on_a_binary_come_off_with_its_last_process() {
         gc,
         "the old binary's last process exited",
     );
+    // Nor does loopbpf keep it open or mapped: its disk space is freed.
+    let open = files_open(loopbpf.pid(), &old);
+    assert!(open.is_empty(), "loopbpf still has {open:?}");
 
     // The upgraded service runs another binary, in the freed slot: it must be watched as well.
     let mut after = Fixture::start_on(new.to_str().unwrap(), &[]);

@@ -132,6 +132,14 @@ impl<T> FileCache<T> {
         }
         value
     }
+
+    /// Forgets what no process uses any more (fleet mode: binaries of services upgraded or
+    /// gone), and what could not be read.
+    pub fn prune(&self) {
+        self.0
+            .borrow_mut()
+            .retain(|_, value| value.as_ref().is_some_and(|v| Rc::strong_count(v) > 1));
+    }
 }
 
 impl<T> Clone for FileCache<T> {

@@ -181,6 +181,12 @@ impl SharedFiles {
             v8_metadata: FileCache::new(),
         }
     }
+
+    /// Forgets the files no watched process uses any more.
+    fn prune(&self) {
+        self.unwind_sections.prune();
+        self.v8_metadata.prune();
+    }
 }
 
 impl Naming {
@@ -587,6 +593,7 @@ impl<'a> Session<'a> {
         if process.gone_ns.is_none() {
             process.gone_ns = Some(now_ns);
             process.naming = None;
+            self.shared.prune();
             self.probes.forget_process(pid);
             self.probes.stop_sampling_process(pid);
         }
@@ -768,11 +775,15 @@ impl<'a> Session<'a> {
         };
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         naming.symbolizer.refresh();
+        // A worker's heap goes with its thread: read after that, memory another isolate reuses
+        // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
+        let heap_alive =
+            id.tid == id.pid || Path::new(&format!("/proc/{}/task/{}", id.pid, id.tid)).exists();
         let named = stacks::profile(
             stacks,
             *duration_ns,
             &mut naming.symbolizer,
-            naming.js.as_ref(),
+            naming.js.as_ref().filter(|_| heap_alive),
         );
         if into_flame {
             self.flame.add(id, &named);

@@ -10,7 +10,7 @@
 
 use std::{
     cell::{OnceCell, RefCell},
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::{self, File},
     io::{Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
@@ -23,6 +23,7 @@ use blazesym::{
     MaybeDefault, Pid,
     symbolize::{
         Input, Sym, Symbolized, Symbolizer as Blazesym,
+        evict::{Elf as EvictElf, Evict},
         source::{Elf, Kernel, Process, Source},
     },
 };
@@ -149,6 +150,8 @@ impl Frame {
 /// Names the frames of one process (user space) and of the kernel.
 pub struct Symbolizer {
     pid: u32,
+    /// This symbolizer among those sharing `native`: the objects it maps are kept for it.
+    user: u64,
     /// Start time of the target in clock ticks after boot: tells the target from a later
     /// process that reuses its PID. `None` once the target is known to be gone.
     start_ticks: Option<u64>,
@@ -173,6 +176,8 @@ pub struct SharedObjects(Rc<RefCell<NativeObjects>>);
 struct NativeObjects {
     blazesym: Blazesym,
     objects: Objects,
+    /// The next symbolizer's `user`.
+    next_user: u64,
 }
 
 impl SharedObjects {
@@ -188,6 +193,7 @@ impl SharedObjects {
                 .enable_demangling(true)
                 .build(),
             objects: Objects::default(),
+            next_user: 0,
         })))
     }
 }
@@ -212,8 +218,14 @@ impl Symbolizer {
             debug_syms: false,
             ..Kernel::default()
         });
+        let user = {
+            let mut native = native.0.borrow_mut();
+            native.next_user += 1;
+            native.next_user
+        };
         let mut symbolizer = Self {
             pid,
+            user,
             start_ticks,
             native: native.clone(),
             maps: Vec::new(),
@@ -473,7 +485,7 @@ impl Symbolizer {
                 end: line.end,
                 offset: line.offset,
                 executable: line.executable,
-                mapping: objects.mapping(self.pid, &line),
+                mapping: objects.mapping(self.pid, self.user, &line),
             })
             .collect();
         regions.sort_by_key(|region| region.start);
@@ -597,14 +609,18 @@ impl<'a> MapsLine<'a> {
     }
 }
 
-/// The executable objects the target has mapped, each opened once.
+/// The executable objects the targets have mapped, each opened once, and closed when the last
+/// symbolizer that mapped it is dropped.
 #[derive(Default)]
 struct Objects {
     list: Vec<MappedObject>,
     /// By device, inode and path: the same path in two containers may be two files.
     by_file: HashMap<(String, u64, String), usize>,
+    /// Entries of `list` closed, to be used again.
+    free: Vec<usize>,
 }
 
+#[derive(Default)]
 struct MappedObject {
     /// Basename, as frames show it.
     module: String,
@@ -612,10 +628,42 @@ struct MappedObject {
     sources: Vec<PathBuf>,
     /// Keeps the object reachable through `/proc/self/fd` after the target exits.
     _file: Option<File>,
+    /// Symbolizers that mapped it.
+    users: HashSet<u64>,
+    key: (String, u64, String),
+}
+
+impl Drop for Symbolizer {
+    fn drop(&mut self) {
+        let mut native = self.native.0.borrow_mut();
+        let NativeObjects {
+            blazesym, objects, ..
+        } = &mut *native;
+        objects.release(self.user, blazesym);
+    }
 }
 
 impl Objects {
-    fn mapping(&mut self, pid: u32, line: &MapsLine<'_>) -> Mapping {
+    /// Closes the objects that only `user` mapped, and what blazesym read of them: in fleet
+    /// mode, an upgraded service's old binary must not stay open (its disk space, its symbols
+    /// in memory) once its last process is gone.
+    fn release(&mut self, user: u64, blazesym: &mut Blazesym) {
+        for (index, object) in self.list.iter_mut().enumerate() {
+            if !object.users.remove(&user) || !object.users.is_empty() {
+                continue;
+            }
+            // Evicted before the file closes: its `/proc/self/fd` path names the next file
+            // opened under that descriptor.
+            for path in &object.sources {
+                let _ = blazesym.evict(&Evict::Elf(EvictElf::new(path)));
+            }
+            self.by_file.remove(&object.key);
+            *object = MappedObject::default();
+            self.free.push(index);
+        }
+    }
+
+    fn mapping(&mut self, pid: u32, user: u64, line: &MapsLine<'_>) -> Mapping {
         let path = line.file_path();
         if path.is_empty() || path.starts_with("[anon") {
             return Mapping::Anonymous;
@@ -632,6 +680,7 @@ impl Objects {
         }
         let key = (line.device.to_owned(), line.inode, path.to_owned());
         if let Some(&object) = self.by_file.get(&key) {
+            self.list[object].users.insert(user);
             return Mapping::Object(object);
         }
         let file = open_mapped_file(pid, line);
@@ -642,13 +691,22 @@ impl Objects {
             sources.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
         }
         sources.push(PathBuf::from(path));
-        self.list.push(MappedObject {
+        let object = MappedObject {
             module: module.to_owned(),
             sources,
             _file: file,
-        });
-        self.by_file.insert(key, self.list.len() - 1);
-        Mapping::Object(self.list.len() - 1)
+            users: HashSet::from([user]),
+            key: key.clone(),
+        };
+        let index = if let Some(index) = self.free.pop() {
+            self.list[index] = object;
+            index
+        } else {
+            self.list.push(object);
+            self.list.len() - 1
+        };
+        self.by_file.insert(key, index);
+        Mapping::Object(index)
     }
 }
 
@@ -1083,6 +1141,36 @@ mod tests {
             frames[0]
         );
         assert!(frames[0].line.is_some(), "{:?}", frames[0]);
+    }
+
+    #[test]
+    fn objects_are_closed_with_the_last_symbolizer_that_mapped_them() {
+        let addr = symbolize_test_marker as fn() -> u64 as usize as u64;
+        let shared = SharedObjects::new();
+        let open_objects = || {
+            let native = shared.0.borrow();
+            let open = native.objects.list.iter().filter(|o| !o.users.is_empty());
+            (open.count(), native.objects.by_file.len())
+        };
+        let mut first = Symbolizer::sharing(std::process::id(), &shared);
+        let second = Symbolizer::sharing(std::process::id(), &shared);
+        let (open, by_file) = open_objects();
+        assert!(
+            open > 0 && open == by_file,
+            "{open} objects, {by_file} by file"
+        );
+        drop(second);
+        assert_eq!(open_objects(), (open, by_file), "the first still maps them");
+        drop(first);
+        assert_eq!(open_objects(), (0, 0));
+        // A later symbolizer opens them again, in the freed entries, and names as well.
+        first = Symbolizer::sharing(std::process::id(), &shared);
+        assert_eq!(shared.0.borrow().objects.list.len(), open);
+        let frames = first.user(&[addr + 1], &[]);
+        assert!(
+            frames[0].name.contains("symbolize_test_marker"),
+            "{frames:?}"
+        );
     }
 
     #[test]

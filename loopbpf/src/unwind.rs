@@ -11,6 +11,7 @@ use std::{
     fs::{self, File},
     ops::Range,
     path::Path,
+    rc::Rc,
     sync::Arc,
 };
 
@@ -54,6 +55,8 @@ pub struct Unwinder {
     known: HashSet<u64>,
     /// The same unwind tables, for leaves framehop cannot unwind.
     eh_frames: Vec<EhFrameTable>,
+    /// The cache's entries this process uses: they stay cached while it lives.
+    in_use: Vec<Rc<UnwindSections>>,
 }
 
 /// One mapping's `.eh_frame`, placed where the process mapped it.
@@ -74,6 +77,7 @@ impl Unwinder {
             cache: CacheX86_64::new(),
             known: HashSet::new(),
             eh_frames: Vec::new(),
+            in_use: Vec::new(),
         };
         unwinder.refresh();
         unwinder
@@ -99,6 +103,7 @@ impl Unwinder {
                 self.framehop.add_module(module);
                 self.eh_frames.push(table);
             }
+            self.in_use.push(sections);
         }
     }
 
