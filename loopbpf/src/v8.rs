@@ -155,10 +155,13 @@ pub struct JsNamer {
     /// Script offset by bytecode array, its position table and bytecode offset.
     positions: HashMap<(u64, u64, i64), Option<u32>>,
     line_ends: HashMap<u64, LineEnds>,
-    /// What the kernel side read for a frame (frame pointer, function and receiver slots):
-    /// for samples where it could not follow the chain to that frame (a leaf in libc). The
-    /// GC rewrites the slots when it moves the objects, so equal slots mean the same objects.
-    captured_before: HashMap<(u64, u64, u64), CapturedFrame>,
+    /// What the kernel side read for a frame (thread, busy interval, frame pointer, function
+    /// and receiver slots): for samples where it could not follow the chain to that frame (a
+    /// leaf in libc). Within one busy interval a frame is one call, and the GC rewrites its
+    /// slots when it moves the objects, so equal slots mean the same objects. Across intervals
+    /// they do not: a new call at the same depth may find a function at an address a moved one
+    /// left (a worker's message handler named as the bootstrap's, its frames at the same place).
+    captured_before: HashMap<(u32, u64, u64, u64, u64), CapturedFrame>,
     /// Class name of receivers by their map, with the constructor word it was read from.
     receiver_types: HashMap<u64, (u64, String)>,
     source_maps: SourceMaps,
@@ -316,8 +319,14 @@ impl JsNamer {
             {
                 let receiver = slot(at(fp_receiver));
                 let mut captured = sample.captured.iter().find(|c| c.fp == fp).copied();
-                // The same frame, with the same slots, read at an earlier sample.
-                let key = (fp, function, receiver.unwrap_or(0));
+                // The same frame, with the same slots, read at an earlier sample of this call.
+                let key = (
+                    sample.tid,
+                    sample.busy_since_ns,
+                    fp,
+                    function,
+                    receiver.unwrap_or(0),
+                );
                 match captured {
                     Some(c) => {
                         bounded(&mut self.captured_before).insert(key, c);
