@@ -136,8 +136,8 @@ fn check_block(block: &Value, truth: &[JsFrame], leaf: &str, method: &str, major
                 .position(|t| same_name(&frame.name, &t.name))
             else {
                 // A known defect, bounded here: past Node's outermost frame, rarely (about 1 run
-                // in 10 under load, one 5 ms sample), a worker's stack shows one more frame,
-                // named after the bootstrap's message handler that ran at that depth before.
+                // in 10 under load, one 5 ms sample), a worker's stack shows one more frame, an
+                // anonymous function of node:internal/main/worker_thread (its bootstrap).
                 assert_eq!(
                     next,
                     truth.len(),
