@@ -16,8 +16,8 @@ use std::{
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, assert_block_close, assert_duration_close, events, fixture, installed_node,
-    map_keys, node_bin, node_of, require_root, workspace,
+    Fixture, Loopbpf, assert_block_close, assert_duration_close, bpftool, events, fixture,
+    installed_node, map_keys, node_bin, node_of, require_root, workspace,
 };
 use serde_json::Value;
 
@@ -591,15 +591,6 @@ fn files_open(pid: u32, file: &Path) -> Vec<String> {
 
 /// How many of loopbpf's uprobes run `program` (bpftool: links, then their programs' names).
 fn probes_running(program: &str) -> usize {
-    let bpftool = |args: &[&str]| -> Value {
-        let output = Command::new("bpftool")
-            .arg("-j")
-            .args(args)
-            .output()
-            .expect("bpftool: run scripts/install-deps.sh");
-        assert!(output.status.success(), "bpftool {args:?}");
-        serde_json::from_slice(&output.stdout).unwrap()
-    };
     let ids: BTreeSet<u64> = bpftool(&["prog", "show"])
         .as_array()
         .unwrap()

@@ -344,18 +344,24 @@ pub fn assert_duration_close(reported_ms: f64, true_ms: f64, what: &str) {
     );
 }
 
-/// Keys of a loopbpf map (`bpftool map dump`), as numbers.
-pub fn map_keys(name: &str) -> Vec<u64> {
+/// What `bpftool -j ARGS` prints.
+pub fn bpftool(args: &[&str]) -> Value {
     let output = Command::new("bpftool")
-        .args(["-j", "map", "dump", "name", name])
+        .arg("-j")
+        .args(args)
         .output()
         .expect("bpftool: run scripts/install-deps.sh");
     assert!(
         output.status.success(),
-        "bpftool map dump {name}: {}",
+        "bpftool {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let dump: Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Keys of a loopbpf map (`bpftool map dump`), as numbers.
+pub fn map_keys(name: &str) -> Vec<u64> {
+    let dump = bpftool(&["map", "dump", "name", name]);
     let entries = match &dump {
         // With several maps of that name bpftool nests them; loopbpf has one.
         Value::Array(items) => items.clone(),
