@@ -3,22 +3,16 @@
 //! `main` only parses the command line (`loopbpf ...` or `loopbpf record ...`), runs the session
 //! and turns the result into an exit code.
 
+mod abi;
 mod aggregate;
 mod cli;
 mod decode;
 mod discover;
-mod flame;
-mod launch;
-mod leak;
-mod metrics;
+mod naming;
+mod output;
 mod probe;
-mod record;
-mod report;
 mod session;
-mod stacks;
-mod symbolize;
-mod unwind;
-mod v8;
+mod target;
 
 use std::process::ExitCode;
 

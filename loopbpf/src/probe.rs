@@ -21,7 +21,7 @@ use aya::{
 use thiserror::Error;
 
 use crate::{
-    decode::{
+    abi::{
         BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, SAMPLE_PERIOD_NS, ThreadState,
         V8Layout,
     },

@@ -28,15 +28,8 @@ use blazesym::{
     },
 };
 
-use crate::{discover::start_time, v8::Original};
-
-/// Name of a JS frame that the perf map does not name (consecutive ones collapse into one).
-const UNNAMED_JS: &str = "[JS]";
-/// Name (and module) of an address nothing names.
-const UNKNOWN: &str = "[unknown]";
-const JIT_MODULE: &str = "[JIT]";
-const KERNEL_MODULE: &str = "[kernel]";
-const VDSO: &str = "[vdso]";
+use super::frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO};
+use crate::target::start_time;
 
 /// Whether DWARF is consulted for the file and line of native frames. Measured on node 20's
 /// 100 MB binary (DWARF for libuv and a few more): the first lookup, which parses the ELF symbols,
@@ -54,96 +47,23 @@ const MIN_PERF_MAP_OPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// Clock ticks per second in `/proc/PID/stat`: `USER_HZ`, 100 on x86-64 and arm64.
 const USER_HZ: u64 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FrameKind {
-    Js,
-    Native,
-    Kernel,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Frame {
-    /// Demangled function name; `[JS]` for a JS frame that cannot be named; `[unknown]` for a
-    /// native address with no symbol. V8 builtins, bytecode handlers and stubs named by the perf
-    /// map keep their prefix (`Builtin:JsonStringify`) and are kind `Js`: they run in V8's code
-    /// space on behalf of JS. The same builtins reached in node's own text are named by ELF
-    /// (`Builtins_JsonStringify`) and are kind `Native`.
-    pub name: String,
-    /// Basename of the object (`node`, `libc.so.6`); `[kernel]` for kernel frames; `[JIT]` for
-    /// JS/JIT code.
-    pub module: String,
-    /// Source file when known (DWARF line info, or the script of a perf-map JS entry).
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    /// Column of a JS frame's position, as Node prints it (from 1).
-    pub column: Option<u32>,
-    /// Where a JS frame's position comes from in the source its script was built from
-    /// (TypeScript, a bundle's modules), by the script's source map.
-    pub original: Option<Original>,
-    pub kind: FrameKind,
-}
-
-impl Frame {
-    fn unnamed_js() -> Self {
-        Self::js(UNNAMED_JS.to_owned(), None, None)
-    }
-
-    fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
-        Self::js_at(name, file, line.map(|line| (line, None)))
-    }
-
-    /// A JS frame at a script position (line, and column when known).
-    pub(crate) fn js_at(
-        name: String,
-        file: Option<String>,
-        position: Option<(u32, Option<u32>)>,
-    ) -> Self {
-        Self {
-            name,
-            module: JIT_MODULE.to_owned(),
-            file,
-            line: position.map(|(line, _)| line),
-            column: position.and_then(|(_, column)| column),
-            original: None,
-            kind: FrameKind::Js,
-        }
-    }
-
-    fn unknown(module: &str, kind: FrameKind) -> Self {
-        Self {
-            name: UNKNOWN.to_owned(),
-            module: module.to_owned(),
-            file: None,
-            line: None,
-            column: None,
-            original: None,
-            kind,
-        }
-    }
-
-    fn from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Self {
-        let (file, line) = sym.code_info.map_or((None, None), |info| {
-            (Some(info.to_path().display().to_string()), info.line)
-        });
-        let name = if sym.name.is_empty() {
-            UNKNOWN.to_owned()
-        } else {
-            sym.name.into_owned()
-        };
-        Self {
-            name,
-            module: module.to_owned(),
-            file,
-            line,
-            column: None,
-            original: None,
-            kind,
-        }
-    }
-
-    fn is_unnamed_js(&self) -> bool {
-        self.kind == FrameKind::Js && self.name == UNNAMED_JS
+fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
+    let (file, line) = sym.code_info.map_or((None, None), |info| {
+        (Some(info.to_path().display().to_string()), info.line)
+    });
+    let name = if sym.name.is_empty() {
+        UNKNOWN.to_owned()
+    } else {
+        sym.name.into_owned()
+    };
+    Frame {
+        name,
+        module: module.to_owned(),
+        file,
+        line,
+        column: None,
+        original: None,
+        kind,
     }
 }
 
@@ -323,7 +243,7 @@ impl Symbolizer {
             .blazesym
             .symbolize_single(&self.kernel_source, Input::AbsAddr(addr))
         {
-            Ok(Symbolized::Sym(sym)) => Frame::from_sym(sym, KERNEL_MODULE, FrameKind::Kernel),
+            Ok(Symbolized::Sym(sym)) => frame_from_sym(sym, KERNEL_MODULE, FrameKind::Kernel),
             Ok(Symbolized::Unknown(_)) | Err(_) => Frame::unknown(KERNEL_MODULE, FrameKind::Kernel),
         };
         self.kernel_cache.insert(addr, frame.clone());
@@ -396,7 +316,7 @@ impl Symbolizer {
                 .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
             {
                 Ok(Symbolized::Sym(sym)) => {
-                    let frame = Frame::from_sym(sym, &module, FrameKind::Native);
+                    let frame = frame_from_sym(sym, &module, FrameKind::Native);
                     self.native_cache.insert(addr, frame.clone());
                     return frame;
                 }
@@ -437,7 +357,7 @@ impl Symbolizer {
                 .blazesym
                 .symbolize_single(&source, Input::AbsAddr(own_start + offset))
             {
-                frame = Frame::from_sym(sym, VDSO, FrameKind::Native);
+                frame = frame_from_sym(sym, VDSO, FrameKind::Native);
             }
         }
         self.native_cache.insert(addr, frame.clone());

@@ -25,12 +25,19 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::{
+    abi::ThreadState,
     aggregate::{LoopId, Record},
     cli::{BlockAction, RecordArgs},
-    decode::ThreadState,
-    flame::Flame,
-    report::{Clock, Reporter, human, ms},
-    stacks::BlockProfile,
+    naming::{
+        frame::{Frame, FrameKind},
+        stacks::BlockProfile,
+    },
+    output::{
+        clock::{Clock, human, ms},
+        flame::Flame,
+        report::Reporter,
+    },
+    target::ProcessLabels,
 };
 
 /// How often the bundle is rewritten while something changed.
@@ -188,7 +195,7 @@ impl Recorder {
     }
 
     /// Names the process of every report line (fleet recordings watch many).
-    pub fn name_process(&mut self, pid: u32, labels: crate::metrics::ProcessLabels) {
+    pub fn name_process(&mut self, pid: u32, labels: ProcessLabels) {
         self.text.name_process(pid, labels.clone());
         self.json.name_process(pid, labels);
     }
@@ -670,7 +677,7 @@ impl Recorder {
 /// of node's own `node:` modules), else the innermost JS function, else the leaf.
 fn culprit(profile: Option<&BlockProfile>) -> Option<String> {
     let frames = &profile?.stacks.first()?.frames;
-    let js = |f: &&crate::symbolize::Frame| f.kind == crate::symbolize::FrameKind::Js;
+    let js = |f: &&Frame| f.kind == FrameKind::Js;
     frames
         .iter()
         .filter(js)

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::Mark;
 use crate::{
     aggregate::LoopId,
-    report::{Clock, human},
+    output::clock::{Clock, human},
 };
 
 const WIDTH: f64 = 1200.0;

@@ -26,9 +26,11 @@ use gimli::{
 use object::{Object, ObjectSection, read::ReadCache};
 
 use crate::{
-    decode::{RED_ZONE, StackSample},
-    discover::{
-        FileCache, Mapping, Segment, bias_of, executable_file_mappings, mapped_file, segments,
+    abi::RED_ZONE,
+    decode::StackSample,
+    target::{
+        files::{FileCache, Segment, bias_of, segments},
+        proc::{Mapping, executable_file_mappings, mapped_file},
     },
 };
 
@@ -107,18 +109,20 @@ impl Unwinder {
         }
     }
 
-    /// Replaces the sample's frame-pointer walk with the `.eh_frame` unwinding, continued by
-    /// the frame-pointer walk where the stack copy ends.
-    pub fn unwind(&mut self, sample: &mut StackSample) {
-        let stack = std::mem::take(&mut sample.stack);
-        self.unwind_with(sample, &stack);
-        sample.stack = stack;
+    /// The sample's user frames, leaf first: the `.eh_frame` unwinding of its stack copy,
+    /// continued by the kernel's frame-pointer walk where the copy ends (that walk alone where
+    /// nothing could be unwound).
+    pub fn unwind(&mut self, sample: &StackSample) -> Vec<u64> {
+        self.unwind_copy(sample)
+            .and_then(|frames| join(&frames, &sample.user))
+            .unwrap_or_else(|| sample.user.clone())
     }
 
-    fn unwind_with(&mut self, sample: &mut StackSample, stack: &[u8]) {
+    fn unwind_copy(&mut self, sample: &StackSample) -> Option<Vec<u64>> {
         let [ip, sp, bp] = sample.regs;
+        let stack = &sample.stack;
         if ip == 0 || stack.is_empty() {
-            return;
+            return None;
         }
         let base = sp.wrapping_sub(RED_ZONE);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
@@ -133,17 +137,14 @@ impl Unwinder {
             .iter()
             .find(|t| t.range.contains(&ip))
             .and_then(|table| unwind_expression_leaf(table, ip, sp, bp, &mut read_stack));
-        let frames = match leaf {
+        Some(match leaf {
             Some((ra, cfa, caller_bp)) => {
                 let mut frames = vec![ip];
                 frames.extend(self.framehop_frames(ra, cfa, caller_bp, &mut read_stack));
                 frames
             }
             None => self.framehop_frames(ip, sp, bp, &mut read_stack),
-        };
-        if let Some(joined) = join(&frames, &sample.user) {
-            sample.user = joined;
-        }
+        })
     }
 
     /// framehop's frames from these registers: the instruction pointer, then return addresses.

@@ -25,16 +25,19 @@ use std::{
 };
 
 use crate::{
-    decode::{CapturedFrame, RED_ZONE, StackSample, V8Layout},
-    discover::{FileCache, executable_file_mappings, mapped_file},
-    symbolize::Frame,
+    abi::{CapturedFrame, RED_ZONE, V8Layout},
+    decode::StackSample,
+    naming::frame::Frame,
+    target::{
+        files::FileCache,
+        proc::{executable_file_mappings, mapped_file},
+    },
 };
 
 use layout::{Layout, postmortem_metadata};
 
 /// The `v8dbg_*` values of a node binary, by name.
 pub type Metadata = HashMap<String, i64>;
-pub use source_maps::Original;
 use source_maps::SourceMaps;
 
 /// Longest name or path read from a V8 string; longer ones are cut.
@@ -240,9 +243,8 @@ impl JsNamer {
 
     /// The JS frames of a sample, leaf first, found on the frame-pointer chain through the
     /// sample's stack copy. Where code without frame pointers (libc) breaks the chain, it is
-    /// picked up again at the unwound return addresses. Call after unwinding, before the copy
-    /// is dropped.
-    pub fn js_frames(&mut self, sample: &StackSample) -> Vec<JsFrameRef> {
+    /// picked up again at `user`, the unwound return addresses.
+    pub fn js_frames(&mut self, sample: &StackSample, user: &[u64]) -> Vec<JsFrameRef> {
         let [ip, sp, bp] = sample.regs;
         let base = sp.wrapping_sub(RED_ZONE);
         let stack = &sample.stack;
@@ -262,7 +264,7 @@ impl JsNamer {
         let words: Vec<u64> = words.collect();
         // Above the red zone: below sp are leftovers of calls that returned.
         let mut from = usize::try_from(RED_ZONE / 8).unwrap_or(0) + 1;
-        for (k, &ra) in sample.user.iter().enumerate().skip(1).take(MAX_SEEDS) {
+        for (k, &ra) in user.iter().enumerate().skip(1).take(MAX_SEEDS) {
             let Some(at) = words[from.min(words.len())..].iter().position(|&w| w == ra) else {
                 continue;
             };
@@ -278,7 +280,7 @@ impl JsNamer {
             if caller_fp > slot_addr
                 && caller_fp < copy_end
                 && returns_to.is_some()
-                && returns_to == sample.user.get(k + 1).copied()
+                && returns_to == user.get(k + 1).copied()
                 && !seen.contains(&caller_fp)
             {
                 self.walk_chain(sample, ra, caller_fp, &slot, &mut seen, &mut refs);

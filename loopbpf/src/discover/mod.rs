@@ -2,24 +2,23 @@
 //! host and this user can attach at all. Every failure here is a message that says what to do.
 
 use std::{
-    cell::RefCell,
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     ffi::OsStr,
     fs::{self, File},
-    ops::Range,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
-    rc::Rc,
 };
 
-use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
+use object::{Object, ObjectSection, ObjectSymbol};
 
-use crate::decode::{
-    UV_LOOP_BACKEND_FD_OFFSET, UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET,
+use crate::{
+    abi::{UV_LOOP_BACKEND_FD_OFFSET, UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET},
+    target::{
+        files::{FileId, Segment, bias_of, open_elf, segments},
+        proc::{first_mapping_per_file, mapped_file},
+    },
 };
 use thiserror::Error;
-
-pub mod container;
 
 /// The libuv function whose entry marks every loop iteration.
 pub const POLL_SYMBOL: &str = "uv__io_poll";
@@ -95,80 +94,6 @@ pub struct Target {
     pub libuv: Libuv,
     /// Which file that is, host-wide: processes running the same file share one probe.
     pub libuv_file: FileId,
-}
-
-/// A file as `/proc/PID/maps` names it across mount namespaces: device and inode.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FileId {
-    pub dev: String,
-    pub inode: u64,
-}
-
-/// What was read of object files (unwind tables, V8 metadata), by file, shared by the stages of
-/// every watched process: processes that map the same file (fleet mode watches many nodes of
-/// one binary) have it read once.
-pub struct FileCache<T>(Rc<RefCell<HashMap<FileId, Option<Rc<T>>>>>);
-
-impl<T> FileCache<T> {
-    pub fn new() -> Self {
-        Self(Rc::default())
-    }
-
-    /// What was read of `file` (opened as `path`), reading it now if it was not yet. Nothing
-    /// is remembered of a file that could not be opened: its process may have exited
-    /// mid-read, and the next one that maps the file must still find what is in it.
-    pub fn get_or_read(
-        &self,
-        file: &FileId,
-        path: &Path,
-        read: impl FnOnce() -> Option<T>,
-    ) -> Option<Rc<T>> {
-        if let Some(known) = self.0.borrow().get(file) {
-            return known.clone();
-        }
-        let value = read().map(Rc::new);
-        if value.is_some() || File::open(path).is_ok() {
-            self.0.borrow_mut().insert(file.clone(), value.clone());
-        }
-        value
-    }
-
-    /// Forgets what no process uses any more (fleet mode: binaries of services upgraded or
-    /// gone), and what could not be read.
-    pub fn prune(&self) {
-        self.0
-            .borrow_mut()
-            .retain(|_, value| value.as_ref().is_some_and(|v| Rc::strong_count(v) > 1));
-    }
-}
-
-impl<T> Clone for FileCache<T> {
-    fn clone(&self) -> Self {
-        Self(Rc::clone(&self.0))
-    }
-}
-
-/// Where a loadable segment of an ELF file is: (file offset, file size, link-time address).
-pub type Segment = (u64, u64, u64);
-
-/// The loadable segments of an ELF file.
-pub fn segments<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> Vec<Segment> {
-    use object::ObjectSegment;
-    elf.segments()
-        .map(|s| {
-            let (offset, size) = s.file_range();
-            (offset, size, s.address())
-        })
-        .collect()
-}
-
-/// How far a mapped object sits from its link-time addresses, from its segments: the mapping
-/// at `start` holds the file from `offset` on.
-pub fn bias_of(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
-    let &(segment_offset, _, address) = segments
-        .iter()
-        .find(|(file_offset, size, _)| (*file_offset..file_offset + size).contains(&offset))?;
-    Some(start.wrapping_sub(address + (offset - segment_offset)))
 }
 
 /// What the probes need from an object file with `uv__io_poll`, wherever it is mapped.
@@ -489,15 +414,6 @@ pub fn libuv_processes(cache: &mut LibuvCache) -> Vec<Target> {
         .collect()
 }
 
-/// When a process started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid,
-/// it names one process even after the pid is reused.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields count from its last `)`.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Finds the libuv a command will run with, before it starts.
 pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     let name = program.to_string_lossy().into_owned();
@@ -639,69 +555,6 @@ fn fs_magic(path: &str) -> Option<i64> {
     // SAFETY: c_path is NUL-terminated and buf is a valid out pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
     (rc == 0).then_some(buf.f_type)
-}
-
-/// Distinct file paths mapped executable, the main executable first.
-/// One executable mapping of a file in a process.
-pub struct Mapping {
-    pub range: Range<u64>,
-    /// Where in the file the mapping starts.
-    pub offset: u64,
-    pub path: PathBuf,
-    pub file: FileId,
-}
-
-/// The executable file mappings of `/proc/PID/maps` text, in map order.
-pub fn executable_file_mappings(maps: &str) -> Vec<Mapping> {
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let dev = fields.next()?;
-            let inode = fields.next()?.parse().ok()?;
-            let path = fields.next()?;
-            let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
-            (perms.contains('x') && path.starts_with('/')).then(|| Mapping {
-                range,
-                offset,
-                path: PathBuf::from(path),
-                file: FileId {
-                    dev: dev.to_owned(),
-                    inode,
-                },
-            })
-        })
-        .collect()
-}
-
-/// A path that opens the very file a mapping of `pid` maps: `/proc/PID/map_files/...`, which
-/// holds even when the file was replaced or deleted since (an upgrade under a running service),
-/// or lives in another mount namespace; `/proc/PID/root/PATH` where that link cannot be read.
-pub fn mapped_file(pid: u32, mapping: &Mapping) -> PathBuf {
-    let link = PathBuf::from(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        mapping.range.start, mapping.range.end
-    ));
-    if File::open(&link).is_ok() {
-        return link;
-    }
-    let path = &mapping.path;
-    Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
-}
-
-/// The first executable mapping of each distinct file, in map order.
-fn first_mapping_per_file(maps: &str) -> Vec<Mapping> {
-    let mut seen = BTreeSet::new();
-    executable_file_mappings(maps)
-        .into_iter()
-        .filter(|m| seen.insert(m.path.clone()))
-        .collect()
-}
-
-fn open_elf(path: &Path) -> Option<ReadCache<File>> {
-    File::open(path).ok().map(ReadCache::new)
 }
 
 fn stripped_note(exe: &Path) -> &'static str {

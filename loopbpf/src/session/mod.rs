@@ -7,13 +7,14 @@
 //! those that exec a libuv program later (the exec tracepoint says when), and those that start
 //! a program already probed (its uprobe finds their loops).
 
+mod launch;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fs,
     future::pending,
     io,
     os::fd::{FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     time::Duration,
 };
@@ -27,22 +28,26 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Aggregator, Record},
+    abi::{ROLE_MAIN, ROLE_OTHER, ROLE_WORKER},
+    aggregate::{Aggregator, Record, leak::LeakWatch},
     cli::{Args, RecordArgs},
-    decode::{Event, GcKind, ROLE_MAIN, ROLE_OTHER, ROLE_WORKER, StackSample},
-    discover::{self, FileCache, FileId, LibuvCache, Target, container::Placement},
-    flame::Flame,
-    launch::StoppedChild,
-    leak::{LeakWatch, rss_of},
-    metrics::{self, Health, LoopView, Metrics, ProcessLabels},
+    decode::{Event, GcKind},
+    discover::{self, LibuvCache, Target},
+    naming::{
+        Naming, SharedFiles,
+        stacks::{self, Sample},
+    },
+    output::{
+        clock::{Clock, human},
+        flame::Flame,
+        metrics::{self, Health, LoopView, Metrics},
+        record::Recorder,
+        report::Reporter,
+    },
     probe::{KnownLoop, Probes},
-    record::Recorder,
-    report::{Clock, Reporter},
-    stacks,
-    symbolize::{SharedObjects, Symbolizer},
-    unwind::{UnwindSections, Unwinder},
-    v8::{JsNamer, Metadata},
+    target::{ProcessLabels, container::Placement, files::FileId, proc::rss_of, start_time},
 };
+use launch::StoppedChild;
 
 /// How often the per-thread state is read for ongoing blocks.
 const STATE_POLL: Duration = Duration::from_millis(100);
@@ -103,7 +108,7 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
         }
         (Err(e), None) => return Err(e),
     };
-    let threshold = crate::report::human(args.threshold.as_nanos() as u64);
+    let threshold = human(args.threshold.as_nanos() as u64);
     if let Some(target) = &target {
         eprintln!(
             "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
@@ -150,86 +155,6 @@ enum Seed {
     Fresh,
     /// Its probes see it from its first iteration (a launched command), or they found it.
     Nothing,
-}
-
-/// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
-struct Naming {
-    pid: u32,
-    unwinder: Unwinder,
-    symbolizer: Symbolizer,
-    /// `None` while the process has no V8 we can read (a launched command before its exec, a
-    /// libuv program that is not Node, metadata we cannot use).
-    js: Option<JsNamer>,
-    /// The executable `js` was last looked for in: looked for again only when it changes.
-    js_looked_in: Option<PathBuf>,
-    v8_metadata: FileCache<Metadata>,
-}
-
-/// What the naming stages of every watched process share: each file is read once.
-#[derive(Clone)]
-struct SharedFiles {
-    objects: SharedObjects,
-    unwind_sections: FileCache<UnwindSections>,
-    v8_metadata: FileCache<Metadata>,
-}
-
-impl SharedFiles {
-    fn new() -> Self {
-        Self {
-            objects: SharedObjects::new(),
-            unwind_sections: FileCache::new(),
-            v8_metadata: FileCache::new(),
-        }
-    }
-
-    /// Forgets the files no watched process uses any more.
-    fn prune(&self) {
-        self.unwind_sections.prune();
-        self.v8_metadata.prune();
-    }
-}
-
-impl Naming {
-    fn new(pid: u32, shared: &SharedFiles) -> Self {
-        let mut naming = Self {
-            pid,
-            unwinder: Unwinder::new(pid, &shared.unwind_sections),
-            symbolizer: Symbolizer::sharing(pid, &shared.objects),
-            js: None,
-            js_looked_in: None,
-            v8_metadata: shared.v8_metadata.clone(),
-        };
-        naming.find_v8();
-        naming
-    }
-
-    fn find_v8(&mut self) {
-        let exe = fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
-        if self.js.is_some() || exe.is_none() || exe == self.js_looked_in {
-            return;
-        }
-        self.js_looked_in = exe;
-        match JsNamer::new(self.pid, &self.v8_metadata) {
-            Ok(js) => self.js = js,
-            Err(why) => eprintln!("loopbpf: warning: JS frames stay unnamed ([JS]): {why}"),
-        }
-    }
-
-    /// Unwinds a sample and names its JS frames, then drops its stack copy.
-    fn unwind(&mut self, sample: &mut StackSample) {
-        self.unwinder.unwind(sample);
-        if let Some(js) = self.js.as_mut() {
-            sample.js = js.js_frames(sample);
-        }
-        sample.stack = Vec::new();
-    }
-
-    /// New mappings (a library loaded, a launched command's exec) since the last refresh.
-    fn refresh(&mut self) {
-        self.symbolizer.refresh();
-        self.unwinder.refresh();
-        self.find_v8();
-    }
 }
 
 /// A watched process.
@@ -369,7 +294,7 @@ impl<'a> Session<'a> {
         let (pid, comm, file) = (target.pid, target.comm.clone(), target.libuv_file.clone());
         if let Err(e) = self.watch(target, seed) {
             // One that exited meanwhile is no failure.
-            if discover::start_time(pid).is_some() {
+            if start_time(pid).is_some() {
                 eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
                 if let Some(fleet) = self.fleet.as_mut() {
                     fleet.attach_failures += 1;
@@ -414,7 +339,7 @@ impl<'a> Session<'a> {
     fn watch(&mut self, target: Target, seed: Seed) -> Result<()> {
         let pid = target.pid;
         // First: a process that exits during the attach must still be found gone.
-        let start_time = discover::start_time(pid);
+        let start_time = start_time(pid);
         // After attaching, so that a loop waking up meanwhile is seen by the probes, not lost.
         match seed {
             // Fleet mode: only a main thread known to run libuv's default loop is taken for
@@ -465,17 +390,20 @@ impl<'a> Session<'a> {
         let mut records = Vec::new();
         while let Some(item) = ring.next() {
             match Event::decode(&item) {
-                Ok(mut event) => {
+                Ok(event) => {
                     self.follow_threads(&event);
-                    if let Event::Stack(sample) = &mut event
-                        && let Some(naming) = self.naming_of(sample.pid)
-                    {
-                        naming.unwind(sample);
+                    if let Event::Stack(sample) = event {
+                        let sample = match self.naming_of(sample.pid) {
+                            Some(naming) => naming.unwind(&sample),
+                            None => Sample::unwound_by_kernel(sample),
+                        };
+                        self.aggregator.on_stack(sample);
+                        continue;
                     }
                     if let Event::Gc { .. } = event {
                         records.extend(self.follow_gc(&event));
                     }
-                    records.extend(self.aggregator.on_event(event));
+                    records.extend(self.aggregator.on_event(&event));
                 }
                 Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
             }
@@ -609,8 +537,7 @@ impl<'a> Session<'a> {
             .processes
             .iter()
             .filter(|(pid, p)| {
-                p.gone_ns.is_none()
-                    && (p.start_time.is_none() || discover::start_time(**pid) != p.start_time)
+                p.gone_ns.is_none() && (p.start_time.is_none() || start_time(**pid) != p.start_time)
             })
             .map(|(pid, _)| *pid)
             .collect();

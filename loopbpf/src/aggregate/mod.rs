@@ -1,13 +1,16 @@
 //! Loop and interval aggregation: turns kernel events and per-thread state into what a user is
 //! told — blocks, ongoing blocks, interval lines and the summary — for every loop thread.
 
+pub mod leak;
+
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
 use crate::{
-    decode::{Event, GcKind, HIST_SLOTS, ThreadState},
-    stacks::{BlockProfile, RawStacks},
+    abi::{HIST_SLOTS, ThreadState},
+    decode::{Event, GcKind},
+    naming::stacks::{BlockProfile, RawStacks, Sample},
 };
 
 /// How often an ongoing block is reported again, and how long after the threshold the first time.
@@ -92,7 +95,7 @@ pub enum Record {
         max_busy_ns: u64,
     },
     /// Memory after major GC grew over several in a row (see `leak`).
-    Leak { id: LoopId, leak: crate::leak::Leak },
+    Leak { id: LoopId, leak: leak::Leak },
     Summary {
         loops: Vec<LoopSummary>,
         elapsed_ns: u64,
@@ -198,8 +201,8 @@ impl Aggregator {
     }
 
     /// Takes one kernel event; returns what to report about it.
-    pub fn on_event(&mut self, event: Event) -> Option<Record> {
-        match event {
+    pub fn on_event(&mut self, event: &Event) -> Option<Record> {
+        match *event {
             Event::LoopFound {
                 pid, tid, at_ns, ..
             } => {
@@ -255,16 +258,8 @@ impl Aggregator {
                     profile: None,
                 })
             }
-            Event::Stack(sample) => {
-                let thread = self.loop_thread(sample.pid, sample.tid, sample.at_ns);
-                if thread.stacks.0 != sample.busy_since_ns {
-                    // A new busy interval: the last one's stacks were not a block's.
-                    thread.stacks = (sample.busy_since_ns, RawStacks::default());
-                }
-                thread.stacks.1.add(sample);
-                None
-            }
-            Event::Exec { .. } => None,
+            // Stacks come in unwound, through `on_stack`.
+            Event::Stack(_) | Event::Exec { .. } => None,
             Event::Gc {
                 pid,
                 tid,
@@ -285,6 +280,16 @@ impl Aggregator {
                 None
             }
         }
+    }
+
+    /// Takes a stack of a busy interval, kept until the interval turns out to be a block or not.
+    pub fn on_stack(&mut self, sample: Sample) {
+        let thread = self.loop_thread(sample.pid, sample.tid, sample.at_ns);
+        if thread.stacks.0 != sample.busy_since_ns {
+            // A new busy interval: the last one's stacks were not a block's.
+            thread.stacks = (sample.busy_since_ns, RawStacks::default());
+        }
+        thread.stacks.1.add(sample);
     }
 
     /// Stores the newest kernel-side state of a thread (the last one, after it exited).
@@ -523,7 +528,7 @@ fn utilization(wall_ns: u64, idle_ns: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::ROLE_MAIN;
+    use crate::abi::ROLE_MAIN;
 
     const MS: u64 = 1_000_000;
 
@@ -540,19 +545,19 @@ mod tests {
     #[test]
     fn blocks_carry_the_thread_label() {
         let mut agg = Aggregator::new(100 * MS);
-        agg.on_event(Event::LoopFound {
+        agg.on_event(&Event::LoopFound {
             pid: 7,
             tid: 7,
             loop_addr: 1,
             at_ns: 0,
         });
-        agg.on_event(Event::LoopFound {
+        agg.on_event(&Event::LoopFound {
             pid: 7,
             tid: 9,
             loop_addr: 2,
             at_ns: 0,
         });
-        agg.on_event(Event::LoopFound {
+        agg.on_event(&Event::LoopFound {
             pid: 7,
             tid: 8,
             loop_addr: 3,
@@ -563,7 +568,7 @@ mod tests {
             duration_ns,
             end,
             ..
-        }) = agg.on_event(Event::Block {
+        }) = agg.on_event(&Event::Block {
             pid: 7,
             tid: 8,
             start_ns: 10 * MS,
@@ -589,10 +594,10 @@ mod tests {
             kind,
         };
         // One pause before the block, one inside, one straddling its start.
-        agg.on_event(gc(5 * MS, 8 * MS, GcKind::Minor));
-        agg.on_event(gc(95 * MS, 110 * MS, GcKind::Minor));
-        agg.on_event(gc(150 * MS, 230 * MS, GcKind::Major));
-        let Some(Record::Block { gc_ns, .. }) = agg.on_event(Event::Block {
+        agg.on_event(&gc(5 * MS, 8 * MS, GcKind::Minor));
+        agg.on_event(&gc(95 * MS, 110 * MS, GcKind::Minor));
+        agg.on_event(&gc(150 * MS, 230 * MS, GcKind::Major));
+        let Some(Record::Block { gc_ns, .. }) = agg.on_event(&Event::Block {
             pid: 7,
             tid: 7,
             start_ns: 100 * MS,
@@ -620,12 +625,12 @@ mod tests {
             loop_addr: 1,
             at_ns: 0,
         };
-        agg.on_event(found(7, 7));
-        agg.on_event(found(7, 8));
+        agg.on_event(&found(7, 7));
+        agg.on_event(&found(7, 8));
         agg.update_state(7, &state(7, 0));
         agg.update_state(8, &state(7, 0));
         // The main thread execs node again: its loop ends, and a new one starts on its tid.
-        agg.on_event(Event::LoopExit {
+        agg.on_event(&Event::LoopExit {
             pid: 7,
             tid: 7,
             busy_since_ns: None,
@@ -633,10 +638,10 @@ mod tests {
             before_attach: false,
         });
         assert_eq!(agg.take_exited_tids(), [7]);
-        agg.on_event(found(7, 7));
+        agg.on_event(&found(7, 7));
         assert!(agg.loops[&7].exited_ns.is_none());
         // Another process gets tid 8.
-        agg.on_event(found(9, 8));
+        agg.on_event(&found(9, 8));
         assert_eq!(agg.loops[&8].id.pid, 9);
         assert_eq!(agg.loops[&8].id.label, ThreadLabel::Worker(1));
         let mut forgotten = agg.forget_process(7);
@@ -656,13 +661,13 @@ mod tests {
             before_attach: true,
         };
         assert!(matches!(
-            agg.on_event(exit(Some(300 * MS))),
+            agg.on_event(&exit(Some(300 * MS))),
             Some(Record::Block { duration_ns, end: BlockEnd::Exit, before_attach: true, .. })
                 if duration_ns == 200 * MS
         ));
         let mut agg = Aggregator::new(100 * MS);
-        assert_eq!(agg.on_event(exit(Some(450 * MS))), None);
-        assert_eq!(agg.on_event(exit(None)), None);
+        assert_eq!(agg.on_event(&exit(Some(450 * MS))), None);
+        assert_eq!(agg.on_event(&exit(None)), None);
     }
 
     #[test]

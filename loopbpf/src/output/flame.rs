@@ -7,8 +7,10 @@ use anyhow::{Context, Result};
 
 use crate::{
     aggregate::LoopId,
-    stacks::{BlockProfile, above_the_loop},
-    symbolize::{Frame, FrameKind},
+    naming::{
+        frame::{Frame, FrameKind},
+        stacks::{BlockProfile, above_the_loop},
+    },
 };
 
 /// Folded stacks of all blocked time: `root;caller;...;leaf` -> microseconds.
@@ -91,7 +93,7 @@ fn folded_name(frame: &Frame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{aggregate::ThreadLabel, stacks::NamedStack};
+    use crate::{aggregate::ThreadLabel, naming::stacks::NamedStack};
 
     fn frame(name: &str, kind: FrameKind) -> Frame {
         Frame {

@@ -24,8 +24,10 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 use crate::{
+    abi::{HIST_SLOTS, ThreadState},
     aggregate::LoopId,
-    decode::{GcKind, HIST_SLOTS, ThreadState},
+    decode::GcKind,
+    target::ProcessLabels,
 };
 
 /// The window of the ELU gauge.
@@ -40,14 +42,6 @@ const BLOCK_BUCKETS: [f64; 12] = [
 /// Upper bounds of the GC pause buckets, in seconds: prom-client's for
 /// `nodejs_gc_duration_seconds`, so dashboards built for it read these too.
 const GC_BUCKETS: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 2.0, 5.0];
-
-/// Who a loop thread's series belong to.
-#[derive(Debug, Clone, Default)]
-pub struct ProcessLabels {
-    pub comm: String,
-    pub container: String,
-    pub pod: String,
-}
 
 /// One loop thread as the session sees it at a refresh.
 pub struct LoopView<'a> {
@@ -567,7 +561,7 @@ fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{aggregate::ThreadLabel, decode::ROLE_MAIN};
+    use crate::{abi::ROLE_MAIN, aggregate::ThreadLabel};
 
     const S: u64 = 1_000_000_000;
 

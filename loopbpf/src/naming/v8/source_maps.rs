@@ -8,20 +8,11 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use serde::Serialize;
+use crate::naming::frame::Original;
 use sourcemap::{DecodedMap, SourceMap, decode_slice, locate_sourcemap_reference_slice};
 
 /// Largest script or source map read (a bundle's map can be tens of MB).
 const MAX_FILE: u64 = 256 << 20;
-
-/// Where a position of transpiled JS came from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct Original {
-    pub file: String,
-    /// From 1, like Node's stack traces.
-    pub line: u32,
-    pub column: u32,
-}
 
 /// The source maps of one process's scripts, read once each.
 pub struct SourceMaps {

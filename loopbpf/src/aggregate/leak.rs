@@ -67,15 +67,6 @@ impl LeakWatch {
     }
 }
 
-/// A process's resident memory now, from `/proc/PID/statm`.
-pub fn rss_of(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,14 +8,62 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::{
-    decode::StackSample,
-    symbolize::{Frame, Symbolizer},
+use super::{
+    frame::Frame,
+    symbolize::Symbolizer,
     v8::{JsFrameRef, JsNamer},
 };
+use crate::decode::StackSample;
 
 /// Most distinct stacks kept for one busy interval (a loop hung for minutes stays bounded).
 const MAX_DISTINCT_STACKS: usize = 4096;
+
+/// A stack sample once unwound, its JS frames found on the stack (named only if it turns out to
+/// belong to a block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub pid: u32,
+    pub tid: u32,
+    /// The busy interval it belongs to (its start).
+    pub busy_since_ns: u64,
+    pub at_ns: u64,
+    /// `None` for an on-CPU sample; how long the thread slept for an off-CPU one.
+    pub off_cpu_ns: Option<u64>,
+    /// User frames, leaf first.
+    pub user: Vec<u64>,
+    pub kernel: Vec<u64>,
+    /// The JS frames among `user`.
+    pub js: Vec<JsFrameRef>,
+}
+
+impl Sample {
+    /// A sample with the kernel's frame-pointer walk only (nothing to unwind or name it with).
+    pub fn unwound_by_kernel(raw: StackSample) -> Self {
+        Self {
+            pid: raw.pid,
+            tid: raw.tid,
+            busy_since_ns: raw.busy_since_ns,
+            at_ns: raw.at_ns,
+            off_cpu_ns: raw.off_cpu_ns,
+            user: raw.user,
+            kernel: raw.kernel,
+            js: Vec::new(),
+        }
+    }
+
+    pub fn with_frames(raw: &StackSample, user: Vec<u64>, js: Vec<JsFrameRef>) -> Self {
+        Self {
+            pid: raw.pid,
+            tid: raw.tid,
+            busy_since_ns: raw.busy_since_ns,
+            at_ns: raw.at_ns,
+            off_cpu_ns: raw.off_cpu_ns,
+            user,
+            kernel: raw.kernel.clone(),
+            js,
+        }
+    }
+}
 
 /// A stack as captured: user and kernel addresses, leaf first.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -37,7 +85,7 @@ pub struct RawStacks {
 }
 
 impl RawStacks {
-    pub fn add(&mut self, sample: StackSample) {
+    pub fn add(&mut self, sample: Sample) {
         let key = StackKey {
             on_cpu: sample.off_cpu_ns.is_none(),
             user: sample.user,
@@ -147,7 +195,7 @@ pub fn above_the_loop(frames: &[Frame]) -> &[Frame] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::symbolize::FrameKind;
+    use crate::naming::frame::FrameKind;
 
     fn frame(name: &str) -> Frame {
         Frame {
@@ -161,8 +209,8 @@ mod tests {
         }
     }
 
-    fn sample(off_cpu_ns: Option<u64>, user: &[u64]) -> StackSample {
-        StackSample {
+    fn sample(off_cpu_ns: Option<u64>, user: &[u64]) -> Sample {
+        Sample {
             pid: 1,
             tid: 1,
             busy_since_ns: 1,
@@ -170,9 +218,6 @@ mod tests {
             off_cpu_ns,
             user: user.to_vec(),
             kernel: Vec::new(),
-            regs: [0; 3],
-            stack: Vec::new(),
-            captured: Vec::new(),
             js: Vec::new(),
         }
     }

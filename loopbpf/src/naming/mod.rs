@@ -1,0 +1,99 @@
+//! Raw samples -> named stacks: unwinding ([`unwind`]), JS frames from V8's heap ([`v8`]),
+//! native and JIT symbols ([`symbolize`]), and the weighting of a block's stacks ([`stacks`]).
+//! Every stage reads a target's memory or files and is bounded against what it finds there.
+
+pub mod frame;
+pub mod stacks;
+pub mod symbolize;
+pub mod unwind;
+pub mod v8;
+
+use std::{fs, path::PathBuf};
+
+use crate::{decode::StackSample, target::files::FileCache};
+use stacks::Sample;
+use symbolize::{SharedObjects, Symbolizer};
+use unwind::{UnwindSections, Unwinder};
+use v8::{JsNamer, Metadata};
+
+/// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
+pub struct Naming {
+    pub pid: u32,
+    pub unwinder: Unwinder,
+    pub symbolizer: Symbolizer,
+    /// `None` while the process has no V8 we can read (a launched command before its exec, a
+    /// libuv program that is not Node, metadata we cannot use).
+    pub js: Option<JsNamer>,
+    /// The executable `js` was last looked for in: looked for again only when it changes.
+    js_looked_in: Option<PathBuf>,
+    v8_metadata: FileCache<Metadata>,
+}
+
+/// What the naming stages of every watched process share: each file is read once.
+#[derive(Clone)]
+pub struct SharedFiles {
+    objects: SharedObjects,
+    unwind_sections: FileCache<UnwindSections>,
+    v8_metadata: FileCache<Metadata>,
+}
+
+impl SharedFiles {
+    pub fn new() -> Self {
+        Self {
+            objects: SharedObjects::new(),
+            unwind_sections: FileCache::new(),
+            v8_metadata: FileCache::new(),
+        }
+    }
+
+    /// Forgets the files no watched process uses any more.
+    pub fn prune(&self) {
+        self.unwind_sections.prune();
+        self.v8_metadata.prune();
+    }
+}
+
+impl Naming {
+    pub fn new(pid: u32, shared: &SharedFiles) -> Self {
+        let mut naming = Self {
+            pid,
+            unwinder: Unwinder::new(pid, &shared.unwind_sections),
+            symbolizer: Symbolizer::sharing(pid, &shared.objects),
+            js: None,
+            js_looked_in: None,
+            v8_metadata: shared.v8_metadata.clone(),
+        };
+        naming.find_v8();
+        naming
+    }
+
+    fn find_v8(&mut self) {
+        let exe = fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        if self.js.is_some() || exe.is_none() || exe == self.js_looked_in {
+            return;
+        }
+        self.js_looked_in = exe;
+        match JsNamer::new(self.pid, &self.v8_metadata) {
+            Ok(js) => self.js = js,
+            Err(why) => eprintln!("loopbpf: warning: JS frames stay unnamed ([JS]): {why}"),
+        }
+    }
+
+    /// Unwinds a sample and finds its JS frames; its stack copy is dropped with it.
+    pub fn unwind(&mut self, sample: &StackSample) -> Sample {
+        let user = self.unwinder.unwind(sample);
+        let js = self
+            .js
+            .as_mut()
+            .map(|js| js.js_frames(sample, &user))
+            .unwrap_or_default();
+        Sample::with_frames(sample, user, js)
+    }
+
+    /// New mappings (a library loaded, a launched command's exec) since the last refresh.
+    pub fn refresh(&mut self) {
+        self.symbolizer.refresh();
+        self.unwinder.refresh();
+        self.find_v8();
+    }
+}

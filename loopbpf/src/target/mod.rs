@@ -1,0 +1,16 @@
+//! Everything read from a target process: `/proc` ([`proc`]), its files ([`files`]) and where it
+//! runs ([`container`]). Every value here comes from a process loopbpf does not trust.
+
+pub mod container;
+pub mod files;
+pub mod proc;
+
+pub use proc::start_time;
+
+/// Who a process is, as every output labels it.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessLabels {
+    pub comm: String,
+    pub container: String,
+    pub pod: String,
+}
