@@ -1,0 +1,321 @@
+//! The session's work on each wake-up: events drained from the ring buffer, the kernel side's
+//! per-thread state read, blocks' stacks named, records handed to the outputs.
+
+use std::{io, path::Path};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+
+use super::{
+    End, Session,
+    process::{Seed, read_v8_objects_in_samples},
+};
+use crate::{
+    abi::ROLE_OTHER,
+    aggregate::Record,
+    decode::{Event, GcKind},
+    discover,
+    naming::stacks::{self, Sample},
+    output::{
+        clock::Clock,
+        metrics::{Health, LoopView},
+    },
+    target::{ProcessLabels, proc::rss_of},
+};
+
+impl Session<'_> {
+    /// Reads every queued event; an exited loop thread's final state is taken and the entry
+    /// freed.
+    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), End> {
+        let mut records = Vec::new();
+        while let Some(item) = ring.next() {
+            match Event::decode(&item) {
+                Ok(event) => {
+                    self.follow_threads(&event);
+                    if let Event::Stack(sample) = event {
+                        let sample = match self.naming_of(sample.pid) {
+                            Some(naming) => naming.unwind(&sample),
+                            None => Sample::unwound_by_kernel(sample),
+                        };
+                        self.aggregator.on_stack(sample);
+                        continue;
+                    }
+                    if let Event::Gc { .. } = event {
+                        records.extend(self.follow_gc(&event));
+                    }
+                    records.extend(self.aggregator.on_event(&event));
+                }
+                Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
+            }
+        }
+        for tid in self.aggregator.take_exited_tids() {
+            self.probes.forget_thread(tid);
+        }
+        self.report_all(records)
+    }
+
+    /// Starts sampling loop threads as they are found; takes the final state of those that
+    /// exit; in fleet mode, takes in processes found by their probes or by their exec.
+    pub(super) fn follow_threads(&mut self, event: &Event) {
+        match *event {
+            Event::LoopFound { pid, tid, .. } => {
+                if let Some(fleet) = self.fleet.as_mut()
+                    && !self.processes.contains_key(&pid)
+                    && let Ok(target) = discover::find_target(pid, &mut fleet.cache)
+                {
+                    self.watch_in_fleet(target, Seed::Nothing);
+                }
+                if let Err(e) = self.probes.sample_thread(pid, tid) {
+                    eprintln!(
+                        "loopbpf: thread {tid} is not sampled: {:#}",
+                        anyhow::Error::from(e)
+                    );
+                }
+            }
+            Event::LoopExit { tid, .. } => {
+                self.probes.stop_sampling(tid);
+                if let Some(state) = self.probes.thread(tid) {
+                    self.aggregator.update_state(tid, &state);
+                }
+            }
+            Event::Exec { pid, at_ns } => {
+                if self.fleet.is_none() {
+                    return;
+                }
+                // The program it ran is gone; the new one may be another libuv program.
+                self.process_gone(pid, at_ns);
+                if let Some(fleet) = self.fleet.as_mut() {
+                    fleet.exec_seen(pid, at_ns);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts a GC pause for the metrics; after a major GC of a main thread, looks at the
+    /// process's memory for a leak.
+    pub(super) fn follow_gc(&mut self, event: &Event) -> Option<Record> {
+        let Event::Gc {
+            pid,
+            tid,
+            start_ns,
+            end_ns,
+            kind,
+        } = *event
+        else {
+            return None;
+        };
+        if let Some(metrics) = self.metrics.as_mut() {
+            metrics.on_gc(pid, tid, kind, end_ns.saturating_sub(start_ns));
+        }
+        if kind != GcKind::Major || tid != pid {
+            return None;
+        }
+        let process = self.processes.get_mut(&pid)?;
+        let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?)?;
+        let id = self.aggregator.loops().find(|(id, _)| id.tid == tid)?.0;
+        Some(Record::Leak { id, leak })
+    }
+
+    pub(super) fn refresh(&mut self) {
+        let mut unnamed = false;
+        for (tid, state) in self.probes.threads() {
+            if state.exited_ns == 0 {
+                self.aggregator.update_state(tid, &state);
+                // Seen asleep in a poll wait at attach, its loop not known yet.
+                unnamed |= state.loop_addr == 0 && state.role != ROLE_OTHER;
+            }
+        }
+        for shown in self.probes.end_discovery(unnamed) {
+            eprintln!("loopbpf: loops running in {shown} found; no probe left on its iterations");
+        }
+    }
+
+    /// Renders the metrics with the newest state of every loop thread.
+    pub(super) fn refresh_metrics(&mut self, now_ns: u64) {
+        let Some(metrics) = self.metrics.as_mut() else {
+            return;
+        };
+        let unknown = ProcessLabels::default();
+        let loops: Vec<LoopView<'_>> = self
+            .aggregator
+            .loops()
+            .map(|(id, state)| {
+                let process = self.processes.get(&id.pid);
+                LoopView {
+                    id,
+                    state,
+                    process: process.map_or(&unknown, |p| &p.labels),
+                    memory: process
+                        .filter(|_| id.tid == id.pid)
+                        .and_then(|p| Some((p.leak.rss_after_gc?, p.leak.warnings))),
+                }
+            })
+            .collect();
+        let health = Health {
+            processes: self
+                .processes
+                .values()
+                .filter(|p| p.life.gone_ns.is_none())
+                .count() as u64,
+            lost_events: self.probes.dropped_events(),
+            attach_failures: self.fleet.as_ref().map_or(0, |f| f.attach_failures),
+        };
+        metrics.refresh(now_ns, &loops, health);
+    }
+
+    /// `loopbpf record`, once a state poll: the timeline, the actions, the bundle so far; ends
+    /// the session once `--stop-after-blocks` is reached.
+    pub(super) fn record_tick(&mut self, now_ns: u64) -> Result<(), End> {
+        let Some(recorder) = self.recorder.as_mut() else {
+            return Ok(());
+        };
+        recorder.tick(now_ns, self.aggregator.loops());
+        recorder.write_if_due(&self.flame);
+        if recorder.has_enough() {
+            return Err(End::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Names the stacks of blocks (the symbolize stage), then reports.
+    pub(super) fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
+        let now_ns = Clock::monotonic_ns();
+        for record in &mut records {
+            if let (
+                Record::Block {
+                    id, duration_ns, ..
+                },
+                Some(metrics),
+            ) = (&*record, self.metrics.as_mut())
+            {
+                metrics.on_block(id.pid, id.tid, *duration_ns);
+            }
+            self.name_stacks(record, matches!(record, Record::Block { .. }));
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.take(record, now_ns);
+            }
+            if self.reporter.report(record, now_ns).is_err() {
+                // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
+                return Err(End::OutputClosed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Weights and names a record's stacks; `into_flame` adds them to the blocked time of
+    /// `--folded` and `--flamegraph`.
+    pub(super) fn name_stacks(&mut self, record: &mut Record, into_flame: bool) {
+        let (Record::Block {
+            id,
+            duration_ns,
+            stacks,
+            profile,
+            ..
+        }
+        | Record::Ongoing {
+            id,
+            duration_ns,
+            stacks,
+            profile,
+            ..
+        }) = record
+        else {
+            return;
+        };
+        let Some(naming) = self
+            .processes
+            .get_mut(&id.pid)
+            .and_then(|p| p.naming.as_mut())
+        else {
+            return;
+        };
+        // New mappings (a library loaded, a launched command's exec) since the last refresh.
+        naming.symbolizer.refresh();
+        // A worker's heap goes with its thread: read after that, memory another isolate reuses
+        // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
+        let heap_alive =
+            id.tid == id.pid || Path::new(&format!("/proc/{}/task/{}", id.pid, id.tid)).exists();
+        let named = stacks::profile(
+            stacks,
+            *duration_ns,
+            &mut naming.symbolizer,
+            naming.js.as_ref().filter(|_| heap_alive),
+        );
+        if into_flame {
+            self.flame.add(id, &named);
+        }
+        *profile = Some(named);
+    }
+
+    /// Once a second: current memory maps for naming, V8 layouts, lost events.
+    pub(super) fn refresh_naming(&mut self) {
+        for process in self.processes.values_mut() {
+            if let Some(naming) = process.naming.as_mut() {
+                naming.refresh();
+            }
+            read_v8_objects_in_samples(&mut self.probes, process);
+        }
+        self.warn_of_lost_events();
+    }
+
+    /// Says so, at most once a second, when the kernel side could not hand events over: counts
+    /// and stacks are then incomplete, and the user must know.
+    pub(super) fn warn_of_lost_events(&mut self) {
+        let dropped = self.probes.dropped_events();
+        if dropped > self.dropped_warned {
+            eprintln!(
+                "loopbpf: warning: {dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
+            );
+            self.dropped_warned = dropped;
+        }
+    }
+
+    /// The summary, then the `--folded` and `--flamegraph` files.
+    pub(super) fn finish(&mut self, target_pid: Option<u32>, end: &End) -> Result<()> {
+        self.refresh();
+        self.warn_of_lost_events();
+        let now_ns = Clock::monotonic_ns();
+        if let Some(pid) = target_pid
+            && *end == End::TargetExited
+            && !self.aggregator.knows_loops()
+        {
+            eprintln!("loopbpf: pid {pid} exited before its event loop ran");
+        }
+        let dropped = self.probes.dropped_events();
+        let summary = self
+            .aggregator
+            .summary(now_ns, dropped, now_ns - self.started_ns);
+        match self.reporter.report(&summary, now_ns) {
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
+            _ => {}
+        }
+        // A loop still stuck as we stop (Ctrl-C on a hung process) is blocked time too.
+        for mut stuck in self.aggregator.still_blocked(now_ns) {
+            self.name_stacks(&mut stuck, true);
+            if let Some(recorder) = self.recorder.as_mut() {
+                recorder.take(&stuck, now_ns);
+            }
+        }
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.take(&summary, now_ns);
+            recorder.finish(&self.flame)?;
+        }
+        self.write_files(target_pid)
+    }
+
+    /// Writes `--folded` and `--flamegraph` files.
+    pub(super) fn write_files(&self, target_pid: Option<u32>) -> Result<()> {
+        if let Some(path) = &self.args.folded {
+            self.flame.write_folded(path)?;
+        }
+        if let Some(path) = &self.args.flamegraph {
+            let title = match target_pid {
+                Some(pid) => format!("loopbpf: blocked time of pid {pid}"),
+                None => "loopbpf: blocked time of every watched process".to_owned(),
+            };
+            self.flame.write_svg(path, &title)?;
+        }
+        Ok(())
+    }
+}
