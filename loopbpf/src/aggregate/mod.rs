@@ -2,6 +2,7 @@
 //! told — blocks, ongoing blocks, interval lines and the summary — for every loop thread.
 
 pub mod leak;
+pub mod usage;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -12,6 +13,7 @@ use crate::{
     decode::{Event, GcKind},
     naming::stacks::{BlockProfile, RawStacks, Sample},
 };
+use usage::{LoopStatus, Usage};
 
 /// How often an ongoing block is reported again, and how long after the threshold the first time.
 const ONGOING_EVERY_NS: u64 = 1_000_000_000;
@@ -150,8 +152,8 @@ struct LoopThread {
     id: LoopId,
     /// Newest state read from the kernel side (final once the thread exited).
     state: ThreadState,
-    /// Where the current interval window started: time, idle time, iterations.
-    window_start: (u64, u64, u64),
+    /// Where the current interval window started, and the iterations then.
+    window_start: (Usage, u64),
     /// When to report the current busy interval as ongoing next, keyed by its start.
     next_ongoing: Option<(u64, u64)>,
     exited_ns: Option<u64>,
@@ -300,7 +302,13 @@ impl Aggregator {
         let thread = self.loop_thread(state.pid, tid, state.discovered_ns);
         if !thread.state.is_reported_loop() {
             // First state of this thread: windows start where its counters start.
-            thread.window_start = (state.discovered_ns, state.idle_ns, state.iterations);
+            thread.window_start = (
+                Usage {
+                    at_ns: state.discovered_ns,
+                    idle_ns: state.idle_ns,
+                },
+                state.iterations,
+            );
         }
         thread.state = *state;
     }
@@ -391,8 +399,11 @@ impl Aggregator {
                 continue;
             }
             let state = &thread.state;
-            let (start_ns, start_idle, start_iterations) = thread.window_start;
-            let idle_ns = state.idle_ns_at(now_ns);
+            let (start, start_iterations) = thread.window_start;
+            let now = Usage {
+                at_ns: now_ns,
+                idle_ns: state.idle_ns_at(now_ns),
+            };
             let finished_max = if state.window == window {
                 state.window_max_busy_ns
             } else {
@@ -401,14 +412,11 @@ impl Aggregator {
             let max_busy_ns = finished_max.max(state.busy_for_ns(now_ns).unwrap_or(0));
             records.push(Record::Interval {
                 id: thread.id,
-                elu: utilization(
-                    now_ns.saturating_sub(start_ns),
-                    idle_ns.saturating_sub(start_idle),
-                ),
+                elu: now.elu_since(start),
                 iterations: state.iterations.saturating_sub(start_iterations),
                 max_busy_ns,
             });
-            thread.window_start = (now_ns, idle_ns, state.iterations);
+            thread.window_start = (now, state.iterations);
         }
         records
     }
@@ -422,6 +430,11 @@ impl Aggregator {
             .map(|thread| {
                 let state = &thread.state;
                 let end_ns = thread.exited_ns.unwrap_or(now_ns);
+                let status = LoopStatus::new(thread.id, state);
+                let end = Usage {
+                    at_ns: end_ns,
+                    idle_ns: state.idle_ns_at(end_ns),
+                };
                 let ongoing_ns = if thread.exited_ns.is_none() {
                     state
                         .busy_for_ns(now_ns)
@@ -431,10 +444,7 @@ impl Aggregator {
                 };
                 LoopSummary {
                     id: thread.id,
-                    elu: utilization(
-                        end_ns.saturating_sub(state.discovered_ns),
-                        state.idle_ns_at(end_ns),
-                    ),
+                    elu: end.elu_since(status.found()),
                     iterations: state.iterations,
                     blocks: state.blocks,
                     max_busy_ns: state.max_busy_ns.max(ongoing_ns.unwrap_or(0)),
@@ -458,11 +468,11 @@ impl Aggregator {
     }
 
     /// Every main and worker loop thread with its newest state, exited ones too.
-    pub fn loops(&self) -> impl Iterator<Item = (LoopId, &ThreadState)> {
+    pub fn loops(&self) -> impl Iterator<Item = LoopStatus<'_>> {
         self.loops
             .values()
             .filter(|t| t.state.is_reported_loop())
-            .map(|t| (t.id, &t.state))
+            .map(|t| LoopStatus::new(t.id, &t.state))
     }
 
     /// A thread found gone without an exit event: it is no loop any more (and no block).
@@ -505,7 +515,13 @@ impl Aggregator {
             LoopThread {
                 id: LoopId { pid, tid, label },
                 state: ThreadState::default(),
-                window_start: (first_ns, 0, 0),
+                window_start: (
+                    Usage {
+                        at_ns: first_ns,
+                        idle_ns: 0,
+                    },
+                    0,
+                ),
                 next_ongoing: None,
                 exited_ns: None,
                 forgotten: false,
@@ -517,18 +533,11 @@ impl Aggregator {
     }
 }
 
-/// Event loop utilization: the share of `wall_ns` not spent idle.
-fn utilization(wall_ns: u64, idle_ns: u64) -> f64 {
-    if wall_ns == 0 {
-        return 0.0;
-    }
-    (1.0 - idle_ns.min(wall_ns) as f64 / wall_ns as f64).clamp(0.0, 1.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::abi::ROLE_MAIN;
+    use usage::utilization;
 
     const MS: u64 = 1_000_000;
 

@@ -7,7 +7,7 @@
 //! wait for the pipeline and the pipeline never waits for scrapers.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -24,8 +24,8 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 use crate::{
-    abi::{HIST_SLOTS, ThreadState},
-    aggregate::LoopId,
+    abi::HIST_SLOTS,
+    aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
     target::ProcessLabels,
 };
@@ -45,8 +45,7 @@ const GC_BUCKETS: [f64; 6] = [0.001, 0.01, 0.1, 1.0, 2.0, 5.0];
 
 /// One loop thread as the session sees it at a refresh.
 pub struct LoopView<'a> {
-    pub id: LoopId,
-    pub state: &'a ThreadState,
+    pub status: LoopStatus<'a>,
     pub process: &'a ProcessLabels,
     /// Main threads: the process's memory after its last major GC, and leak warnings so far.
     pub memory: Option<(u64, u64)>,
@@ -67,38 +66,12 @@ struct LoopMetrics {
     block_counts: Vec<u64>,
     blocks: u64,
     blocked_ns: u64,
-    /// (time, idle time) once a refresh, over the last `ELU_WINDOW_NS`.
-    elu_samples: VecDeque<(u64, u64)>,
+    elu: EluWindow,
     /// The (active, idle) time last served.
     last_time: (u64, u64),
     /// GC pauses by kind: per bucket of `GC_BUCKETS` (not cumulative), all of them, their
     /// total time.
     gc: std::collections::BTreeMap<GcKind, ([u64; GC_BUCKETS.len()], u64, u64)>,
-}
-
-impl LoopMetrics {
-    /// ELU over the last [`ELU_WINDOW_NS`], given the time and idle time now.
-    fn elu(&mut self, end_ns: u64, idle_ns: u64, discovered_ns: u64) -> f64 {
-        self.elu_samples.push_back((end_ns, idle_ns));
-        while self
-            .elu_samples
-            .get(1)
-            .is_some_and(|&(t, _)| end_ns.saturating_sub(t) >= ELU_WINDOW_NS)
-        {
-            self.elu_samples.pop_front();
-        }
-        let (from_ns, from_idle) = self
-            .elu_samples
-            .front()
-            .copied()
-            .filter(|&(t, _)| t < end_ns)
-            .unwrap_or((discovered_ns, 0));
-        let window = end_ns.saturating_sub(from_ns);
-        if window == 0 {
-            return 0.0;
-        }
-        1.0 - idle_ns.saturating_sub(from_idle).min(window) as f64 / window as f64
-    }
 }
 
 /// The metrics of every loop thread, and the exposition scrapers get.
@@ -173,7 +146,10 @@ impl Metrics {
     pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: Health) {
         let mut families = Families::default();
         for view in loops {
-            let m = self.loops.entry((view.id.pid, view.id.tid)).or_default();
+            let m = self
+                .loops
+                .entry((view.status.id.pid, view.status.id.tid))
+                .or_default();
             m.block_counts.resize(self.buckets.len(), 0);
             loop_series(
                 &mut families,
@@ -293,12 +269,15 @@ fn loop_series(
     threshold_ns: u64,
     now_ns: u64,
 ) {
-    let state = view.state;
-    let (pid, tid) = (view.id.pid.to_string(), view.id.tid.to_string());
+    let status = view.status;
+    let (pid, tid) = (
+        view.status.id.pid.to_string(),
+        view.status.id.tid.to_string(),
+    );
     let base = [
         ("pid", pid.as_str()),
         ("tid", tid.as_str()),
-        ("thread", view.id.label.kind()),
+        ("thread", view.status.id.label.kind()),
         ("comm", view.process.comm.as_str()),
         ("container", view.process.container.as_str()),
         ("pod", view.process.pod.as_str()),
@@ -308,13 +287,10 @@ fn loop_series(
         pairs.push(extra);
         labels(&pairs)
     };
-    let end_ns = if state.exited_ns != 0 {
-        state.exited_ns
-    } else {
-        now_ns
-    };
-    let wall_ns = end_ns.saturating_sub(state.discovered_ns);
-    let idle_ns = state.idle_ns_at(end_ns).min(wall_ns);
+    let found = status.found();
+    let usage = status.usage(now_ns);
+    let wall_ns = usage.at_ns.saturating_sub(found.at_ns);
+    let idle_ns = usage.idle_ns.min(wall_ns);
     // Counters never go down: a poll wait that ended after `now_ns` (the state was read a
     // moment later) would otherwise move time from active back to idle.
     let active_ns = (wall_ns - idle_ns).max(m.last_time.0);
@@ -333,7 +309,11 @@ fn loop_series(
         counter(with(("state", "idle")), idle_ns as f64 / 1e9),
     );
 
-    let elu = m.elu(end_ns, idle_ns, state.discovered_ns);
+    let now = Usage {
+        at_ns: usage.at_ns,
+        idle_ns,
+    };
+    let elu = m.elu.push(now, found, ELU_WINDOW_NS);
     families.add(
         "loopbpf_event_loop_utilization_ratio",
         "Event loop utilization over the last 10 s: the share of time not idle, as performance.eventLoopUtilization() counts it.",
@@ -344,7 +324,7 @@ fn loop_series(
         "loopbpf_event_loop_iterations_total",
         "Loop iterations (one uv__io_poll to the next).",
         MetricType::COUNTER,
-        counter(labels(&base), state.iterations as f64),
+        counter(labels(&base), status.iterations() as f64),
     );
     families.add(
         "loopbpf_event_loop_blocked_duration_seconds",
@@ -364,9 +344,10 @@ fn loop_series(
         MetricType::COUNTER,
         counter(labels(&base), m.blocked_ns as f64 / 1e9),
     );
-    let ongoing_ns = state
-        .busy_for_ns(now_ns)
-        .filter(|&busy| state.exited_ns == 0 && busy >= threshold_ns)
+    let ongoing_ns = status
+        .busy(now_ns)
+        .map(|(_, busy_ns)| busy_ns)
+        .filter(|&busy_ns| busy_ns >= threshold_ns)
         .unwrap_or(0);
     families.add(
         "loopbpf_event_loop_ongoing_block_seconds",
@@ -386,8 +367,8 @@ fn loop_series(
         histogram(
             labels(&base),
             &bounds,
-            &state.busy_hist,
-            state.busy_hist.iter().sum(),
+            status.busy_hist(),
+            status.busy_hist().iter().sum(),
             active_ns as f64 / 1e9,
         ),
     );
@@ -561,18 +542,23 @@ fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{abi::ROLE_MAIN, aggregate::ThreadLabel};
+    use crate::{
+        abi::{ROLE_MAIN, ThreadState},
+        aggregate::{LoopId, ThreadLabel},
+    };
 
     const S: u64 = 1_000_000_000;
 
     fn view_of<'a>(state: &'a ThreadState, process: &'a ProcessLabels) -> LoopView<'a> {
         LoopView {
-            id: LoopId {
-                pid: 7,
-                tid: 7,
-                label: ThreadLabel::Main,
-            },
-            state,
+            status: LoopStatus::new(
+                LoopId {
+                    pid: 7,
+                    tid: 7,
+                    label: ThreadLabel::Main,
+                },
+                state,
+            ),
             process,
             memory: None,
         }

@@ -113,7 +113,7 @@ impl Session<'_> {
         }
         let process = self.processes.get_mut(&pid)?;
         let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?)?;
-        let id = self.aggregator.loops().find(|(id, _)| id.tid == tid)?.0;
+        let id = self.aggregator.loops().find(|l| l.id.tid == tid)?.id;
         Some(Record::Leak { id, leak })
     }
 
@@ -140,11 +140,11 @@ impl Session<'_> {
         let loops: Vec<LoopView<'_>> = self
             .aggregator
             .loops()
-            .map(|(id, state)| {
+            .map(|status| {
+                let id = status.id;
                 let process = self.processes.get(&id.pid);
                 LoopView {
-                    id,
-                    state,
+                    status,
                     process: process.map_or(&unknown, |p| &p.labels),
                     memory: process
                         .filter(|_| id.tid == id.pid)

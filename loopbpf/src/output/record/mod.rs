@@ -25,8 +25,10 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::{
-    abi::ThreadState,
-    aggregate::{LoopId, Record},
+    aggregate::{
+        LoopId, Record,
+        usage::{LoopStatus, Usage},
+    },
     cli::{BlockAction, RecordArgs},
     naming::{
         frame::{Frame, FrameKind},
@@ -95,7 +97,7 @@ struct Track {
     id: LoopId,
     /// (time, ELU since the previous point).
     points: Vec<(u64, f64)>,
-    last: Option<(u64, u64)>,
+    last: Option<Usage>,
 }
 
 /// The newest report of a block still going on.
@@ -283,36 +285,25 @@ impl Recorder {
 
     /// Once a state poll: a point of ELU per loop thread, actions for loops blocked long
     /// enough, progress of actions under way.
-    pub fn tick<'a>(
-        &mut self,
-        now_ns: u64,
-        loops: impl Iterator<Item = (LoopId, &'a ThreadState)>,
-    ) {
-        for (id, state) in loops {
+    pub fn tick<'a>(&mut self, now_ns: u64, loops: impl Iterator<Item = LoopStatus<'a>>) {
+        for status in loops {
+            let id = status.id;
             let track = self.tracks.entry(id.tid).or_insert_with(|| Track {
                 id,
                 points: Vec::new(),
                 last: None,
             });
-            let end_ns = if state.exited_ns != 0 {
-                state.exited_ns
-            } else {
-                now_ns
-            };
-            let idle_ns = state.idle_ns_at(end_ns);
-            if let Some((last_ns, last_idle)) = track.last
-                && end_ns > last_ns
+            let now = status.usage(now_ns);
+            if let Some(last) = track.last
+                && now.at_ns > last.at_ns
             {
-                let wall = end_ns - last_ns;
-                let idle = idle_ns.saturating_sub(last_idle).min(wall);
-                track.points.push((end_ns, 1.0 - idle as f64 / wall as f64));
+                track.points.push((now.at_ns, now.elu_since(last)));
             }
-            track.last = Some((end_ns, idle_ns));
-            if let Some(busy_ns) = state.busy_for_ns(now_ns)
-                && state.exited_ns == 0
+            track.last = Some(now);
+            if let Some((busy_since_ns, busy_ns)) = status.busy(now_ns)
                 && busy_ns >= self.on_block_min_ns
             {
-                self.maybe_trigger(id, state.busy_since_ns, busy_ns, now_ns);
+                self.maybe_trigger(id, busy_since_ns, busy_ns, now_ns);
             }
         }
         self.follow_triggers();
