@@ -4,6 +4,8 @@
 
 pub mod clock;
 pub mod flame;
+#[cfg(test)]
+pub(crate) mod golden;
 pub mod metrics;
 pub mod record;
 pub mod report;

@@ -716,3 +716,71 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 fn round3(x: f64) -> f64 {
     (x * 1e3).round() / 1e3
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::output::golden;
+
+    /// A recorder of the golden records, on the fixtures' clock, with an ELU track and an action.
+    fn recorder(out: &Path) -> Recorder {
+        let args = RecordArgs::try_parse_from([
+            "loopbpf record",
+            "--pid",
+            "4242",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        let mut recorder = Recorder::new(&args).unwrap();
+        let clock = golden::clock();
+        recorder.clock = clock;
+        recorder.text = Reporter::new(Vec::new(), false, clock);
+        recorder.json = Reporter::new(Vec::new(), true, clock);
+        recorder.started_ns = 500_000_000;
+        recorder.progress = false;
+        for (pid, labels) in golden::processes() {
+            recorder.name_process(pid, labels);
+        }
+        for (record, now_ns) in golden::records() {
+            recorder.take(&record, now_ns);
+        }
+        recorder.tracks.insert(
+            golden::MAIN.tid,
+            Track {
+                id: golden::MAIN,
+                points: vec![(1_500_000_000, 0.25), (2_500_000_000, 0.123_456)],
+                last: None,
+            },
+        );
+        recorder.triggers.push(Trigger {
+            action: BlockAction::Exec("kill -USR2 \"$LOOPBPF_PID\"".to_owned()),
+            id: golden::MAIN,
+            at_ns: 5_100_000_000,
+            blocked_ns: 100_000_001,
+            child: None,
+            snapshot_dir: None,
+            file: None,
+            outcome: Some("done".to_owned()),
+        });
+        recorder
+    }
+
+    #[test]
+    fn report_json_and_page_are_unchanged() {
+        let out = std::env::temp_dir().join(format!("loopbpf-golden-{}", std::process::id()));
+        let recorder = recorder(&out);
+        let report = recorder.report_json(13_000_000_000);
+        let version = env!("CARGO_PKG_VERSION");
+        let json = serde_json::to_string_pretty(&report)
+            .unwrap()
+            .replace(&format!("\"{version}\""), "\"VERSION\"");
+        golden::check("report.json", &json);
+        let html =
+            page::render(&report).replace(&format!("loopbpf {version};"), "loopbpf VERSION;");
+        golden::check("index.html", &html);
+        let _ = fs::remove_dir_all(out);
+    }
+}
