@@ -1,6 +1,7 @@
 //! index.html: the bundle on one static page that opens from disk: what was recorded, the
 //! actions taken, the timeline, the flame graph of blocked time, every block with its heaviest
-//! stacks, and the summary per loop thread. Rendered from the same [`Report`] as report.json, so the two agree.
+//! stacks, and the summary per loop thread. Rendered from the same [`Report`] as report.json,
+//! so the two agree.
 
 use std::fmt::Write as _;
 
