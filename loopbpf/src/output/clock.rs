@@ -16,6 +16,14 @@ impl Clock {
         }
     }
 
+    /// A clock whose monotonic zero is `unix_ns`: output that does not depend on when a test runs.
+    #[cfg(test)]
+    pub fn fixed(unix_ns: i128) -> Self {
+        Self {
+            realtime_minus_monotonic_ns: unix_ns,
+        }
+    }
+
     /// Now, in the kernel side's time base.
     pub fn monotonic_ns() -> u64 {
         clock_ns(libc::CLOCK_MONOTONIC)

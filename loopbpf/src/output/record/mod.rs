@@ -22,7 +22,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
 
 use crate::{
     aggregate::{
@@ -37,6 +36,7 @@ use crate::{
     output::{
         clock::{Clock, human, ms},
         flame::Flame,
+        json,
         report::Reporter,
     },
     target::ProcessLabels,
@@ -67,23 +67,22 @@ struct Trigger {
 }
 
 impl Trigger {
-    fn json(&self, clock: Clock) -> Value {
-        let size = self
-            .file
-            .as_ref()
-            .and_then(|f| fs::metadata(f).ok())
-            .map(|m| m.len());
-        json!({
-            "action": self.action.to_string(),
-            "pid": self.id.pid,
-            "tid": self.id.tid,
-            "thread": self.id.label.kind(),
-            "at_unix_ms": clock.unix_ms(self.at_ns),
-            "blocked_ms": ms(self.blocked_ns),
-            "file": self.file.as_ref().map(|f| f.display().to_string()),
-            "size_bytes": size,
-            "outcome": self.outcome.as_deref().unwrap_or("under way"),
-        })
+    fn json(&self, clock: Clock) -> json::Trigger {
+        json::Trigger {
+            action: self.action.to_string(),
+            at_unix_ms: clock.unix_ms(self.at_ns),
+            blocked_ms: ms(self.blocked_ns),
+            file: self.file.as_ref().map(|f| f.display().to_string()),
+            outcome: self.outcome.as_deref().unwrap_or("under way").to_owned(),
+            pid: self.id.pid,
+            size_bytes: self
+                .file
+                .as_ref()
+                .and_then(|f| fs::metadata(f).ok())
+                .map(|m| m.len()),
+            thread: self.id.label.kind(),
+            tid: self.id.tid,
+        }
     }
 
     fn done(&self) -> bool {
@@ -100,9 +99,15 @@ struct Track {
     last: Option<Usage>,
 }
 
+/// A record as report.json and report.txt carry it.
+struct Rendered<T> {
+    json: T,
+    text: String,
+}
+
 /// The newest report of a block still going on.
 struct Ongoing {
-    json: Value,
+    json: json::Block,
     text: String,
     mark: Mark,
     profile: Option<BlockProfile>,
@@ -133,11 +138,11 @@ pub struct Recorder {
     /// say what the terminal would have said.
     text: Reporter<Vec<u8>>,
     json: Reporter<Vec<u8>>,
-    /// Ended blocks as JSON, in order.
-    blocks: Vec<Value>,
+    /// Ended blocks, in order.
+    blocks: Vec<Rendered<json::Block>>,
     /// The newest report of each block still going on, by (tid, start).
     ongoing: BTreeMap<(u32, u64), Ongoing>,
-    summary: Option<Value>,
+    summary: Option<Rendered<json::Summary>>,
     marks: Vec<Mark>,
     tracks: BTreeMap<u32, Track>,
     triggers: Vec<Trigger>,
@@ -204,9 +209,9 @@ impl Recorder {
 
     /// Takes a record whose stacks are named.
     pub fn take(&mut self, record: &Record, now_ns: u64) {
-        let Some(value) = self.render(record, now_ns) else {
+        if self.text.report(record, now_ns).is_err() {
             return;
-        };
+        }
         let mut text = String::from_utf8(std::mem::take(self.text.out_mut())).unwrap_or_default();
         // The column header comes with the first record; report.txt writes its own.
         if text.starts_with("TIME ") {
@@ -215,61 +220,59 @@ impl Recorder {
                 .map(|(_, rest)| rest.to_owned())
                 .unwrap_or_default();
         }
-        match record {
-            Record::Block {
-                id,
-                start_ns,
-                duration_ns,
-                profile,
-                ..
-            } => {
+        let profile = super::profile(record);
+        match (record, self.json.json_line(record, now_ns)) {
+            (
+                Record::Block {
+                    id,
+                    start_ns,
+                    duration_ns,
+                    ..
+                },
+                json::Line::Block(json),
+            ) => {
                 self.ongoing.remove(&(id.tid, *start_ns));
-                self.blocks.push(json!({ "record": value, "text": text }));
+                self.blocks.push(Rendered { json, text });
                 self.worst_ns = self.worst_ns.max(*duration_ns);
                 self.marks.push(Mark {
                     id: *id,
                     start_ns: *start_ns,
                     duration_ns: *duration_ns,
                     ongoing: false,
-                    culprit: culprit(profile.as_ref()),
+                    culprit: culprit(profile),
                 });
             }
-            Record::Ongoing {
-                id,
-                start_ns,
-                duration_ns,
-                profile,
-                ..
-            } => {
+            (
+                Record::Ongoing {
+                    id,
+                    start_ns,
+                    duration_ns,
+                    ..
+                },
+                json::Line::Block(json),
+            ) => {
                 self.worst_ns = self.worst_ns.max(*duration_ns);
                 let mark = Mark {
                     id: *id,
                     start_ns: *start_ns,
                     duration_ns: *duration_ns,
                     ongoing: true,
-                    culprit: culprit(profile.as_ref()),
+                    culprit: culprit(profile),
                 };
                 let ongoing = Ongoing {
-                    json: value,
+                    json,
                     text,
                     mark,
-                    profile: profile.clone(),
+                    profile: profile.cloned(),
                 };
                 self.ongoing.insert((id.tid, *start_ns), ongoing);
             }
-            Record::Summary { .. } => {
-                self.summary = Some(json!({ "record": value, "text": text }));
+            (Record::Summary { .. }, json::Line::Summary(json)) => {
+                self.summary = Some(Rendered { json, text });
             }
-            Record::Interval { .. } | Record::Leak { .. } => {}
+            _ => {}
         }
         self.dirty = true;
-    }
-
-    fn render(&mut self, record: &Record, now_ns: u64) -> Option<Value> {
-        self.text.report(record, now_ns).ok()?;
-        self.json.report(record, now_ns).ok()?;
-        let line = String::from_utf8(std::mem::take(self.json.out_mut())).ok()?;
-        serde_json::from_str(line.trim()).ok()
     }
 
     /// Blocks seen so far: ended ones and those still going on.
@@ -569,36 +572,36 @@ impl Recorder {
         Ok(())
     }
 
-    fn report_json(&self, now_ns: u64) -> Value {
-        let blocks: Vec<&Value> = self
-            .blocks
-            .iter()
-            .map(|b| &b["record"])
-            .chain(self.ongoing.values().map(|o| &o.json))
-            .collect();
-        let elu: Vec<Value> = self
-            .tracks
-            .values()
-            .map(|t| {
-                json!({
-                    "pid": t.id.pid,
-                    "tid": t.id.tid,
-                    "thread": t.id.label.to_string(),
-                    "points": t.points.iter().map(|&(at, elu)| json!([self.clock.unix_ms(at), round3(elu)])).collect::<Vec<_>>(),
+    fn report_json(&self, now_ns: u64) -> json::Report<'_> {
+        json::Report {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| &b.json)
+                .chain(self.ongoing.values().map(|o| &o.json))
+                .collect(),
+            elu: self
+                .tracks
+                .values()
+                .map(|t| json::EluTrack {
+                    pid: t.id.pid,
+                    points: t
+                        .points
+                        .iter()
+                        .map(|&(at, elu)| (self.clock.unix_ms(at), round3(elu)))
+                        .collect(),
+                    thread: t.id.label.to_string(),
+                    tid: t.id.tid,
                 })
-            })
-            .collect();
-        json!({
-            "loopbpf": env!("CARGO_PKG_VERSION"),
-            "recorded": self.what,
-            "started_unix_ms": self.clock.unix_ms(self.started_ns),
-            "ended_unix_ms": self.clock.unix_ms(now_ns),
-            "threshold_ms": ms(self.threshold_ns),
-            "blocks": blocks,
-            "summary": self.summary.as_ref().map(|s| &s["record"]),
-            "elu": elu,
-            "triggers": self.triggers.iter().map(|t| t.json(self.clock)).collect::<Vec<_>>(),
-        })
+                .collect(),
+            ended_unix_ms: self.clock.unix_ms(now_ns),
+            loopbpf: env!("CARGO_PKG_VERSION"),
+            recorded: &self.what,
+            started_unix_ms: self.clock.unix_ms(self.started_ns),
+            summary: self.summary.as_ref().map(|s| &s.json),
+            threshold_ms: ms(self.threshold_ns),
+            triggers: self.triggers.iter().map(|t| t.json(self.clock)).collect(),
+        }
     }
 
     fn report_text(&self, now_ns: u64) -> String {
@@ -619,7 +622,7 @@ impl Recorder {
             text += "TIME          PID      THREAD     EVENT     DURATION\n";
         }
         for block in &self.blocks {
-            text += block["text"].as_str().unwrap_or_default();
+            text += &block.text;
         }
         for ongoing in self.ongoing.values() {
             text += &ongoing.text;
@@ -636,14 +639,10 @@ impl Recorder {
                     t.id.pid,
                     t.id.label,
                     human(t.blocked_ns),
-                    v["outcome"].as_str().unwrap_or_default(),
+                    v.outcome,
                     t.file
                         .as_ref()
-                        .map(|f| format!(
-                            ": {} ({} bytes)",
-                            f.display(),
-                            v["size_bytes"].as_u64().unwrap_or(0)
-                        ))
+                        .map(|f| format!(": {} ({} bytes)", f.display(), v.size_bytes.unwrap_or(0)))
                         .unwrap_or_default()
                 );
             }
@@ -658,7 +657,7 @@ impl Recorder {
             text += "\n";
         }
         if let Some(summary) = &self.summary {
-            text += summary["text"].as_str().unwrap_or_default();
+            text += &summary.text;
         }
         text
     }
@@ -706,4 +705,72 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn round3(x: f64) -> f64 {
     (x * 1e3).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::output::golden;
+
+    /// A recorder of the golden records, on the fixtures' clock, with an ELU track and an action.
+    fn recorder(out: &Path) -> Recorder {
+        let args = RecordArgs::try_parse_from([
+            "loopbpf record",
+            "--pid",
+            "4242",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        let mut recorder = Recorder::new(&args).unwrap();
+        let clock = golden::clock();
+        recorder.clock = clock;
+        recorder.text = Reporter::new(Vec::new(), false, clock);
+        recorder.json = Reporter::new(Vec::new(), true, clock);
+        recorder.started_ns = 500_000_000;
+        recorder.progress = false;
+        for (pid, labels) in golden::processes() {
+            recorder.name_process(pid, labels);
+        }
+        for (record, now_ns) in golden::records() {
+            recorder.take(&record, now_ns);
+        }
+        recorder.tracks.insert(
+            golden::MAIN.tid,
+            Track {
+                id: golden::MAIN,
+                points: vec![(1_500_000_000, 0.25), (2_500_000_000, 0.123_456)],
+                last: None,
+            },
+        );
+        recorder.triggers.push(Trigger {
+            action: BlockAction::Exec("kill -USR2 \"$LOOPBPF_PID\"".to_owned()),
+            id: golden::MAIN,
+            at_ns: 5_100_000_000,
+            blocked_ns: 100_000_001,
+            child: None,
+            snapshot_dir: None,
+            file: None,
+            outcome: Some("done".to_owned()),
+        });
+        recorder
+    }
+
+    #[test]
+    fn report_json_and_page_are_unchanged() {
+        let out = std::env::temp_dir().join(format!("loopbpf-golden-{}", std::process::id()));
+        let recorder = recorder(&out);
+        let report = recorder.report_json(13_000_000_000);
+        let version = env!("CARGO_PKG_VERSION");
+        let json = serde_json::to_string_pretty(&report)
+            .unwrap()
+            .replace(&format!("\"{version}\""), "\"VERSION\"");
+        golden::check("report.json", &json);
+        let html =
+            page::render(&report).replace(&format!("loopbpf {version};"), "loopbpf VERSION;");
+        golden::check("index.html", &html);
+        let _ = fs::remove_dir_all(out);
+    }
 }
