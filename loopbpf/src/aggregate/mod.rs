@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     abi::{HIST_SLOTS, ThreadState},
     decode::{Event, GcKind},
-    naming::stacks::{BlockProfile, RawStacks, Sample},
+    naming::stacks::{RawStacks, Sample},
 };
 use usage::{LoopStatus, Usage};
 
@@ -77,9 +77,8 @@ pub enum Record {
         before_attach: bool,
         /// Time of V8 GC pauses inside the block.
         gc_ns: u64,
+        /// Its stacks, not yet named: the naming stage names those of a block.
         stacks: RawStacks,
-        /// The stacks weighted and named, by the symbolize stage.
-        profile: Option<BlockProfile>,
     },
     Ongoing {
         id: LoopId,
@@ -88,7 +87,6 @@ pub enum Record {
         before_attach: bool,
         gc_ns: u64,
         stacks: RawStacks,
-        profile: Option<BlockProfile>,
     },
     Interval {
         id: LoopId,
@@ -234,7 +232,6 @@ impl Aggregator {
                     before_attach,
                     gc_ns,
                     stacks: thread.take_stacks(start_ns),
-                    profile: None,
                 })
             }
             Event::LoopExit {
@@ -257,7 +254,6 @@ impl Aggregator {
                     before_attach,
                     gc_ns: thread.gc_within(start_ns, at_ns),
                     stacks: thread.take_stacks(start_ns),
-                    profile: None,
                 })
             }
             // Stacks come in unwound, through `on_stack`.
@@ -355,7 +351,6 @@ impl Aggregator {
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
                     stacks,
-                    profile: None,
                 });
                 // Keep the cadence from the due time, whatever reporting took.
                 let next_ns = (due_ns + ONGOING_EVERY_NS).max(now_ns + ONGOING_EVERY_NS / 2);
@@ -384,7 +379,6 @@ impl Aggregator {
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
                     stacks: thread.take_stacks(start_ns),
-                    profile: None,
                 })
             })
             .collect()

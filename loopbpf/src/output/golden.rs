@@ -5,7 +5,7 @@
 
 use std::{fs, path::Path};
 
-use super::{clock::Clock, report::Reporter};
+use super::{Named, clock::Clock, report::Reporter};
 use crate::{
     abi::HIST_SLOTS,
     aggregate::{BlockEnd, GcStats, LoopId, LoopSummary, Record, ThreadLabel, leak::Leak},
@@ -122,7 +122,7 @@ fn hist(slots: &[(usize, u64)]) -> [u64; HIST_SLOTS] {
 }
 
 /// One record of each kind, with the now they are reported at.
-pub(crate) fn records() -> Vec<(Record, u64)> {
+pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
     vec![
         (
             Record::Block {
@@ -133,8 +133,8 @@ pub(crate) fn records() -> Vec<(Record, u64)> {
                 before_attach: false,
                 gc_ns: 12_345_678,
                 stacks: RawStacks::default(),
-                profile: Some(profile()),
             },
+            Some(profile()),
             5_200 * MS,
         ),
         (
@@ -146,8 +146,8 @@ pub(crate) fn records() -> Vec<(Record, u64)> {
                 before_attach: false,
                 gc_ns: 0,
                 stacks: RawStacks::default(),
-                profile: None,
             },
+            None,
             6_300 * MS,
         ),
         (
@@ -158,12 +158,12 @@ pub(crate) fn records() -> Vec<(Record, u64)> {
                 before_attach: true,
                 gc_ns: 700 * MS,
                 stacks: RawStacks::default(),
-                profile: Some(BlockProfile {
-                    on_cpu_ns: 2_100 * MS,
-                    off_cpu_ns: 0,
-                    stacks: Vec::new(),
-                }),
             },
+            Some(BlockProfile {
+                on_cpu_ns: 2_100 * MS,
+                off_cpu_ns: 0,
+                stacks: Vec::new(),
+            }),
             3_100 * MS,
         ),
         (
@@ -173,6 +173,7 @@ pub(crate) fn records() -> Vec<(Record, u64)> {
                 iterations: 981,
                 max_busy_ns: 176_361_234,
             },
+            None,
             10_000 * MS,
         ),
         (
@@ -184,9 +185,10 @@ pub(crate) fn records() -> Vec<(Record, u64)> {
                     major_gcs: 5,
                 },
             },
+            None,
             11_000 * MS,
         ),
-        (summary(), 12_000 * MS),
+        (summary(), None, 12_000 * MS),
     ]
 }
 
@@ -293,8 +295,12 @@ fn json_lines_are_unchanged() {
     for (pid, labels) in processes() {
         reporter.name_process(pid, labels);
     }
-    for (record, now_ns) in records() {
-        reporter.report(&record, now_ns).unwrap();
+    for (record, profile, now_ns) in records() {
+        let named = Named {
+            record: &record,
+            profile: profile.as_ref(),
+        };
+        reporter.report(named, now_ns).unwrap();
     }
     check(
         "records.jsonl",

@@ -12,7 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use super::clock::{Clock, ms};
+use super::{
+    Named,
+    clock::{Clock, ms},
+};
 use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel},
     naming::{
@@ -286,11 +289,12 @@ impl Who {
 /// A record as its JSON line, its times made wall-clock times by `clock`; interval and leak
 /// lines are stamped `now_ns`.
 pub fn line(
-    record: &Record,
+    named: Named<'_>,
     now_ns: u64,
     clock: Clock,
     processes: &HashMap<u32, ProcessLabels>,
 ) -> Line {
+    let record = named.record;
     match record {
         Record::Block {
             id,
@@ -310,7 +314,7 @@ pub fn line(
             },
             Some(*end),
             *before_attach,
-            super::profile(record),
+            named.profile,
         )),
         Record::Ongoing {
             id,
@@ -329,7 +333,7 @@ pub fn line(
             },
             None,
             *before_attach,
-            super::profile(record),
+            named.profile,
         )),
         Record::Interval {
             id,

@@ -16,11 +16,20 @@ mod tree;
 
 use crate::{aggregate::Record, naming::stacks::BlockProfile};
 
-/// The named stacks of a block or of one still going on: the one place the outputs read them
-/// from a record.
-fn profile(record: &Record) -> Option<&BlockProfile> {
-    match record {
-        Record::Block { profile, .. } | Record::Ongoing { profile, .. } => profile.as_ref(),
-        Record::Interval { .. } | Record::Leak { .. } | Record::Summary { .. } => None,
+/// A record as the outputs take it: with its block's stacks, weighted and named by the naming
+/// stage (blocks and ongoing blocks; `None` for the other records or with `--no-stacks`).
+#[derive(Debug, Clone, Copy)]
+pub struct Named<'a> {
+    pub record: &'a Record,
+    pub profile: Option<&'a BlockProfile>,
+}
+
+impl<'a> Named<'a> {
+    /// A record without named stacks.
+    pub fn bare(record: &'a Record) -> Self {
+        Self {
+            record,
+            profile: None,
+        }
     }
 }

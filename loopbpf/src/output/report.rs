@@ -6,8 +6,8 @@ use std::{
     io::{self, Write},
 };
 
-use super::{clock::Clock, json, text::Text};
-use crate::{aggregate::Record, target::ProcessLabels};
+use super::{Named, clock::Clock, json, text::Text};
+use crate::target::ProcessLabels;
 
 /// Writes records in the chosen format.
 pub struct Reporter<W: Write> {
@@ -50,20 +50,20 @@ impl<W: Write> Reporter<W> {
     }
 
     /// Reports one record; `now_ns` stamps interval and leak lines.
-    pub fn report(&mut self, record: &Record, now_ns: u64) -> io::Result<()> {
+    pub fn report(&mut self, named: Named<'_>, now_ns: u64) -> io::Result<()> {
         if self.json {
-            let line = serde_json::to_string(&self.json_line(record, now_ns))?;
+            let line = serde_json::to_string(&self.json_line(named, now_ns))?;
             writeln!(self.out, "{line}")?;
         } else {
-            let text = self.text.record(record, now_ns, &self.processes);
+            let text = self.text.record(named, now_ns, &self.processes);
             self.out.write_all(text.as_bytes())?;
         }
         self.out.flush()
     }
 
     /// A record as its JSON line, whatever the chosen format.
-    pub fn json_line(&self, record: &Record, now_ns: u64) -> json::Line {
-        json::line(record, now_ns, self.clock, &self.processes)
+    pub fn json_line(&self, named: Named<'_>, now_ns: u64) -> json::Line {
+        json::line(named, now_ns, self.clock, &self.processes)
     }
 }
 
@@ -71,7 +71,7 @@ impl<W: Write> Reporter<W> {
 mod tests {
     use super::*;
     use crate::{
-        aggregate::{BlockEnd, LoopId, ThreadLabel},
+        aggregate::{BlockEnd, LoopId, Record, ThreadLabel},
         naming::{
             frame::{Frame, FrameKind},
             stacks::{BlockProfile, NamedStack, RawStacks},
@@ -91,19 +91,21 @@ mod tests {
     #[test]
     fn json_block_has_the_documented_fields() {
         let reporter = Reporter::new(Vec::new(), true, Clock::new());
-        let line = reporter.json_line(
-            &Record::Block {
-                id: id(),
-                start_ns: 5 * MS,
-                duration_ns: 123_456_789,
-                end: BlockEnd::Exit,
-                before_attach: false,
-                gc_ns: 0,
-                stacks: RawStacks::default(),
-                profile: Some(profile()),
-            },
-            0,
-        );
+        let record = Record::Block {
+            id: id(),
+            start_ns: 5 * MS,
+            duration_ns: 123_456_789,
+            end: BlockEnd::Exit,
+            before_attach: false,
+            gc_ns: 0,
+            stacks: RawStacks::default(),
+        };
+        let profile = profile();
+        let named = Named {
+            record: &record,
+            profile: Some(&profile),
+        };
+        let line = reporter.json_line(named, 0);
         let v = serde_json::to_value(line).unwrap();
         assert_eq!(v["on_cpu_ms"], 100.0);
         assert_eq!(v["stacks"][0]["weight_ms"], 90.0);
@@ -132,9 +134,13 @@ mod tests {
             before_attach: true,
             gc_ns: 0,
             stacks: RawStacks::default(),
-            profile: Some(profile()),
         };
-        reporter.report(&record, 0).unwrap();
+        let profile = profile();
+        let named = Named {
+            record: &record,
+            profile: Some(&profile),
+        };
+        reporter.report(named, 0).unwrap();
         let text = String::from_utf8(reporter.out).unwrap();
         assert!(text.starts_with("TIME"), "{text}");
         assert!(text.contains("worker 1"), "{text}");

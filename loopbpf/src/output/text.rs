@@ -4,6 +4,7 @@
 use std::{collections::HashMap, fmt::Write as _};
 
 use super::{
+    Named,
     clock::{Clock, human},
     json::bucket_low,
     tree,
@@ -59,10 +60,11 @@ impl Text {
     /// A record's lines; `now_ns` stamps interval and leak lines.
     pub fn record(
         &mut self,
-        record: &Record,
+        named: Named<'_>,
         now_ns: u64,
         processes: &HashMap<u32, ProcessLabels>,
     ) -> String {
+        let record = named.record;
         let mut text = String::new();
         if !self.header_done && !matches!(record, Record::Summary { .. }) {
             self.header_done = true;
@@ -105,7 +107,7 @@ impl Text {
                         gc_share(*gc_ns, *duration_ns)
                     ),
                 );
-                text += &profile_text(super::profile(record));
+                text += &profile_text(named.profile);
             }
             Record::Ongoing {
                 id,
@@ -130,7 +132,7 @@ impl Text {
                         gc_share(*gc_ns, *duration_ns)
                     ),
                 );
-                text += &profile_text(super::profile(record));
+                text += &profile_text(named.profile);
             }
             Record::Interval {
                 id,

@@ -15,8 +15,9 @@ use crate::{
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
-    naming::stacks::{self, Sample},
+    naming::stacks::{self, BlockProfile, Sample},
     output::{
+        Named,
         clock::Clock,
         metrics::{Health, LoopView},
     },
@@ -51,7 +52,7 @@ impl Session<'_> {
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
-        self.report_all(records)
+        self.report_all(&records)
     }
 
     /// Starts sampling loop threads as they are found; takes the final state of those that
@@ -179,23 +180,27 @@ impl Session<'_> {
     }
 
     /// Names the stacks of blocks (the symbolize stage), then reports.
-    pub(super) fn report_all(&mut self, mut records: Vec<Record>) -> Result<(), End> {
+    pub(super) fn report_all(&mut self, records: &[Record]) -> Result<(), End> {
         let now_ns = Clock::monotonic_ns();
-        for record in &mut records {
+        for record in records {
             if let (
                 Record::Block {
                     id, duration_ns, ..
                 },
                 Some(metrics),
-            ) = (&*record, self.metrics.as_mut())
+            ) = (record, self.metrics.as_mut())
             {
                 metrics.on_block(id.pid, id.tid, *duration_ns);
             }
-            self.name_stacks(record, matches!(record, Record::Block { .. }));
+            let profile = self.name_stacks(record, matches!(record, Record::Block { .. }));
+            let named = Named {
+                record,
+                profile: profile.as_ref(),
+            };
             if let Some(recorder) = self.recorder.as_mut() {
-                recorder.take(record, now_ns);
+                recorder.take(named, now_ns);
             }
-            if self.reporter.report(record, now_ns).is_err() {
+            if self.reporter.report(named, now_ns).is_err() {
                 // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
                 return Err(End::OutputClosed);
             }
@@ -203,33 +208,30 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Weights and names a record's stacks; `into_flame` adds them to the blocked time of
-    /// `--folded` and `--flamegraph`.
-    pub(super) fn name_stacks(&mut self, record: &mut Record, into_flame: bool) {
+    /// Weights and names the stacks of a block or ongoing block (`None` for other records, and
+    /// for a process without naming); `into_flame` adds them to the blocked time of `--folded`
+    /// and `--flamegraph`.
+    pub(super) fn name_stacks(
+        &mut self,
+        record: &Record,
+        into_flame: bool,
+    ) -> Option<BlockProfile> {
         let (Record::Block {
             id,
             duration_ns,
             stacks,
-            profile,
             ..
         }
         | Record::Ongoing {
             id,
             duration_ns,
             stacks,
-            profile,
             ..
         }) = record
         else {
-            return;
+            return None;
         };
-        let Some(naming) = self
-            .processes
-            .get_mut(&id.pid)
-            .and_then(|p| p.naming.as_mut())
-        else {
-            return;
-        };
+        let naming = self.processes.get_mut(&id.pid)?.naming.as_mut()?;
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         naming.symbolizer.refresh();
         // A worker's heap goes with its thread: read after that, memory another isolate reuses
@@ -245,7 +247,7 @@ impl Session<'_> {
         if into_flame {
             self.flame.add(id, &named);
         }
-        *profile = Some(named);
+        Some(named)
     }
 
     /// Once a second: current memory maps for naming, V8 layouts, lost events.
@@ -286,19 +288,23 @@ impl Session<'_> {
         let summary = self
             .aggregator
             .summary(now_ns, dropped, now_ns - self.started_ns);
-        match self.reporter.report(&summary, now_ns) {
+        match self.reporter.report(Named::bare(&summary), now_ns) {
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
             _ => {}
         }
         // A loop still stuck as we stop (Ctrl-C on a hung process) is blocked time too.
-        for mut stuck in self.aggregator.still_blocked(now_ns) {
-            self.name_stacks(&mut stuck, true);
+        for stuck in self.aggregator.still_blocked(now_ns) {
+            let profile = self.name_stacks(&stuck, true);
             if let Some(recorder) = self.recorder.as_mut() {
-                recorder.take(&stuck, now_ns);
+                let named = Named {
+                    record: &stuck,
+                    profile: profile.as_ref(),
+                };
+                recorder.take(named, now_ns);
             }
         }
         if let Some(recorder) = self.recorder.as_mut() {
-            recorder.take(&summary, now_ns);
+            recorder.take(Named::bare(&summary), now_ns);
             recorder.finish(&self.flame)?;
         }
         self.write_files(target_pid)

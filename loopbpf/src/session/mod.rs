@@ -273,7 +273,7 @@ async fn watch(
                 session.look_at_execs(now_ns);
                 session.refresh();
                 let records = session.aggregator.ongoing(now_ns);
-                session.report_all(records).and_then(|()| session.record_tick(now_ns))
+                session.report_all(&records).and_then(|()| session.record_tick(now_ns))
             }
             _ = maps_refresh.tick() => {
                 // Keep the memory maps current while the targets live, so that stacks of a
@@ -290,7 +290,7 @@ async fn watch(
                 let records = session.aggregator.interval(Clock::monotonic_ns(), window);
                 window += 1;
                 session.probes.set_window(window)?;
-                session.report_all(records)
+                session.report_all(&records)
             }
             () = &mut target_exited => Err(End::TargetExited),
             () = &mut deadline => Err(End::Stopped),

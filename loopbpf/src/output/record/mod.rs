@@ -34,6 +34,7 @@ use crate::{
         stacks::BlockProfile,
     },
     output::{
+        Named,
         clock::{Clock, human, ms},
         flame::Flame,
         json,
@@ -208,8 +209,9 @@ impl Recorder {
     }
 
     /// Takes a record whose stacks are named.
-    pub fn take(&mut self, record: &Record, now_ns: u64) {
-        if self.text.report(record, now_ns).is_err() {
+    pub fn take(&mut self, named: Named<'_>, now_ns: u64) {
+        let record = named.record;
+        if self.text.report(named, now_ns).is_err() {
             return;
         }
         let mut text = String::from_utf8(std::mem::take(self.text.out_mut())).unwrap_or_default();
@@ -220,8 +222,8 @@ impl Recorder {
                 .map(|(_, rest)| rest.to_owned())
                 .unwrap_or_default();
         }
-        let profile = super::profile(record);
-        match (record, self.json.json_line(record, now_ns)) {
+        let profile = named.profile;
+        match (record, self.json.json_line(named, now_ns)) {
             (
                 Record::Block {
                     id,
@@ -734,8 +736,12 @@ mod tests {
         for (pid, labels) in golden::processes() {
             recorder.name_process(pid, labels);
         }
-        for (record, now_ns) in golden::records() {
-            recorder.take(&record, now_ns);
+        for (record, profile, now_ns) in golden::records() {
+            let named = Named {
+                record: &record,
+                profile: profile.as_ref(),
+            };
+            recorder.take(named, now_ns);
         }
         recorder.tracks.insert(
             golden::MAIN.tid,
