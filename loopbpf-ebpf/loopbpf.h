@@ -24,6 +24,13 @@
 #define LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET 40
 #define LOOPBPF_UV_LOOP_COUNT_OFFSET 8
 
+/* x86-64 numbers of the syscalls libuv's epoll backend waits in (Node 20 uses epoll_pwait): the
+ * probes tell a loop's own poll wait by them, userspace a loop idle at attach by
+ * /proc/<tid>/syscall. */
+#define LOOPBPF_SYS_EPOLL_WAIT 232
+#define LOOPBPF_SYS_EPOLL_PWAIT 281
+#define LOOPBPF_SYS_EPOLL_PWAIT2 441
+
 /* Period of the per-loop-thread cpu-clock sampler, which also reads the iteration count:
  * where a loop iterates without sleeping, its busy intervals end within this of the truth. */
 #define LOOPBPF_SAMPLE_PERIOD_NS 1000000

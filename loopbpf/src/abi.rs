@@ -58,6 +58,10 @@ pub const UV_LOOP_INTERNAL_FIELDS_OFFSET: u64 = 40;
 pub const UV_LOOP_COUNT_OFFSET: u64 = 8;
 /// `int backend_fd` in `uv_loop_t` (`LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET`).
 pub const UV_LOOP_BACKEND_FD_OFFSET: u64 = 64;
+/// x86-64 numbers of the syscalls libuv's epoll backend waits in (`LOOPBPF_SYS_EPOLL_*`).
+pub const SYS_EPOLL_WAIT: u64 = 232;
+pub const SYS_EPOLL_PWAIT: u64 = 281;
+pub const SYS_EPOLL_PWAIT2: u64 = 441;
 /// The loop threads' cpu-clock sampling period (`LOOPBPF_SAMPLE_PERIOD_NS`).
 pub const SAMPLE_PERIOD_NS: u64 = 1_000_000;
 
@@ -326,6 +330,7 @@ mod tests {
              printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_GC, LOOPBPF_GC_SCAVENGE, LOOPBPF_GC_MARK_SWEEP_COMPACT, LOOPBPF_GC_INCREMENTAL_MARKING, LOOPBPF_GC_PROCESS_WEAK_CALLBACKS);\n\
              printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT, LOOPBPF_EVENT_EXEC, LOOPBPF_MAX_LIBUVS);\n\
              printf(\"%d %d %d %d\\n\", LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET, LOOPBPF_UV_LOOP_COUNT_OFFSET, LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET, LOOPBPF_SAMPLE_PERIOD_NS);\n\
+             printf(\"%d %d %d\\n\", LOOPBPF_SYS_EPOLL_WAIT, LOOPBPF_SYS_EPOLL_PWAIT, LOOPBPF_SYS_EPOLL_PWAIT2);\n\
              return 0;\n}\n",
         );
         std::fs::write(&program, c).unwrap();
@@ -391,6 +396,10 @@ mod tests {
                 )
                 .as_str()
             )
+        );
+        assert_eq!(
+            lines.next(),
+            Some(format!("{SYS_EPOLL_WAIT} {SYS_EPOLL_PWAIT} {SYS_EPOLL_PWAIT2}").as_str())
         );
     }
 }
