@@ -97,11 +97,6 @@ struct {
 static const struct loopbpf_thread empty_thread;
 static const struct loopbpf_stack_event empty_stack;
 
-/* x86-64 numbers of the syscalls libuv's epoll backend waits in (Node 20 uses epoll_pwait). */
-#define NR_EPOLL_WAIT 232
-#define NR_EPOLL_PWAIT 281
-#define NR_EPOLL_PWAIT2 441
-
 /* More iterations than a loop can make between two looks (1 ms of CPU time apart, or a sleep):
  * the count is not one (a loop closed and its memory reused). */
 #define LOOPBPF_MAX_POLLS_SEEN (1ULL << 24)
@@ -644,7 +639,8 @@ static __always_inline bool asleep_in_loop_poll(const struct loopbpf_thread *t)
 	if (t->epfd < 0)
 		return false;
 	bpf_probe_read_kernel(&nr, sizeof(nr), &user_regs->orig_rax);
-	if (nr != NR_EPOLL_PWAIT && nr != NR_EPOLL_WAIT && nr != NR_EPOLL_PWAIT2)
+	if (nr != LOOPBPF_SYS_EPOLL_PWAIT && nr != LOOPBPF_SYS_EPOLL_WAIT &&
+	    nr != LOOPBPF_SYS_EPOLL_PWAIT2)
 		return false;
 	bpf_probe_read_kernel(&fd, sizeof(fd), &user_regs->rdi);
 	return (__s32)fd == t->epfd;

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: (MIT OR Apache-2.0) */
 /*
- * The one definition of what crosses the kernel/user boundary: ring-buffer
- * events and the per-loop-thread state map value. loopbpf.bpf.c includes it;
- * loopbpf/src/abi.rs mirrors it and a test fails when the two disagree.
+ * The one definition of what crosses the kernel/user boundary: the ring-buffer
+ * records, the values of the maps userspace reads or writes (threads, libuvs,
+ * v8_layouts) and the constants both sides use. loopbpf.bpf.c includes it;
+ * loopbpf/src/abi.rs mirrors it, and its test fails when a struct's layout or a
+ * constant differs, or when one here has no twin there.
  */
 #ifndef LOOPBPF_H
 #define LOOPBPF_H
@@ -24,6 +26,13 @@
 #define LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET 40
 #define LOOPBPF_UV_LOOP_COUNT_OFFSET 8
 
+/* x86-64 numbers of the syscalls libuv's epoll backend waits in (Node 20 uses epoll_pwait): the
+ * probes tell a loop's own poll wait by them, userspace a loop idle at attach by
+ * /proc/<tid>/syscall. */
+#define LOOPBPF_SYS_EPOLL_WAIT 232
+#define LOOPBPF_SYS_EPOLL_PWAIT 281
+#define LOOPBPF_SYS_EPOLL_PWAIT2 441
+
 /* Period of the per-loop-thread cpu-clock sampler, which also reads the iteration count:
  * where a loop iterates without sleeping, its busy intervals end within this of the truth. */
 #define LOOPBPF_SAMPLE_PERIOD_NS 1000000
@@ -44,7 +53,8 @@ enum loopbpf_event_kind {
 	LOOPBPF_EVENT_EXEC = 6,
 	/* A V8 garbage-collection pause of a loop thread: start_ns at the entry of V8's GC
 	 * prologue callbacks, end_ns at the entry of its epilogue callbacks (the calls Node's
-	 * own 'gc' performance entries are timed by); flags is the epilogue's GCType. */
+	 * own 'gc' performance entries are timed by); flags is the epilogue's GCType. V8 10
+	 * inlines those calls: there the whole collection is timed, flags from its collector. */
 	LOOPBPF_EVENT_GC = 7,
 };
 
@@ -59,9 +69,9 @@ enum loopbpf_event_kind {
  * whose attach cookie indexes the libuvs map. */
 #define LOOPBPF_MAX_LIBUVS 64
 
-/* What the uprobes need of the object they sit in: link-time addresses of uv__io_poll, of
- * uv_run, and of the function a worker_threads Worker runs its loop under
- * (node::worker::Worker::Run; zero when the object has none). */
+/* The libuvs map's value: what the uprobes need of the object they sit in, link-time
+ * addresses of uv__io_poll, of uv_run, and of the function a worker_threads Worker runs its
+ * loop under (node::worker::Worker::Run; zero when the object has none). */
 struct loopbpf_libuv {
 	__u64 poll_addr;
 	__u64 run_addr;
@@ -110,25 +120,28 @@ struct loopbpf_v8_layout {
 	__u32 enabled;
 };
 
-/* Most user stack frames searched for the worker entry function when a loop is adopted. */
+/* Most user stack frames searched for the worker entry function when a loop is adopted
+ * (the kernel side's alone). */
 #define LOOPBPF_ROLE_STACK_DEPTH 32
 
 /* A busy interval that was already going on when loopbpf attached: its start is unknown, its
  * duration a lower bound. */
 #define LOOPBPF_BUSY_BEFORE_ATTACH 1
 
-/* One ring-buffer record. */
+/* A ring-buffer record of every kind but the stack samples. */
 struct loopbpf_event {
 	__u32 kind;     /* enum loopbpf_event_kind */
 	__u32 pid;      /* tgid */
 	__u32 tid;
-	__u32 flags;    /* LOOPBPF_BUSY_BEFORE_ATTACH */
-	__u64 start_ns; /* CLOCK_MONOTONIC: busy start (0 = was idle) */
-	__u64 end_ns;   /* CLOCK_MONOTONIC: poll entry, or thread exit */
-	__u64 loop_addr;/* the thread's uv_loop_t* in the target */
+	__u32 flags;    /* LOOPBPF_BUSY_BEFORE_ATTACH; GC: the GCType bits (LOOPBPF_GC_*) */
+	__u64 start_ns; /* CLOCK_MONOTONIC: busy start (0 = was idle); GC: the pause's start */
+	__u64 end_ns;   /* CLOCK_MONOTONIC: when it happened (a block's end, the loop found, the
+	                 * exit, the exec, the pause's end) */
+	__u64 loop_addr;/* the thread's uv_loop_t* in the target; 0 for an exec */
 };
 
-/* A stack of a busy loop thread. Userspace keeps the stacks of the current busy interval
+/* A stack of a busy loop thread: a ring-buffer record, and the asleep map's value while the
+ * thread sleeps off-CPU. Userspace keeps the stacks of the current busy interval
  * (busy_since_ns) and names them if the interval turns out to be a block. */
 struct loopbpf_stack_event {
 	__u32 kind;          /* LOOPBPF_EVENT_ON_CPU or LOOPBPF_EVENT_OFF_CPU */
@@ -151,14 +164,15 @@ struct loopbpf_stack_event {
 	__u8 stack[LOOPBPF_STACK_COPY];
 };
 
-/* Per loop thread state, keyed by tid. Written only by the thread's own
- * probes; userspace reads it for ELU, ongoing blocks and the summary, and
- * deletes it after the thread exited. */
+/* The threads map's value: per loop thread state, keyed by tid. Written by the
+ * probes that fire for the thread (sched_switch too, as it switches the thread
+ * in); userspace seeds it for loops already running at attach, reads it for
+ * ELU, ongoing blocks and the summary, and deletes it after the thread exited. */
 struct loopbpf_thread {
 	__u64 loop_addr;       /* uv_loop_t* of the outer loop; 0 = not yet known */
 	__s32 epfd;            /* that loop's backend (epoll) fd; -1 = not known yet */
 	__u32 pid;             /* tgid */
-	__u64 discovered_ns;   /* first probe hit on this thread */
+	__u64 discovered_ns;   /* first probe hit on this thread, or userspace's seed */
 	__u64 busy_since_ns;   /* start of the current busy interval, 0 = in poll or unknown */
 	__u64 poll_enter_ns;   /* when it went to sleep in its loop's poll wait */
 	__u32 in_poll;         /* asleep in the loop's own poll wait: idle */
@@ -173,9 +187,9 @@ struct loopbpf_thread {
 	__u64 seen_count;      /* libuv's loop_count then */
 	__u64 max_busy_ns;     /* longest finished busy interval */
 	__u64 window_max_busy_ns; /* longest in the current reporting window */
-	__u64 window;          /* which window window_max_busy_ns belongs to */
+	__u64 window;          /* which window (the window map's value) window_max_busy_ns is of */
 	__u64 blocks;          /* busy intervals at or over the threshold */
-	__u64 exited_ns;       /* thread exit, 0 while alive */
+	__u64 exited_ns;       /* thread exit (or exec), 0 while alive */
 	__u64 busy_hist[LOOPBPF_HIST_SLOTS]; /* log2(us) of busy time per iteration */
 	__u64 gc_start_ns;     /* entry of the GC prologue callbacks, 0 outside a GC pause */
 	__u64 count_addr;      /* where libuv counts this loop's iterations; 0 = not found yet */

@@ -1,5 +1,7 @@
 //! The kernel ABI: the `#[repr(C)]` mirror of `loopbpf-ebpf/loopbpf.h`, its constants and enum
-//! values. It depends on nothing; a test compiles the header and fails on any drift.
+//! values, each named as in the header without `LOOPBPF_`. It depends on nothing. A test
+//! compiles the header and fails on any drift: a field's offset, size or type, a struct's size
+//! or alignment, a constant's value, or a header constant or struct without a twin here.
 
 /// Log2 buckets of busy time per iteration (`LOOPBPF_HIST_SLOTS`).
 pub const HIST_SLOTS: usize = 32;
@@ -49,7 +51,8 @@ pub struct LibuvInfo {
     pub reserved: u32,
 }
 
-// SAFETY: integers only, no padding.
+// SAFETY: repr(C) of u64 and u32 fields that tile the struct (no padding: the mirror test
+// checks), so every byte is initialised and any bytes are a valid value.
 unsafe impl aya::Pod for LibuvInfo {}
 
 /// Where libuv 1.45+ counts a loop's iterations: `uv_loop_t`'s `internal_fields` pointer, and
@@ -58,6 +61,10 @@ pub const UV_LOOP_INTERNAL_FIELDS_OFFSET: u64 = 40;
 pub const UV_LOOP_COUNT_OFFSET: u64 = 8;
 /// `int backend_fd` in `uv_loop_t` (`LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET`).
 pub const UV_LOOP_BACKEND_FD_OFFSET: u64 = 64;
+/// x86-64 numbers of the syscalls libuv's epoll backend waits in (`LOOPBPF_SYS_EPOLL_*`).
+pub const SYS_EPOLL_WAIT: u64 = 232;
+pub const SYS_EPOLL_PWAIT: u64 = 281;
+pub const SYS_EPOLL_PWAIT2: u64 = 441;
 /// The loop threads' cpu-clock sampling period (`LOOPBPF_SAMPLE_PERIOD_NS`).
 pub const SAMPLE_PERIOD_NS: u64 = 1_000_000;
 
@@ -74,7 +81,8 @@ pub struct V8Layout {
     pub enabled: u32,
 }
 
-// SAFETY: integers only, no padding.
+// SAFETY: repr(C) of i32 and u32 fields that tile the struct (no padding: the mirror test
+// checks), so every byte is initialised and any bytes are a valid value.
 unsafe impl aya::Pod for V8Layout {}
 
 /// `struct loopbpf_stack_event`.
@@ -133,8 +141,8 @@ pub struct ThreadState {
     pub off_cpu_pending_ns: u64,
 }
 
-// SAFETY: plain old data of integers only, no padding the kernel could leave uninitialised
-// that we would read as a value other than an integer.
+// SAFETY: repr(C) of u64, u32, i32 fields and a u64 array that tile the struct (no padding:
+// the mirror test checks), so every byte is initialised and any bytes are a valid value.
 unsafe impl aya::Pod for ThreadState {}
 
 impl ThreadState {
@@ -162,6 +170,7 @@ impl ThreadState {
 }
 
 /// `enum loopbpf_role` values.
+pub const ROLE_UNKNOWN: u32 = 0;
 pub const ROLE_MAIN: u32 = 1;
 pub const ROLE_WORKER: u32 = 2;
 pub const ROLE_OTHER: u32 = 3;
@@ -169,6 +178,7 @@ pub const ROLE_OTHER: u32 = 3;
 /// `LOOPBPF_BUSY_BEFORE_ATTACH`.
 pub const BUSY_BEFORE_ATTACH: u32 = 1;
 
+/// `enum loopbpf_event_kind` values.
 pub const EVENT_BLOCK: u32 = 1;
 pub const EVENT_LOOP_FOUND: u32 = 2;
 pub const EVENT_LOOP_EXIT: u32 = 3;
@@ -177,25 +187,51 @@ pub const EVENT_OFF_CPU: u32 = 5;
 pub const EVENT_EXEC: u32 = 6;
 pub const EVENT_GC: u32 = 7;
 
-/// `LOOPBPF_GC_*`: V8's `GCType` bits (scavenges, 1, and minor mark-sweeps, 2, are minor).
+/// `LOOPBPF_GC_*`: V8's `GCType` bits.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the decoder counts every GCType but the three below as minor"
+    )
+)]
+pub const GC_SCAVENGE: u32 = 1;
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the decoder counts every GCType but the three below as minor"
+    )
+)]
+pub const GC_MINOR_MARK_SWEEP: u32 = 2;
 pub const GC_MARK_SWEEP_COMPACT: u32 = 4;
 pub const GC_INCREMENTAL_MARKING: u32 = 8;
 pub const GC_PROCESS_WEAK_CALLBACKS: u32 = 16;
 
-/// A `#[repr(C)]` record read from ring-buffer bytes with `read_unaligned`.
+/// A ring-buffer record: `decode` turns bytes the kernel wrote, as many as the type's size,
+/// into one with `read_unaligned`.
 ///
 /// # Safety
-/// Implement only for `#[repr(C)]` structs of integers (and arrays of them) without padding:
-/// every bit pattern of their size must be a valid value.
+/// Any `size_of::<Self>()` initialised bytes must be a valid `Self`. That holds for a
+/// `#[repr(C)]` struct whose fields are integers, arrays of them and other such structs, and
+/// not once a field is a `bool`, `char`, enum, reference or `NonZero*`. To match the C side
+/// it must also be the twin of a struct of `loopbpf.h`, checked by the mirror test.
 pub unsafe trait Record: Copy {}
-// SAFETY: repr(C) integers only, no padding (the mirror test checks size and offsets).
+// SAFETY: repr(C) of u32 and u64 fields only.
 unsafe impl Record for RawEvent {}
-// SAFETY: as above.
+// SAFETY: repr(C) of u32 and u64 fields, arrays of u64 and u8, and an array of
+// `CapturedFrame`, itself repr(C) of u64 fields only.
 unsafe impl Record for RawStackEvent {}
 
 #[cfg(test)]
 mod tests {
-    use std::{mem::offset_of, path::Path, process::Command};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        fmt::Write as _,
+        mem::offset_of,
+        path::{Path, PathBuf},
+        process::Command,
+    };
 
     use super::*;
 
@@ -222,175 +258,363 @@ mod tests {
         assert_eq!(busy.busy_for_ns(130), Some(30));
     }
 
-    /// The Rust mirror must match the C header field for field: compile a probe program that
-    /// prints the header's layout and compare.
+    /// The header's constants (macros and enum values) with no twin here, and why.
+    const HEADER_ONLY: [(&str, &str); 2] = [
+        ("LOOPBPF_H", "the include guard"),
+        (
+            "LOOPBPF_ROLE_STACK_DEPTH",
+            "how deep the kernel side looks for the worker entry; userspace never sees that stack",
+        ),
+    ];
+
+    /// A field's type as the layout probe program names it, so a sign or element type that
+    /// changes with the size kept is drift too.
+    trait CType {
+        fn c_type() -> String;
+    }
+    macro_rules! c_type {
+        ($($rust:ty => $c:literal),+) => {
+            $(impl CType for $rust {
+                fn c_type() -> String {
+                    $c.to_owned()
+                }
+            })+
+        };
+    }
+    c_type!(
+        u8 => "u8",
+        u32 => "u32",
+        i32 => "i32",
+        u64 => "u64",
+        CapturedFrame => "struct loopbpf_js_frame"
+    );
+    impl<T: CType, const N: usize> CType for [T; N] {
+        fn c_type() -> String {
+            format!("{}[]", T::c_type())
+        }
+    }
+
+    /// Size and type of the field `field` reaches.
+    fn field_of<S, T: CType>(_field: fn(&S) -> &T) -> (usize, String) {
+        (size_of::<T>(), T::c_type())
+    }
+
+    /// Runs clang (`LOOPBPF_CLANG`, else clang-19) and returns its standard output; any
+    /// failure, a missing clang first of all, fails the test.
+    fn clang(args: &[&str]) -> String {
+        let compiler = std::env::var("LOOPBPF_CLANG").unwrap_or_else(|_| "clang-19".into());
+        let output = Command::new(&compiler)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {compiler} to check loopbpf.h: {e}"));
+        assert!(
+            output.status.success(),
+            "{compiler} {args:?} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// The macros in `clang -dM` output: name -> body.
+    fn macros(defines: &str) -> BTreeMap<String, String> {
+        defines
+            .lines()
+            .filter_map(|line| line.strip_prefix("#define "))
+            .map(|rest| {
+                let end = rest.find([' ', '(']).unwrap_or(rest.len());
+                (rest[..end].to_owned(), rest[end..].trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// The enum constants and struct tags defined in C source without comments or directives.
+    fn enums_and_structs(source: &str) -> (Vec<String>, BTreeSet<String>) {
+        let mut tokens = Vec::new();
+        let mut rest = source;
+        while let Some(c) = rest.chars().next() {
+            let len = if c.is_ascii_alphanumeric() || c == '_' {
+                rest.find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                    .unwrap_or(rest.len())
+            } else {
+                c.len_utf8()
+            };
+            if !c.is_whitespace() {
+                tokens.push(&rest[..len]);
+            }
+            rest = &rest[len..];
+        }
+        let (mut constants, mut structs) = (Vec::new(), BTreeSet::new());
+        for (i, window) in tokens.windows(3).enumerate() {
+            match window {
+                ["struct", tag, "{"] => {
+                    structs.insert((*tag).to_owned());
+                }
+                ["enum", _, "{"] => {
+                    let body = tokens[i + 3..].split(|&t| t == "}").next().unwrap();
+                    // Each enumerator starts the body or follows a comma.
+                    let mut at_start = true;
+                    for &token in body {
+                        if at_start && token != "," {
+                            constants.push(token.to_owned());
+                        }
+                        at_start = token == ",";
+                    }
+                }
+                _ => {}
+            }
+        }
+        (constants, structs)
+    }
+
+    /// The Rust mirror must match the C header field for field and constant for constant:
+    /// read the header's constants and structs with the preprocessor, compile a program that
+    /// prints their values and layout, and compare with this module's, listing every
+    /// difference.
     #[test]
     #[expect(
         clippy::too_many_lines,
-        reason = "one line per field of the mirrored structs"
+        reason = "one line per mirrored field and constant"
     )]
     fn mirror_matches_the_c_header() {
-        const GC_SCAVENGE: u32 = 1;
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loopbpf-ebpf");
-        let out = std::env::temp_dir().join(format!("loopbpf-layout-{}", std::process::id()));
-        let program = out.with_extension("c");
-        let mut c = String::from(
-            "#include <stdio.h>\n#include <stddef.h>\n#include \"loopbpf.h\"\nint main(void) {\n",
+        let header = dir.join("loopbpf.h");
+        let header = header.to_str().unwrap();
+
+        // What the header itself defines: its macros are those the preprocessor knows after
+        // reading it and not before; with __VMLINUX_H__ set, <linux/types.h> stays out, so
+        // the preprocessed text is the header's own declarations.
+        let vmlinux = "-D__VMLINUX_H__";
+        let builtin = macros(&clang(&["-dM", "-E", vmlinux, "-x", "c", "/dev/null"]));
+        let mut defined = macros(&clang(&["-dM", "-E", vmlinux, "-x", "c", header]));
+        defined.retain(|name, _| !builtin.contains_key(name));
+        let (enumerators, c_structs) =
+            enums_and_structs(&clang(&["-E", "-P", vmlinux, "-x", "c", header]));
+        let header_constants: BTreeSet<String> =
+            defined.keys().cloned().chain(enumerators).collect();
+        // A macro with no value (an include guard) has none to print; it still needs a twin.
+        let valueless: BTreeMap<String, String> = defined
+            .iter()
+            .filter(|(_, body)| body.is_empty())
+            .map(|(name, _)| (format!("constant {name}"), String::new()))
+            .collect();
+
+        let mut program = String::from(
+            "#include <stdio.h>\n#include <stddef.h>\n#include \"loopbpf.h\"\n\
+             #define CTYPE(x) _Generic((x), __u8 *: \"u8[]\", __u32: \"u32\", __s32: \"i32\", \
+             __u64: \"u64\", __u64 *: \"u64[]\", \
+             struct loopbpf_js_frame *: \"struct loopbpf_js_frame[]\", default: \"?\")\n\
+             int main(void) {\n",
         );
-        let mut expected = Vec::new();
-        macro_rules! field {
-            ($c_struct:literal, $rust:ty, $field:ident) => {
-                c.push_str(&format!(
-                    "printf(\"%zu\\n\", offsetof(struct {}, {}));\n",
-                    $c_struct,
-                    stringify!($field)
+        // What the probe program must print, line for line: "what value".
+        let mut expected = BTreeMap::new();
+        let mut differences = Vec::new();
+
+        for name in &header_constants {
+            let header_only = HEADER_ONLY.iter().any(|(only, _)| only == name);
+            if !header_only && !valueless.contains_key(&format!("constant {name}")) {
+                writeln!(
+                    program,
+                    "printf(\"constant {name} %lld\\n\", (long long)({name}));"
+                )
+                .unwrap();
+            }
+        }
+        for (only, _) in HEADER_ONLY {
+            if !header_constants.contains(only) {
+                differences.push(format!(
+                    "{only} is allowed header-only but is not in loopbpf.h"
                 ));
-                expected.push(offset_of!($rust, $field));
+            }
+        }
+        macro_rules! constants {
+            ($($name:ident),+ $(,)?) => {
+                $(expected.insert(
+                    concat!("constant LOOPBPF_", stringify!($name)).to_owned(),
+                    $name.to_string(),
+                );)+
             };
         }
-        macro_rules! size {
-            ($c_struct:literal, $rust:ty) => {
-                c.push_str(&format!(
-                    "printf(\"%zu\\n\", sizeof(struct {}));\n",
-                    $c_struct
-                ));
-                expected.push(size_of::<$rust>());
-            };
-        }
-        size!("loopbpf_event", RawEvent);
-        field!("loopbpf_event", RawEvent, kind);
-        field!("loopbpf_event", RawEvent, pid);
-        field!("loopbpf_event", RawEvent, tid);
-        field!("loopbpf_event", RawEvent, start_ns);
-        field!("loopbpf_event", RawEvent, end_ns);
-        field!("loopbpf_event", RawEvent, loop_addr);
-        size!("loopbpf_stack_event", RawStackEvent);
-        field!("loopbpf_stack_event", RawStackEvent, kind);
-        field!("loopbpf_stack_event", RawStackEvent, user_depth);
-        field!("loopbpf_stack_event", RawStackEvent, busy_since_ns);
-        field!("loopbpf_stack_event", RawStackEvent, at_ns);
-        field!("loopbpf_stack_event", RawStackEvent, off_cpu_ns);
-        field!("loopbpf_stack_event", RawStackEvent, kernel_depth);
-        field!("loopbpf_stack_event", RawStackEvent, user);
-        field!("loopbpf_stack_event", RawStackEvent, kernel);
-        field!("loopbpf_stack_event", RawStackEvent, user_ip);
-        field!("loopbpf_stack_event", RawStackEvent, user_sp);
-        field!("loopbpf_stack_event", RawStackEvent, user_bp);
-        field!("loopbpf_stack_event", RawStackEvent, stack_len);
-        field!("loopbpf_stack_event", RawStackEvent, js_depth);
-        field!("loopbpf_stack_event", RawStackEvent, js);
-        size!("loopbpf_js_frame", CapturedFrame);
-        field!("loopbpf_js_frame", CapturedFrame, shared);
-        field!("loopbpf_js_frame", CapturedFrame, receiver_map);
-        size!("loopbpf_libuv", LibuvInfo);
-        field!("loopbpf_libuv", LibuvInfo, run_addr);
-        field!("loopbpf_libuv", LibuvInfo, worker_entry_start);
-        field!("loopbpf_libuv", LibuvInfo, worker_entry_end);
-        field!("loopbpf_libuv", LibuvInfo, counts_iterations);
-        size!("loopbpf_v8_layout", V8Layout);
-        field!("loopbpf_v8_layout", V8Layout, fp_receiver);
-        field!("loopbpf_v8_layout", V8Layout, function_shared);
-        field!("loopbpf_v8_layout", V8Layout, enabled);
-        field!("loopbpf_stack_event", RawStackEvent, stack);
-        size!("loopbpf_thread", ThreadState);
-        field!("loopbpf_thread", ThreadState, loop_addr);
-        field!("loopbpf_thread", ThreadState, epfd);
-        field!("loopbpf_thread", ThreadState, pid);
-        field!("loopbpf_thread", ThreadState, discovered_ns);
-        field!("loopbpf_thread", ThreadState, busy_since_ns);
-        field!("loopbpf_thread", ThreadState, poll_enter_ns);
-        field!("loopbpf_thread", ThreadState, in_poll);
-        field!("loopbpf_thread", ThreadState, counts_iterations);
-        field!("loopbpf_thread", ThreadState, role);
-        field!("loopbpf_thread", ThreadState, busy_before_attach);
-        field!("loopbpf_event", RawEvent, flags);
-        field!("loopbpf_thread", ThreadState, idle_ns);
-        field!("loopbpf_thread", ThreadState, iterations);
-        field!("loopbpf_thread", ThreadState, seen_ns);
-        field!("loopbpf_thread", ThreadState, seen_count);
-        field!("loopbpf_thread", ThreadState, max_busy_ns);
-        field!("loopbpf_thread", ThreadState, window_max_busy_ns);
-        field!("loopbpf_thread", ThreadState, window);
-        field!("loopbpf_thread", ThreadState, blocks);
-        field!("loopbpf_thread", ThreadState, exited_ns);
-        field!("loopbpf_thread", ThreadState, busy_hist);
-        field!("loopbpf_thread", ThreadState, gc_start_ns);
-        field!("loopbpf_thread", ThreadState, count_addr);
-        field!("loopbpf_thread", ThreadState, samples);
-        field!("loopbpf_thread", ThreadState, last_sample_ns);
-        field!("loopbpf_thread", ThreadState, off_cpu_pending_ns);
-        c.push_str(
-            "printf(\"%d %d %d\\n\", LOOPBPF_ROLE_MAIN, LOOPBPF_ROLE_WORKER, LOOPBPF_BUSY_BEFORE_ATTACH);\n\
-             printf(\"%d %d %d %d %d %d\\n\", LOOPBPF_USER_FRAMES, LOOPBPF_KERNEL_FRAMES, LOOPBPF_STACK_COPY, LOOPBPF_RED_ZONE, LOOPBPF_EVENT_ON_CPU, LOOPBPF_EVENT_OFF_CPU);\n\
-             printf(\"%d\\n\", LOOPBPF_HIST_SLOTS);\n\
-             printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_GC, LOOPBPF_GC_SCAVENGE, LOOPBPF_GC_MARK_SWEEP_COMPACT, LOOPBPF_GC_INCREMENTAL_MARKING, LOOPBPF_GC_PROCESS_WEAK_CALLBACKS);\n\
-             printf(\"%d %d %d %d %d\\n\", LOOPBPF_EVENT_BLOCK, LOOPBPF_EVENT_LOOP_FOUND, LOOPBPF_EVENT_LOOP_EXIT, LOOPBPF_EVENT_EXEC, LOOPBPF_MAX_LIBUVS);\n\
-             printf(\"%d %d %d %d\\n\", LOOPBPF_UV_LOOP_INTERNAL_FIELDS_OFFSET, LOOPBPF_UV_LOOP_COUNT_OFFSET, LOOPBPF_UV_LOOP_BACKEND_FD_OFFSET, LOOPBPF_SAMPLE_PERIOD_NS);\n\
-             return 0;\n}\n",
+        constants!(
+            HIST_SLOTS,
+            USER_FRAMES,
+            KERNEL_FRAMES,
+            STACK_COPY,
+            RED_ZONE,
+            JS_FRAMES,
+            UV_LOOP_BACKEND_FD_OFFSET,
+            UV_LOOP_INTERNAL_FIELDS_OFFSET,
+            UV_LOOP_COUNT_OFFSET,
+            SYS_EPOLL_WAIT,
+            SYS_EPOLL_PWAIT,
+            SYS_EPOLL_PWAIT2,
+            SAMPLE_PERIOD_NS,
+            MAX_LIBUVS,
+            BUSY_BEFORE_ATTACH,
+            ROLE_UNKNOWN,
+            ROLE_MAIN,
+            ROLE_WORKER,
+            ROLE_OTHER,
+            EVENT_BLOCK,
+            EVENT_LOOP_FOUND,
+            EVENT_LOOP_EXIT,
+            EVENT_ON_CPU,
+            EVENT_OFF_CPU,
+            EVENT_EXEC,
+            EVENT_GC,
+            GC_SCAVENGE,
+            GC_MINOR_MARK_SWEEP,
+            GC_MARK_SWEEP_COMPACT,
+            GC_INCREMENTAL_MARKING,
+            GC_PROCESS_WEAK_CALLBACKS,
         );
-        std::fs::write(&program, c).unwrap();
-        let compiler = std::env::var("LOOPBPF_CLANG").unwrap_or_else(|_| "clang-19".into());
-        let status = Command::new(&compiler)
-            .arg("-I")
-            .arg(&dir)
-            .arg(&program)
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {compiler} to check the header: {e}"));
-        assert!(status.success(), "the layout probe program did not compile");
+
+        // Each struct: its size and alignment, and every field's offset, size and type, with
+        // the fields listed in Rust tiling the struct from 0 to its size: none left out here,
+        // and no padding (which aya::Pod rules out and Record's decoding never relies on).
+        let mut mirrored_structs = BTreeSet::new();
+        macro_rules! layout {
+            ($rust:ty = $c:literal { $($field:ident),+ $(,)? }) => {{
+                mirrored_structs.insert(stringify!($rust));
+                expected.insert(
+                    format!("struct {}", $c),
+                    format!("{} {}", size_of::<$rust>(), align_of::<$rust>()),
+                );
+                writeln!(
+                    program,
+                    "printf(\"struct {0} %zu %zu\\n\", sizeof(struct {0}), _Alignof(struct {0}));",
+                    $c
+                )
+                .unwrap();
+                let mut end = 0;
+                $(
+                    let (size, c_type) = field_of(|s: &$rust| &s.$field);
+                    let offset = offset_of!($rust, $field);
+                    if offset != end {
+                        differences.push(format!(
+                            "{}.{} is at {offset}, not right after the field before it \
+                             (at {end}): padding, or a field not listed here",
+                            stringify!($rust),
+                            stringify!($field)
+                        ));
+                    }
+                    end = offset + size;
+                    let field = format!("{}.{}", $c, stringify!($field));
+                    expected.insert(format!("field {field}"), format!("{offset} {size} {c_type}"));
+                    let lvalue = format!("((struct {} *)0)->{}", $c, stringify!($field));
+                    writeln!(
+                        program,
+                        "printf(\"field {field} %zu %zu %s\\n\", offsetof(struct {}, {}), \
+                         sizeof({lvalue}), CTYPE({lvalue}));",
+                        $c,
+                        stringify!($field)
+                    )
+                    .unwrap();
+                )+
+                if end != size_of::<$rust>() {
+                    differences.push(format!(
+                        "{}'s fields end at {end}, its size is {}: padding, or a field not listed",
+                        stringify!($rust),
+                        size_of::<$rust>()
+                    ));
+                }
+            }};
+        }
+        layout!(RawEvent = "loopbpf_event" {
+            kind, pid, tid, flags, start_ns, end_ns, loop_addr,
+        });
+        layout!(CapturedFrame = "loopbpf_js_frame" { fp, shared, receiver_map });
+        layout!(LibuvInfo = "loopbpf_libuv" {
+            poll_addr, run_addr, worker_entry_start, worker_entry_end, counts_iterations, reserved,
+        });
+        layout!(V8Layout = "loopbpf_v8_layout" {
+            fp_function, fp_receiver, function_shared, enabled,
+        });
+        layout!(RawStackEvent = "loopbpf_stack_event" {
+            kind, pid, tid, user_depth, busy_since_ns, at_ns, off_cpu_ns, kernel_depth, reserved,
+            user, kernel, user_ip, user_sp, user_bp, stack_len, js_depth, js, stack,
+        });
+        layout!(ThreadState = "loopbpf_thread" {
+            loop_addr, epfd, pid, discovered_ns, busy_since_ns, poll_enter_ns, in_poll,
+            counts_iterations, role, busy_before_attach, idle_ns, iterations, seen_ns, seen_count,
+            max_busy_ns, window_max_busy_ns, window, blocks, exited_ns, busy_hist, gc_start_ns,
+            count_addr, samples, last_sample_ns, last_off_cpu_ns, off_cpu_pending_ns,
+        });
+        program.push_str("return 0;\n}\n");
+
+        // Nothing in this module outside the test escapes the comparison: every constant and
+        // struct it declares is in the lists above.
+        let source = include_str!("abi.rs");
+        let source = &source[..source.find("#[cfg(test)]").unwrap()];
+        for line in source.lines() {
+            if let Some(name) = line.strip_prefix("pub const ") {
+                let name = &name[..name.find(':').unwrap()];
+                if !expected.contains_key(&format!("constant LOOPBPF_{name}")) {
+                    differences.push(format!("abi::{name} is not compared with loopbpf.h"));
+                }
+            } else if let Some(name) = line.strip_prefix("pub struct ") {
+                let name = &name[..name.find([' ', '{']).unwrap_or(name.len())];
+                if !mirrored_structs.contains(name) {
+                    differences.push(format!("abi::{name} is not compared with loopbpf.h"));
+                }
+            }
+        }
+        for tag in &c_structs {
+            if !expected.contains_key(&format!("struct {tag}")) {
+                differences.push(format!("struct {tag} of loopbpf.h has no twin in abi.rs"));
+            }
+        }
+
+        let mut got = run_probe_program(&dir, &program);
+        got.extend(valueless.into_iter().filter(|(key, _)| {
+            !HEADER_ONLY
+                .iter()
+                .any(|(only, _)| key.strip_prefix("constant ") == Some(only))
+        }));
+        for (key, want) in &expected {
+            match got.get(key) {
+                Some(value) if value == want => {}
+                Some(value) => differences.push(format!("{key}: loopbpf.h {value}, abi.rs {want}")),
+                None => differences.push(format!("{key}: in abi.rs, not in loopbpf.h")),
+            }
+        }
+        for key in got.keys().filter(|key| !expected.contains_key(*key)) {
+            differences.push(format!("{key}: in loopbpf.h, no twin in abi.rs"));
+        }
+        assert!(
+            differences.is_empty(),
+            "loopbpf.h and abi.rs differ:\n{}",
+            differences.join("\n")
+        );
+    }
+
+    /// Compiles and runs the probe program; its output as "what" -> "value".
+    fn run_probe_program(include: &Path, program: &str) -> BTreeMap<String, String> {
+        let out: PathBuf =
+            std::env::temp_dir().join(format!("loopbpf-layout-{}", std::process::id()));
+        let source = out.with_extension("c");
+        std::fs::write(&source, program).unwrap();
+        clang(&[
+            "-Wall",
+            "-Werror",
+            "-I",
+            include.to_str().unwrap(),
+            source.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         let output = Command::new(&out).output().unwrap();
-        let _ = std::fs::remove_file(&program);
+        let _ = std::fs::remove_file(&source);
         let _ = std::fs::remove_file(&out);
-        let text = String::from_utf8(output.stdout).unwrap();
-        let mut lines = text.lines();
-        for (i, want) in expected.iter().enumerate() {
-            let got: usize = lines.next().unwrap().parse().unwrap();
-            assert_eq!(
-                got, *want,
-                "layout entry {i} differs between loopbpf.h and decode.rs"
-            );
-        }
-        assert_eq!(
-            lines.next(),
-            Some(format!("{ROLE_MAIN} {ROLE_WORKER} {BUSY_BEFORE_ATTACH}").as_str())
-        );
-        assert_eq!(
-            lines.next(),
-            Some(
-                format!(
-                    "{USER_FRAMES} {KERNEL_FRAMES} {STACK_COPY} {RED_ZONE} {EVENT_ON_CPU} {EVENT_OFF_CPU}"
-                )
-                .as_str()
-            )
-        );
-        assert_eq!(lines.next(), Some(HIST_SLOTS.to_string().as_str()));
-        assert_eq!(
-            lines.next(),
-            Some(
-                format!(
-                    "{EVENT_GC} {GC_SCAVENGE} {GC_MARK_SWEEP_COMPACT} {GC_INCREMENTAL_MARKING} {GC_PROCESS_WEAK_CALLBACKS}"
-                )
-                .as_str()
-            )
-        );
-        assert_eq!(
-            lines.next(),
-            Some(
-                format!(
-                    "{EVENT_BLOCK} {EVENT_LOOP_FOUND} {EVENT_LOOP_EXIT} {EVENT_EXEC} {MAX_LIBUVS}"
-                )
-                .as_str()
-            )
-        );
-        assert_eq!(
-            lines.next(),
-            Some(
-                format!(
-                    "{UV_LOOP_INTERNAL_FIELDS_OFFSET} {UV_LOOP_COUNT_OFFSET} {UV_LOOP_BACKEND_FD_OFFSET} {SAMPLE_PERIOD_NS}"
-                )
-                .as_str()
-            )
-        );
+        assert!(output.status.success(), "the layout probe program failed");
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                // "constant NAME value", "struct TAG size align", "field TAG.NAME offset size type"
+                let mut words = line.splitn(3, ' ');
+                let key = format!("{} {}", words.next().unwrap(), words.next().unwrap());
+                (key, words.next().unwrap().to_owned())
+            })
+            .collect()
     }
 }

@@ -197,7 +197,7 @@ impl Event {
     }
 }
 
-/// Marker for the `#[repr(C)]` integer-only records above: valid for any bit pattern.
+/// A record from ring-buffer bytes, which must be exactly its size.
 fn read_record<T: Record>(kind: u32, bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() != size_of::<T>() {
         return Err(DecodeError::Length {
@@ -206,8 +206,9 @@ fn read_record<T: Record>(kind: u32, bytes: &[u8]) -> Result<T, DecodeError> {
             expected: size_of::<T>(),
         });
     }
-    // SAFETY: the length matches and T is repr(C) plain integers, valid for any bit pattern;
-    // read_unaligned because ring-buffer bytes carry no alignment promise to Rust.
+    // SAFETY: `bytes` holds size_of::<T>() initialised bytes, and `T: Record` promises any
+    // such bytes are a valid T; read_unaligned because ring-buffer bytes carry no alignment
+    // promise to Rust.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 

@@ -22,8 +22,8 @@ use thiserror::Error;
 
 use crate::{
     abi::{
-        BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, SAMPLE_PERIOD_NS, ThreadState,
-        V8Layout,
+        BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, ROLE_UNKNOWN, SAMPLE_PERIOD_NS,
+        ThreadState, V8Layout,
     },
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
@@ -174,7 +174,11 @@ impl Probes {
             in_poll: 1,
             poll_enter_ns: now_ns,
             discovered_ns: now_ns,
-            role: if idle.tid == pid { ROLE_MAIN } else { 0 },
+            role: if idle.tid == pid {
+                ROLE_MAIN
+            } else {
+                ROLE_UNKNOWN
+            },
             ..ThreadState::default()
         };
         let state = known.map_or(state, |known| known.apply(&state, now_ns));

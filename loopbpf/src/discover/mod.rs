@@ -12,7 +12,10 @@ use std::{
 use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::{
-    abi::{UV_LOOP_BACKEND_FD_OFFSET, UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET},
+    abi::{
+        SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2, SYS_EPOLL_WAIT, UV_LOOP_BACKEND_FD_OFFSET,
+        UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET,
+    },
     target::{
         files::{FileId, Segment, bias_of, open_elf, segments},
         proc::{first_mapping_per_file, mapped_file},
@@ -428,8 +431,7 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
 /// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
 /// as we attach. Their next poll exit starts a busy interval that must be timed from there.
 pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
-    // x86-64 numbers of epoll_wait, epoll_pwait, epoll_pwait2.
-    const EPOLL_WAIT_SYSCALLS: [&str; 3] = ["232", "281", "441"];
+    const EPOLL_WAIT_SYSCALLS: [u64; 3] = [SYS_EPOLL_WAIT, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2];
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -439,7 +441,7 @@ pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
             let tid: u32 = task.file_name().to_str()?.parse().ok()?;
             let syscall = fs::read_to_string(task.path().join("syscall")).ok()?;
             let mut fields = syscall.split_whitespace();
-            if !EPOLL_WAIT_SYSCALLS.contains(&fields.next()?) {
+            if !EPOLL_WAIT_SYSCALLS.contains(&fields.next()?.parse().ok()?) {
                 return None;
             }
             let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
