@@ -19,13 +19,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let result = if argv.get(1).is_some_and(|a| a == "record") {
-        session::record(&cli::RecordArgs::parse_from(&argv[1..]))
-    } else {
-        session::run(&cli::Args::parse_from(&argv))
-    };
-    match result {
+    match session::run(&cli::Args::parse()) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("loopbpf: error: {error:#}");

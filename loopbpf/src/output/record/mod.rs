@@ -158,10 +158,10 @@ impl Recorder {
         fs::write(&probe, b"").with_context(|| format!("cannot write into {}", out.display()))?;
         let _ = fs::remove_file(probe);
         let clock = Clock::new();
-        let threshold_ns = args.threshold.as_nanos() as u64;
+        let threshold_ns = args.session.threshold.as_nanos() as u64;
         Ok(Self {
             out,
-            what: args.pid.map_or_else(
+            what: args.session.pid.map_or_else(
                 || "every libuv process".to_owned(),
                 |pid| format!("pid {pid}"),
             ),
@@ -174,7 +174,7 @@ impl Recorder {
                 .map_or(threshold_ns, |d| d.as_nanos() as u64),
             max_triggers: args.max_triggers,
             stop_after_blocks: args.stop_after_blocks,
-            text: if args.all {
+            text: if args.session.all {
                 Reporter::new(Vec::new(), false, clock).with_command_column()
             } else {
                 Reporter::new(Vec::new(), false, clock)
