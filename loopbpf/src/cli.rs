@@ -144,6 +144,10 @@ pub struct SessionArgs {
     /// Do not collect stacks (only durations, ELU and counts).
     #[arg(long)]
     pub no_stacks: bool,
+
+    /// No notes, warnings or status lines on stderr (errors and lost events are still told).
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// Parses `1.5s`, `250ms`, `100us`, `2m`, `1h`, or a bare number of milliseconds.
@@ -539,6 +543,14 @@ mod tests {
                 .threshold,
             Duration::from_millis(1500)
         );
+    }
+
+    #[test]
+    fn quiet_is_a_session_option() {
+        assert!(parse(&["--pid", "1", "-q"]).unwrap().session.quiet);
+        assert!(!parse(&["--pid", "1"]).unwrap().session.quiet);
+        let args = parse(&["record", "--pid", "1", "--out", "x", "--quiet"]).unwrap();
+        assert!(args.resolve().0.session.quiet);
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! `main` only parses the command line (`loopbpf ...` or `loopbpf record ...`), runs the session
 //! and turns the result into an exit code.
 
+// First: its macros are in scope in the modules declared after it.
+#[macro_use]
+mod diag;
+
 mod abi;
 mod aggregate;
 mod cli;

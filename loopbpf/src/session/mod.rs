@@ -62,6 +62,7 @@ const EXEC_SECOND_LOOK_NS: u64 = 1_000_000_000;
 /// whose output is an evidence bundle.
 pub fn run(args: &Args) -> Result<ExitCode> {
     let (args, record) = args.resolve();
+    crate::diag::set_quiet(args.session.quiet);
     run_with(&args, record)
 }
 
@@ -108,21 +109,21 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
     };
     let threshold = human(args.session.threshold.as_nanos() as u64);
     if let Some(target) = &target {
-        eprintln!(
-            "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+        status!(
+            "watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
             target.pid,
             target.comm,
             target.libuv.shown_as.display(),
         );
     } else {
         session.watch_running_processes();
-        eprintln!(
-            "loopbpf: watching every libuv process ({} now); blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+        status!(
+            "watching every libuv process ({} now); blocks are busy intervals >= {threshold}. Ctrl-C to end.",
             session.processes.len()
         );
     }
     if let Some(addr) = args.metrics {
-        eprintln!("loopbpf: metrics on http://{addr}/metrics");
+        status!("metrics on http://{addr}/metrics");
     }
     if let Some(child) = &child {
         child.resume();
@@ -277,10 +278,7 @@ impl<'a> Session<'a> {
             let which = match self.probes.attach_uprobe(&target.libuv, None) {
                 Ok(which) => which,
                 Err(e) => {
-                    eprintln!(
-                        "loopbpf: warning: pid {} ({}) is not watched: {e}",
-                        target.pid, target.comm
-                    );
+                    warning!("pid {} ({}) is not watched: {e}", target.pid, target.comm);
                     fleet.attach_failures += 1;
                     fleet.unprobeable.insert(target.libuv_file);
                     return;
@@ -293,7 +291,7 @@ impl<'a> Session<'a> {
         if let Err(e) = self.watch(target, seed) {
             // One that exited meanwhile is no failure.
             if start_time(pid).is_some() {
-                eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
+                warning!("pid {pid} ({comm}) is not fully watched: {e:#}");
                 if let Some(fleet) = self.fleet.as_mut() {
                     fleet.attach_failures += 1;
                 }
@@ -326,10 +324,8 @@ impl<'a> Session<'a> {
         let shown = target.libuv.shown_as.display();
         match self.probes.attach_gc(&target.libuv, pid, which) {
             Ok(true) => {}
-            Ok(false) => eprintln!(
-                "loopbpf: note: no GC pauses for {shown}: V8's GC callbacks are not in it"
-            ),
-            Err(e) => eprintln!("loopbpf: warning: no GC pauses for {shown}: {e}"),
+            Ok(false) => note!("no GC pauses for {shown}: V8's GC callbacks are not in it"),
+            Err(e) => warning!("no GC pauses for {shown}: {e}"),
         }
     }
 
@@ -403,7 +399,7 @@ impl<'a> Session<'a> {
                     }
                     records.extend(self.aggregator.on_event(&event));
                 }
-                Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
+                Err(e) => status!("skipped a malformed event: {e}"),
             }
         }
         for tid in self.aggregator.take_exited_tids() {
@@ -424,10 +420,7 @@ impl<'a> Session<'a> {
                     self.watch_in_fleet(target, Seed::Nothing);
                 }
                 if let Err(e) = self.probes.sample_thread(pid, tid) {
-                    eprintln!(
-                        "loopbpf: thread {tid} is not sampled: {:#}",
-                        anyhow::Error::from(e)
-                    );
+                    status!("thread {tid} is not sampled: {:#}", anyhow::Error::from(e));
                 }
             }
             Event::LoopExit { tid, .. } => {
@@ -595,7 +588,7 @@ impl<'a> Session<'a> {
             }
         }
         for shown in self.probes.end_discovery(unnamed) {
-            eprintln!("loopbpf: loops running in {shown} found; no probe left on its iterations");
+            status!("loops running in {shown} found; no probe left on its iterations");
         }
     }
 
@@ -732,8 +725,8 @@ impl<'a> Session<'a> {
     fn warn_of_lost_events(&mut self) {
         let dropped = self.probes.dropped_events();
         if dropped > self.dropped_warned {
-            eprintln!(
-                "loopbpf: warning: {dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
+            loss!(
+                "{dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
             );
             self.dropped_warned = dropped;
         }
@@ -748,7 +741,7 @@ impl<'a> Session<'a> {
             && *end == End::TargetExited
             && !self.aggregator.knows_loops()
         {
-            eprintln!("loopbpf: pid {pid} exited before its event loop ran");
+            status!("pid {pid} exited before its event loop ran");
         }
         let dropped = self.probes.dropped_events();
         let summary = self
@@ -848,7 +841,7 @@ fn read_v8_objects_in_samples(probes: &mut Probes, process: &mut Process) {
     };
     match probes.set_v8_layout(process.target.pid, js.kernel_layout()) {
         Ok(()) => process.v8_layout_set = true,
-        Err(e) => eprintln!("loopbpf: warning: JS frames named after the sample: {e}"),
+        Err(e) => warning!("JS frames named after the sample: {e}"),
     }
 }
 

@@ -14,8 +14,7 @@ mod timeline;
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
-    fs,
-    io::{self, IsTerminal},
+    fs, io,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -190,7 +189,7 @@ impl Recorder {
             worst_ns: 0,
             dirty: true,
             written_at: None,
-            progress: io::stderr().is_terminal(),
+            progress: crate::diag::progress_wanted(),
         })
     }
 
@@ -401,13 +400,13 @@ impl Recorder {
                 }
             }
         }
-        self.note(&format!(
+        status!(
             "{}: pid {} {} blocked for {}",
             action,
             id.pid,
             id.label,
             human(blocked_ns)
-        ));
+        );
         self.triggers.push(trigger);
         self.dirty = true;
     }
@@ -460,7 +459,7 @@ impl Recorder {
             "-".to_owned()
         };
         let mut line = format!(
-            "\rloopbpf: recording {} into {}  {:.0} s  blocks {}  worst {worst}",
+            "recording {} into {}  {:.0} s  blocks {}  worst {worst}",
             self.what,
             self.out.display(),
             now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
@@ -469,13 +468,7 @@ impl Recorder {
         if !self.triggers.is_empty() {
             let _ = write!(line, "  actions {}", self.triggers.len());
         }
-        eprint!("{line}\x1b[K");
-    }
-
-    /// A line on stderr that does not break the progress line.
-    fn note(&self, text: &str) {
-        let cut = if self.progress { "\r\x1b[K" } else { "" };
-        eprintln!("{cut}loopbpf: {text}");
+        crate::diag::progress(&line);
     }
 
     /// Rewrites the bundle if something changed since the last write, at most every few
@@ -489,7 +482,7 @@ impl Recorder {
             return;
         }
         if let Err(e) = self.write(flame) {
-            self.note(&format!("warning: the bundle could not be written: {e:#}"));
+            warning!("the bundle could not be written: {e:#}");
         }
     }
 
@@ -499,7 +492,7 @@ impl Recorder {
         let mut told = false;
         while self.triggers.iter().any(|t| !t.done()) && Instant::now() < deadline {
             if !told {
-                self.note("waiting up to 30 s for the actions under way");
+                status!("waiting up to 30 s for the actions under way");
                 told = true;
             }
             self.follow_triggers();
@@ -509,9 +502,8 @@ impl Recorder {
             trigger.outcome = Some("not finished when the recording ended".into());
         }
         self.write(flame)?;
-        let cut = if self.progress { "\r\x1b[K" } else { "" };
-        eprintln!(
-            "{cut}loopbpf: bundle written to {}: {} block{}, worst {}; open index.html",
+        status!(
+            "bundle written to {}: {} block{}, worst {}; open index.html",
             self.out.display(),
             self.block_count(),
             if self.block_count() == 1 { "" } else { "s" },
