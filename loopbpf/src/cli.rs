@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{ArgGroup, Parser, Subcommand};
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -39,16 +39,27 @@ EXAMPLES:
 /// A loop thread is busy from the return of its poll wait to the next poll; a busy interval of
 /// at least the threshold is a block. loopbpf prints each block as it ends, a loop that is stuck
 /// right now as "ongoing" every second, and a summary per loop thread at the end.
-#[derive(Debug, Parser)]
-#[command(name = "loopbpf", version, after_long_help = EXAMPLES, after_help = "See --help for examples.")]
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "loopbpf",
+    version,
+    after_long_help = EXAMPLES,
+    after_help = "See --help for examples.",
+    // `loopbpf --pid 1 record ...` would leave it unclear whose --pid counts.
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true,
+    // Not COMMAND: that is the command after `--`.
+    subcommand_value_name = "SUBCOMMAND",
+    subcommand_help_heading = "Subcommands"
+)]
 pub struct Args {
-    /// Process to attach to (a running Node.js or other libuv program).
-    #[arg(short, long, value_parser = parse_pid, conflicts_with = "command")]
-    pub pid: Option<u32>,
+    /// `record`, or none: a session that reports on the terminal.
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
 
-    /// Watch every libuv process on the host, those in containers and those started later.
-    #[arg(short, long, conflicts_with_all = ["pid", "command"])]
-    pub all: bool,
+    /// What to watch and how: the options `record` takes too.
+    #[command(flatten)]
+    pub session: SessionArgs,
 
     /// Serve Prometheus metrics on `http://ADDR/metrics` (a bare port binds 127.0.0.1).
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
@@ -58,14 +69,6 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "1m", value_parser = parse_duration)]
     pub keep_exited: Duration,
 
-    /// Report busy intervals at or over this duration (e.g. 50ms, 1.5s; a bare number is ms).
-    #[arg(short, long, value_name = "DUR", default_value = "100ms", value_parser = parse_threshold)]
-    pub threshold: Duration,
-
-    /// Stop after this long (default: until Ctrl-C or the target exits).
-    #[arg(short, long, value_name = "DUR", value_parser = parse_positive_duration)]
-    pub duration: Option<Duration>,
-
     /// Print one line per loop thread every DUR: ELU, iterations, busiest interval.
     #[arg(short, long, value_name = "DUR", value_parser = parse_interval)]
     pub interval: Option<Duration>,
@@ -74,26 +77,77 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
+    /// Write the folded stacks of all blocked time to FILE at the end.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
+    pub folded: Option<PathBuf>,
+
+    /// Write a flame graph (SVG) of all blocked time to FILE at the end.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
+    pub flamegraph: Option<PathBuf>,
+
+    /// Command to launch and profile from its first loop iteration (after `--`).
+    #[arg(last = true, value_name = "COMMAND", conflicts_with_all = ["pid", "all"])]
+    pub command: Vec<OsString>,
+}
+
+impl Args {
+    /// The options the session runs with, and `record`'s own when that is the command.
+    ///
+    /// Under `record` the top level's options are all at their defaults (clap takes none of
+    /// them with a subcommand), which is what a recording wants; its session options are
+    /// record's.
+    pub fn resolve(&self) -> (Args, Option<&RecordArgs>) {
+        match &self.mode {
+            None => (self.clone(), None),
+            Some(Mode::Record(record)) => {
+                let args = Args {
+                    mode: None,
+                    session: record.session.clone(),
+                    ..self.clone()
+                };
+                (args, Some(record))
+            }
+        }
+    }
+}
+
+/// The subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Mode {
+    Record(RecordArgs),
+}
+
+/// The options of every session, with or without `record`: declared once, flattened into both.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// Process to attach to (a running Node.js or other libuv program).
+    #[arg(short, long, value_parser = parse_pid)]
+    pub pid: Option<u32>,
+
+    /// Watch every libuv process on the host, those in containers and those started later.
+    #[arg(short, long, conflicts_with = "pid")]
+    pub all: bool,
+
+    /// Report busy intervals at or over this duration (e.g. 50ms, 1.5s; a bare number is ms).
+    #[arg(short, long, value_name = "DUR", default_value = "100ms", value_parser = parse_threshold)]
+    pub threshold: Duration,
+
+    /// Stop after this long (default: until Ctrl-C or the target exits).
+    #[arg(short, long, value_name = "DUR", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+
     /// Stack samples per second of a busy loop thread's CPU time (at most 1000, the rate the
     /// loop threads are sampled at; each stack is taken on the nearest whole number of samples).
     #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     pub sample_rate: u64,
 
     /// Do not collect stacks (only durations, ELU and counts).
-    #[arg(long, conflicts_with_all = ["folded", "flamegraph"])]
+    #[arg(long)]
     pub no_stacks: bool,
 
-    /// Write the folded stacks of all blocked time to FILE at the end.
-    #[arg(long, value_name = "FILE")]
-    pub folded: Option<PathBuf>,
-
-    /// Write a flame graph (SVG) of all blocked time to FILE at the end.
-    #[arg(long, value_name = "FILE")]
-    pub flamegraph: Option<PathBuf>,
-
-    /// Command to launch and profile from its first loop iteration (after `--`).
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
+    /// No notes, warnings or status lines on stderr (errors and lost events are still told).
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// Parses `1.5s`, `250ms`, `100us`, `2m`, `1h`, or a bare number of milliseconds.
@@ -150,40 +204,32 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `loopbpf record`: an evidence bundle of a recording, with actions taken while a loop is
-/// blocked.
+/// An evidence bundle of a recording, with actions taken while a loop is blocked.
 ///
 /// Records the blocks of a process (or of every libuv process) into a directory that holds
 /// everything: report.txt, report.json, flamegraph.svg (blocked time only), timeline.svg (each
 /// loop thread's busy and idle time, every block marked) and index.html, which shows it all
 /// from disk. The bundle is rewritten every few seconds while recording, and once more at the
 /// end (`--duration`, `--stop-after-blocks`, Ctrl-C, or the target's exit).
-#[derive(Debug, Parser)]
-#[command(name = "loopbpf record", version, after_long_help = RECORD_EXAMPLES, after_help = "See --help for examples.")]
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    version,
+    display_name = "loopbpf record",
+    after_long_help = RECORD_EXAMPLES,
+    after_help = "See --help for examples.",
+    group(ArgGroup::new("target").args(["pid", "all"]).required(true))
+)]
 pub struct RecordArgs {
-    /// Process to record (a running Node.js or other libuv program).
-    #[arg(short, long, value_parser = parse_pid, required_unless_present = "all")]
-    pub pid: Option<u32>,
-
-    /// Record every libuv process on the host.
-    #[arg(short, long, conflicts_with = "pid")]
-    pub all: bool,
+    #[command(flatten)]
+    pub session: SessionArgs,
 
     /// Directory to write the bundle into (created; files in it are replaced).
     #[arg(short, long, value_name = "DIR")]
     pub out: PathBuf,
 
-    /// Stop after this long (default: until Ctrl-C, --stop-after-blocks, or the target's exit).
-    #[arg(short, long, value_name = "DUR", value_parser = parse_positive_duration)]
-    pub duration: Option<Duration>,
-
     /// Stop once this many blocks were seen (one still going on counts).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub stop_after_blocks: Option<u64>,
-
-    /// Report busy intervals at or over this duration (e.g. 50ms, 1.5s; a bare number is ms).
-    #[arg(short, long, value_name = "DUR", default_value = "100ms", value_parser = parse_threshold)]
-    pub threshold: Duration,
 
     /// While a loop is blocked: `core` (a core dump by gdb's gcore), `signal:SIG` (e.g.
     /// signal:SIGUSR2 for node --heapsnapshot-signal=SIGUSR2), or `exec:CMD` (run by sh with
@@ -198,36 +244,6 @@ pub struct RecordArgs {
     /// Take the action at most this many times.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_triggers: u32,
-
-    /// Stack samples per second of a busy loop thread's CPU time (at most 1000, the rate the
-    /// loop threads are sampled at; each stack is taken on the nearest whole number of samples).
-    #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=1_000))]
-    pub sample_rate: u64,
-
-    /// Do not collect stacks (only durations, ELU and counts).
-    #[arg(long)]
-    pub no_stacks: bool,
-}
-
-impl RecordArgs {
-    /// The options of a session that records.
-    pub fn session_args(&self) -> Args {
-        Args {
-            pid: self.pid,
-            all: self.all,
-            metrics: None,
-            keep_exited: Duration::from_mins(1),
-            threshold: self.threshold,
-            duration: self.duration,
-            interval: None,
-            json: false,
-            sample_rate: self.sample_rate,
-            no_stacks: self.no_stacks,
-            folded: None,
-            flamegraph: None,
-            command: Vec::new(),
-        }
-    }
 }
 
 /// What `record` does while a loop is blocked.
@@ -367,15 +383,184 @@ mod tests {
         assert!(parse_action("exec:").is_err());
     }
 
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("loopbpf").chain(argv.iter().copied()))
+    }
+
+    fn kind(argv: &[&str]) -> clap::error::ErrorKind {
+        parse(argv).unwrap_err().kind()
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn without_a_subcommand_the_top_level_watches() {
+        let args = parse(&["--pid", "42", "-t", "20ms", "--json", "-i", "1s"]).unwrap();
+        assert!(args.mode.is_none());
+        assert_eq!(args.session.pid, Some(42));
+        assert_eq!(args.session.threshold, Duration::from_millis(20));
+        assert!(args.json);
+        assert_eq!(args.interval, Some(Duration::from_secs(1)));
+        let (resolved, record) = args.resolve();
+        assert!(record.is_none());
+        assert_eq!(resolved.session.pid, Some(42));
+
+        let args = parse(&["--all", "--metrics", "9464"]).unwrap();
+        assert!(args.session.all);
+        assert_eq!(args.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(args.keep_exited, Duration::from_mins(1));
+        assert_eq!(args.session.sample_rate, 199);
+    }
+
+    #[test]
+    fn record_takes_the_session_options_and_its_own() {
+        let command_line = [
+            "record",
+            "--pid",
+            "7",
+            "--out",
+            "dir",
+            "-t",
+            "50ms",
+            "-d",
+            "1m",
+            "--sample-rate",
+            "1000",
+            "--stop-after-blocks",
+            "2",
+            "--on-block",
+            "signal:USR2",
+            "--on-block-min",
+            "2s",
+            "--max-triggers",
+            "3",
+        ];
+        let args = parse(&command_line).unwrap();
+        let (resolved, record) = args.resolve();
+        let record = record.unwrap();
+        assert_eq!(record.out, PathBuf::from("dir"));
+        assert_eq!(record.stop_after_blocks, Some(2));
+        assert_eq!(
+            record.on_block,
+            Some(BlockAction::Signal(libc::SIGUSR2, "SIGUSR2".into()))
+        );
+        assert_eq!(record.on_block_min, Some(Duration::from_secs(2)));
+        assert_eq!(record.max_triggers, 3);
+        // The session runs with record's options, and the top level's defaults for the rest.
+        assert!(resolved.mode.is_none());
+        assert_eq!(resolved.session.pid, Some(7));
+        assert_eq!(resolved.session.threshold, Duration::from_millis(50));
+        assert_eq!(resolved.session.duration, Some(Duration::from_mins(1)));
+        assert_eq!(resolved.session.sample_rate, 1000);
+        assert_eq!(resolved.keep_exited, Duration::from_mins(1));
+        assert!(!resolved.json && resolved.metrics.is_none() && resolved.command.is_empty());
+
+        let args = parse(&["record", "--all", "--out", "fleet", "--no-stacks"]).unwrap();
+        let (resolved, record) = args.resolve();
+        assert!(resolved.session.all && resolved.session.no_stacks);
+        assert_eq!(record.unwrap().max_triggers, 1);
+        assert_eq!(resolved.session.threshold, Duration::from_millis(100));
+    }
+
     #[test]
     fn record_needs_a_target_and_a_directory() {
-        let parse = |argv: &[&str]| RecordArgs::try_parse_from(argv);
-        assert!(parse(&["record", "--out", "x"]).is_err());
-        assert!(parse(&["record", "--pid", "1"]).is_err());
-        assert!(parse(&["record", "--pid", "1", "--out", "x", "--on-block-min", "1s"]).is_err());
-        let args = parse(&["record", "--pid", "1", "--out", "x", "--on-block", "core"]).unwrap();
-        assert_eq!(args.max_triggers, 1);
-        assert_eq!(args.session_args().pid, Some(1));
+        use clap::error::ErrorKind::{ArgumentConflict, MissingRequiredArgument};
+        assert_eq!(kind(&["record", "--out", "x"]), MissingRequiredArgument);
+        assert!(
+            parse(&["record", "--out", "x"])
+                .unwrap_err()
+                .to_string()
+                .contains("--pid")
+        );
+        assert_eq!(kind(&["record", "--pid", "1"]), MissingRequiredArgument);
+        let on_block_min = ["record", "--pid", "1", "--out", "x", "--on-block-min", "1s"];
+        assert_eq!(kind(&on_block_min), MissingRequiredArgument);
+        assert_eq!(
+            kind(&["record", "--all", "--pid", "1", "--out", "x"]),
+            ArgumentConflict
+        );
+    }
+
+    #[test]
+    fn record_takes_no_terminal_options_nor_a_command() {
+        use clap::error::ErrorKind::UnknownArgument;
+        let record = ["record", "--pid", "1", "--out", "x"];
+        for extra in [
+            &["--json"][..],
+            &["--metrics", "9464"],
+            &["-i", "1s"],
+            &["--", "node"],
+        ] {
+            let argv: Vec<&str> = record.iter().chain(extra).copied().collect();
+            assert_eq!(kind(&argv), UnknownArgument, "{argv:?}");
+        }
+        // Options before the subcommand would be ambiguous: whose --pid?
+        assert_eq!(
+            kind(&["--pid", "1", "record", "--out", "x"]),
+            UnknownArgument
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_the_parser() {
+        use clap::error::ErrorKind::ValueValidation;
+        for prefix in [&[][..], &["record", "--out", "x"]] {
+            for bad in [
+                &["--threshold", "0"][..],
+                &["--threshold", "fast"],
+                &["-t", "10xs"],
+                &["--sample-rate", "0"],
+                &["--sample-rate", "1001"],
+                &["--duration", "0"],
+                &["--pid", "0"],
+                &["--pid", "me"],
+            ] {
+                let argv: Vec<&str> = prefix.iter().chain(bad).copied().collect();
+                assert_eq!(kind(&argv), ValueValidation, "{argv:?}");
+            }
+        }
+        let err = parse(&["--pid", "1", "--threshold", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("write e.g. 100ms"), "{err}");
+        let err = parse(&["--pid", "1", "--sample-rate", "1001"]).unwrap_err();
+        assert!(err.to_string().contains("1..=1000"), "{err}");
+        assert_eq!(kind(&["--pid", "1", "-i", "10ms"]), ValueValidation);
+        assert_eq!(
+            kind(&["record", "--pid", "1", "--out", "x", "--max-triggers", "0"]),
+            ValueValidation
+        );
+        assert_eq!(
+            kind(&["record", "--pid", "1", "--out", "x", "--on-block", "dump"]),
+            ValueValidation
+        );
+        assert_eq!(
+            parse(&["--pid", "1", "-t", "1.5s"])
+                .unwrap()
+                .session
+                .threshold,
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn quiet_is_a_session_option() {
+        assert!(parse(&["--pid", "1", "-q"]).unwrap().session.quiet);
+        assert!(!parse(&["--pid", "1"]).unwrap().session.quiet);
+        let args = parse(&["record", "--pid", "1", "--out", "x", "--quiet"]).unwrap();
+        assert!(args.resolve().0.session.quiet);
+    }
+
+    #[test]
+    fn no_stacks_excludes_stack_files() {
+        for file in ["--folded", "--flamegraph"] {
+            assert_eq!(
+                kind(&["--pid", "1", "--no-stacks", file, "f"]),
+                clap::error::ErrorKind::ArgumentConflict
+            );
+        }
     }
 
     #[test]
@@ -395,6 +580,6 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         let args = Args::try_parse_from(["loopbpf", "--", "node", "app.js"]).unwrap();
         assert_eq!(args.command, ["node", "app.js"]);
-        assert_eq!(args.threshold, Duration::from_millis(100));
+        assert_eq!(args.session.threshold, Duration::from_millis(100));
     }
 }

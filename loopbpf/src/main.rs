@@ -3,6 +3,10 @@
 //! `main` only parses the command line (`loopbpf ...` or `loopbpf record ...`), runs the session
 //! and turns the result into an exit code.
 
+// First: its macros are in scope in the modules declared after it.
+#[macro_use]
+mod diag;
+
 mod abi;
 mod aggregate;
 mod cli;
@@ -19,13 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let result = if argv.get(1).is_some_and(|a| a == "record") {
-        session::record(&cli::RecordArgs::parse_from(&argv[1..]))
-    } else {
-        session::run(&cli::Args::parse_from(&argv))
-    };
-    match result {
+    match session::run(&cli::Args::parse()) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("loopbpf: error: {error:#}");

@@ -75,7 +75,7 @@ impl Naming {
         self.js_looked_in = exe;
         match JsNamer::new(self.pid, &self.v8_metadata) {
             Ok(js) => self.js = js,
-            Err(why) => eprintln!("loopbpf: warning: JS frames stay unnamed ([JS]): {why}"),
+            Err(why) => warning!("JS frames stay unnamed ([JS]): {why}"),
         }
     }
 

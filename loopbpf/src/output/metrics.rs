@@ -492,7 +492,7 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 /// Serves the exposition on `/metrics` until the runtime ends.
 pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String>>) {
     let Ok(listener) = TcpListener::from_std(listener) else {
-        eprintln!("loopbpf: warning: the metrics listener could not be used");
+        warning!("the metrics listener could not be used");
         return;
     };
     loop {

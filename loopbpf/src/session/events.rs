@@ -46,7 +46,7 @@ impl Session<'_> {
                     }
                     records.extend(self.aggregator.on_event(&event));
                 }
-                Err(e) => eprintln!("loopbpf: skipped a malformed event: {e}"),
+                Err(e) => status!("skipped a malformed event: {e}"),
             }
         }
         for tid in self.aggregator.take_exited_tids() {
@@ -67,10 +67,7 @@ impl Session<'_> {
                     self.watch_in_fleet(target, Seed::Nothing);
                 }
                 if let Err(e) = self.probes.sample_thread(pid, tid) {
-                    eprintln!(
-                        "loopbpf: thread {tid} is not sampled: {:#}",
-                        anyhow::Error::from(e)
-                    );
+                    status!("thread {tid} is not sampled: {:#}", anyhow::Error::from(e));
                 }
             }
             Event::LoopExit { tid, .. } => {
@@ -128,7 +125,7 @@ impl Session<'_> {
             }
         }
         for shown in self.probes.end_discovery(unnamed) {
-            eprintln!("loopbpf: loops running in {shown} found; no probe left on its iterations");
+            status!("loops running in {shown} found; no probe left on its iterations");
         }
     }
 
@@ -266,8 +263,8 @@ impl Session<'_> {
     pub(super) fn warn_of_lost_events(&mut self) {
         let dropped = self.probes.dropped_events();
         if dropped > self.dropped_warned {
-            eprintln!(
-                "loopbpf: warning: {dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
+            loss!(
+                "{dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
             );
             self.dropped_warned = dropped;
         }
@@ -282,7 +279,7 @@ impl Session<'_> {
             && *end == End::TargetExited
             && !self.aggregator.knows_loops()
         {
-            eprintln!("loopbpf: pid {pid} exited before its event loop ran");
+            status!("pid {pid} exited before its event loop ran");
         }
         let dropped = self.probes.dropped_events();
         let summary = self

@@ -144,10 +144,7 @@ impl Session<'_> {
             let which = match self.probes.attach_uprobe(&target.libuv, None) {
                 Ok(which) => which,
                 Err(e) => {
-                    eprintln!(
-                        "loopbpf: warning: pid {} ({}) is not watched: {e}",
-                        target.pid, target.comm
-                    );
+                    warning!("pid {} ({}) is not watched: {e}", target.pid, target.comm);
                     fleet.attach_failures += 1;
                     fleet.unprobeable.insert(target.libuv_file);
                     return;
@@ -160,7 +157,7 @@ impl Session<'_> {
         if let Err(e) = self.watch(target, seed) {
             // One that exited meanwhile is no failure.
             if Proc.start_time(pid).is_some() {
-                eprintln!("loopbpf: warning: pid {pid} ({comm}) is not fully watched: {e:#}");
+                warning!("pid {pid} ({comm}) is not fully watched: {e:#}");
                 if let Some(fleet) = self.fleet.as_mut() {
                     fleet.attach_failures += 1;
                 }

@@ -53,26 +53,25 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// looked for, and metrics are rendered.
 const MAPS_REFRESH: Duration = Duration::from_secs(1);
 
+/// Runs the parsed command line: a session that reports on the terminal, or, with `record`, one
+/// whose output is an evidence bundle.
 pub fn run(args: &Args) -> Result<ExitCode> {
-    run_with(args, None)
-}
-
-/// `loopbpf record`: a session whose output is an evidence bundle.
-pub fn record(record: &RecordArgs) -> Result<ExitCode> {
-    run_with(&record.session_args(), Some(record))
+    let (args, record) = args.resolve();
+    crate::diag::set_quiet(args.session.quiet);
+    run_with(&args, record)
 }
 
 fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
-    if !args.all && args.pid.is_none() && args.command.is_empty() {
+    if !args.session.all && args.session.pid.is_none() && args.command.is_empty() {
         bail!("nothing to watch: give --pid PID, --all, or a command after `--` (see --help)");
     }
     discover::preflight()?;
     let listener = args.metrics.map(metrics::bind).transpose()?;
 
     // Fork before anything starts a thread.
-    let (target, child) = if args.all {
+    let (target, child) = if args.session.all {
         (None, None)
-    } else if let Some(pid) = args.pid {
+    } else if let Some(pid) = args.session.pid {
         (Some(discover::target_for_pid(pid)?), None)
     } else {
         let libuv = discover::libuv_for_command(&args.command[0])?;
@@ -103,23 +102,23 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
         }
         (Err(e), None) => return Err(e),
     };
-    let threshold = human(args.threshold.as_nanos() as u64);
+    let threshold = human(args.session.threshold.as_nanos() as u64);
     if let Some(target) = &target {
-        eprintln!(
-            "loopbpf: watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+        status!(
+            "watching pid {} ({}), libuv in {}; blocks are busy intervals >= {threshold}. Ctrl-C to end.",
             target.pid,
             target.comm,
             target.libuv.shown_as.display(),
         );
     } else {
         session.watch_running_processes();
-        eprintln!(
-            "loopbpf: watching every libuv process ({} now); blocks are busy intervals >= {threshold}. Ctrl-C to end.",
+        status!(
+            "watching every libuv process ({} now); blocks are busy intervals >= {threshold}. Ctrl-C to end.",
             session.processes.len()
         );
     }
     if let Some(addr) = args.metrics {
-        eprintln!("loopbpf: metrics on http://{addr}/metrics");
+        status!("metrics on http://{addr}/metrics");
     }
     if let Some(child) = &child {
         child.resume();
@@ -164,8 +163,8 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     /// Loads and attaches the kernel side, for `target` or (`None`) for the whole host.
     fn start(args: &'a Args, target: Option<&Target>, recorder: Option<Recorder>) -> Result<Self> {
-        let stacks_hz = (!args.no_stacks).then_some(args.sample_rate);
-        let mut probes = Probes::load(target.map(|t| t.pid), args.threshold, stacks_hz)?;
+        let stacks_hz = (!args.session.no_stacks).then_some(args.session.sample_rate);
+        let mut probes = Probes::load(target.map(|t| t.pid), args.session.threshold, stacks_hz)?;
         probes.attach_tracepoints()?;
         let out: Box<dyn io::Write> = if recorder.is_some() {
             Box::new(io::sink())
@@ -181,12 +180,12 @@ impl<'a> Session<'a> {
             probes,
             processes: BTreeMap::new(),
             fleet: target.is_none().then(Fleet::default),
-            aggregator: Aggregator::new(args.threshold.as_nanos() as u64),
+            aggregator: Aggregator::new(args.session.threshold.as_nanos() as u64),
             reporter,
             recorder,
             metrics: args
                 .metrics
-                .map(|_| Metrics::new(args.threshold.as_nanos() as u64)),
+                .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
             shared: SharedFiles::new(),
             flame: Flame::default(),
             dropped_warned: 0,
@@ -242,7 +241,7 @@ async fn watch(
         .map(|every| interval_at(Instant::now() + every, every));
     let mut window = 0u64;
     let deadline = async {
-        match args.duration {
+        match args.session.duration {
             Some(d) => tokio::time::sleep(d).await,
             None => pending().await,
         }

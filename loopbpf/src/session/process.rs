@@ -55,10 +55,8 @@ impl Session<'_> {
         let shown = target.libuv.shown_as.display();
         match self.probes.attach_gc(&target.libuv, pid, which) {
             Ok(true) => {}
-            Ok(false) => eprintln!(
-                "loopbpf: note: no GC pauses for {shown}: V8's GC callbacks are not in it"
-            ),
-            Err(e) => eprintln!("loopbpf: warning: no GC pauses for {shown}: {e}"),
+            Ok(false) => note!("no GC pauses for {shown}: V8's GC callbacks are not in it"),
+            Err(e) => warning!("no GC pauses for {shown}: {e}"),
         }
     }
 
@@ -92,7 +90,7 @@ impl Session<'_> {
             recorder.name_process(pid, labels.clone());
         }
         // Reading the process's unwind tables and symbols takes a moment.
-        let naming = (!self.args.no_stacks).then(|| Naming::new(pid, &self.shared));
+        let naming = (!self.args.session.no_stacks).then(|| Naming::new(pid, &self.shared));
         let mut process = Process {
             target,
             life: Lifetime {
@@ -206,6 +204,6 @@ pub(super) fn read_v8_objects_in_samples(probes: &mut Probes, process: &mut Proc
     };
     match probes.set_v8_layout(process.target.pid, js.kernel_layout()) {
         Ok(()) => process.v8_layout_set = true,
-        Err(e) => eprintln!("loopbpf: warning: JS frames named after the sample: {e}"),
+        Err(e) => warning!("JS frames named after the sample: {e}"),
     }
 }

@@ -14,8 +14,7 @@ mod timeline;
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
-    fs,
-    io::{self, IsTerminal},
+    fs, io,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -166,10 +165,10 @@ impl Recorder {
         fs::write(&probe, b"").with_context(|| format!("cannot write into {}", out.display()))?;
         let _ = fs::remove_file(probe);
         let clock = Clock::new();
-        let threshold_ns = args.threshold.as_nanos() as u64;
+        let threshold_ns = args.session.threshold.as_nanos() as u64;
         Ok(Self {
             out,
-            what: args.pid.map_or_else(
+            what: args.session.pid.map_or_else(
                 || "every libuv process".to_owned(),
                 |pid| format!("pid {pid}"),
             ),
@@ -182,7 +181,7 @@ impl Recorder {
                 .map_or(threshold_ns, |d| d.as_nanos() as u64),
             max_triggers: args.max_triggers,
             stop_after_blocks: args.stop_after_blocks,
-            text: if args.all {
+            text: if args.session.all {
                 Reporter::new(Vec::new(), false, clock).with_command_column()
             } else {
                 Reporter::new(Vec::new(), false, clock)
@@ -198,7 +197,7 @@ impl Recorder {
             worst_ns: 0,
             dirty: true,
             written_at: None,
-            progress: io::stderr().is_terminal(),
+            progress: crate::diag::progress_wanted(),
         })
     }
 
@@ -397,13 +396,13 @@ impl Recorder {
                 }
             }
         }
-        self.note(&format!(
+        status!(
             "{}: pid {} {} blocked for {}",
             action,
             id.pid,
             id.label,
             human(blocked_ns)
-        ));
+        );
         self.triggers.push(trigger);
         self.dirty = true;
     }
@@ -456,7 +455,7 @@ impl Recorder {
             "-".to_owned()
         };
         let mut line = format!(
-            "\rloopbpf: recording {} into {}  {:.0} s  blocks {}  worst {worst}",
+            "recording {} into {}  {:.0} s  blocks {}  worst {worst}",
             self.what,
             self.out.display(),
             now_ns.saturating_sub(self.started_ns) as f64 / 1e9,
@@ -465,13 +464,7 @@ impl Recorder {
         if !self.triggers.is_empty() {
             let _ = write!(line, "  actions {}", self.triggers.len());
         }
-        eprint!("{line}\x1b[K");
-    }
-
-    /// A line on stderr that does not break the progress line.
-    fn note(&self, text: &str) {
-        let cut = if self.progress { "\r\x1b[K" } else { "" };
-        eprintln!("{cut}loopbpf: {text}");
+        crate::diag::progress(&line);
     }
 
     /// Rewrites the bundle if something changed since the last write, at most every few
@@ -485,7 +478,7 @@ impl Recorder {
             return;
         }
         if let Err(e) = self.write(flame) {
-            self.note(&format!("warning: the bundle could not be written: {e:#}"));
+            warning!("the bundle could not be written: {e:#}");
         }
     }
 
@@ -495,7 +488,7 @@ impl Recorder {
         let mut told = false;
         while self.triggers.iter().any(|t| !t.done()) && Instant::now() < deadline {
             if !told {
-                self.note("waiting up to 30 s for the actions under way");
+                status!("waiting up to 30 s for the actions under way");
                 told = true;
             }
             self.follow_triggers();
@@ -505,9 +498,8 @@ impl Recorder {
             trigger.outcome = Some("not finished when the recording ended".into());
         }
         self.write(flame)?;
-        let cut = if self.progress { "\r\x1b[K" } else { "" };
-        eprintln!(
-            "{cut}loopbpf: bundle written to {}: {} block{}, worst {}; open index.html",
+        status!(
+            "bundle written to {}: {} block{}, worst {}; open index.html",
             self.out.display(),
             self.block_count(),
             if self.block_count() == 1 { "" } else { "s" },
@@ -714,19 +706,26 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::output::golden;
+    use crate::{
+        cli::{Args, Mode},
+        output::golden,
+    };
 
     /// A recorder of the golden records, on the fixtures' clock, with an ELU track and an action.
     fn recorder(out: &Path) -> Recorder {
-        let args = RecordArgs::try_parse_from([
-            "loopbpf record",
+        let args = Args::try_parse_from([
+            "loopbpf",
+            "record",
             "--pid",
             "4242",
             "--out",
             out.to_str().unwrap(),
         ])
         .unwrap();
-        let mut recorder = Recorder::new(&args).unwrap();
+        let Some(Mode::Record(record)) = &args.mode else {
+            panic!("not a record command: {args:?}");
+        };
+        let mut recorder = Recorder::new(record).unwrap();
         let clock = golden::clock();
         recorder.clock = clock;
         recorder.text = Reporter::new(Vec::new(), false, clock);
