@@ -8,9 +8,12 @@ pub mod symbolize;
 pub mod unwind;
 pub mod v8;
 
-use std::{fs, path::PathBuf};
+use std::path::PathBuf;
 
-use crate::{decode::StackSample, target::files::FileCache};
+use crate::{
+    decode::StackSample,
+    target::{files::FileCache, proc::Process},
+};
 use stacks::Sample;
 use symbolize::{SharedObjects, Symbolizer};
 use unwind::{UnwindSections, Unwinder};
@@ -68,7 +71,7 @@ impl Naming {
     }
 
     fn find_v8(&mut self) {
-        let exe = fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        let exe = Process::new(self.pid).exe();
         if self.js.is_some() || exe.is_none() || exe == self.js_looked_in {
             return;
         }

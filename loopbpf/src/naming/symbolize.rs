@@ -14,7 +14,7 @@ use std::{
     fs::{self, File},
     io::{Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
     rc::Rc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -24,12 +24,12 @@ use blazesym::{
     symbolize::{
         Input, Sym, Symbolized, Symbolizer as Blazesym,
         evict::{Elf as EvictElf, Evict},
-        source::{Elf, Kernel, Process, Source},
+        source::{Elf, Kernel, Process as BlazesymProcess, Source},
     },
 };
 
 use super::frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO};
-use crate::target::start_time;
+use crate::target::{maps::MapsEntry, proc::Process, start_time};
 
 /// Whether DWARF is consulted for the file and line of native frames. Measured on node 20's
 /// 100 MB binary (DWARF for libuv and a few more): the first lookup, which parses the ELF symbols,
@@ -69,7 +69,7 @@ fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
 
 /// Names the frames of one process (user space) and of the kernel.
 pub struct Symbolizer {
-    pid: u32,
+    process: Process,
     /// This symbolizer among those sharing `native`: the objects it maps are kept for it.
     user: u64,
     /// Start time of the target in clock ticks after boot: tells the target from a later
@@ -143,14 +143,15 @@ impl Symbolizer {
             native.next_user += 1;
             native.next_user
         };
+        let process = Process::new(pid);
         let mut symbolizer = Self {
-            pid,
+            perf_map: PerfMap::new(process.clone(), start_ticks),
+            process,
             user,
             start_ticks,
             native: native.clone(),
             maps: Vec::new(),
             maps_read_at: Instant::now(),
-            perf_map: PerfMap::new(pid, start_ticks),
             native_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
             kernel_source,
@@ -345,7 +346,7 @@ impl Symbolizer {
         if let Some((own_start, own_size)) = own_vdso
             && own_size == size
         {
-            let mut process = Process::new(Pid::Slf);
+            let mut process = BlazesymProcess::new(Pid::Slf);
             process.debug_syms = false;
             process.perf_map = false;
             process.map_files = false;
@@ -378,34 +379,33 @@ impl Symbolizer {
     /// Replaces the snapshot with the current maps of the target; false if the target is gone.
     fn reread_maps(&mut self) -> bool {
         self.maps_read_at = Instant::now();
-        if self.start_ticks.is_none() || start_time(self.pid) != self.start_ticks {
+        if self.start_ticks.is_none() || start_time(self.process.pid()) != self.start_ticks {
             // Gone, or its PID now belongs to another process: keep the last snapshot.
             self.start_ticks = None;
             return false;
         }
-        let Ok(bytes) = fs::read(format!("/proc/{}/maps", self.pid)) else {
+        let Ok(maps) = self.process.maps() else {
             return false;
         };
         // A zombie has an empty map: keep the snapshot of the living process.
-        if bytes.is_empty() {
+        if maps.is_empty() {
             return false;
         }
-        self.apply_maps(&String::from_utf8_lossy(&bytes));
+        self.apply_maps(&maps);
         true
     }
 
-    fn apply_maps(&mut self, maps_text: &str) {
+    fn apply_maps(&mut self, maps: &[MapsEntry]) {
         let native = Rc::clone(&self.native.0);
         let objects = &mut native.borrow_mut().objects;
-        let mut regions: Vec<Region> = maps_text
-            .lines()
-            .filter_map(MapsLine::parse)
+        let mut regions: Vec<Region> = maps
+            .iter()
             .map(|line| Region {
-                start: line.start,
-                end: line.end,
+                start: line.range.start,
+                end: line.range.end,
                 offset: line.offset,
-                executable: line.executable,
-                mapping: objects.mapping(self.pid, self.user, &line),
+                executable: line.perms.execute,
+                mapping: objects.mapping(&self.process, self.user, line),
             })
             .collect();
         regions.sort_by_key(|region| region.start);
@@ -484,51 +484,6 @@ fn file_layout(regions: &[Region]) -> Vec<(u64, u64, u64, usize)> {
         .collect()
 }
 
-/// One line of /proc/PID/maps.
-#[derive(Debug, PartialEq)]
-struct MapsLine<'a> {
-    start: u64,
-    end: u64,
-    executable: bool,
-    offset: u64,
-    device: &'a str,
-    inode: u64,
-    /// Empty for anonymous memory.
-    path: &'a str,
-}
-
-impl<'a> MapsLine<'a> {
-    fn parse(line: &'a str) -> Option<Self> {
-        let mut fields = line.splitn(6, ' ');
-        let (start, end) = fields.next()?.split_once('-')?;
-        let perms = fields.next()?;
-        let offset = fields.next()?;
-        let device = fields.next()?;
-        let inode = fields.next()?;
-        let (start, end) = (
-            u64::from_str_radix(start, 16).ok()?,
-            u64::from_str_radix(end, 16).ok()?,
-        );
-        if start >= end {
-            return None;
-        }
-        Some(Self {
-            start,
-            end,
-            executable: perms.as_bytes().get(2) == Some(&b'x'),
-            offset: u64::from_str_radix(offset, 16).ok()?,
-            device,
-            inode: inode.parse().ok()?,
-            path: fields.next().unwrap_or("").trim_start(),
-        })
-    }
-
-    /// The path without the ` (deleted)` the kernel appends to unlinked files.
-    fn file_path(&self) -> &'a str {
-        self.path.strip_suffix(" (deleted)").unwrap_or(self.path)
-    }
-}
-
 /// The executable objects the targets have mapped, each opened once, and closed when the last
 /// symbolizer that mapped it is dropped.
 #[derive(Default)]
@@ -583,7 +538,9 @@ impl Objects {
         }
     }
 
-    fn mapping(&mut self, pid: u32, user: u64, line: &MapsLine<'_>) -> Mapping {
+    /// What `line` of `process`'s maps maps, for symbolizer `user`: an executable file is
+    /// opened now unless it is open already.
+    fn mapping(&mut self, process: &Process, user: u64, line: &MapsEntry) -> Mapping {
         let path = line.file_path();
         if path.is_empty() || path.starts_with("[anon") {
             return Mapping::Anonymous;
@@ -595,20 +552,20 @@ impl Objects {
             return Mapping::Other(path.into());
         }
         let module = path.rsplit('/').next().unwrap_or(path);
-        if !line.executable {
+        if !line.perms.execute {
             return Mapping::Other(module.into());
         }
-        let key = (line.device.to_owned(), line.inode, path.to_owned());
+        let key = (line.dev.clone(), line.inode, path.to_owned());
         if let Some(&object) = self.by_file.get(&key) {
             self.list[object].users.insert(user);
             return Mapping::Object(object);
         }
-        let file = open_mapped_file(pid, line);
+        let file = open_mapped_file(process, line);
         let mut sources = Vec::new();
         if let Some(file) = &file {
             sources.push(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())));
         } else {
-            sources.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
+            sources.push(process.in_root(Path::new(path)));
         }
         sources.push(PathBuf::from(path));
         let object = MappedObject {
@@ -632,30 +589,24 @@ impl Objects {
 
 /// Opens the file behind a mapping: by its path as the target sees it, or, when that is now a
 /// different file (deleted or replaced since), through `map_files`.
-fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<File> {
-    let by_path = File::open(format!("/proc/{pid}/root{}", line.file_path()))
+fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<File> {
+    let by_path = File::open(process.in_root(Path::new(line.file_path())))
         .ok()
         .filter(|file| file.metadata().is_ok_and(|meta| meta.ino() == line.inode));
-    by_path.or_else(|| {
-        File::open(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            line.start, line.end
-        ))
-        .ok()
-    })
+    by_path.or_else(|| File::open(process.map_file(line)).ok())
 }
 
 /// Start and size of this process's vDSO.
 fn find_own_vdso() -> Option<(u64, u64)> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(MapsLine::parse)
+    let maps = Process::myself().maps().ok()?;
+    maps.into_iter()
         .find(|line| line.path == VDSO)
-        .map(|line| (line.start, line.end - line.start))
+        .map(|line| (line.range.start, line.range.end - line.range.start))
 }
 
 /// Clock ticks after boot (a process's start time) as wall-clock time.
 fn ticks_to_system_time(ticks: u64) -> Option<SystemTime> {
+    // Not the target's: the host's boot time.
     let stat = fs::read_to_string("/proc/stat").ok()?;
     let boot_secs: u64 = stat
         .lines()
@@ -669,22 +620,17 @@ fn ticks_to_system_time(ticks: u64) -> Option<SystemTime> {
 
 /// The name of the target's perf map: node names it after the PID it sees itself as (inside a
 /// container, its namespace PID).
-fn perf_map_name(pid: u32) -> String {
-    let ns_pid = fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status
-                .lines()
-                .find_map(|line| line.strip_prefix("NSpid:"))?;
-            line.split_whitespace().last()?.parse::<u32>().ok()
-        })
-        .unwrap_or(pid);
+fn perf_map_name(process: &Process) -> String {
+    let ns_pid = process
+        .status()
+        .and_then(|status| status.ns_pid)
+        .unwrap_or(process.pid());
     format!("perf-{ns_pid}.map")
 }
 
 /// The perf map of the target (`START SIZE NAME` lines, hex without `0x`), read as it grows.
 struct PerfMap {
-    pid: u32,
+    process: Process,
     start_ticks: Option<u64>,
     /// The file in the target's own `/tmp`, reachable while it lives.
     in_target: PathBuf,
@@ -707,13 +653,13 @@ struct PerfMap {
 }
 
 impl PerfMap {
-    fn new(pid: u32, start_ticks: Option<u64>) -> Self {
-        let name = perf_map_name(pid);
+    fn new(process: Process, start_ticks: Option<u64>) -> Self {
+        let name = perf_map_name(&process);
         Self {
-            pid,
+            in_target: process.in_root(&Path::new("/tmp").join(name)),
+            on_host: PathBuf::from(format!("/tmp/perf-{}.map", process.pid())),
+            process,
             start_ticks,
-            in_target: PathBuf::from(format!("/proc/{pid}/root/tmp/{name}")),
-            on_host: PathBuf::from(format!("/tmp/perf-{pid}.map")),
             started_at: start_ticks.and_then(ticks_to_system_time),
             file: None,
             last_open_attempt: None,
@@ -799,7 +745,7 @@ impl PerfMap {
     }
 
     fn target_alive(&self) -> bool {
-        self.start_ticks.is_some() && start_time(self.pid) == self.start_ticks
+        self.start_ticks.is_some() && start_time(self.process.pid()) == self.start_ticks
     }
 
     fn insert(&mut self, start: u64, end: u64, frame: usize) {
@@ -917,10 +863,11 @@ mod tests {
     use super::*;
 
     use std::{
-        path::Path,
         process::{Child, Command, Stdio},
         sync::atomic::{AtomicU32, Ordering},
     };
+
+    use crate::target::maps::parse_maps;
 
     /// A node process killed when the test ends, pass or fail.
     struct Node {
@@ -998,28 +945,24 @@ mod tests {
             .unwrap();
         let (section_offset, _) = section.file_range().expect("a section with file data");
         let file_offset = sym.address() - section.address() + section_offset;
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        maps.lines()
-            .filter_map(MapsLine::parse)
+        let maps = Process::new(pid).maps().unwrap();
+        maps.iter()
             .find(|line| {
-                Path::new(line.path) == path
+                Path::new(&line.path) == path
                     && line.offset <= file_offset
-                    && file_offset < line.offset + (line.end - line.start)
+                    && file_offset < line.offset + (line.range.end - line.range.start)
             })
             .map_or_else(
                 || panic!("`{symbol}` is not mapped in process {pid}"),
-                |line| line.start + file_offset - line.offset,
+                |line| line.range.start + file_offset - line.offset,
             )
     }
 
     fn vdso_range(pid: u32) -> (u64, u64) {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        let vdso = maps
-            .lines()
-            .filter_map(MapsLine::parse)
-            .find(|line| line.path == VDSO);
+        let maps = Process::new(pid).maps().unwrap();
+        let vdso = maps.into_iter().find(|line| line.path == VDSO);
         let vdso = vdso.expect("a process has a vDSO");
-        (vdso.start, vdso.end)
+        (vdso.range.start, vdso.range.end)
     }
 
     /// Offset of `name` in the vDSO, from this process's copy of it.
@@ -1027,10 +970,10 @@ mod tests {
         use object::{Object, ObjectSymbol};
 
         let (start, end) = vdso_range(std::process::id());
-        let mut image = vec![0; usize::try_from(end - start).unwrap()];
-        let mut memory = File::open("/proc/self/mem").unwrap();
-        memory.seek(SeekFrom::Start(start)).unwrap();
-        memory.read_exact(&mut image).unwrap();
+        let memory = Process::myself().memory().unwrap();
+        let image = memory
+            .bytes(start, usize::try_from(end - start).unwrap())
+            .unwrap();
         let elf = object::File::parse(&*image).expect("the vDSO is an ELF image");
         let symbol = elf.dynamic_symbols().find(|sym| sym.name() == Ok(name));
         symbol
@@ -1225,11 +1168,11 @@ mod tests {
         let mut symbolizer = Symbolizer::new(std::process::id());
         // Below mmap_min_addr: nothing real is ever mapped there, nor in a perf map of ours.
         let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&format!(
+        symbolizer.apply_maps(&parse_maps(&format!(
             "{own_maps}1000-2000 rwxp 00000000 00:00 0 \n\
              2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n\
              3000-4000 rw-p 00000000 00:00 0 \n"
-        ));
+        )));
         symbolizer.start_ticks = None; // keep these maps
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
         let frames = symbolizer.user(&[0x1100, 0x1f00, 0x2100, native + 1, 0x2200, 0x3100], &[]);
@@ -1249,10 +1192,10 @@ mod tests {
     fn a_return_address_into_no_code_is_dropped_when_code_follows() {
         let mut symbolizer = Symbolizer::new(std::process::id());
         let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&format!(
+        symbolizer.apply_maps(&parse_maps(&format!(
             "{own_maps}1000-2000 r-xp 00000000 00:00 0 \n\
              3000-4000 rw-p 00000000 00:00 0                          [stack]\n"
-        ));
+        )));
         // Addresses outside every map make it re-read the real ones: keep these.
         symbolizer.start_ticks = None;
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
@@ -1380,7 +1323,7 @@ mod tests {
 
     #[test]
     fn later_perf_map_entries_replace_what_they_overlap() {
-        let mut perf_map = PerfMap::new(0, None);
+        let mut perf_map = PerfMap::new(Process::new(0), None);
         let mut add = |start: u64, end: u64, name: &str| {
             let frame = perf_map.frame_id(name);
             perf_map.insert(start, end, frame);
@@ -1401,24 +1344,5 @@ mod tests {
         assert_eq!(name_at(0x300), None);
         assert_eq!(name_at(0x405), Some("old"));
         assert_eq!(perf_map.frames.len(), 4, "a repeated name shares its frame");
-    }
-
-    #[test]
-    fn maps_lines_parse() {
-        let line = MapsLine::parse(
-            "00b72000-025fe000 r-xp 00772000 fe:00 247584                             /usr/bin/node (deleted)",
-        )
-        .unwrap();
-        assert_eq!(
-            (line.start, line.end, line.offset, line.inode),
-            (0xb7_2000, 0x25f_e000, 0x77_2000, 247_584)
-        );
-        assert!(line.executable);
-        assert_eq!(line.file_path(), "/usr/bin/node");
-        let anon = MapsLine::parse("7f91f1fc3000-7f91f1fff000 rw-p 00000000 00:00 0 ").unwrap();
-        assert!(!anon.executable);
-        assert_eq!(anon.path, "");
-        assert_eq!(MapsLine::parse("garbage"), None);
-        assert_eq!(MapsLine::parse("2000-1000 r-xp 00000000 00:00 0 "), None);
     }
 }

@@ -20,18 +20,14 @@ mod source_maps;
 
 use std::{
     collections::HashMap,
-    fs::{self, File},
-    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
 };
 
 use crate::{
     abi::{CapturedFrame, RED_ZONE, V8Layout},
     decode::StackSample,
     naming::frame::Frame,
-    target::{
-        files::FileCache,
-        proc::{executable_file_mappings, mapped_file},
-    },
+    target::{files::FileCache, maps::executable_files, memory::Memory, proc::Process},
 };
 
 use layout::{Layout, postmortem_metadata};
@@ -102,42 +98,6 @@ struct LineEnds {
     ends: Vec<u32>,
 }
 
-/// The target's memory, read through `/proc/PID/mem`.
-struct Memory {
-    file: File,
-}
-
-impl Memory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        self.file.read_exact_at(buf, addr).is_ok()
-    }
-
-    fn word(&self, addr: u64) -> Option<u64> {
-        let mut buf = [0; 8];
-        self.read(addr, &mut buf).then(|| u64::from_le_bytes(buf))
-    }
-
-    fn u16(&self, addr: u64) -> Option<u16> {
-        let mut buf = [0; 2];
-        self.read(addr, &mut buf).then(|| u16::from_le_bytes(buf))
-    }
-
-    fn u8(&self, addr: u64) -> Option<u8> {
-        let mut buf = [0; 1];
-        self.read(addr, &mut buf).then(|| buf[0])
-    }
-
-    fn i32(&self, addr: u64) -> Option<i32> {
-        let mut buf = [0; 4];
-        self.read(addr, &mut buf).then(|| i32::from_le_bytes(buf))
-    }
-
-    fn bytes(&self, addr: u64, len: usize) -> Option<Vec<u8>> {
-        let mut buf = vec![0; len];
-        self.read(addr, &mut buf).then_some(buf)
-    }
-}
-
 /// A tagged value that points at a heap object: its untagged address.
 fn heap_object(tagged: u64) -> Option<u64> {
     (tagged & 3 == 1 && tagged > 0x10000).then(|| tagged - 1)
@@ -177,20 +137,23 @@ impl JsNamer {
     /// read.
     /// `metadata` keeps what was read of each file, for other processes that map it.
     pub fn new(pid: u32, metadata: &FileCache<Metadata>) -> Result<Option<Self>, String> {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        let process = Process::new(pid);
+        let maps = process
+            .maps()
             .map_err(|e| format!("cannot read the target's maps: {e}"))?;
         let mut seen = Vec::new();
         let mut found = None;
-        for mapping in executable_file_mappings(&maps) {
-            if seen.contains(&mapping.path) {
+        for mapping in executable_files(&maps) {
+            let path = Path::new(mapping.file_path());
+            if seen.contains(&path) {
                 continue;
             }
-            seen.push(mapping.path.clone());
-            let opened = mapped_file(pid, &mapping);
+            seen.push(path);
+            let opened = process.mapped_file(mapping);
             if let Some(values) =
-                metadata.get_or_read(&mapping.file, &opened, || postmortem_metadata(&opened))
+                metadata.get_or_read(&mapping.file(), &opened, || postmortem_metadata(&opened))
             {
-                found = Some((mapping.path, values));
+                found = Some((PathBuf::from(path), values));
                 break;
             }
         }
@@ -199,18 +162,19 @@ impl JsNamer {
         };
         let layout = Layout::from_metadata(&values)
             .map_err(|why| format!("{}: V8 metadata not usable: {why}", path.display()))?;
-        let file = File::open(format!("/proc/{pid}/mem"))
+        let memory = process
+            .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
         Ok(Some(Self {
             layout,
-            memory: Memory { file },
+            memory,
             types: HashMap::new(),
             functions: HashMap::new(),
             positions: HashMap::new(),
             line_ends: HashMap::new(),
             receiver_types: HashMap::new(),
             captured_before: HashMap::new(),
-            source_maps: SourceMaps::new(pid),
+            source_maps: SourceMaps::new(&process),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
         }))
