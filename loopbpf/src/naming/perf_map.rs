@@ -16,6 +16,10 @@ use crate::target::{proc::Process, start_time};
 /// A missing perf map is looked for again at most this often.
 const MIN_PERF_MAP_OPEN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Most bytes read from the perf map at one sync; the rest waits for the next (the target
+/// writes the file, and could write it without end).
+const MAX_PERF_MAP_READ: u64 = 64 << 20;
+
 /// Clock ticks per second in `/proc/PID/stat`: `USER_HZ`, 100 on x86-64 and arm64.
 const USER_HZ: u64 = 100;
 
@@ -119,7 +123,10 @@ impl PerfMap {
         }
         let mut appended = Vec::new();
         if file.seek(SeekFrom::Start(self.read_len)).is_err()
-            || file.read_to_end(&mut appended).is_err()
+            || file
+                .take(MAX_PERF_MAP_READ)
+                .read_to_end(&mut appended)
+                .is_err()
         {
             return;
         }
