@@ -18,7 +18,9 @@ use crate::{
     },
     target::{
         files::{FileId, Segment, bias_of, open_elf, segments},
-        proc::{first_mapping_per_file, mapped_file},
+        maps::first_mapping_per_file,
+        memory::Memory,
+        proc::Process,
     },
 };
 use thiserror::Error;
@@ -262,7 +264,10 @@ impl Target {
     /// memory; `None` when it cannot be read.
     pub fn main_loop_epfd(&self) -> Option<i32> {
         let addr = self.libuv.default_loop_addr?;
-        let fd = (self.read_u64(addr + UV_LOOP_BACKEND_FD_OFFSET)? as u32).cast_signed();
+        let fd = (self
+            .memory()?
+            .word(addr.checked_add(UV_LOOP_BACKEND_FD_OFFSET)?)? as u32)
+            .cast_signed();
         Some(fd).filter(|&fd| fd > 0)
     }
 
@@ -272,11 +277,12 @@ impl Target {
         if !self.libuv.counts_iterations {
             return None;
         }
-        let fields = self.read_u64(loop_addr + UV_LOOP_INTERNAL_FIELDS_OFFSET)?;
+        let memory = self.memory()?;
+        let fields = memory.word(loop_addr.checked_add(UV_LOOP_INTERNAL_FIELDS_OFFSET)?)?;
         let addr = fields
             .checked_add(UV_LOOP_COUNT_OFFSET)
             .filter(|_| fields != 0)?;
-        Some((addr, self.read_u64(addr)?))
+        Some((addr, memory.word(addr)?))
     }
 
     /// Names the loop of a thread asleep in its poll wait as we attach, from its stack: the
@@ -285,15 +291,14 @@ impl Target {
     /// whether a `worker_threads` Worker's entry function is among its callers. `None` when no
     /// such word is found: the `uv__io_poll` probe names it if it wakes while that is on.
     pub fn sleeping_loop(&self, idle: &IdleThread) -> Option<SleepingLoop> {
-        use std::os::unix::fs::FileExt;
         // `uv_loop_t`'s handle_queue (next, prev), after `data` and `active_handles`.
         const UV_LOOP_HANDLE_QUEUE_OFFSET: u64 = 16;
         const STACK_SCAN: usize = 64 * 1024;
-        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let memory = self.memory()?;
         // Near the top of the stack a long read fails: halve until one fits.
         let mut stack = vec![0u8; STACK_SCAN];
         let mut len = STACK_SCAN;
-        while len >= 4096 && mem.read_exact_at(&mut stack[..len], idle.sp).is_err() {
+        while len >= 4096 && !memory.read(idle.sp, &mut stack[..len]) {
             len /= 2;
         }
         if len < 4096 {
@@ -320,16 +325,14 @@ impl Target {
             .filter(|&w| tried.insert(w))
             .take(4096)
             .find(|&w| {
-                let mut fd = [0u8; 4];
-                mem.read_exact_at(&mut fd, w + UV_LOOP_BACKEND_FD_OFFSET).is_ok()
-                    && i32::from_ne_bytes(fd) == idle.epfd
-                    && self
-                        .read_u64(w + UV_LOOP_INTERNAL_FIELDS_OFFSET)
+                memory.i32(w + UV_LOOP_BACKEND_FD_OFFSET) == Some(idle.epfd)
+                    && memory
+                        .word(w + UV_LOOP_INTERNAL_FIELDS_OFFSET)
                         .is_some_and(|fields| fields > 0x10000)
                     // handle_queue, a circular list: its next node's prev is the queue.
-                    && self
-                        .read_u64(w + UV_LOOP_HANDLE_QUEUE_OFFSET)
-                        .and_then(|next| self.read_u64(next + 8))
+                    && memory
+                        .word(w + UV_LOOP_HANDLE_QUEUE_OFFSET)
+                        .and_then(|next| memory.word(next.checked_add(8)?))
                         == Some(w + UV_LOOP_HANDLE_QUEUE_OFFSET)
             })?;
         Some(SleepingLoop {
@@ -338,12 +341,9 @@ impl Target {
         })
     }
 
-    fn read_u64(&self, addr: u64) -> Option<u64> {
-        use std::os::unix::fs::FileExt;
-        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
-        let mut bytes = [0u8; 8];
-        mem.read_exact_at(&mut bytes, addr).ok()?;
-        Some(u64::from_ne_bytes(bytes))
+    /// The target's memory, opened once for all the reads of one call.
+    fn memory(&self) -> Option<Memory> {
+        Process::new(self.pid).memory().ok()
     }
 }
 
@@ -354,45 +354,41 @@ pub fn target_for_pid(pid: u32) -> Result<Target, DiscoverError> {
 
 /// Finds the libuv of a running process, reading only files not in `cache` yet.
 pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverError> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    if !proc_dir.exists() {
+    let process = Process::new(pid);
+    if !process.exists() {
         return Err(DiscoverError::NoSuchProcess(pid));
     }
-    let comm = fs::read_to_string(proc_dir.join("comm"))
-        .map_err(|_| DiscoverError::NoSuchProcess(pid))?
-        .trim_end()
-        .to_owned();
-    let maps_path = proc_dir.join("maps");
-    let maps = fs::read_to_string(&maps_path).map_err(|error| DiscoverError::Read {
-        path: maps_path.display().to_string(),
+    let comm = process.comm().ok_or(DiscoverError::NoSuchProcess(pid))?;
+    let maps = process.maps().map_err(|error| DiscoverError::Read {
+        path: format!("/proc/{pid}/maps"),
         error,
     })?;
-    let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
-    // Through /proc/PID/root, so a process in another mount namespace resolves too.
-    let root = proc_dir.join("root");
+    let exe = process.exe().unwrap_or_default();
     cache.bound();
     for mapping in first_mapping_per_file(&maps) {
-        let path = mapped_file(pid, &mapping);
-        if !cache.files.contains_key(&mapping.file) {
+        let path = process.mapped_file(mapping);
+        let file = mapping.file();
+        if !cache.files.contains_key(&file) {
             let read = LibuvFile::read(&path);
             // A file that could not be opened (its process exited mid-scan) is not known yet.
             if read.is_none() && File::open(&path).is_err() {
                 continue;
             }
-            cache.files.insert(mapping.file.clone(), read);
+            cache.files.insert(file.clone(), read);
         }
-        if let Some(Some(file)) = cache.files.get(&mapping.file) {
-            let mut libuv = Libuv::placed(file, &path, Some((mapping.range.start, mapping.offset)));
-            libuv.shown_as.clone_from(&mapping.path);
+        if let Some(Some(read)) = cache.files.get(&file) {
+            let mut libuv = Libuv::placed(read, &path, Some((mapping.range.start, mapping.offset)));
+            libuv.shown_as = PathBuf::from(mapping.file_path());
             return Ok(Target {
                 pid,
                 comm,
                 libuv,
-                libuv_file: mapping.file,
+                libuv_file: file,
             });
         }
     }
-    let exe_in_root = root.join(exe.strip_prefix("/").unwrap_or(&exe));
+    // Through /proc/PID/root, so a process in another mount namespace resolves too.
+    let exe_in_root = process.in_root(&exe);
     Err(DiscoverError::NotLibuv {
         pid,
         comm,
@@ -432,29 +428,22 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
 /// as we attach. Their next poll exit starts a busy interval that must be timed from there.
 pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
     const EPOLL_WAIT_SYSCALLS: [u64; 3] = [SYS_EPOLL_WAIT, SYS_EPOLL_PWAIT, SYS_EPOLL_PWAIT2];
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|task| {
-            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
-            let syscall = fs::read_to_string(task.path().join("syscall")).ok()?;
-            let mut fields = syscall.split_whitespace();
-            if !EPOLL_WAIT_SYSCALLS.contains(&fields.next()?.parse().ok()?) {
+    let process = Process::new(pid);
+    process
+        .tasks()
+        .into_iter()
+        .filter_map(|tid| {
+            let syscall = process.task_syscall(tid)?;
+            if !EPOLL_WAIT_SYSCALLS.contains(&syscall.number) {
                 return None;
             }
-            let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
-            let epfd = hex(fields.next()?)? as i32;
             // The timeout (epoll_pwait2: a pointer to it, NULL for "forever"): libuv counts a
             // wait idle unless its timeout is 0.
-            let timeout = hex(fields.nth(2)?)?;
-            // The remaining arguments, then the stack pointer.
-            let sp = hex(fields.nth(2)?)?;
+            let timeout = syscall.args[3];
             Some(IdleThread {
                 tid,
-                epfd,
-                sp,
+                epfd: syscall.args[0] as i32,
+                sp: syscall.sp,
                 counts_idle: timeout as u32 != 0,
             })
         })
@@ -513,14 +502,9 @@ fn check_privileges() -> Result<(), DiscoverError> {
 }
 
 fn effective_capabilities() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
+    Process::myself()
+        .status()
+        .and_then(|status| status.cap_eff)
         .unwrap_or(0)
 }
 
@@ -642,33 +626,6 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn executable_mappings_are_distinct_and_ordered() {
-        let maps = "\
-00400000-00401000 r--p 00000000 08:01 1 /usr/bin/node
-00401000-00402000 r-xp 00001000 08:01 1 /usr/bin/node
-7f00-7f01 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6
-7f01-7f02 r-xp 00000000 00:00 0 [vdso]
-7f02-7f03 rw-p 00000000 00:00 0
-7f03-7f04 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6
-";
-        let found: Vec<_> = first_mapping_per_file(maps)
-            .into_iter()
-            .map(|m| (m.path, m.range, m.offset))
-            .collect();
-        assert_eq!(
-            found,
-            [
-                (PathBuf::from("/usr/bin/node"), 0x40_1000..0x40_2000, 0x1000),
-                (
-                    PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
-                    0x7f00..0x7f01,
-                    0
-                )
-            ]
-        );
-    }
 
     #[test]
     fn finds_programs_on_path() {

@@ -1,18 +1,25 @@
 //! Raw samples -> named stacks: unwinding ([`unwind`]), JS frames from V8's heap ([`v8`]),
-//! native and JIT symbols ([`symbolize`]), and the weighting of a block's stacks ([`stacks`]).
+//! native and JIT symbols ([`symbolize`], from the objects in [`objects`] and the perf map in
+//! [`perf_map`]), and the weighting of a block's stacks ([`stacks`]).
 //! Every stage reads a target's memory or files and is bounded against what it finds there.
 
 pub mod frame;
+mod objects;
+mod perf_map;
 pub mod stacks;
 pub mod symbolize;
 pub mod unwind;
 pub mod v8;
 
-use std::{fs, path::PathBuf};
+use std::path::PathBuf;
 
-use crate::{decode::StackSample, target::files::FileCache};
+use crate::{
+    decode::StackSample,
+    target::{files::FileCache, proc::Process},
+};
+use objects::SharedObjects;
 use stacks::Sample;
-use symbolize::{SharedObjects, Symbolizer};
+use symbolize::Symbolizer;
 use unwind::{UnwindSections, Unwinder};
 use v8::{JsNamer, Metadata};
 
@@ -68,7 +75,7 @@ impl Naming {
     }
 
     fn find_v8(&mut self) {
-        let exe = fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        let exe = Process::new(self.pid).exe();
         if self.js.is_some() || exe.is_none() || exe == self.js_looked_in {
             return;
         }

@@ -2,50 +2,35 @@
 //! from a snapshot of its memory map, so that a process that exits right after a block still gets
 //! names.
 //!
-//! Native code is named by blazesym from the ELF objects the target had mapped. Each object is
-//! opened once, through `/proc/PID/root` (so paths inside a container resolve) and kept open, so
-//! its symbols stay reachable after the target exits, even from a container or a deleted file.
-//! JIT code is named from the perf map node writes with `--perf-basic-prof`, also kept open and
-//! read as it grows. Kernel frames are named from `/proc/kallsyms`.
+//! Native code is named by blazesym from the ELF objects the target had mapped ([`super::objects`]
+//! opens and keeps them). JIT code is named from the perf map node writes with
+//! `--perf-basic-prof` ([`super::perf_map`]). Kernel frames are named from `/proc/kallsyms`.
 
 use std::{
-    cell::{OnceCell, RefCell},
-    collections::{BTreeMap, HashMap, HashSet},
-    fs::{self, File},
-    io::{Read, Seek, SeekFrom},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
+    cell::OnceCell,
+    collections::HashMap,
     rc::Rc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use blazesym::{
     MaybeDefault, Pid,
     symbolize::{
-        Input, Sym, Symbolized, Symbolizer as Blazesym,
-        evict::{Elf as EvictElf, Evict},
-        source::{Elf, Kernel, Process, Source},
+        Input, Sym, Symbolized,
+        source::{Elf, Kernel, Process as BlazesymProcess, Source},
     },
 };
 
-use super::frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO};
-use crate::target::start_time;
-
-/// Whether DWARF is consulted for the file and line of native frames. Measured on node 20's
-/// 100 MB binary (DWARF for libuv and a few more): the first lookup, which parses the ELF symbols,
-/// takes about 8 ms in release (300 ms in debug) with or without it, so lines are worth having.
-/// A library with a large separate debug file costs more once (libc with libc6-dbg: 50 ms).
-const NATIVE_LINE_INFO: bool = true;
+use super::{
+    frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO},
+    objects::{Mapping, NATIVE_LINE_INFO, NativeObjects, SharedObjects},
+    perf_map::PerfMap,
+};
+use crate::target::{maps::MapsEntry, proc::Process, start_time};
 
 /// A lookup that falls outside the snapshot re-reads `/proc/PID/maps` at most this often: new
 /// JIT pages and `dlopen`ed addons appear between the caller's once-a-second refreshes.
 const MIN_MAPS_REREAD_INTERVAL: Duration = Duration::from_millis(100);
-
-/// A missing perf map is looked for again at most this often.
-const MIN_PERF_MAP_OPEN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Clock ticks per second in `/proc/PID/stat`: `USER_HZ`, 100 on x86-64 and arm64.
-const USER_HZ: u64 = 100;
 
 fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
     let (file, line) = sym.code_info.map_or((None, None), |info| {
@@ -69,7 +54,7 @@ fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
 
 /// Names the frames of one process (user space) and of the kernel.
 pub struct Symbolizer {
-    pid: u32,
+    process: Process,
     /// This symbolizer among those sharing `native`: the objects it maps are kept for it.
     user: u64,
     /// Start time of the target in clock ticks after boot: tells the target from a later
@@ -85,37 +70,6 @@ pub struct Symbolizer {
     kernel_source: Source<'static>,
     /// Start and size of this process's own vDSO, which is the target's too (same kernel).
     own_vdso: OnceCell<Option<(u64, u64)>>,
-}
-
-/// The object files symbolizers have opened and what blazesym parsed of them, shared by the
-/// symbolizers of one session: processes that run the same binary (fleet mode watches many)
-/// parse its symbols and line tables once, not once each.
-#[derive(Clone)]
-pub struct SharedObjects(Rc<RefCell<NativeObjects>>);
-
-struct NativeObjects {
-    blazesym: Blazesym,
-    objects: Objects,
-    /// The next symbolizer's `user`.
-    next_user: u64,
-}
-
-impl SharedObjects {
-    pub fn new() -> Self {
-        Self(Rc::new(RefCell::new(NativeObjects {
-            blazesym: Blazesym::builder()
-                // Objects are opened once and kept; never reparse a path that changed on disk.
-                .enable_auto_reload(false)
-                .enable_code_info(NATIVE_LINE_INFO)
-                // Only so that file and line are the named function's (the call site of what
-                // was inlined into it), not those of the innermost inlined callee.
-                .enable_inlined_fns(NATIVE_LINE_INFO)
-                .enable_demangling(true)
-                .build(),
-            objects: Objects::default(),
-            next_user: 0,
-        })))
-    }
 }
 
 impl Symbolizer {
@@ -143,14 +97,15 @@ impl Symbolizer {
             native.next_user += 1;
             native.next_user
         };
+        let process = Process::new(pid);
         let mut symbolizer = Self {
-            pid,
+            perf_map: PerfMap::new(process.clone(), start_ticks),
+            process,
             user,
             start_ticks,
             native: native.clone(),
             maps: Vec::new(),
             maps_read_at: Instant::now(),
-            perf_map: PerfMap::new(pid, start_ticks),
             native_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
             kernel_source,
@@ -345,7 +300,7 @@ impl Symbolizer {
         if let Some((own_start, own_size)) = own_vdso
             && own_size == size
         {
-            let mut process = Process::new(Pid::Slf);
+            let mut process = BlazesymProcess::new(Pid::Slf);
             process.debug_syms = false;
             process.perf_map = false;
             process.map_files = false;
@@ -378,34 +333,33 @@ impl Symbolizer {
     /// Replaces the snapshot with the current maps of the target; false if the target is gone.
     fn reread_maps(&mut self) -> bool {
         self.maps_read_at = Instant::now();
-        if self.start_ticks.is_none() || start_time(self.pid) != self.start_ticks {
+        if self.start_ticks.is_none() || start_time(self.process.pid()) != self.start_ticks {
             // Gone, or its PID now belongs to another process: keep the last snapshot.
             self.start_ticks = None;
             return false;
         }
-        let Ok(bytes) = fs::read(format!("/proc/{}/maps", self.pid)) else {
+        let Ok(maps) = self.process.maps() else {
             return false;
         };
         // A zombie has an empty map: keep the snapshot of the living process.
-        if bytes.is_empty() {
+        if maps.is_empty() {
             return false;
         }
-        self.apply_maps(&String::from_utf8_lossy(&bytes));
+        self.apply_maps(&maps);
         true
     }
 
-    fn apply_maps(&mut self, maps_text: &str) {
+    fn apply_maps(&mut self, maps: &[MapsEntry]) {
         let native = Rc::clone(&self.native.0);
         let objects = &mut native.borrow_mut().objects;
-        let mut regions: Vec<Region> = maps_text
-            .lines()
-            .filter_map(MapsLine::parse)
+        let mut regions: Vec<Region> = maps
+            .iter()
             .map(|line| Region {
-                start: line.start,
-                end: line.end,
+                start: line.range.start,
+                end: line.range.end,
                 offset: line.offset,
-                executable: line.executable,
-                mapping: objects.mapping(self.pid, self.user, &line),
+                executable: line.perms.execute,
+                mapping: objects.mapping(&self.process, self.user, line),
             })
             .collect();
         regions.sort_by_key(|region| region.start);
@@ -464,16 +418,6 @@ struct Region {
     mapping: Mapping,
 }
 
-enum Mapping {
-    /// An executable file mapping: index into [`Objects::list`].
-    Object(usize),
-    Vdso,
-    /// No path, or `[anon:...]`: V8's code space and heap.
-    Anonymous,
-    /// Anything else (`[stack]`, `[heap]`, data-only file mappings): never code. Its module name.
-    Other(Rc<str>),
-}
-
 fn file_layout(regions: &[Region]) -> Vec<(u64, u64, u64, usize)> {
     regions
         .iter()
@@ -482,75 +426,6 @@ fn file_layout(regions: &[Region]) -> Vec<(u64, u64, u64, usize)> {
             _ => None,
         })
         .collect()
-}
-
-/// One line of /proc/PID/maps.
-#[derive(Debug, PartialEq)]
-struct MapsLine<'a> {
-    start: u64,
-    end: u64,
-    executable: bool,
-    offset: u64,
-    device: &'a str,
-    inode: u64,
-    /// Empty for anonymous memory.
-    path: &'a str,
-}
-
-impl<'a> MapsLine<'a> {
-    fn parse(line: &'a str) -> Option<Self> {
-        let mut fields = line.splitn(6, ' ');
-        let (start, end) = fields.next()?.split_once('-')?;
-        let perms = fields.next()?;
-        let offset = fields.next()?;
-        let device = fields.next()?;
-        let inode = fields.next()?;
-        let (start, end) = (
-            u64::from_str_radix(start, 16).ok()?,
-            u64::from_str_radix(end, 16).ok()?,
-        );
-        if start >= end {
-            return None;
-        }
-        Some(Self {
-            start,
-            end,
-            executable: perms.as_bytes().get(2) == Some(&b'x'),
-            offset: u64::from_str_radix(offset, 16).ok()?,
-            device,
-            inode: inode.parse().ok()?,
-            path: fields.next().unwrap_or("").trim_start(),
-        })
-    }
-
-    /// The path without the ` (deleted)` the kernel appends to unlinked files.
-    fn file_path(&self) -> &'a str {
-        self.path.strip_suffix(" (deleted)").unwrap_or(self.path)
-    }
-}
-
-/// The executable objects the targets have mapped, each opened once, and closed when the last
-/// symbolizer that mapped it is dropped.
-#[derive(Default)]
-struct Objects {
-    list: Vec<MappedObject>,
-    /// By device, inode and path: the same path in two containers may be two files.
-    by_file: HashMap<(String, u64, String), usize>,
-    /// Entries of `list` closed, to be used again.
-    free: Vec<usize>,
-}
-
-#[derive(Default)]
-struct MappedObject {
-    /// Basename, as frames show it.
-    module: String,
-    /// Paths handed to blazesym, best first.
-    sources: Vec<PathBuf>,
-    /// Keeps the object reachable through `/proc/self/fd` after the target exits.
-    _file: Option<File>,
-    /// Symbolizers that mapped it.
-    users: HashSet<u64>,
-    key: (String, u64, String),
 }
 
 impl Drop for Symbolizer {
@@ -563,353 +438,12 @@ impl Drop for Symbolizer {
     }
 }
 
-impl Objects {
-    /// Closes the objects that only `user` mapped, and what blazesym read of them: in fleet
-    /// mode, an upgraded service's old binary must not stay open (its disk space, its symbols
-    /// in memory) once its last process is gone.
-    fn release(&mut self, user: u64, blazesym: &mut Blazesym) {
-        for (index, object) in self.list.iter_mut().enumerate() {
-            if !object.users.remove(&user) || !object.users.is_empty() {
-                continue;
-            }
-            // Evicted before the file closes: its `/proc/self/fd` path names the next file
-            // opened under that descriptor.
-            for path in &object.sources {
-                let _ = blazesym.evict(&Evict::Elf(EvictElf::new(path)));
-            }
-            self.by_file.remove(&object.key);
-            *object = MappedObject::default();
-            self.free.push(index);
-        }
-    }
-
-    fn mapping(&mut self, pid: u32, user: u64, line: &MapsLine<'_>) -> Mapping {
-        let path = line.file_path();
-        if path.is_empty() || path.starts_with("[anon") {
-            return Mapping::Anonymous;
-        }
-        if path == VDSO {
-            return Mapping::Vdso;
-        }
-        if !path.starts_with('/') {
-            return Mapping::Other(path.into());
-        }
-        let module = path.rsplit('/').next().unwrap_or(path);
-        if !line.executable {
-            return Mapping::Other(module.into());
-        }
-        let key = (line.device.to_owned(), line.inode, path.to_owned());
-        if let Some(&object) = self.by_file.get(&key) {
-            self.list[object].users.insert(user);
-            return Mapping::Object(object);
-        }
-        let file = open_mapped_file(pid, line);
-        let mut sources = Vec::new();
-        if let Some(file) = &file {
-            sources.push(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())));
-        } else {
-            sources.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
-        }
-        sources.push(PathBuf::from(path));
-        let object = MappedObject {
-            module: module.to_owned(),
-            sources,
-            _file: file,
-            users: HashSet::from([user]),
-            key: key.clone(),
-        };
-        let index = if let Some(index) = self.free.pop() {
-            self.list[index] = object;
-            index
-        } else {
-            self.list.push(object);
-            self.list.len() - 1
-        };
-        self.by_file.insert(key, index);
-        Mapping::Object(index)
-    }
-}
-
-/// Opens the file behind a mapping: by its path as the target sees it, or, when that is now a
-/// different file (deleted or replaced since), through `map_files`.
-fn open_mapped_file(pid: u32, line: &MapsLine<'_>) -> Option<File> {
-    let by_path = File::open(format!("/proc/{pid}/root{}", line.file_path()))
-        .ok()
-        .filter(|file| file.metadata().is_ok_and(|meta| meta.ino() == line.inode));
-    by_path.or_else(|| {
-        File::open(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            line.start, line.end
-        ))
-        .ok()
-    })
-}
-
 /// Start and size of this process's vDSO.
 fn find_own_vdso() -> Option<(u64, u64)> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(MapsLine::parse)
+    let maps = Process::myself().maps().ok()?;
+    maps.into_iter()
         .find(|line| line.path == VDSO)
-        .map(|line| (line.start, line.end - line.start))
-}
-
-/// Clock ticks after boot (a process's start time) as wall-clock time.
-fn ticks_to_system_time(ticks: u64) -> Option<SystemTime> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    let boot_secs: u64 = stat
-        .lines()
-        .find_map(|line| line.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    let since_boot = Duration::from_millis(ticks.checked_mul(1000)? / USER_HZ);
-    UNIX_EPOCH.checked_add(Duration::from_secs(boot_secs) + since_boot)
-}
-
-/// The name of the target's perf map: node names it after the PID it sees itself as (inside a
-/// container, its namespace PID).
-fn perf_map_name(pid: u32) -> String {
-    let ns_pid = fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status
-                .lines()
-                .find_map(|line| line.strip_prefix("NSpid:"))?;
-            line.split_whitespace().last()?.parse::<u32>().ok()
-        })
-        .unwrap_or(pid);
-    format!("perf-{ns_pid}.map")
-}
-
-/// The perf map of the target (`START SIZE NAME` lines, hex without `0x`), read as it grows.
-struct PerfMap {
-    pid: u32,
-    start_ticks: Option<u64>,
-    /// The file in the target's own `/tmp`, reachable while it lives.
-    in_target: PathBuf,
-    /// The same file seen from here: used only once the target is gone.
-    on_host: PathBuf,
-    /// When the target started: an older file is left over from an earlier process with its PID.
-    started_at: Option<SystemTime>,
-    /// Kept open: it stays readable after the target exits, wherever it lives.
-    file: Option<File>,
-    last_open_attempt: Option<Instant>,
-    /// Bytes of the file consumed so far (whole lines only).
-    read_len: u64,
-    /// Non-overlapping code ranges: start -> (end, index into `frames`). A later entry replaces
-    /// whatever it overlaps, since V8 reuses the space of collected code.
-    ranges: BTreeMap<u64, (u64, usize)>,
-    /// One frame per distinct entry name: recompiled functions repeat theirs.
-    frames: Vec<Frame>,
-    frame_ids: HashMap<Box<str>, usize>,
-    synced_this_call: bool,
-}
-
-impl PerfMap {
-    fn new(pid: u32, start_ticks: Option<u64>) -> Self {
-        let name = perf_map_name(pid);
-        Self {
-            pid,
-            start_ticks,
-            in_target: PathBuf::from(format!("/proc/{pid}/root/tmp/{name}")),
-            on_host: PathBuf::from(format!("/tmp/perf-{pid}.map")),
-            started_at: start_ticks.and_then(ticks_to_system_time),
-            file: None,
-            last_open_attempt: None,
-            read_len: 0,
-            ranges: BTreeMap::new(),
-            frames: Vec::new(),
-            frame_ids: HashMap::new(),
-            synced_this_call: false,
-        }
-    }
-
-    /// Reads what was appended since the last call; `open_now` looks for a missing file even if
-    /// it was looked for less than a second ago.
-    fn sync(&mut self, open_now: bool) {
-        self.synced_this_call = true;
-        if self.file.is_none() {
-            let due = self
-                .last_open_attempt
-                .is_none_or(|at| at.elapsed() >= MIN_PERF_MAP_OPEN_INTERVAL);
-            if !open_now && !due {
-                return;
-            }
-            self.last_open_attempt = Some(Instant::now());
-            self.file = self.open();
-        }
-        let Some(file) = self.file.as_mut() else {
-            return;
-        };
-        let Ok(len) = file.metadata().map(|meta| meta.len()) else {
-            return;
-        };
-        if len < self.read_len {
-            // Rewritten from the start: forget what it said.
-            self.read_len = 0;
-            self.ranges.clear();
-            self.frames.clear();
-            self.frame_ids.clear();
-        }
-        if len == self.read_len {
-            return;
-        }
-        let mut appended = Vec::new();
-        if file.seek(SeekFrom::Start(self.read_len)).is_err()
-            || file.read_to_end(&mut appended).is_err()
-        {
-            return;
-        }
-        let Some(last_newline) = appended.iter().rposition(|&byte| byte == b'\n') else {
-            return;
-        };
-        let complete = &appended[..=last_newline];
-        self.read_len += complete.len() as u64;
-        for line in String::from_utf8_lossy(complete).lines() {
-            if let Some((start, end, name)) = parse_perf_map_line(line) {
-                let frame = self.frame_id(name);
-                self.insert(start, end, frame);
-            }
-        }
-    }
-
-    fn frame_id(&mut self, name: &str) -> usize {
-        if let Some(&id) = self.frame_ids.get(name) {
-            return id;
-        }
-        self.frames.push(js_frame_from_perf_map(name));
-        self.frame_ids.insert(name.into(), self.frames.len() - 1);
-        self.frames.len() - 1
-    }
-
-    fn open(&self) -> Option<File> {
-        let file = match File::open(&self.in_target) {
-            Ok(file) => file,
-            // While the target lives, its own /tmp is the only right place.
-            Err(_) if !self.target_alive() => File::open(&self.on_host).ok()?,
-            Err(_) => return None,
-        };
-        let modified = file.metadata().and_then(|meta| meta.modified()).ok();
-        let stale = match (modified, self.started_at) {
-            (Some(modified), Some(started_at)) => modified + Duration::from_secs(2) < started_at,
-            _ => false,
-        };
-        (!stale).then_some(file)
-    }
-
-    fn target_alive(&self) -> bool {
-        self.start_ticks.is_some() && start_time(self.pid) == self.start_ticks
-    }
-
-    fn insert(&mut self, start: u64, end: u64, frame: usize) {
-        // An older range that starts before this one keeps its parts outside [start, end).
-        if let Some((&old_start, &(old_end, old_frame))) = self.ranges.range(..start).next_back()
-            && old_end > start
-        {
-            self.ranges.insert(old_start, (start, old_frame));
-            if old_end > end {
-                self.ranges.insert(end, (old_end, old_frame));
-            }
-        }
-        let inside: Vec<u64> = self
-            .ranges
-            .range(start..end)
-            .map(|(&old_start, _)| old_start)
-            .collect();
-        for old_start in inside {
-            if let Some((old_end, old_frame)) = self.ranges.remove(&old_start)
-                && old_end > end
-            {
-                self.ranges.insert(end, (old_end, old_frame));
-            }
-        }
-        self.ranges.insert(start, (end, frame));
-    }
-
-    fn lookup(&self, addr: u64) -> Option<&Frame> {
-        let (_, &(end, frame)) = self.ranges.range(..=addr).next_back()?;
-        (addr < end).then(|| &self.frames[frame])
-    }
-}
-
-/// `START SIZE NAME` -> (start, end, name); `None` for a malformed or empty entry.
-fn parse_perf_map_line(line: &str) -> Option<(u64, u64, &str)> {
-    let mut fields = line.splitn(3, ' ');
-    let start = u64::from_str_radix(fields.next()?, 16).ok()?;
-    let size = u64::from_str_radix(fields.next()?, 16).ok()?;
-    let name = fields.next()?.trim_end();
-    let end = start.checked_add(size)?;
-    (size > 0).then_some((start, end, name))
-}
-
-/// Turns a V8 perf map name into a frame: `JS:*fib /app.js:3:13` is `fib` at `/app.js` line 3.
-fn js_frame_from_perf_map(entry: &str) -> Frame {
-    let Some((kind, rest)) = entry.split_once(':') else {
-        return Frame::js(entry.to_owned(), None, None);
-    };
-    if !matches!(kind, "JS" | "LazyCompile" | "Function" | "Script" | "Eval") {
-        // Builtin:, BytecodeHandler:, Stub:, RegExp:, ...: the whole entry is the name.
-        return Frame::js(entry.to_owned(), None, None);
-    }
-    // The tier: ~ interpreted, ^ baseline, + Maglev, * optimized.
-    let rest = rest.strip_prefix(['~', '^', '+', '*']).unwrap_or(rest);
-    let (name, script) = split_name_and_script(rest);
-    let name = if name.is_empty() { "<anonymous>" } else { name };
-    let (file, line) = script.map_or((None, None), parse_script_location);
-    Frame::js(name.to_owned(), file, line)
-}
-
-/// Splits `NAME SCRIPT:LINE:COL`, where the name may be empty or hold spaces (`get x`).
-fn split_name_and_script(text: &str) -> (&str, Option<&str>) {
-    const SCRIPT_STARTS: [&str; 4] = ["/", "file:", "node:", "."];
-    // `[eval]:1:1`, `[eval]-wrapper:6:14`, `[worker eval]:1:1`, but not `[Symbol.iterator] ...`,
-    // the name of a computed method.
-    let is_bracketed_script = |script: &str| {
-        script.starts_with('[')
-            && script
-                .split_once(']')
-                .is_some_and(|(_, after)| after.starts_with([':', '-']))
-    };
-    let mut last_located = None;
-    for (space, _) in text.match_indices(' ') {
-        let script = &text[space + 1..];
-        if SCRIPT_STARTS.iter().any(|start| script.starts_with(start))
-            || is_bracketed_script(script)
-        {
-            return (&text[..space], Some(script));
-        }
-        if has_line_suffix(script) {
-            last_located = Some(space);
-        }
-    }
-    match last_located {
-        Some(space) => (&text[..space], Some(&text[space + 1..])),
-        None => (text, None),
-    }
-}
-
-fn has_line_suffix(script: &str) -> bool {
-    script.rsplit_once(':').is_some_and(|(_, number)| {
-        !number.is_empty() && number.bytes().all(|byte| byte.is_ascii_digit())
-    })
-}
-
-/// `file:///x.js:1:1` -> (`/x.js`, 1).
-fn parse_script_location(script: &str) -> (Option<String>, Option<u32>) {
-    let mut path = script;
-    let mut numbers = Vec::new();
-    while numbers.len() < 2
-        && let Some((rest, number)) = path.rsplit_once(':')
-        && let Ok(number) = number.parse::<u32>()
-    {
-        numbers.push(number);
-        path = rest;
-    }
-    // Trailing numbers were popped last first: the line is the first of `:LINE:COL` (or `:LINE`).
-    let line = numbers.last().copied();
-    let path = path.strip_prefix("file://").unwrap_or(path);
-    ((!path.is_empty()).then(|| path.to_owned()), line)
+        .map(|line| (line.range.start, line.range.end - line.range.start))
 }
 
 #[cfg(test)]
@@ -917,10 +451,13 @@ mod tests {
     use super::*;
 
     use std::{
-        path::Path,
+        fs,
+        path::{Path, PathBuf},
         process::{Child, Command, Stdio},
         sync::atomic::{AtomicU32, Ordering},
     };
+
+    use crate::{naming::perf_map::parse_perf_map_line, target::maps::parse_maps};
 
     /// A node process killed when the test ends, pass or fail.
     struct Node {
@@ -998,28 +535,24 @@ mod tests {
             .unwrap();
         let (section_offset, _) = section.file_range().expect("a section with file data");
         let file_offset = sym.address() - section.address() + section_offset;
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        maps.lines()
-            .filter_map(MapsLine::parse)
+        let maps = Process::new(pid).maps().unwrap();
+        maps.iter()
             .find(|line| {
-                Path::new(line.path) == path
+                Path::new(&line.path) == path
                     && line.offset <= file_offset
-                    && file_offset < line.offset + (line.end - line.start)
+                    && file_offset < line.offset + (line.range.end - line.range.start)
             })
             .map_or_else(
                 || panic!("`{symbol}` is not mapped in process {pid}"),
-                |line| line.start + file_offset - line.offset,
+                |line| line.range.start + file_offset - line.offset,
             )
     }
 
     fn vdso_range(pid: u32) -> (u64, u64) {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        let vdso = maps
-            .lines()
-            .filter_map(MapsLine::parse)
-            .find(|line| line.path == VDSO);
+        let maps = Process::new(pid).maps().unwrap();
+        let vdso = maps.into_iter().find(|line| line.path == VDSO);
         let vdso = vdso.expect("a process has a vDSO");
-        (vdso.start, vdso.end)
+        (vdso.range.start, vdso.range.end)
     }
 
     /// Offset of `name` in the vDSO, from this process's copy of it.
@@ -1027,10 +560,10 @@ mod tests {
         use object::{Object, ObjectSymbol};
 
         let (start, end) = vdso_range(std::process::id());
-        let mut image = vec![0; usize::try_from(end - start).unwrap()];
-        let mut memory = File::open("/proc/self/mem").unwrap();
-        memory.seek(SeekFrom::Start(start)).unwrap();
-        memory.read_exact(&mut image).unwrap();
+        let memory = Process::myself().memory().unwrap();
+        let image = memory
+            .bytes(start, usize::try_from(end - start).unwrap())
+            .unwrap();
         let elf = object::File::parse(&*image).expect("the vDSO is an ELF image");
         let symbol = elf.dynamic_symbols().find(|sym| sym.name() == Ok(name));
         symbol
@@ -1061,36 +594,6 @@ mod tests {
             frames[0]
         );
         assert!(frames[0].line.is_some(), "{:?}", frames[0]);
-    }
-
-    #[test]
-    fn objects_are_closed_with_the_last_symbolizer_that_mapped_them() {
-        let addr = symbolize_test_marker as fn() -> u64 as usize as u64;
-        let shared = SharedObjects::new();
-        let open_objects = || {
-            let native = shared.0.borrow();
-            let open = native.objects.list.iter().filter(|o| !o.users.is_empty());
-            (open.count(), native.objects.by_file.len())
-        };
-        let mut first = Symbolizer::sharing(std::process::id(), &shared);
-        let second = Symbolizer::sharing(std::process::id(), &shared);
-        let (open, by_file) = open_objects();
-        assert!(
-            open > 0 && open == by_file,
-            "{open} objects, {by_file} by file"
-        );
-        drop(second);
-        assert_eq!(open_objects(), (open, by_file), "the first still maps them");
-        drop(first);
-        assert_eq!(open_objects(), (0, 0));
-        // A later symbolizer opens them again, in the freed entries, and names as well.
-        first = Symbolizer::sharing(std::process::id(), &shared);
-        assert_eq!(shared.0.borrow().objects.list.len(), open);
-        let frames = first.user(&[addr + 1], &[]);
-        assert!(
-            frames[0].name.contains("symbolize_test_marker"),
-            "{frames:?}"
-        );
     }
 
     #[test]
@@ -1225,11 +728,11 @@ mod tests {
         let mut symbolizer = Symbolizer::new(std::process::id());
         // Below mmap_min_addr: nothing real is ever mapped there, nor in a perf map of ours.
         let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&format!(
+        symbolizer.apply_maps(&parse_maps(&format!(
             "{own_maps}1000-2000 rwxp 00000000 00:00 0 \n\
              2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n\
              3000-4000 rw-p 00000000 00:00 0 \n"
-        ));
+        )));
         symbolizer.start_ticks = None; // keep these maps
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
         let frames = symbolizer.user(&[0x1100, 0x1f00, 0x2100, native + 1, 0x2200, 0x3100], &[]);
@@ -1249,10 +752,10 @@ mod tests {
     fn a_return_address_into_no_code_is_dropped_when_code_follows() {
         let mut symbolizer = Symbolizer::new(std::process::id());
         let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&format!(
+        symbolizer.apply_maps(&parse_maps(&format!(
             "{own_maps}1000-2000 r-xp 00000000 00:00 0 \n\
              3000-4000 rw-p 00000000 00:00 0                          [stack]\n"
-        ));
+        )));
         // Addresses outside every map make it re-read the real ones: keep these.
         symbolizer.start_ticks = None;
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
@@ -1291,134 +794,5 @@ mod tests {
             assert_eq!(symbolizer.kernel(&garbage).len(), garbage.len());
             symbolizer.refresh();
         }
-    }
-
-    #[test]
-    fn perf_map_names_follow_v8() {
-        let cases = [
-            (
-                "JS:*fib /abs/path/app.js:3:13",
-                "fib",
-                Some("/abs/path/app.js"),
-                Some(3),
-            ),
-            ("JS:~main file:///x.js:1:1", "main", Some("/x.js"), Some(1)),
-            (
-                "LazyCompile:*foo /p.js:10:20",
-                "foo",
-                Some("/p.js"),
-                Some(10),
-            ),
-            (
-                "Function:^bar node:internal/util:598:30",
-                "bar",
-                Some("node:internal/util"),
-                Some(598),
-            ),
-            ("JS:+maglevd /m.js:7:1", "maglevd", Some("/m.js"), Some(7)),
-            ("JS:~ [eval]:1:1", "<anonymous>", Some("[eval]"), Some(1)),
-            (
-                "Script:~ /srv/app.js:1:1",
-                "<anonymous>",
-                Some("/srv/app.js"),
-                Some(1),
-            ),
-            (
-                "JS:^get size /a dir/b.js:4:2",
-                "get size",
-                Some("/a dir/b.js"),
-                Some(4),
-            ),
-            (
-                "JS:~run evalmachine.<anonymous>:2:5",
-                "run",
-                Some("evalmachine.<anonymous>"),
-                Some(2),
-            ),
-            (
-                "JS:~ [worker eval]:1:1",
-                "<anonymous>",
-                Some("[worker eval]"),
-                Some(1),
-            ),
-            (
-                "JS:~ [eval]-wrapper:6:14",
-                "<anonymous>",
-                Some("[eval]-wrapper"),
-                Some(6),
-            ),
-            (
-                "JS:~get [Symbol.toStringTag] node:internal/url:9:2",
-                "get [Symbol.toStringTag]",
-                Some("node:internal/url"),
-                Some(9),
-            ),
-            ("JS:*noScript", "noScript", None, None),
-            ("Builtin:JsonStringify", "Builtin:JsonStringify", None, None),
-            ("BytecodeHandler:Star0", "BytecodeHandler:Star0", None, None),
-            ("Stub:CEntry", "Stub:CEntry", None, None),
-        ];
-        for (entry, name, file, line) in cases {
-            let frame = js_frame_from_perf_map(entry);
-            assert_eq!(frame.name, name, "{entry}");
-            assert_eq!(frame.file.as_deref(), file, "{entry}");
-            assert_eq!(frame.line, line, "{entry}");
-            assert_eq!(
-                (frame.kind, frame.module.as_str()),
-                (FrameKind::Js, "[JIT]"),
-                "{entry}"
-            );
-        }
-        assert_eq!(
-            parse_perf_map_line("7f00 10 JS:*f /a.js:1:1"),
-            Some((0x7f00, 0x7f10, "JS:*f /a.js:1:1"))
-        );
-        assert_eq!(parse_perf_map_line("7f00 0 JS:*f"), None);
-        assert_eq!(parse_perf_map_line("ffffffffffffffff 10 x"), None);
-        assert_eq!(parse_perf_map_line("zz 10 x"), None);
-    }
-
-    #[test]
-    fn later_perf_map_entries_replace_what_they_overlap() {
-        let mut perf_map = PerfMap::new(0, None);
-        let mut add = |start: u64, end: u64, name: &str| {
-            let frame = perf_map.frame_id(name);
-            perf_map.insert(start, end, frame);
-        };
-        add(0x100, 0x200, "old");
-        add(0x140, 0x160, "inner");
-        add(0x1f0, 0x300, "tail");
-        add(0x80, 0x110, "head");
-        add(0x400, 0x410, "old");
-        let name_at = |addr| perf_map.lookup(addr).map(|frame| frame.name.as_str());
-        assert_eq!(name_at(0x7f), None);
-        assert_eq!(name_at(0x80), Some("head"));
-        assert_eq!(name_at(0x110), Some("old"));
-        assert_eq!(name_at(0x150), Some("inner"));
-        assert_eq!(name_at(0x160), Some("old"));
-        assert_eq!(name_at(0x1f0), Some("tail"));
-        assert_eq!(name_at(0x2ff), Some("tail"));
-        assert_eq!(name_at(0x300), None);
-        assert_eq!(name_at(0x405), Some("old"));
-        assert_eq!(perf_map.frames.len(), 4, "a repeated name shares its frame");
-    }
-
-    #[test]
-    fn maps_lines_parse() {
-        let line = MapsLine::parse(
-            "00b72000-025fe000 r-xp 00772000 fe:00 247584                             /usr/bin/node (deleted)",
-        )
-        .unwrap();
-        assert_eq!(
-            (line.start, line.end, line.offset, line.inode),
-            (0xb7_2000, 0x25f_e000, 0x77_2000, 247_584)
-        );
-        assert!(line.executable);
-        assert_eq!(line.file_path(), "/usr/bin/node");
-        let anon = MapsLine::parse("7f91f1fc3000-7f91f1fff000 rw-p 00000000 00:00 0 ").unwrap();
-        assert!(!anon.executable);
-        assert_eq!(anon.path, "");
-        assert_eq!(MapsLine::parse("garbage"), None);
-        assert_eq!(MapsLine::parse("2000-1000 r-xp 00000000 00:00 0 "), None);
     }
 }

@@ -6,14 +6,7 @@
 //! address is a DWARF expression (OpenSSL's SHA-2 assembly realigns its stack) is unwound here
 //! with gimli, then framehop goes on from its caller.
 
-use std::{
-    collections::HashSet,
-    fs::{self, File},
-    ops::Range,
-    path::Path,
-    rc::Rc,
-    sync::Arc,
-};
+use std::{collections::HashSet, fs::File, ops::Range, path::Path, rc::Rc, sync::Arc};
 
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
@@ -30,7 +23,8 @@ use crate::{
     decode::StackSample,
     target::{
         files::{FileCache, Segment, bias_of, segments},
-        proc::{Mapping, executable_file_mappings, mapped_file},
+        maps::{MapsEntry, executable_files},
+        proc::Process,
     },
 };
 
@@ -48,7 +42,7 @@ pub struct UnwindSections {
 
 /// Unwinds the stacks of one process.
 pub struct Unwinder {
-    pid: u32,
+    process: Process,
     /// Sections by file, shared with the unwinders of other processes.
     sections: FileCache<UnwindSections>,
     framehop: UnwinderX86_64<Arc<[u8]>>,
@@ -73,7 +67,7 @@ struct EhFrameTable {
 impl Unwinder {
     pub fn new(pid: u32, sections: &FileCache<UnwindSections>) -> Self {
         let mut unwinder = Self {
-            pid,
+            process: Process::new(pid),
             sections: sections.clone(),
             framehop: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
@@ -87,21 +81,21 @@ impl Unwinder {
 
     /// Loads the unwind tables of executable mappings that appeared since the last call.
     pub fn refresh(&mut self) {
-        let Ok(maps) = fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+        let Ok(maps) = self.process.maps() else {
             return; // gone: keep what we have
         };
-        for mapping in executable_file_mappings(&maps) {
+        for mapping in executable_files(&maps) {
             if !self.known.insert(mapping.range.start) {
                 continue;
             }
-            let opened = mapped_file(self.pid, &mapping);
+            let opened = self.process.mapped_file(mapping);
             let Some(sections) = self
                 .sections
-                .get_or_read(&mapping.file, &opened, || read_sections(&opened))
+                .get_or_read(&mapping.file(), &opened, || read_sections(&opened))
             else {
                 continue;
             };
-            if let Some((module, table)) = place_module(&opened, &mapping, &sections) {
+            if let Some((module, table)) = place_module(&opened, mapping, &sections) {
                 self.framehop.add_module(module);
                 self.eh_frames.push(table);
             }
@@ -288,7 +282,7 @@ fn read_sections(path: &Path) -> Option<UnwindSections> {
 /// A file's unwind sections where this process maps it.
 fn place_module(
     path: &Path,
-    mapping: &Mapping,
+    mapping: &MapsEntry,
     sections: &UnwindSections,
 ) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
     let bias = bias_of(&sections.segments, mapping.range.start, mapping.offset)?;

@@ -7,7 +7,7 @@
 //! burstable/pod<uid>/`). The pod's name is not in the path; a pod's containers get it as their
 //! hostname, which the process's environment holds.
 
-use std::fs;
+use super::proc::Process;
 
 /// Where a process runs; empty strings where it cannot be told.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,12 +21,13 @@ pub struct Placement {
 impl Placement {
     /// Reads `/proc/PID/cgroup` (and the environment, for a pod's name).
     pub fn of(pid: u32) -> Self {
-        let Ok(cgroup) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        let process = Process::new(pid);
+        let Some(cgroup) = process.cgroup() else {
             return Self::default();
         };
         let mut placement = Self::from_cgroup(&cgroup);
         if !placement.pod.is_empty()
-            && let Some(name) = hostname_of(pid)
+            && let Some(name) = process.environ_var("HOSTNAME")
         {
             placement.pod = name;
         }
@@ -69,15 +70,6 @@ fn pod_uid(part: &str) -> Option<String> {
     let (_, uid) = part.rsplit_once("pod")?;
     let uid = uid.replace('_', "-");
     (uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(uid)
-}
-
-fn hostname_of(pid: u32) -> Option<String> {
-    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ
-        .split(|&b| b == 0)
-        .find_map(|var| var.strip_prefix(b"HOSTNAME="))
-        .filter(|name| !name.is_empty())
-        .map(|name| String::from_utf8_lossy(name).into_owned())
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
-//! Everything read from a target process: `/proc` ([`proc`]), its files ([`files`]) and where it
-//! runs ([`container`]). Every value here comes from a process loopbpf does not trust.
+//! Everything read from a target process: `/proc` ([`proc`], its memory map in [`maps`], its
+//! memory in [`memory`]), its files ([`files`]) and where it runs ([`container`]). Every value
+//! here comes from a process loopbpf does not trust: every read is bounded, every parser total.
 
 pub mod container;
 pub mod files;
+pub mod maps;
+pub mod memory;
 pub mod proc;
 
 pub use proc::start_time;

@@ -8,7 +8,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use crate::naming::frame::Original;
+use crate::{naming::frame::Original, target::proc::Process};
 use sourcemap::{DecodedMap, SourceMap, decode_slice, locate_sourcemap_reference_slice};
 
 /// Largest script or source map read (a bundle's map can be tens of MB).
@@ -28,9 +28,9 @@ struct Loaded {
 }
 
 impl SourceMaps {
-    pub fn new(pid: u32) -> Self {
+    pub fn new(process: &Process) -> Self {
         Self {
-            root: PathBuf::from(format!("/proc/{pid}/root")),
+            root: process.root(),
             maps: HashMap::new(),
         }
     }
@@ -146,7 +146,7 @@ mod tests {
             r#"{"version":3,"file":"a.js","sourceRoot":"","sources":["../src/a.ts"],"names":[],"mappings":";IAAA"}"#,
         )
         .unwrap();
-        let mut maps = SourceMaps::new(std::process::id());
+        let mut maps = SourceMaps::new(&Process::myself());
         let script = dir.join("dist/a.js").display().to_string();
         let original = maps.original(&script, 2, 5).unwrap();
         assert_eq!(original.file, dir.join("src/a.ts").display().to_string());
