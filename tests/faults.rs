@@ -496,9 +496,7 @@ fn a_full_ring_buffer_is_counted_and_reported() {
         l.contains("events lost so far (ring buffer full)")
     });
     assert!(warning.is_some(), "no warning: {:?}", loopbpf.err.seen);
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(Duration::from_secs(15));
-    assert!(status.success(), "{status}");
+    let output = loopbpf.stop(Duration::from_secs(15));
     let summary = events(&output, "summary");
     let dropped = summary[0]["dropped_events"].as_u64().unwrap();
     assert!(dropped > 100, "{dropped} events dropped: {summary:?}");

@@ -61,9 +61,7 @@ fn every_node_process_is_watched_those_started_later_too() {
     running.send("block timer spin 200");
     let running_truth = running.done("block", TIMEOUT);
     loopbpf.wait_for_block(running.pid(), TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
 
     assert_block_of(&output, running.pid(), &running_truth, "running at start");
     assert_block_of(&output, later.pid(), &later_truth, "started later");
@@ -126,9 +124,7 @@ fn a_process_in_its_own_pid_and_mount_namespace_is_found_by_its_host_pid() {
     contained.send("block timer spin 250");
     let truth = contained.done("block", TIMEOUT);
     loopbpf.wait_for_block(host_pid, TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
 
     assert_block_of(&output, host_pid, &truth, "in its own namespaces");
     let block = events(&output, "block")
@@ -225,9 +221,7 @@ fn short_lived_processes_leave_no_series_and_no_kernel_state() {
         }
     }
 
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
     let seen: BTreeSet<u64> = events(&output, "block")
         .iter()
         .map(|b| b["pid"].as_u64().unwrap())
@@ -337,9 +331,7 @@ fn prometheus_scrapes_the_metrics_and_answers_every_dashboard_query() {
         );
     }
     drop(fixtures);
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    loopbpf.stop(TIMEOUT);
 }
 
 /// Every `PromQL` expression of the dashboard, with Grafana's variables as Grafana would fill
@@ -578,9 +570,7 @@ fn a_pid_reused_by_another_program_is_not_taken_for_the_node_that_had_it() {
     );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
     assert_eq!(
         events(&output, "block")
             .iter()
@@ -724,8 +714,6 @@ fn the_probes_on_a_binary_come_off_with_its_last_process() {
     let truth = after.done("block", TIMEOUT);
     after.send("exit");
     after.wait_exit(TIMEOUT).expect("the new node did not exit");
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
     assert_block_of(&output, after.pid(), &truth, "the new binary");
 }

@@ -51,9 +51,7 @@ fn churn_on(node: &str, full: bool) {
     // Answered 200 ms after the last pause it timed; loopbpf reads the rest of its ring
     // buffer and its maps when it stops, so every pause is in by the SIGINT.
     let truth = fixture.done("churn", TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
 
     let seen = loopbpf_gc(&output, fixture.pid());
     let mut compared = Vec::new();
@@ -99,9 +97,7 @@ fn a_block_made_of_gc_says_so() {
     fixture.send("gc-block 400");
     let truth = fixture.done("gc-block", TIMEOUT);
     loopbpf.wait_for_block(fixture.pid(), TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, output) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf failed: {status}");
+    let output = loopbpf.stop(TIMEOUT);
     let blocks = events(&output, "block");
     assert_eq!(blocks.len(), 1, "{blocks:?}");
     let duration = blocks[0]["duration_ms"].as_f64().unwrap();

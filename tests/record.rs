@@ -112,9 +112,7 @@ fn a_bundle_holds_every_file_and_they_agree() {
     let crypto = node.done("block", TIMEOUT);
     wait_for_blocks_in_report(&dir, 2);
     // Ended by Ctrl-C, mid-recording.
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     for file in [
         "report.txt",
@@ -220,9 +218,7 @@ fn the_core_trigger_dumps_the_process_while_it_runs_the_blocking_code() {
     );
     node.send("block timer crypto 3000");
     node.done("block", TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     let report = report(&dir);
     let triggers = report["triggers"].as_array().unwrap();
@@ -263,9 +259,7 @@ fn the_signal_trigger_gets_a_heap_snapshot() {
     node.done("block", TIMEOUT);
     // Node writes the snapshot once its loop is free again.
     wait_for_heap_snapshot(node.pid());
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     let report = report(&dir);
     let trigger = &report["triggers"][0];
@@ -303,9 +297,7 @@ fn max_triggers_holds_under_a_burst_of_blocks() {
         node.done("block", TIMEOUT);
     }
     wait_for_blocks_in_report(&dir, 5);
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     let lines: Vec<String> = fs::read_to_string(&fired)
         .unwrap()

@@ -300,6 +300,15 @@ impl Loopbpf {
         serde_json::from_str(&line).unwrap()
     }
 
+    /// Ends loopbpf as a user would, with Ctrl-C (SIGINT): it must exit cleanly within
+    /// `timeout`. Returns its JSON lines.
+    pub fn stop(self, timeout: Duration) -> Vec<Value> {
+        self.signal(libc::SIGINT);
+        let (status, output) = self.finish(timeout);
+        assert!(status.success(), "loopbpf failed on SIGINT: {status}");
+        output
+    }
+
     /// Waits for loopbpf to end; returns its status and its JSON lines.
     pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>) {
         let deadline = Instant::now() + timeout;
