@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use loopbpf_tests::{
     Fixture, Loopbpf, assert_duration_close, events, fixture, installed_node, node_bin,
-    require_root,
+    require_root, thread_state, wait_until, wait_until_stuck,
 };
 use serde_json::Value;
 
@@ -342,7 +342,8 @@ fn attaching_to_a_loop_that_is_stuck_reports_it_at_once() {
     require_root();
     let mut node = Fixture::start();
     node.send("hang");
-    std::thread::sleep(Duration::from_secs(1));
+    // Stuck before loopbpf attaches: the block must have begun before the attach.
+    wait_until_stuck(node.pid());
     let pid = node.pid().to_string();
     let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
     let line = loopbpf
@@ -363,12 +364,28 @@ fn attaching_to_a_loop_that_is_stuck_reports_it_at_once() {
     assert_eq!(blocks[0]["started_before_attach"], true);
 }
 
+/// Waits until the main thread of `pid` sleeps in an `execSync`: its child runs and it waits.
+fn wait_until_in_exec_sync(pid: u32) {
+    wait_until(
+        &format!("pid {pid} to sleep in execSync"),
+        Duration::from_secs(10),
+        || {
+            let children =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+            !children.trim().is_empty() && thread_state(pid, pid) == Some('S')
+        },
+    );
+}
+
 #[test]
 fn attaching_during_a_long_exec_sync_times_the_rest_and_then_the_loop() {
     require_root();
     let mut node = Fixture::start();
     // The main thread sleeps in the poll wait of execSync's private loop, not its own.
     node.send("block timer exec-sync 4000");
+    wait_until_in_exec_sync(node.pid());
+    // The experiment: attach partway through the 4 s call, so that what loopbpf times is
+    // its rest, well under the whole.
     std::thread::sleep(Duration::from_millis(800));
     let pid = node.pid().to_string();
     let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);

@@ -6,11 +6,12 @@ use std::{
     path::Path,
     process::{Command, Output, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, events, installed_node, loopbpf_bin, node_bin, node_of, require_root,
+    Fixture, Loopbpf, bpftool, events, installed_node, loopbpf_bin, node_bin, node_of, poll_until,
+    require_root, wait_until, workspace,
 };
 
 /// Runs loopbpf to completion (through `wrapper` if given, e.g. `unshare`), with a time limit.
@@ -31,6 +32,7 @@ fn loopbpf_output(wrapper: &[&str], args: &[&str]) -> Output {
         .spawn()
         .expect("cannot start loopbpf");
     let pid = child.id();
+    // A deadline, not a wait: a loopbpf that hangs is killed and fails its test.
     let watchdog = thread::spawn(move || {
         thread::sleep(Duration::from_secs(30));
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -58,14 +60,14 @@ fn assert_one_line_error(output: &Output, needle: &str) {
     );
 }
 
-fn spawn_idle_node(node: &str) -> std::process::Child {
-    let child = Command::new(node)
-        .args(["-e", "setInterval(() => {}, 100)"])
-        .spawn()
-        .expect("cannot start node");
-    // Let it map its libraries and start its loop.
-    thread::sleep(Duration::from_millis(500));
-    child
+/// A node whose loop runs and waits: started, and ready once its loop ran a callback.
+fn spawn_idle_node(node: &str) -> Fixture {
+    let mut command = Command::new(node);
+    command.args([
+        "-e",
+        "setInterval(() => {}, 100); setImmediate(() => console.log('{\"ready\":true}'));",
+    ]);
+    Fixture::start_command(command)
 }
 
 struct Killed(std::process::Child);
@@ -97,7 +99,11 @@ fn no_such_pid() {
 fn a_process_that_is_not_a_libuv_program() {
     require_root();
     let sleeper = Killed(Command::new("sleep").arg("30").spawn().unwrap());
-    thread::sleep(Duration::from_millis(200));
+    // Judged by its mapped libraries too: past the dynamic loader's work.
+    let maps = format!("/proc/{}/maps", sleeper.0.id());
+    wait_until("`sleep` to map libc", Duration::from_secs(10), || {
+        fs::read_to_string(&maps).is_ok_and(|m| m.contains("libc"))
+    });
     let output = loopbpf_output(&[], &["--pid", &sleeper.0.id().to_string()]);
     assert_one_line_error(&output, "is not a libuv program: no `uv__io_poll`");
 }
@@ -115,8 +121,8 @@ fn a_stripped_node_binary_is_named_as_the_likely_cause() {
         .status()
         .expect("strip (binutils) is needed for this test");
     assert!(status.success());
-    let target = Killed(spawn_idle_node(stripped.to_str().unwrap()));
-    let output = loopbpf_output(&[], &["--pid", &target.0.id().to_string()]);
+    let target = spawn_idle_node(stripped.to_str().unwrap());
+    let output = loopbpf_output(&[], &["--pid", &target.pid().to_string()]);
     drop(target);
     let _ = fs::remove_dir_all(&dir);
     assert_one_line_error(&output, "is it stripped?");
@@ -125,7 +131,7 @@ fn a_stripped_node_binary_is_named_as_the_likely_cause() {
 #[test]
 fn without_root_or_capabilities() {
     require_root();
-    let target = Killed(spawn_idle_node(&node_bin()));
+    let target = spawn_idle_node(&node_bin());
     let output = loopbpf_output(
         &[
             "setpriv",
@@ -133,7 +139,7 @@ fn without_root_or_capabilities() {
             "--regid=65534",
             "--clear-groups",
         ],
-        &["--pid", &target.0.id().to_string()],
+        &["--pid", &target.pid().to_string()],
     );
     assert_one_line_error(
         &output,
@@ -144,14 +150,14 @@ fn without_root_or_capabilities() {
 #[test]
 fn tracefs_not_mounted_is_mounted_for_the_user() {
     require_root();
-    let target = Killed(spawn_idle_node(&node_bin()));
+    let target = spawn_idle_node(&node_bin());
     let bin = loopbpf_bin();
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; \
          if grep -q ' /sys/kernel/tracing ' /proc/self/mounts; then echo still-mounted; exit 3; fi; \
          exec {} --pid {} --duration 1s",
         bin.display(),
-        target.0.id()
+        target.pid()
     );
     let output = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
@@ -168,7 +174,7 @@ fn tracefs_not_mounted_is_mounted_for_the_user() {
 /// loopbpf, attached to an idle node, in a private mount namespace set up by `setup` (shell),
 /// started through `runner` (e.g. `setpriv ...`, or nothing).
 fn loopbpf_in_mount_namespace(setup: &str, runner: &str) -> Output {
-    let target = Killed(spawn_idle_node(&node_bin()));
+    let target = spawn_idle_node(&node_bin());
     let script = format!("{setup}; exec {runner} \"$0\" \"$@\"");
     let wrapper = [
         "unshare",
@@ -179,7 +185,7 @@ fn loopbpf_in_mount_namespace(setup: &str, runner: &str) -> Output {
         "-c",
         &script,
     ];
-    loopbpf_output(&wrapper, &["--pid", &target.0.id().to_string()])
+    loopbpf_output(&wrapper, &["--pid", &target.pid().to_string()])
 }
 
 #[test]
@@ -246,14 +252,55 @@ fn bpf_prog_ids(pid: u32) -> Vec<u32> {
     ids
 }
 
-fn prog_exists(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("bpftool is needed for this test (quickstart.sh installs it)")
-        .success()
+/// The names of loopbpf's BPF programs: the functions of its C source put in a program
+/// section (`SEC("uprobe/...")` on the line before), not its maps (`} name SEC(".maps");`).
+fn loopbpf_program_names() -> Vec<String> {
+    let source = fs::read_to_string(workspace().join("loopbpf-ebpf/loopbpf.bpf.c")).unwrap();
+    let lines: Vec<&str> = source.lines().collect();
+    let names: Vec<String> = lines
+        .windows(2)
+        .filter(|pair| pair[0].starts_with("SEC(\""))
+        .filter_map(|pair| {
+            let head = pair[1].split_once('(')?.0;
+            Some(head.split_whitespace().last()?.to_owned())
+        })
+        .collect();
+    assert!(
+        names.len() >= 8,
+        "loopbpf's programs in its C source: {names:?}"
+    );
+    names
+}
+
+/// Programs of loopbpf's (by name) among `ids` that `bpftool prog list` still shows, and
+/// links of `bpftool link list` to any of `ids`. Only `ids`: another loopbpf on the host
+/// has programs of the same names.
+fn programs_and_links_left(ids: &[u32]) -> (Vec<String>, Vec<u64>) {
+    let names = loopbpf_program_names();
+    // The kernel keeps 15 characters of a name; bpftool shows the whole one where it has BTF.
+    let is_loopbpf = |name: &str| {
+        names
+            .iter()
+            .any(|n| n == name || (name.len() == 15 && n.starts_with(name)))
+    };
+    let held = |id: Option<u64>| id.is_some_and(|id| ids.iter().any(|&i| u64::from(i) == id));
+    let programs = bpftool(&["prog", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| held(p["id"].as_u64()))
+        .filter_map(|p| p["name"].as_str())
+        .filter(|name| is_loopbpf(name))
+        .map(str::to_owned)
+        .collect();
+    let links = bpftool(&["link", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| held(l["prog_id"].as_u64()))
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    (programs, links)
 }
 
 #[test]
@@ -264,22 +311,28 @@ fn kill_9_leaves_no_probes_and_a_healthy_target() {
     let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
     let ids = bpf_prog_ids(loopbpf.pid());
     assert!(ids.len() >= 8, "loopbpf should hold its programs: {ids:?}");
-    assert!(ids.iter().all(|&id| prog_exists(id)));
+    // The check after the kill must be able to fail: while loopbpf runs, the same query
+    // finds every program it holds, by its name, and links that run them.
+    let (programs, links) = programs_and_links_left(&ids);
+    assert_eq!(
+        programs.len(),
+        ids.len(),
+        "bpftool shows loopbpf's programs {ids:?} as {programs:?}"
+    );
+    assert!(!links.is_empty(), "no link to loopbpf's programs {ids:?}");
 
     loopbpf.child.kill().unwrap(); // SIGKILL
     loopbpf.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ids.iter().any(|&id| prog_exists(id)) {
-        assert!(
-            Instant::now() < deadline,
-            "programs still loaded after kill -9: {ids:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    let uprobe_events = fs::read_to_string("/sys/kernel/tracing/uprobe_events").unwrap_or_default();
+    // The kernel frees them once the last fd to them closes, a moment after the exit.
+    let mut left = (Vec::new(), Vec::new());
+    let gone = poll_until(Duration::from_secs(5), || {
+        left = programs_and_links_left(&ids);
+        left.0.is_empty() && left.1.is_empty()
+    });
     assert!(
-        !uprobe_events.contains("uv__io_poll") && !uprobe_events.contains("loopbpf"),
-        "{uprobe_events}"
+        gone,
+        "after kill -9, loopbpf's programs {:?} and links {:?} are still loaded",
+        left.0, left.1
     );
 
     // The target carries on: its loop still runs callbacks and blocks as asked.
@@ -295,21 +348,22 @@ fn sigint_and_sigterm_print_the_summary_and_detach() {
     for signal in [2, 15] {
         let mut node = Fixture::start();
         let pid = node.pid().to_string();
-        let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+        let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
         let ids = bpf_prog_ids(loopbpf.pid());
         assert!(ids.len() >= 8, "loopbpf should hold its programs: {ids:?}");
         node.send("block timer spin 150");
         node.done("block", Duration::from_secs(10));
-        thread::sleep(Duration::from_millis(200));
+        loopbpf.wait_for_block(node.pid(), Duration::from_secs(10));
         loopbpf.signal(signal);
         let (status, output) = loopbpf.finish(Duration::from_secs(10));
         assert!(status.success(), "signal {signal}: {status}");
         let summary = events(&output, "summary");
         assert_eq!(summary.len(), 1, "signal {signal}: {output:?}");
         assert_eq!(summary[0]["loops"][0]["blocks"], 1);
+        let left = programs_and_links_left(&ids);
         assert!(
-            ids.iter().all(|&id| !prog_exists(id)),
-            "signal {signal} left programs"
+            left.0.is_empty() && left.1.is_empty(),
+            "signal {signal} left programs and links {left:?}"
         );
         assert!(node.is_running());
     }
@@ -437,14 +491,12 @@ fn a_full_ring_buffer_is_counted_and_reported() {
     node.send("block timer spin 1500");
     node.done("block", Duration::from_secs(10));
     loopbpf.signal(libc::SIGCONT);
-    thread::sleep(Duration::from_millis(500));
-    loopbpf.signal(libc::SIGINT);
+    // Said within a second of loopbpf running again, while it still runs.
     let warning = loopbpf.err.wait_for(Duration::from_secs(10), |l| {
         l.contains("events lost so far (ring buffer full)")
     });
     assert!(warning.is_some(), "no warning: {:?}", loopbpf.err.seen);
-    let (status, output) = loopbpf.finish(Duration::from_secs(15));
-    assert!(status.success(), "{status}");
+    let output = loopbpf.stop(Duration::from_secs(15));
     let summary = events(&output, "summary");
     let dropped = summary[0]["dropped_events"].as_u64().unwrap();
     assert!(dropped > 100, "{dropped} events dropped: {summary:?}");

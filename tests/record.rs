@@ -7,11 +7,13 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    thread,
     time::{Duration, Instant},
 };
 
-use loopbpf_tests::{Fixture, Loopbpf, assert_block_close, installed_node, require_root};
+use loopbpf_tests::{
+    Fixture, Loopbpf, assert_block_close, installed_node, require_root, wait_until,
+    wait_until_stuck,
+};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_mins(1);
@@ -50,6 +52,41 @@ fn valid_svg(path: &Path) -> String {
     text
 }
 
+/// Waits until the bundle's report (rewritten every few seconds while recording) holds
+/// `count` blocks: loopbpf has taken them in.
+fn wait_for_blocks_in_report(dir: &Path, count: usize) {
+    let path = dir.join("report.json");
+    wait_until(
+        &format!("{count} blocks in {}", path.display()),
+        TIMEOUT,
+        || {
+            fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .is_some_and(|r| r["blocks"].as_array().map(Vec::len) == Some(count))
+        },
+    );
+}
+
+/// Waits until node (in the fixtures' working directory) has written a whole heap snapshot
+/// of `pid`: one that ends its JSON.
+fn wait_for_heap_snapshot(pid: u32) {
+    let tag = format!(".{pid}.");
+    wait_until(
+        &format!("node's heap snapshot of pid {pid}"),
+        TIMEOUT,
+        || {
+            fs::read_dir(std::env::temp_dir()).unwrap().any(|entry| {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                name.contains(&tag)
+                    && name.ends_with(".heapsnapshot")
+                    && fs::read(&path).is_ok_and(|b| b.trim_ascii_end().ends_with(b"}"))
+            })
+        },
+    );
+}
+
 fn frame_names(block: &Value) -> Vec<String> {
     block["stacks"]
         .as_array()
@@ -73,11 +110,9 @@ fn a_bundle_holds_every_file_and_they_agree() {
     let spin = node.done("block", TIMEOUT);
     node.send("block immediate crypto 250");
     let crypto = node.done("block", TIMEOUT);
-    thread::sleep(Duration::from_millis(500));
+    wait_for_blocks_in_report(&dir, 2);
     // Ended by Ctrl-C, mid-recording.
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     for file in [
         "report.txt",
@@ -148,7 +183,8 @@ fn a_hung_process_gets_its_bundle_within_seconds() {
     require_root();
     let mut node = Fixture::start();
     node.send("hang");
-    thread::sleep(Duration::from_millis(300));
+    // Stuck before loopbpf attaches: the block must have begun before the attach.
+    wait_until_stuck(node.pid());
     let dir = bundle_dir("hung");
     let started = Instant::now();
     let loopbpf = record(node.pid(), &dir, &["--stop-after-blocks", "1"]);
@@ -182,9 +218,7 @@ fn the_core_trigger_dumps_the_process_while_it_runs_the_blocking_code() {
     );
     node.send("block timer crypto 3000");
     node.done("block", TIMEOUT);
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    loopbpf.stop(TIMEOUT);
 
     let report = report(&dir);
     let triggers = report["triggers"].as_array().unwrap();
@@ -224,10 +258,8 @@ fn the_signal_trigger_gets_a_heap_snapshot() {
     node.send("block timer spin 1000");
     node.done("block", TIMEOUT);
     // Node writes the snapshot once its loop is free again.
-    thread::sleep(Duration::from_secs(3));
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    wait_for_heap_snapshot(node.pid());
+    loopbpf.stop(TIMEOUT);
 
     let report = report(&dir);
     let trigger = &report["triggers"][0];
@@ -264,10 +296,8 @@ fn max_triggers_holds_under_a_burst_of_blocks() {
         node.send("block timer spin 250");
         node.done("block", TIMEOUT);
     }
-    thread::sleep(Duration::from_millis(500));
-    loopbpf.signal(libc::SIGINT);
-    let (status, _) = loopbpf.finish(TIMEOUT);
-    assert!(status.success(), "loopbpf record failed: {status}");
+    wait_for_blocks_in_report(&dir, 5);
+    loopbpf.stop(TIMEOUT);
 
     let lines: Vec<String> = fs::read_to_string(&fired)
         .unwrap()

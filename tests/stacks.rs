@@ -236,7 +236,7 @@ fn a_loop_still_stuck_when_stopped_is_in_the_flame_graph() {
     let folded = dir.join("stuck.folded");
     let mut node = Fixture::start();
     let pid = node.pid().to_string();
-    let loopbpf = Loopbpf::attach(&[
+    let mut loopbpf = Loopbpf::attach(&[
         "--pid",
         &pid,
         "--json",
@@ -244,7 +244,16 @@ fn a_loop_still_stuck_when_stopped_is_in_the_flame_graph() {
         folded.to_str().unwrap(),
     ]);
     node.send("hang");
-    std::thread::sleep(Duration::from_millis(1500));
+    // Stopped once loopbpf has seen the loop stuck for over a second.
+    let ongoing = loopbpf.out.wait_for(Duration::from_secs(10), |l| {
+        serde_json::from_str::<Value>(l)
+            .is_ok_and(|v| v["event"] == "ongoing" && v["duration_ms"].as_f64() > Some(1000.0))
+    });
+    assert!(
+        ongoing.is_some(),
+        "loopbpf never reported the stuck loop as ongoing for over a second: {:?}",
+        loopbpf.out.seen
+    );
     loopbpf.signal(2); // Ctrl-C while the loop is stuck
     let (status, output) = loopbpf.finish(Duration::from_secs(15));
     assert!(status.success());

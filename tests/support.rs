@@ -200,14 +200,12 @@ impl Fixture {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let mut status = None;
+        poll_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -284,6 +282,33 @@ impl Loopbpf {
         assert!(status.success());
     }
 
+    /// Waits for the JSON `block` record (`--json`) of process `pid`: loopbpf has taken the
+    /// block in and named it. Returns it.
+    pub fn wait_for_block(&mut self, pid: u32, timeout: Duration) -> Value {
+        let line = self
+            .out
+            .wait_for(timeout, |l| {
+                serde_json::from_str::<Value>(l)
+                    .is_ok_and(|v| v["event"] == "block" && v["pid"] == pid)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "loopbpf reported no block of pid {pid} within {timeout:?}; stderr: {:?}",
+                    self.err.rest(Duration::ZERO)
+                )
+            });
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Ends loopbpf as a user would, with Ctrl-C (SIGINT): it must exit cleanly within
+    /// `timeout`. Returns its JSON lines.
+    pub fn stop(self, timeout: Duration) -> Vec<Value> {
+        self.signal(libc::SIGINT);
+        let (status, output) = self.finish(timeout);
+        assert!(status.success(), "loopbpf failed on SIGINT: {status}");
+        output
+    }
+
     /// Waits for loopbpf to end; returns its status and its JSON lines.
     pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<Value>) {
         let deadline = Instant::now() + timeout;
@@ -315,6 +340,54 @@ impl Drop for Loopbpf {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; says whether it held.
+pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `condition` holds; panics naming `what` it waited for after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, condition),
+        "waited {timeout:?} in vain for {what}"
+    );
+}
+
+/// The scheduler state of thread `tid` of process `pid` (`R`, `S`, ...), `None` once gone.
+pub fn thread_state(pid: u32, tid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses.
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// Waits until the main thread of `pid` is stuck on the CPU: running at every look for
+/// 200 ms (an idle loop sleeps in its poll wait).
+pub fn wait_until_stuck(pid: u32) {
+    let mut running_since: Option<Instant> = None;
+    wait_until(
+        &format!("the loop of pid {pid} to be stuck on the CPU"),
+        Duration::from_secs(10),
+        || {
+            if thread_state(pid, pid) == Some('R') {
+                let since = *running_since.get_or_insert_with(Instant::now);
+                since.elapsed() >= Duration::from_millis(200)
+            } else {
+                running_since = None;
+                false
+            }
+        },
+    );
 }
 
 /// Records of one kind (`block`, `ongoing`, `interval`, `summary`).
