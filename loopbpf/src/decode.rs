@@ -10,9 +10,9 @@ use crate::abi::{
     STACK_COPY, USER_FRAMES,
 };
 
-/// A stack of a busy loop thread, addresses leaf first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StackSample {
+/// Whose stack a sample is, and when it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleOf {
     pub pid: u32,
     pub tid: u32,
     /// The busy interval it belongs to (its start).
@@ -20,6 +20,12 @@ pub struct StackSample {
     pub at_ns: u64,
     /// `None` for an on-CPU sample; how long the thread slept for an off-CPU one.
     pub off_cpu_ns: Option<u64>,
+}
+
+/// A stack of a busy loop thread, addresses leaf first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackSample {
+    pub of: SampleOf,
     /// User frames, leaf first: the kernel's frame-pointer walk.
     pub user: Vec<u64>,
     pub kernel: Vec<u64>,
@@ -138,11 +144,13 @@ impl Event {
                 let stack = &raw.stack[..(raw.stack_len as usize).min(STACK_COPY)];
                 let captured = &raw.js[..(raw.js_depth as usize).min(JS_FRAMES)];
                 Ok(Self::Stack(StackSample {
-                    pid: raw.pid,
-                    tid: raw.tid,
-                    busy_since_ns: raw.busy_since_ns,
-                    at_ns: raw.at_ns,
-                    off_cpu_ns: (kind == EVENT_OFF_CPU).then_some(raw.off_cpu_ns),
+                    of: SampleOf {
+                        pid: raw.pid,
+                        tid: raw.tid,
+                        busy_since_ns: raw.busy_since_ns,
+                        at_ns: raw.at_ns,
+                        off_cpu_ns: (kind == EVENT_OFF_CPU).then_some(raw.off_cpu_ns),
+                    },
                     user: user.to_vec(),
                     kernel: kernel.to_vec(),
                     regs: [raw.user_ip, raw.user_sp, raw.user_bp],
@@ -342,7 +350,7 @@ mod tests {
         };
         assert_eq!(sample.user.len(), USER_FRAMES);
         assert_eq!(sample.kernel.len(), KERNEL_FRAMES);
-        assert!(sample.off_cpu_ns.is_some());
+        assert!(sample.of.off_cpu_ns.is_some());
     }
 
     #[test]

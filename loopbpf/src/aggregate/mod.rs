@@ -282,10 +282,11 @@ impl Aggregator {
 
     /// Takes a stack of a busy interval, kept until the interval turns out to be a block or not.
     pub fn on_stack(&mut self, sample: Sample) {
-        let thread = self.loop_thread(sample.pid, sample.tid, sample.at_ns);
-        if thread.stacks.0 != sample.busy_since_ns {
+        let of = sample.of;
+        let thread = self.loop_thread(of.pid, of.tid, of.at_ns);
+        if thread.stacks.0 != of.busy_since_ns {
             // A new busy interval: the last one's stacks were not a block's.
-            thread.stacks = (sample.busy_since_ns, RawStacks::default());
+            thread.stacks = (of.busy_since_ns, RawStacks::default());
         }
         thread.stacks.1.add(sample);
     }

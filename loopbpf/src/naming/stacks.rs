@@ -13,7 +13,7 @@ use super::{
     symbolize::Symbolizer,
     v8::{JsFrameRef, JsNamer},
 };
-use crate::decode::StackSample;
+use crate::decode::{SampleOf, StackSample};
 
 /// Most distinct stacks kept for one busy interval (a loop hung for minutes stays bounded).
 const MAX_DISTINCT_STACKS: usize = 4096;
@@ -22,13 +22,7 @@ const MAX_DISTINCT_STACKS: usize = 4096;
 /// belong to a block).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    pub pid: u32,
-    pub tid: u32,
-    /// The busy interval it belongs to (its start).
-    pub busy_since_ns: u64,
-    pub at_ns: u64,
-    /// `None` for an on-CPU sample; how long the thread slept for an off-CPU one.
-    pub off_cpu_ns: Option<u64>,
+    pub of: SampleOf,
     /// User frames, leaf first.
     pub user: Vec<u64>,
     pub kernel: Vec<u64>,
@@ -40,11 +34,7 @@ impl Sample {
     /// A sample with the kernel's frame-pointer walk only (nothing to unwind or name it with).
     pub fn unwound_by_kernel(raw: StackSample) -> Self {
         Self {
-            pid: raw.pid,
-            tid: raw.tid,
-            busy_since_ns: raw.busy_since_ns,
-            at_ns: raw.at_ns,
-            off_cpu_ns: raw.off_cpu_ns,
+            of: raw.of,
             user: raw.user,
             kernel: raw.kernel,
             js: Vec::new(),
@@ -53,11 +43,7 @@ impl Sample {
 
     pub fn with_frames(raw: &StackSample, user: Vec<u64>, js: Vec<JsFrameRef>) -> Self {
         Self {
-            pid: raw.pid,
-            tid: raw.tid,
-            busy_since_ns: raw.busy_since_ns,
-            at_ns: raw.at_ns,
-            off_cpu_ns: raw.off_cpu_ns,
+            of: raw.of,
             user,
             kernel: raw.kernel.clone(),
             js,
@@ -87,12 +73,12 @@ pub struct RawStacks {
 impl RawStacks {
     pub fn add(&mut self, sample: Sample) {
         let key = StackKey {
-            on_cpu: sample.off_cpu_ns.is_none(),
+            on_cpu: sample.of.off_cpu_ns.is_none(),
             user: sample.user,
             kernel: sample.kernel,
             js: sample.js,
         };
-        let weight = match sample.off_cpu_ns {
+        let weight = match sample.of.off_cpu_ns {
             None => {
                 self.on_cpu_samples += 1;
                 1
@@ -211,11 +197,13 @@ mod tests {
 
     fn sample(off_cpu_ns: Option<u64>, user: &[u64]) -> Sample {
         Sample {
-            pid: 1,
-            tid: 1,
-            busy_since_ns: 1,
-            at_ns: 2,
-            off_cpu_ns,
+            of: SampleOf {
+                pid: 1,
+                tid: 1,
+                busy_since_ns: 1,
+                at_ns: 2,
+                off_cpu_ns,
+            },
             user: user.to_vec(),
             kernel: Vec::new(),
             js: Vec::new(),

@@ -27,7 +27,7 @@ use crate::{
     abi::HIST_SLOTS,
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
-    target::ProcessLabels,
+    target::{ProcessLabels, proc::Process},
 };
 
 /// The window of the ELU gauge.
@@ -459,25 +459,12 @@ fn health_series(families: &mut Families, loops: usize, health: Health) {
 /// loopbpf's CPU seconds and resident bytes, from /proc/self.
 fn own_usage() -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
-    let (ticks, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    let cpu = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks.max(1) as f64)
-        })
-        .unwrap_or(0.0);
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(0.0, |pages| pages * page as f64);
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let myself = Process::myself();
+    let cpu = myself
+        .stat()
+        .map_or(0.0, |stat| stat.cpu_ticks as f64 / ticks.max(1) as f64);
+    let rss = myself.rss().map_or(0.0, |bytes| bytes as f64);
     (cpu, rss)
 }
 

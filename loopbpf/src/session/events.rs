@@ -1,7 +1,7 @@
 //! The session's work on each wake-up: events drained from the ring buffer, the kernel side's
 //! per-thread state read, blocks' stacks named, records handed to the outputs.
 
-use std::{io, path::Path};
+use std::io;
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -21,7 +21,10 @@ use crate::{
         clock::Clock,
         metrics::{Health, LoopView},
     },
-    target::{ProcessLabels, proc::rss_of},
+    target::{
+        ProcessLabels,
+        proc::{Process, rss_of},
+    },
 };
 
 impl Session<'_> {
@@ -34,7 +37,7 @@ impl Session<'_> {
                 Ok(event) => {
                     self.follow_threads(&event);
                     if let Event::Stack(sample) = event {
-                        let sample = match self.naming_of(sample.pid) {
+                        let sample = match self.naming_of(sample.of.pid) {
                             Some(naming) => naming.unwind(&sample),
                             None => Sample::unwound_by_kernel(sample),
                         };
@@ -233,8 +236,7 @@ impl Session<'_> {
         naming.symbolizer.refresh();
         // A worker's heap goes with its thread: read after that, memory another isolate reuses
         // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
-        let heap_alive =
-            id.tid == id.pid || Path::new(&format!("/proc/{}/task/{}", id.pid, id.tid)).exists();
+        let heap_alive = id.tid == id.pid || Process::new(id.pid).has_task(id.tid);
         let named = stacks::profile(
             stacks,
             *duration_ns,

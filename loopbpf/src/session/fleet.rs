@@ -4,10 +4,7 @@
 //! pid's start time changed) and forgotten after `--keep-exited`. Those decisions are functions
 //! over the table of watched processes, tested here on a fake `/proc`.
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::Path,
-};
+use std::collections::{HashMap, HashSet};
 
 use super::{
     Session,
@@ -15,7 +12,7 @@ use super::{
 };
 use crate::{
     discover::{self, LibuvCache, Target},
-    target::{files::FileId, start_time},
+    target::{files::FileId, proc::Process, start_time},
 };
 
 /// How long after an exec fleet mode looks again for libuv in the new program: a shared libuv
@@ -86,7 +83,7 @@ impl ProcessTable for Proc {
     }
 
     fn thread_exists(&self, pid: u32, tid: u32) -> bool {
-        Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+        Process::new(pid).has_task(tid)
     }
 }
 

@@ -154,6 +154,17 @@ impl Process {
             .collect()
     }
 
+    /// Whether thread `tid` of this process still exists.
+    pub fn has_task(&self, tid: u32) -> bool {
+        self.dir.join("task").join(tid.to_string()).exists()
+    }
+
+    /// Its working directory, as a path loopbpf can open (through `/proc`), if it can be read.
+    pub fn cwd(&self) -> Option<PathBuf> {
+        let cwd = self.dir.join("cwd");
+        fs::read_link(&cwd).ok().map(|_| cwd)
+    }
+
     /// The system call thread `tid` is blocked in; `None` when it runs or is in none.
     pub fn task_syscall(&self, tid: u32) -> Option<TaskSyscall> {
         TaskSyscall::parse(&self.read_text(&format!("task/{tid}/syscall"), MAX_SMALL_FILE)?)
@@ -188,6 +199,8 @@ fn read_bounded(path: &Path, max: usize) -> io::Result<Vec<u8>> {
 /// What is used of `/proc/PID/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
+    /// Fields 14 and 15, user and system time: CPU time in clock ticks.
+    pub cpu_ticks: u64,
     /// Field 22, clock ticks after boot.
     pub start_time: u64,
 }
@@ -196,8 +209,11 @@ impl Stat {
     fn parse(text: &str) -> Option<Self> {
         // The command name may hold spaces and parentheses: fields count from its last `)`.
         let after_comm = &text[text.rfind(')')? + 1..];
+        let field =
+            |n: usize| -> Option<u64> { after_comm.split_whitespace().nth(n)?.parse().ok() };
         Some(Self {
-            start_time: after_comm.split_whitespace().nth(19)?.parse().ok()?,
+            cpu_ticks: field(11)?.checked_add(field(12)?)?,
+            start_time: field(19)?,
         })
     }
 }
@@ -278,6 +294,7 @@ mod tests {
         let fields = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 123456 20 21";
         let stat = |comm: &str| Stat::parse(&format!("4242 ({comm}) {fields}"));
         assert_eq!(stat("node").map(|s| s.start_time), Some(123_456));
+        assert_eq!(stat("node").map(|s| s.cpu_ticks), Some(11 + 12));
         assert_eq!(stat("a) b (c").map(|s| s.start_time), Some(123_456));
         assert_eq!(
             stat(") 1 2 3 4 5 6 7 8 9").map(|s| s.start_time),

@@ -251,8 +251,8 @@ impl JsNamer {
                 let mut captured = sample.captured.iter().find(|c| c.fp == fp).copied();
                 // The same frame, with the same slots, read at an earlier sample of this call.
                 let key = (
-                    sample.tid,
-                    sample.busy_since_ns,
+                    sample.of.tid,
+                    sample.of.busy_since_ns,
                     fp,
                     function,
                     receiver.unwrap_or(0),

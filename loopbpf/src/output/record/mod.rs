@@ -39,7 +39,7 @@ use crate::{
         json,
         report::Reporter,
     },
-    target::ProcessLabels,
+    target::{ProcessLabels, proc::Process},
 };
 
 /// How often the bundle is rewritten while something changed.
@@ -369,9 +369,7 @@ impl Recorder {
                 let rc = unsafe { libc::kill(id.pid.cast_signed(), *signal) };
                 if rc == 0 {
                     // Node writes heap snapshots (and reports) into its working directory.
-                    trigger.snapshot_dir = fs::read_link(format!("/proc/{}/cwd", id.pid))
-                        .ok()
-                        .map(|_| PathBuf::from(format!("/proc/{}/cwd", id.pid)));
+                    trigger.snapshot_dir = Process::new(id.pid).cwd();
                     if trigger.snapshot_dir.is_none() {
                         trigger.outcome = Some("done".into());
                     }
