@@ -300,41 +300,35 @@ pub fn line(
             id,
             start_ns,
             duration_ns,
-            end,
             before_attach,
             gc_ns,
             ..
-        } => Line::Block(Block::new(
-            BlockEvent::Block,
-            Who::new(id, processes),
-            Times {
-                unix_ms: clock.unix_ms(*start_ns),
-                duration_ns: *duration_ns,
-                gc_ns: *gc_ns,
-            },
-            Some(*end),
-            *before_attach,
-            named.profile,
-        )),
-        Record::Ongoing {
+        }
+        | Record::Ongoing {
             id,
             start_ns,
             duration_ns,
             before_attach,
             gc_ns,
             ..
-        } => Line::Block(Block::new(
-            BlockEvent::Ongoing,
-            Who::new(id, processes),
-            Times {
-                unix_ms: clock.unix_ms(*start_ns),
-                duration_ns: *duration_ns,
-                gc_ns: *gc_ns,
-            },
-            None,
-            *before_attach,
-            named.profile,
-        )),
+        } => {
+            let (event, end) = match record {
+                Record::Block { end, .. } => (BlockEvent::Block, Some(*end)),
+                _ => (BlockEvent::Ongoing, None),
+            };
+            Line::Block(Block::new(
+                event,
+                Who::new(id, processes),
+                Times {
+                    unix_ms: clock.unix_ms(*start_ns),
+                    duration_ns: *duration_ns,
+                    gc_ns: *gc_ns,
+                },
+                end,
+                *before_attach,
+                named.profile,
+            ))
+        }
         Record::Interval {
             id,
             elu,
