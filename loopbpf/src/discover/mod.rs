@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSection, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 
 use crate::{
     abi::{
@@ -17,7 +17,7 @@ use crate::{
         UV_LOOP_COUNT_OFFSET, UV_LOOP_INTERNAL_FIELDS_OFFSET,
     },
     target::{
-        files::{FileId, Segment, bias_of, open_elf, segments},
+        files::{FileId, MAX_OBJECT, Segment, bias_of, open_elf, segments},
         maps::first_mapping_per_file,
         memory::Memory,
         proc::Process,
@@ -163,7 +163,11 @@ impl Libuv {
     /// Reads the object's symbols; `None` when it has no `uv__io_poll`. `mapped` is where a
     /// running target maps it: the start and file offset of its executable mapping.
     fn read(path: &Path, mapped: Option<(u64, u64)>) -> Option<Self> {
-        Some(Self::placed(&LibuvFile::read(path)?, path, mapped))
+        Some(Self::placed(
+            &LibuvFile::read(File::open(path).ok()?)?,
+            path,
+            mapped,
+        ))
     }
 
     fn placed(file: &LibuvFile, path: &Path, mapped: Option<(u64, u64)>) -> Self {
@@ -187,8 +191,8 @@ impl Libuv {
 }
 
 impl LibuvFile {
-    fn read(path: &Path) -> Option<Self> {
-        let cache = open_elf(path)?;
+    fn read(file: File) -> Option<Self> {
+        let cache = ReadCache::new(file);
         let elf = object::File::parse(&cache).ok()?;
         let mut poll = None;
         let mut run = None;
@@ -369,12 +373,11 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
         let path = process.mapped_file(mapping);
         let file = mapping.file();
         if !cache.files.contains_key(&file) {
-            let read = LibuvFile::read(&path);
             // A file that could not be opened (its process exited mid-scan) is not known yet.
-            if read.is_none() && File::open(&path).is_err() {
+            let Ok(opened) = process.open_mapped(mapping, MAX_OBJECT) else {
                 continue;
-            }
-            cache.files.insert(file.clone(), read);
+            };
+            cache.files.insert(file.clone(), LibuvFile::read(opened));
         }
         if let Some(Some(read)) = cache.files.get(&file) {
             let mut libuv = Libuv::placed(read, &path, Some((mapping.range.start, mapping.offset)));
@@ -387,13 +390,14 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
             });
         }
     }
-    // Through /proc/PID/root, so a process in another mount namespace resolves too.
-    let exe_in_root = process.in_root(&exe);
+    // The running executable itself, wherever it lives (`/proc/PID/exe`, never a path the
+    // target could have replaced).
+    let stripped = process.open_exe(MAX_OBJECT).ok().map_or("", stripped_note);
     Err(DiscoverError::NotLibuv {
         pid,
         comm,
         exe: exe.display().to_string(),
-        stripped: stripped_note(&exe_in_root),
+        stripped,
     })
 }
 
@@ -421,7 +425,10 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     std::iter::once(exe.clone())
         .chain(needed_libuv(&exe))
         .find_map(|path| Libuv::read(&path, None))
-        .ok_or_else(|| DiscoverError::CommandNotLibuv(name, stripped_note(&exe)))
+        .ok_or_else(|| {
+            let stripped = File::open(&exe).ok().map_or("", stripped_note);
+            DiscoverError::CommandNotLibuv(name, stripped)
+        })
 }
 
 /// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
@@ -543,10 +550,8 @@ fn fs_magic(path: &str) -> Option<i64> {
     (rc == 0).then_some(buf.f_type)
 }
 
-fn stripped_note(exe: &Path) -> &'static str {
-    let Some(cache) = open_elf(exe) else {
-        return "";
-    };
+fn stripped_note(file: File) -> &'static str {
+    let cache = ReadCache::new(file);
     match object::File::parse(&cache) {
         Ok(elf) if elf.section_by_name(".symtab").is_none() => {
             " (the executable has no .symtab: is it stripped? loopbpf needs libuv's local symbols)"

@@ -3,13 +3,20 @@
 //! after the target exits, even from a container or a deleted file; closed with the last
 //! symbolizer that maps it. Shared by the symbolizers of a session with the blazesym instance
 //! that parsed them.
+//!
+//! blazesym is handed only `/proc/self/fd/N` of a file opened safely here (see
+//! [`crate::target::files`]), never a path it would resolve itself, and it maps that file:
+//! a file the target can truncate is first copied into a sealed memfd, so that its truncation
+//! cannot kill loopbpf with SIGBUS. Debug links (`.gnu_debuglink`, `.gnu_debugaltlink`,
+//! `.debug_sup`) name files blazesym would look for in loopbpf's own filesystem, by names the
+//! target chose: DWARF is read only from files that have none, and only from the file itself.
 
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
     fs::File,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
+    os::fd::AsRawFd,
+    path::PathBuf,
     rc::Rc,
 };
 
@@ -18,8 +25,14 @@ use blazesym::symbolize::{
     evict::{Elf as EvictElf, Evict},
 };
 
+use object::{Object, read::ReadCache};
+
 use super::frame::VDSO;
-use crate::target::{maps::MapsEntry, proc::Process};
+use crate::target::{
+    files::{MAX_OBJECT, MAX_OBJECT_COPY, Refused, sealed_copy},
+    maps::MapsEntry,
+    proc::Process,
+};
 
 /// Whether DWARF is consulted for the file and line of native frames. Measured on node 20's
 /// 100 MB binary (DWARF for libuv and a few more): the first lookup, which parses the ELF symbols,
@@ -51,6 +64,8 @@ impl SharedObjects {
                 // was inlined into it), not those of the innermost inlined callee.
                 .enable_inlined_fns(NATIVE_LINE_INFO)
                 .enable_demangling(true)
+                // No debug directories: never a file of loopbpf's own filesystem for a target's.
+                .set_debug_dirs(Some::<&[PathBuf]>(&[]))
                 .build(),
             objects: Objects::default(),
             next_user: 0,
@@ -75,6 +90,8 @@ pub(super) struct MappedObject {
     pub(super) module: String,
     /// Paths handed to blazesym, best first.
     pub(super) sources: Vec<PathBuf>,
+    /// Whether blazesym may read DWARF of it: it links no other file.
+    pub(super) debug_syms: bool,
     /// Keeps the object reachable through `/proc/self/fd` after the target exits.
     _file: Option<File>,
     /// Symbolizers that mapped it.
@@ -136,16 +153,15 @@ impl Objects {
             return Mapping::Object(object);
         }
         let file = open_mapped_file(process, line);
-        let mut sources = Vec::new();
-        if let Some(file) = &file {
-            sources.push(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())));
-        } else {
-            sources.push(process.in_root(Path::new(path)));
-        }
-        sources.push(PathBuf::from(path));
+        let debug_syms = NATIVE_LINE_INFO && file.as_ref().is_some_and(links_no_file);
+        let sources = file
+            .iter()
+            .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
+            .collect();
         let object = MappedObject {
             module: module.to_owned(),
             sources,
+            debug_syms,
             _file: file,
             users: HashSet::from([user]),
             key: key.clone(),
@@ -162,13 +178,40 @@ impl Objects {
     }
 }
 
-/// Opens the file behind a mapping: by its path as the target sees it, or, when that is now a
-/// different file (deleted or replaced since), through `map_files`.
+/// Opens the file behind a mapping for blazesym to map: the file itself when the target cannot
+/// change it, else a sealed copy of it (at most [`MAX_OBJECT_COPY`] bytes; a larger one is not
+/// named, with a warning).
 fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<File> {
-    let by_path = File::open(process.in_root(Path::new(line.file_path())))
-        .ok()
-        .filter(|file| file.metadata().is_ok_and(|meta| meta.ino() == line.inode));
-    by_path.or_else(|| File::open(process.map_file(line)).ok())
+    let file = process.open_mapped(line, MAX_OBJECT).ok()?;
+    let meta = file.metadata().ok()?;
+    // Unknown (the target is gone, or its status unreadable): assume it can.
+    if process
+        .writer()
+        .is_some_and(|writer| !writer.can_write(&meta))
+    {
+        return Some(file);
+    }
+    if meta.len() > MAX_OBJECT_COPY {
+        let too_large = Refused::TooLarge {
+            len: meta.len(),
+            max: MAX_OBJECT_COPY,
+        };
+        warning!(
+            "{} of pid {} not named: the target can change it and it is {too_large}",
+            line.file_path(),
+            process.pid()
+        );
+        return None;
+    }
+    sealed_copy(&file, MAX_OBJECT_COPY).ok()
+}
+
+/// Whether an ELF file names no other file for blazesym to read debug information from.
+fn links_no_file(file: &File) -> bool {
+    const LINKS: [&str; 3] = [".gnu_debuglink", ".gnu_debugaltlink", ".debug_sup"];
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache)
+        .is_ok_and(|elf| LINKS.iter().all(|name| elf.section_by_name(name).is_none()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The perf map node writes with `--perf-basic-prof` (`/tmp/perf-PID.map`, in the target's own
 //! `/tmp`): names of JIT code, `START SIZE NAME` lines appended as V8 compiles. Kept open and
-//! read as it grows, so that it names code after the target exits.
+//! read as it grows, so that it names code after the target exits. Opened only inside the
+//! target's root (a FIFO, device or symlink out planted there is refused, see
+//! [`crate::target::files`]); one over [`MAX_PERF_MAP`] is not read.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,7 +13,7 @@ use std::{
 };
 
 use super::frame::Frame;
-use crate::target::{proc::Process, start_time};
+use crate::target::proc::Process;
 
 /// A missing perf map is looked for again at most this often.
 const MIN_PERF_MAP_OPEN_INTERVAL: Duration = Duration::from_secs(1);
@@ -19,6 +21,10 @@ const MIN_PERF_MAP_OPEN_INTERVAL: Duration = Duration::from_secs(1);
 /// Most bytes read from the perf map at one sync; the rest waits for the next (the target
 /// writes the file, and could write it without end).
 const MAX_PERF_MAP_READ: u64 = 64 << 20;
+
+/// Largest perf map read: node appends one line (about 100 bytes) per compiled function, so
+/// days of a busy service; a larger one is the target's doing (a sparse file).
+const MAX_PERF_MAP: u64 = 1 << 30;
 
 /// Clock ticks per second in `/proc/PID/stat`: `USER_HZ`, 100 on x86-64 and arm64.
 const USER_HZ: u64 = 100;
@@ -50,11 +56,8 @@ fn perf_map_name(process: &Process) -> String {
 /// The perf map of the target (`START SIZE NAME` lines, hex without `0x`), read as it grows.
 pub(super) struct PerfMap {
     process: Process,
-    start_ticks: Option<u64>,
     /// The file in the target's own `/tmp`, reachable while it lives.
     in_target: PathBuf,
-    /// The same file seen from here: used only once the target is gone.
-    on_host: PathBuf,
     /// When the target started: an older file is left over from an earlier process with its PID.
     started_at: Option<SystemTime>,
     /// Kept open: it stays readable after the target exits, wherever it lives.
@@ -76,10 +79,8 @@ impl PerfMap {
     pub(super) fn new(process: Process, start_ticks: Option<u64>) -> Self {
         let name = perf_map_name(&process);
         Self {
-            in_target: process.in_root(&Path::new("/tmp").join(name)),
-            on_host: PathBuf::from(format!("/tmp/perf-{}.map", process.pid())),
+            in_target: Path::new("/tmp").join(name),
             process,
-            start_ticks,
             started_at: start_ticks.and_then(ticks_to_system_time),
             file: None,
             last_open_attempt: None,
@@ -118,7 +119,7 @@ impl PerfMap {
             self.frames.clear();
             self.frame_ids.clear();
         }
-        if len == self.read_len {
+        if len == self.read_len || self.read_len >= MAX_PERF_MAP {
             return;
         }
         let mut appended = Vec::new();
@@ -131,10 +132,22 @@ impl PerfMap {
             return;
         }
         let Some(last_newline) = appended.iter().rposition(|&byte| byte == b'\n') else {
+            // A full read with no line in it is no perf map: skip it rather than read it again.
+            if appended.len() as u64 == MAX_PERF_MAP_READ {
+                self.read_len += MAX_PERF_MAP_READ;
+            }
             return;
         };
         let complete = &appended[..=last_newline];
         self.read_len += complete.len() as u64;
+        if self.read_len >= MAX_PERF_MAP {
+            warning!(
+                "{} of pid {}: read up to its {} MiB cap, JIT code named after that is not",
+                self.in_target.display(),
+                self.process.pid(),
+                MAX_PERF_MAP >> 20
+            );
+        }
         for line in String::from_utf8_lossy(complete).lines() {
             if let Some((start, end, name)) = parse_perf_map_line(line) {
                 let frame = self.frame_id(name);
@@ -153,22 +166,14 @@ impl PerfMap {
     }
 
     fn open(&self) -> Option<File> {
-        let file = match File::open(&self.in_target) {
-            Ok(file) => file,
-            // While the target lives, its own /tmp is the only right place.
-            Err(_) if !self.target_alive() => File::open(&self.on_host).ok()?,
-            Err(_) => return None,
-        };
+        // Its own /tmp is the only right place, even once it is gone (then it is not read).
+        let file = self.process.open_file(&self.in_target, MAX_PERF_MAP).ok()?;
         let modified = file.metadata().and_then(|meta| meta.modified()).ok();
         let stale = match (modified, self.started_at) {
             (Some(modified), Some(started_at)) => modified + Duration::from_secs(2) < started_at,
             _ => false,
         };
         (!stale).then_some(file)
-    }
-
-    fn target_alive(&self) -> bool {
-        self.start_ticks.is_some() && start_time(self.process.pid()) == self.start_ticks
     }
 
     fn insert(&mut self, start: u64, end: u64, frame: usize) {

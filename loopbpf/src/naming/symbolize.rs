@@ -23,7 +23,7 @@ use blazesym::{
 
 use super::{
     frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO},
-    objects::{Mapping, NATIVE_LINE_INFO, NativeObjects, SharedObjects},
+    objects::{Mapping, NativeObjects, SharedObjects},
     perf_map::PerfMap,
 };
 use crate::target::{maps::MapsEntry, proc::Process, start_time};
@@ -263,9 +263,10 @@ impl Symbolizer {
         let native = native.borrow();
         let object = &native.objects.list[object];
         let (module, sources) = (object.module.clone(), object.sources.clone());
+        let debug_syms = object.debug_syms;
         for path in &sources {
             let mut elf = Elf::new(path);
-            elf.debug_syms = NATIVE_LINE_INFO;
+            elf.debug_syms = debug_syms;
             match native
                 .blazesym
                 .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
@@ -617,13 +618,14 @@ mod tests {
         let (uv_frames, next) = timed(&mut symbolizer, uv_run);
         let (cached_frames, cached) = timed(&mut symbolizer, uv_run);
         eprintln!(
-            "symbolize node ({} build, line info {NATIVE_LINE_INFO}): maps snapshot {snapshot:?}, \
+            "symbolize node ({} build, line info {}): maps snapshot {snapshot:?}, \
              first lookup {first:?}, next uncached {next:?}, cached {cached:?}",
             if cfg!(debug_assertions) {
                 "debug"
             } else {
                 "release"
             },
+            crate::naming::objects::NATIVE_LINE_INFO,
         );
         assert_eq!(
             start_frames[0].name, "node::Start(int, char**)",

@@ -22,7 +22,7 @@ use crate::{
     abi::RED_ZONE,
     decode::StackSample,
     target::{
-        files::{FileCache, Segment, bias_of, segments},
+        files::{FileCache, MAX_OBJECT, Segment, bias_of, segments},
         maps::{MapsEntry, executable_files},
         proc::Process,
     },
@@ -89,10 +89,11 @@ impl Unwinder {
                 continue;
             }
             let opened = self.process.mapped_file(mapping);
-            let Some(sections) = self
-                .sections
-                .get_or_read(&mapping.file(), &opened, || read_sections(&opened))
-            else {
+            let Some(sections) = self.sections.get_or_read(
+                &mapping.file(),
+                || self.process.open_mapped(mapping, MAX_OBJECT).ok(),
+                read_sections,
+            ) else {
                 continue;
             };
             if let Some((module, table)) = place_module(&opened, mapping, &sections) {
@@ -258,8 +259,8 @@ fn unwind_expression_leaf(
 }
 
 /// The unwind tables of one mapped object, placed where the process mapped it.
-fn read_sections(path: &Path) -> Option<UnwindSections> {
-    let cache = ReadCache::new(File::open(path).ok()?);
+fn read_sections(file: File) -> Option<UnwindSections> {
+    let cache = ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
     let section = |name: &str| {
         elf.section_by_name(name).and_then(|s| {

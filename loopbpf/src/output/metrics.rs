@@ -443,6 +443,12 @@ fn health_series(families: &mut Families, loops: usize, health: Health) {
         counter(none(), health.attach_failures as f64),
     );
     families.add(
+        "loopbpf_target_files_skipped_total",
+        "Files of watched processes not read: over their size cap, or not regular files.",
+        MetricType::COUNTER,
+        counter(none(), crate::target::files::refused_files() as f64),
+    );
+    families.add(
         "loopbpf_cpu_seconds_total",
         "CPU time loopbpf itself used (user and system).",
         MetricType::COUNTER,

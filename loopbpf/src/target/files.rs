@@ -1,7 +1,32 @@
 //! A target's files: the identity of a mapped file across mount namespaces, what was read of
 //! each file (shared by every process that maps it), and the ELF facts read from them.
+//!
+//! A target's files are opened only through [`open_in_root`] or [`open_magic_link`]: inside
+//! the target's own root, without blocking, regular files only, size-capped. A target may have
+//! planted a FIFO, a device, a symlink to a host file or a sparse file of any size where
+//! loopbpf looks.
 
-use std::{cell::RefCell, collections::HashMap, fs::File, path::Path, rc::Rc};
+use std::{
+    cell::RefCell,
+    collections::{BTreeSet, HashMap},
+    ffi::CString,
+    fmt,
+    fs::{self, File, OpenOptions},
+    io::{self, Read},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{
+            ffi::OsStrExt,
+            fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+        },
+    },
+    path::Path,
+    rc::Rc,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use object::{Object, read::ReadCache};
 
@@ -22,22 +47,20 @@ impl<T> FileCache<T> {
         Self(Rc::default())
     }
 
-    /// What was read of `file` (opened as `path`), reading it now if it was not yet. Nothing
+    /// What was read of `file`, opening (`open`) and reading it now if it was not yet. Nothing
     /// is remembered of a file that could not be opened: its process may have exited
     /// mid-read, and the next one that maps the file must still find what is in it.
-    pub fn get_or_read(
+    pub fn get_or_read<F>(
         &self,
         file: &FileId,
-        path: &Path,
-        read: impl FnOnce() -> Option<T>,
+        open: impl FnOnce() -> Option<F>,
+        read: impl FnOnce(F) -> Option<T>,
     ) -> Option<Rc<T>> {
         if let Some(known) = self.0.borrow().get(file) {
             return known.clone();
         }
-        let value = read().map(Rc::new);
-        if value.is_some() || File::open(path).is_ok() {
-            self.0.borrow_mut().insert(file.clone(), value.clone());
-        }
+        let value = read(open()?).map(Rc::new);
+        self.0.borrow_mut().insert(file.clone(), value.clone());
         value
     }
 
@@ -81,4 +104,268 @@ pub fn bias_of(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
 
 pub fn open_elf(path: &Path) -> Option<ReadCache<File>> {
     File::open(path).ok().map(ReadCache::new)
+}
+
+/// Largest ELF object opened for a target (node's binary is about 100 MB, one with full debug
+/// information a few hundred).
+pub const MAX_OBJECT: u64 = 2 << 30;
+/// Largest object copied out of the target's reach before blazesym maps it (see
+/// [`sealed_copy`]): a node binary its own user installed (nvm) must fit.
+pub const MAX_OBJECT_COPY: u64 = 512 << 20;
+
+/// Why a target's file was not opened.
+#[derive(Debug)]
+pub enum Refused {
+    /// Missing, unreadable, outside the target's root, or the target is gone.
+    Io(io::Error),
+    /// A FIFO, device, socket or directory: reading it could block or never end.
+    NotRegular(&'static str),
+    /// Larger than the cap for what it is.
+    TooLarge { len: u64, max: u64 },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(error) => write!(f, "{error}"),
+            Self::NotRegular(kind) => write!(f, "not a regular file ({kind})"),
+            Self::TooLarge { len, max } => {
+                write!(f, "{} MiB, over the {} MiB cap", len >> 20, max >> 20)
+            }
+        }
+    }
+}
+
+/// Files of targets refused for their size or kind, counted once per file.
+static REFUSED_FILES: AtomicU64 = AtomicU64::new(0);
+/// The files warned about already (device, inode): one warning per file.
+static WARNED: Mutex<BTreeSet<(u64, u64)>> = Mutex::new(BTreeSet::new());
+/// Files remembered in [`WARNED`]; past it every refusal warns again, but memory stays bounded.
+const MAX_WARNED: usize = 4096;
+
+/// How many files of targets were skipped for being too large or not regular files.
+pub fn refused_files() -> u64 {
+    REFUSED_FILES.load(Ordering::Relaxed)
+}
+
+/// Opens a file of a target for reading, never blocking and never following a link out of
+/// `root` (the target's `/proc/PID/root`, opened `O_PATH`): an absolute symlink the target
+/// planted resolves against its own root, `..` stops there, and `/proc` magic links are refused.
+/// Only a regular file of at most `max` bytes is returned; `shown` names it in the one warning
+/// a refused file gets.
+pub fn open_in_root(root: &File, path: &Path, max: u64, shown: &str) -> Result<File, Refused> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Refused::Io(io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: `open_how` is plain integers, for which zero is valid (and means "no mode").
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = OPEN_FLAGS.cast_unsigned().into();
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `root` is an open descriptor, `path` a NUL-terminated string and `how` a valid
+    // `open_how` whose size is passed with it; the kernel writes nothing back.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &raw const how,
+            size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(Refused::Io(io::Error::last_os_error()));
+    }
+    let fd = i32::try_from(fd).map_err(|_| Refused::Io(io::ErrorKind::InvalidData.into()))?;
+    // SAFETY: the kernel just returned this descriptor, owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    checked(file, max, shown)
+}
+
+/// Flags every target file is opened with: a FIFO or device opens without waiting for a peer,
+/// and a terminal never becomes loopbpf's.
+const OPEN_FLAGS: i32 = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+
+/// Opens a path that names a target's file through a `/proc` magic link (`map_files`,
+/// `exe`), with the same flags and checks as [`open_in_root`].
+pub fn open_magic_link(link: &Path, max: u64, shown: &str) -> Result<File, Refused> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(link)
+        .map_err(Refused::Io)?;
+    checked(file, max, shown)
+}
+
+/// `file` if it is a regular file of at most `max` bytes; else one warning for it and `None`.
+fn checked(file: File, max: u64, shown: &str) -> Result<File, Refused> {
+    let meta = file.metadata().map_err(Refused::Io)?;
+    let kind = meta.file_type();
+    let refused = if kind.is_file() {
+        if meta.len() <= max {
+            return Ok(file);
+        }
+        Refused::TooLarge {
+            len: meta.len(),
+            max,
+        }
+    } else {
+        Refused::NotRegular(if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        })
+    };
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let first = warned.len() >= MAX_WARNED || warned.insert((meta.dev(), meta.ino()));
+    drop(warned);
+    if first {
+        REFUSED_FILES.fetch_add(1, Ordering::Relaxed);
+        warning!("{shown} not read: {refused}");
+    }
+    Err(refused)
+}
+
+/// Who a target is, as far as which files it can change goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Writer {
+    /// Its real, effective, saved and filesystem uids.
+    pub uids: [u32; 4],
+    /// Root in loopbpf's own mount namespace: it can do anything to loopbpf anyway, so its
+    /// files are not copied.
+    pub host_root: bool,
+}
+
+impl Writer {
+    /// Whether the target can change (truncate) `meta`'s file: its owner, group- or
+    /// other-writable, or the target is root in a container (its image is its own).
+    pub fn can_write(&self, meta: &fs::Metadata) -> bool {
+        if self.host_root {
+            return false;
+        }
+        meta.mode() & 0o022 != 0 || self.uids.contains(&meta.uid()) || self.uids.contains(&0)
+    }
+}
+
+/// A copy of `file` (at most `max` bytes) in a sealed memfd: no one can shrink, grow or write
+/// it, so a mapping of it cannot fault with SIGBUS when the original is truncated.
+pub fn sealed_copy(file: &File, max: u64) -> io::Result<File> {
+    // SAFETY: the name is a NUL-terminated literal; the flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"loopbpf-object".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this descriptor, owned by nobody else.
+    let mut copy = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Read, never mapped: a truncation while copying shortens the copy, nothing more.
+    io::copy(&mut file.take(max), &mut copy)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on our own memfd takes an int of seals.
+    if unsafe { libc::fcntl(copy.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn dir_fd(dir: &Path) -> File {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(dir)
+            .unwrap()
+    }
+
+    #[test]
+    fn target_files_open_inside_their_root_only_and_never_block() {
+        let root = std::env::temp_dir().join(format!("loopbpf-root-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        fs::write(root.join("tmp/map"), "inside\n").unwrap();
+        // Absolute and `..` links resolve against the root handed in, not loopbpf's.
+        symlink("/tmp/map", root.join("abs")).unwrap();
+        symlink("../../../../../tmp/map", root.join("up")).unwrap();
+        symlink("/dev/zero", root.join("zero")).unwrap();
+        let fifo = CString::new(root.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        File::create(root.join("sparse"))
+            .unwrap()
+            .set_len(64 << 30)
+            .unwrap();
+        let fd = dir_fd(&root);
+        let read = |path: &str| {
+            open_in_root(&fd, Path::new(path), 1 << 20, path)
+                .map(|file| io::read_to_string(file).unwrap())
+        };
+        assert_eq!(read("/abs").unwrap(), "inside\n");
+        assert_eq!(read("/up").unwrap(), "inside\n");
+        assert!(
+            matches!(read("/zero"), Err(Refused::Io(_))),
+            "no /dev in it"
+        );
+        assert!(matches!(read("/fifo"), Err(Refused::NotRegular("a FIFO"))));
+        assert!(matches!(
+            read("/tmp"),
+            Err(Refused::NotRegular("a directory"))
+        ));
+        let before = refused_files();
+        assert!(matches!(read("/sparse"), Err(Refused::TooLarge { .. })));
+        assert!(matches!(read("/sparse"), Err(Refused::TooLarge { .. })));
+        assert_eq!(refused_files(), before + 1, "counted once per file");
+        // A magic link (here /proc/self/root inside the real root) is refused.
+        assert!(
+            open_in_root(
+                &dir_fd(Path::new("/")),
+                Path::new("/proc/self/root/etc/hostname"),
+                1 << 20,
+                "x"
+            )
+            .is_err()
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_sealed_copy_outlives_the_truncation_of_its_original() {
+        let path = std::env::temp_dir().join(format!("loopbpf-sealed-{}", std::process::id()));
+        fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+        let copy = sealed_copy(&File::open(&path).unwrap(), 1 << 20).unwrap();
+        File::create(&path).unwrap();
+        assert_eq!(copy.metadata().unwrap().len(), 1 << 16);
+        assert!(copy.set_len(0).is_err(), "sealed against shrinking");
+        let capped = sealed_copy(&File::open("/proc/self/exe").unwrap(), 100).unwrap();
+        assert_eq!(capped.metadata().unwrap().len(), 100);
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn targets_can_write_their_own_files_and_writable_ones() {
+        let meta = fs::metadata("/proc/self/exe").unwrap();
+        let owner = meta.uid();
+        let other = owner.wrapping_add(1);
+        let writer = |uid, host_root| Writer {
+            uids: [uid; 4],
+            host_root,
+        };
+        assert!(writer(owner, false).can_write(&meta));
+        assert_eq!(
+            writer(other, false).can_write(&meta),
+            meta.mode() & 0o022 != 0 || other == 0
+        );
+        assert!(!writer(0, true).can_write(&meta), "host root is trusted");
+    }
 }

@@ -4,12 +4,14 @@
 //! here trusts them.
 
 use std::{
-    fs::{self, File},
+    fs::{self, File, OpenOptions},
     io::{self, Read},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
 use super::{
+    files::{Refused, Writer, open_in_root, open_magic_link},
     maps::{MAX_MAPS_BYTES, MapsEntry, parse_maps},
     memory::Memory,
 };
@@ -133,14 +135,59 @@ impl Process {
         ))
     }
 
-    /// A path that opens the file a mapping maps: [`Self::map_file`] where that link can be
-    /// opened, else the path in the process's root.
+    /// A path that names the file a mapping maps (for probes and messages, not to read it
+    /// from: [`Self::open_mapped`] does that): [`Self::map_file`] where that link can be read,
+    /// else the path in the process's root.
     pub fn mapped_file(&self, entry: &MapsEntry) -> PathBuf {
         let link = self.map_file(entry);
-        if File::open(&link).is_ok() {
+        if fs::read_link(&link).is_ok() {
             return link;
         }
         self.in_root(Path::new(entry.file_path()))
+    }
+
+    /// Opens `path` as the process sees it: resolved inside its root only (see
+    /// [`open_in_root`]), a regular file of at most `max` bytes. No fallback to a path in
+    /// loopbpf's own filesystem.
+    pub fn open_file(&self, path: &Path, max: u64) -> Result<File, Refused> {
+        let root = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(self.root())
+            .map_err(Refused::Io)?;
+        let shown = format!("{} of pid {}", path.display(), self.pid);
+        open_in_root(&root, path, max, &shown)
+    }
+
+    /// Opens the file a mapping maps, at most `max` bytes: through `map_files` (the very file,
+    /// even deleted or replaced since), else by its path in the process's root when that is
+    /// still the same file.
+    pub fn open_mapped(&self, entry: &MapsEntry, max: u64) -> Result<File, Refused> {
+        let shown = format!("{} of pid {}", entry.file_path(), self.pid);
+        match open_magic_link(&self.map_file(entry), max, &shown) {
+            Err(Refused::Io(_)) => {}
+            opened => return opened,
+        }
+        let file = self.open_file(Path::new(entry.file_path()), max)?;
+        if file.metadata().map_err(Refused::Io)?.ino() != entry.inode {
+            return Err(Refused::Io(io::ErrorKind::NotFound.into()));
+        }
+        Ok(file)
+    }
+
+    /// Opens the running executable through `/proc/PID/exe`, at most `max` bytes.
+    pub fn open_exe(&self, max: u64) -> Result<File, Refused> {
+        let shown = format!("the executable of pid {}", self.pid);
+        open_magic_link(&self.dir.join("exe"), max, &shown)
+    }
+
+    /// Which files the process can change under loopbpf (see [`Writer`]).
+    pub fn writer(&self) -> Option<Writer> {
+        let uids = self.status()?.uids?;
+        let mount_ns = |dir: &Path| fs::read_link(dir.join("ns/mnt")).ok();
+        let host_root = uids.contains(&0)
+            && mount_ns(&self.dir).is_some_and(|ns| Some(ns) == mount_ns(Path::new("/proc/self")));
+        Some(Writer { uids, host_root })
     }
 
     /// The thread ids, at most [`MAX_TASKS`] of them.
@@ -225,6 +272,8 @@ pub struct Status {
     pub ns_pid: Option<u32>,
     /// Effective capabilities, `CapEff`.
     pub cap_eff: Option<u64>,
+    /// Real, effective, saved and filesystem uids, `Uid`.
+    pub uids: Option<[u32; 4]>,
 }
 
 impl Status {
@@ -236,6 +285,13 @@ impl Status {
         Self {
             ns_pid: field("NSpid").and_then(|pids| pids.split_whitespace().last()?.parse().ok()),
             cap_eff: field("CapEff").and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok()),
+            uids: field("Uid").and_then(|uids| {
+                let uids: Vec<u32> = uids
+                    .split_whitespace()
+                    .map_while(|u| u.parse().ok())
+                    .collect();
+                uids.try_into().ok()
+            }),
         }
     }
 }
@@ -316,14 +372,17 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let status = "Name:\tnode\nNSpid:\t4242\t7\nCapEff:\t000001ffffffffff\nNSpidX:\t1\n";
+        let status = "Name:\tnode\nUid:\t1000\t1001\t1002\t1003\nNSpid:\t4242\t7\n\
+                      CapEff:\t000001ffffffffff\nNSpidX:\t1\n";
         assert_eq!(
             Status::parse(status),
             Status {
                 ns_pid: Some(7),
                 cap_eff: Some(0x1ff_ffff_ffff),
+                uids: Some([1000, 1001, 1002, 1003]),
             }
         );
+        assert_eq!(Status::parse("Uid:\t1\t2\t3\n").uids, None);
         assert_eq!(Status::parse("NSpid:\t42\n").ns_pid, Some(42));
         for hostile in [
             "",

@@ -1,7 +1,7 @@
 //! Where V8 keeps what we read: the postmortem metadata of the binary (`v8dbg_*`), and what it
 //! does not describe, by V8 version.
 
-use std::{collections::HashMap, fs::File, path::Path};
+use std::{collections::HashMap, fs::File};
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 
@@ -250,8 +250,8 @@ impl Layout {
 
 /// Reads the `v8dbg_*` integers (and V8's version) of an ELF file: names and values. `None`
 /// when it has none: no V8 in it.
-pub fn postmortem_metadata(path: &Path) -> Option<HashMap<String, i64>> {
-    let cache = ReadCache::new(File::open(path).ok()?);
+pub fn postmortem_metadata(file: File) -> Option<HashMap<String, i64>> {
+    let cache = ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
     let mut values = HashMap::new();
     for symbol in elf.symbols().chain(elf.dynamic_symbols()) {

@@ -33,7 +33,12 @@ use crate::{
     abi::{CapturedFrame, RED_ZONE, V8Layout},
     decode::StackSample,
     naming::frame::Frame,
-    target::{files::FileCache, maps::executable_files, memory::Memory, proc::Process},
+    target::{
+        files::{FileCache, MAX_OBJECT},
+        maps::executable_files,
+        memory::Memory,
+        proc::Process,
+    },
 };
 
 use heap::{FunctionInfo, heap_object};
@@ -113,10 +118,11 @@ impl JsNamer {
                 continue;
             }
             seen.push(path);
-            let opened = process.mapped_file(mapping);
-            if let Some(values) =
-                metadata.get_or_read(&mapping.file(), &opened, || postmortem_metadata(&opened))
-            {
+            if let Some(values) = metadata.get_or_read(
+                &mapping.file(),
+                || process.open_mapped(mapping, MAX_OBJECT).ok(),
+                postmortem_metadata,
+            ) {
                 found = Some((PathBuf::from(path), values));
                 break;
             }

@@ -1,10 +1,12 @@
 //! Original positions of transpiled JS (TypeScript, bundles): the source map a script names in
 //! its `//# sourceMappingURL=` comment, next to it or inline, read from the target's own
-//! filesystem (`/proc/PID/root`, so a container's files).
+//! filesystem (`/proc/PID/root`, so a container's files), resolved inside the target's root only
+//! and read only from regular files of at most [`MAX_FILE`] bytes (see
+//! [`crate::target::files`]): a script may name `/dev/zero`, a FIFO or a symlink to a host file.
 
 use std::{
     collections::HashMap,
-    fs,
+    io::Read,
     path::{Component, Path, PathBuf},
 };
 
@@ -16,7 +18,7 @@ const MAX_FILE: u64 = 256 << 20;
 
 /// The source maps of one process's scripts, read once each.
 pub struct SourceMaps {
-    root: PathBuf,
+    process: Process,
     /// By script path; `None` when the script has no readable source map.
     maps: HashMap<String, Option<Loaded>>,
 }
@@ -30,7 +32,7 @@ struct Loaded {
 impl SourceMaps {
     pub fn new(process: &Process) -> Self {
         Self {
-            root: process.root(),
+            process: process.clone(),
             maps: HashMap::new(),
         }
     }
@@ -87,11 +89,11 @@ impl SourceMaps {
 
     /// A file as the target sees it.
     fn read(&self, path: &Path) -> Option<Vec<u8>> {
-        let inside = self.root.join(path.strip_prefix("/").ok()?);
-        if fs::metadata(&inside).ok()?.len() > MAX_FILE {
-            return None;
-        }
-        fs::read(inside).ok()
+        let file = self.process.open_file(path, MAX_FILE).ok()?;
+        let mut bytes = Vec::new();
+        // Bounded again: the target may append to it as it is read.
+        file.take(MAX_FILE).read_to_end(&mut bytes).ok()?;
+        Some(bytes)
     }
 }
 
@@ -122,6 +124,7 @@ fn normalize(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn paths_normalize_lexically() {
