@@ -54,7 +54,16 @@ impl Drop for Scratch {
     }
 }
 
-fn mkfifo(path: &Path) {
+/// A FIFO, removed when dropped (even when the test fails).
+struct Fifo(PathBuf);
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) -> Fifo {
     let c_path = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a NUL-terminated path.
     assert_eq!(
@@ -63,6 +72,7 @@ fn mkfifo(path: &Path) {
         "mkfifo {}",
         path.display()
     );
+    Fifo(path.to_path_buf())
 }
 
 /// Watches a file for opens (inotify `IN_OPEN`).
@@ -202,12 +212,12 @@ fn wait_for_blocks_of(loopbpf: &mut Loopbpf, pids: &[u32], timeout: Duration) {
 
 /// Starts the hostile targets, each with its trap; returns them in order (FIFO perf map,
 /// `/dev/zero` source map, symlink out of its root, sparse source map, truncatable library),
-/// the watch on the canary and the library.
-fn plant_traps(scratch: &Scratch) -> ([Fixture; 5], OpenWatch, PathBuf) {
+/// the watch on the canary, the library and the FIFO.
+fn plant_traps(scratch: &Scratch) -> ([Fixture; 5], OpenWatch, PathBuf, Fifo) {
     let dir = &scratch.0;
     // 1. Its perf map is a FIFO: opening it for reading would wait for a writer forever.
     let fifo_target = hostile(&[], &scratch.app("fifo", ""), &[]);
-    mkfifo(Path::new(&format!("/tmp/perf-{}.map", fifo_target.pid())));
+    let fifo = mkfifo(Path::new(&format!("/tmp/perf-{}.map", fifo_target.pid())));
     // 2. Its script's source map is /dev/zero: read to the end, it never ends.
     let zero_target = hostile(
         &[],
@@ -266,6 +276,7 @@ fn plant_traps(scratch: &Scratch) -> ([Fixture; 5], OpenWatch, PathBuf) {
         ],
         canary,
         library,
+        fifo,
     )
 }
 
@@ -274,7 +285,7 @@ fn hostile_targets_leave_loopbpf_working_for_everyone_else() {
     require_root();
     let scratch = Scratch::new("hostile");
 
-    let (targets, mut canary, library) = plant_traps(&scratch);
+    let (targets, mut canary, library, _fifo) = plant_traps(&scratch);
     let [
         fifo_target,
         zero_target,
@@ -364,7 +375,6 @@ fn hostile_targets_leave_loopbpf_working_for_everyone_else() {
         assert!(target.is_running(), "pid {} was harmed", target.pid());
     }
     let _ = loopbpf.stop(Duration::from_secs(15));
-    fs::remove_file(format!("/tmp/perf-{}.map", hostile_pids[0])).unwrap();
 }
 
 #[test]
@@ -372,7 +382,7 @@ fn a_fifo_as_the_perf_map_does_not_hang_attaching() {
     require_root();
     let mut target = Fixture::start();
     let perf_map = PathBuf::from(format!("/tmp/perf-{}.map", target.pid()));
-    mkfifo(&perf_map);
+    let _fifo = mkfifo(&perf_map);
     let mut loopbpf = Loopbpf::attach(&["--pid", &target.pid().to_string(), "--json"]);
     target.send("block timer spin 200");
     target.done("block", Duration::from_secs(10));
@@ -381,5 +391,4 @@ fn a_fifo_as_the_perf_map_does_not_hang_attaching() {
     wait_until("the target to still run", Duration::from_secs(1), || {
         target.is_running()
     });
-    fs::remove_file(perf_map).unwrap();
 }
