@@ -8,8 +8,10 @@
 //! [`crate::target::files`]), never a path it would resolve itself, and it maps that file:
 //! a file the target can truncate is first copied into a sealed memfd, so that its truncation
 //! cannot kill loopbpf with SIGBUS. Debug links (`.gnu_debuglink`, `.gnu_debugaltlink`,
-//! `.debug_sup`) name files blazesym would look for in loopbpf's own filesystem, by names the
-//! target chose: DWARF is read only from files that have none, and only from the file itself.
+//! `.debug_sup`) name files blazesym looks for in loopbpf's own filesystem, opened without
+//! our checks: they are followed only for root's files the target cannot change, of a target
+//! that sees loopbpf's filesystem (a distribution's libc and its `/usr/lib/debug` file). Any
+//! other file with a link is named from its ELF symbols only (no DWARF).
 
 use std::{
     cell::RefCell,
@@ -64,8 +66,6 @@ impl SharedObjects {
                 // was inlined into it), not those of the innermost inlined callee.
                 .enable_inlined_fns(NATIVE_LINE_INFO)
                 .enable_demangling(true)
-                // No debug directories: never a file of loopbpf's own filesystem for a target's.
-                .set_debug_dirs(Some::<&[PathBuf]>(&[]))
                 .build(),
             objects: Objects::default(),
             next_user: 0,
@@ -152,8 +152,11 @@ impl Objects {
             self.list[object].users.insert(user);
             return Mapping::Object(object);
         }
-        let file = open_mapped_file(process, line);
-        let debug_syms = NATIVE_LINE_INFO && file.as_ref().is_some_and(links_no_file);
+        let (file, trusts_links) = open_mapped_file(process, line).unzip();
+        let debug_syms = NATIVE_LINE_INFO
+            && file
+                .as_ref()
+                .is_some_and(|file| trusts_links == Some(true) || links_no_file(file));
         let sources = file
             .iter()
             .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
@@ -180,16 +183,15 @@ impl Objects {
 
 /// Opens the file behind a mapping for blazesym to map: the file itself when the target cannot
 /// change it, else a sealed copy of it (at most [`MAX_OBJECT_COPY`] bytes; a larger one is not
-/// named, with a warning).
-fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<File> {
+/// named, with a warning). With it, whether its debug links may be followed.
+fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<(File, bool)> {
     let file = process.open_mapped(line, MAX_OBJECT).ok()?;
     let meta = file.metadata().ok()?;
     // Unknown (the target is gone, or its status unreadable): assume it can.
-    if process
-        .writer()
-        .is_some_and(|writer| !writer.can_write(&meta))
+    if let Some(writer) = process.writer()
+        && !writer.can_write(&meta)
     {
-        return Some(file);
+        return Some((file, writer.trusts_links(&meta)));
     }
     if meta.len() > MAX_OBJECT_COPY {
         let too_large = Refused::TooLarge {
@@ -203,7 +205,7 @@ fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<File> {
         );
         return None;
     }
-    sealed_copy(&file, MAX_OBJECT_COPY).ok()
+    Some((sealed_copy(&file, MAX_OBJECT_COPY).ok()?, false))
 }
 
 /// Whether an ELF file names no other file for blazesym to read debug information from.

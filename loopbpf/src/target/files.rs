@@ -235,19 +235,27 @@ fn checked(file: File, max: u64, shown: &str) -> Result<File, Refused> {
 pub struct Writer {
     /// Its real, effective, saved and filesystem uids.
     pub uids: [u32; 4],
-    /// Root in loopbpf's own mount namespace: it can do anything to loopbpf anyway, so its
-    /// files are not copied.
-    pub host_root: bool,
+    /// It sees the filesystem loopbpf sees (not in a container).
+    pub same_mount_ns: bool,
 }
 
 impl Writer {
     /// Whether the target can change (truncate) `meta`'s file: its owner, group- or
     /// other-writable, or the target is root in a container (its image is its own).
     pub fn can_write(&self, meta: &fs::Metadata) -> bool {
-        if self.host_root {
+        // Root in loopbpf's own mount namespace can do anything to loopbpf anyway: its files
+        // are not copied.
+        if self.same_mount_ns && self.uids.contains(&0) {
             return false;
         }
         meta.mode() & 0o022 != 0 || self.uids.contains(&meta.uid()) || self.uids.contains(&0)
+    }
+
+    /// Whether the debug files `meta`'s file links to may be looked for in loopbpf's own
+    /// filesystem (`/usr/lib/debug`, next to the file): the target sees that filesystem too, and
+    /// the link was written by root in a file the target cannot change.
+    pub fn trusts_links(&self, meta: &fs::Metadata) -> bool {
+        self.same_mount_ns && meta.uid() == 0 && meta.mode() & 0o022 == 0 && !self.can_write(meta)
     }
 }
 
@@ -357,9 +365,9 @@ mod tests {
         let meta = fs::metadata("/proc/self/exe").unwrap();
         let owner = meta.uid();
         let other = owner.wrapping_add(1);
-        let writer = |uid, host_root| Writer {
+        let writer = |uid, same_mount_ns| Writer {
             uids: [uid; 4],
-            host_root,
+            same_mount_ns,
         };
         assert!(writer(owner, false).can_write(&meta));
         assert_eq!(

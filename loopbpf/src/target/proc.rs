@@ -185,9 +185,12 @@ impl Process {
     pub fn writer(&self) -> Option<Writer> {
         let uids = self.status()?.uids?;
         let mount_ns = |dir: &Path| fs::read_link(dir.join("ns/mnt")).ok();
-        let host_root = uids.contains(&0)
-            && mount_ns(&self.dir).is_some_and(|ns| Some(ns) == mount_ns(Path::new("/proc/self")));
-        Some(Writer { uids, host_root })
+        let same_mount_ns =
+            mount_ns(&self.dir).is_some_and(|ns| Some(ns) == mount_ns(Path::new("/proc/self")));
+        Some(Writer {
+            uids,
+            same_mount_ns,
+        })
     }
 
     /// The thread ids, at most [`MAX_TASKS`] of them.
