@@ -166,7 +166,11 @@ impl StoppedChild {
                         || libc::setgid(run_as.gid) != 0
                         || libc::setuid(run_as.uid) != 0)
                 {
-                    libc::write(2, switch_failed.as_ptr().cast(), switch_failed.count_bytes());
+                    libc::write(
+                        2,
+                        switch_failed.as_ptr().cast(),
+                        switch_failed.count_bytes(),
+                    );
                     libc::_exit(126);
                 }
                 libc::raise(libc::SIGSTOP);
