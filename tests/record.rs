@@ -5,6 +5,7 @@
 
 use std::{
     fs,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -230,6 +231,11 @@ fn the_core_trigger_dumps_the_process_while_it_runs_the_blocking_code() {
         triggers[0]["size_bytes"].as_u64().unwrap()
     );
     assert!(triggers[0]["blocked_ms"].as_f64().unwrap() >= 500.0);
+    // A core holds the target's secrets: only loopbpf's user reads it, and gdb's log.
+    for file in [core.clone(), dir.join("gcore-1.log")] {
+        let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+    }
     let gdb = Command::new("gdb")
         .args(["-batch", "-ex", "bt 30"])
         .arg(installed_node())

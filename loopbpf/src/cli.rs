@@ -85,6 +85,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with = "no_stacks")]
     pub flamegraph: Option<PathBuf>,
 
+    /// Run the launched command as USER (a name or a uid), with that user's groups. Under sudo
+    /// it runs as the invoking user (`SUDO_UID`, `SUDO_GID`) unless this says otherwise.
+    #[arg(long, value_name = "USER", requires = "command")]
+    pub user: Option<String>,
+
     /// Command to launch and profile from its first loop iteration (after `--`).
     #[arg(last = true, value_name = "COMMAND", conflicts_with_all = ["pid", "all"])]
     pub command: Vec<OsString>,
@@ -283,11 +288,23 @@ fn parse_action(text: &str) -> Result<BlockAction, String> {
     }
     if let Some(signal) = text.strip_prefix("signal:") {
         let bare = signal.trim_start_matches("SIG");
+        // Neither can be caught: they would end or freeze the target, not make it write evidence.
+        if ["KILL", "STOP"]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(bare))
+            || [libc::SIGKILL, libc::SIGSTOP]
+                .iter()
+                .any(|n| n.to_string() == signal)
+        {
+            return Err(format!(
+                "signal:{signal} would kill or stop the target, not make it write evidence: use a signal it handles, e.g. signal:SIGUSR2, or `core` for a core dump"
+            ));
+        }
         let number = SIGNALS
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(bare))
             .map(|&(_, n)| n)
-            .or_else(|| signal.parse().ok().filter(|n| (1..=64).contains(n)));
+            .or_else(|| signal.parse().ok().filter(|n| (1..=31).contains(n)));
         return number
             .map(|n| BlockAction::Signal(n, format!("SIG{}", bare.to_ascii_uppercase())))
             .ok_or_else(|| format!("unknown signal `{signal}`: write e.g. signal:SIGUSR2"));
@@ -379,6 +396,20 @@ mod tests {
             Ok(BlockAction::Exec("echo $LOOPBPF_PID".into()))
         );
         assert!(parse_action("signal:NOPE").unwrap_err().contains("SIGUSR2"));
+        for fatal in [
+            "signal:KILL",
+            "signal:SIGKILL",
+            "signal:9",
+            "signal:stop",
+            "signal:19",
+        ] {
+            let error = parse_action(fatal).unwrap_err();
+            assert!(
+                error.contains("would kill or stop the target"),
+                "{fatal}: {error}"
+            );
+        }
+        assert!(parse_action("signal:40").is_err());
         assert!(parse_action("dump").unwrap_err().contains("core"));
         assert!(parse_action("exec:").is_err());
     }

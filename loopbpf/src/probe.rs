@@ -338,7 +338,7 @@ impl Probes {
             cookie: Some(u64::from(which)),
         };
         program
-            .attach(point, &libuv.path, scope)
+            .attach(point, libuv.attach_path(), scope)
             .map_err(|error| ProbeError::Uprobe {
                 symbol,
                 path: libuv.shown_as.display().to_string(),
@@ -402,7 +402,7 @@ impl Probes {
                     .map_err(|error| ProbeError::Program { name, error })?;
             }
             let link = program
-                .attach(offset, &libuv.path, scope)
+                .attach(offset, libuv.attach_path(), scope)
                 .map_err(|error| ProbeError::Program { name, error })?;
             self.object_links
                 .entry(which)

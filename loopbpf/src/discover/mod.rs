@@ -5,8 +5,9 @@ use std::{
     collections::HashMap,
     ffi::OsStr,
     fs::{self, File},
-    os::unix::ffi::OsStrExt,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
@@ -116,8 +117,9 @@ struct LibuvFile {
     segments: Vec<Segment>,
 }
 
-/// Object files already read, by identity, with or without libuv: scanning every process of a
-/// host reads each distinct file once.
+/// Object files already read, by identity (with the [`crate::target::files::FileStamp`] of the file read, so that a
+/// new file with a freed inode number is read anew), with or without libuv: scanning every
+/// process of a host reads each distinct file once.
 #[derive(Debug, Default)]
 pub struct LibuvCache {
     files: HashMap<FileId, Option<LibuvFile>>,
@@ -136,8 +138,10 @@ impl LibuvCache {
 /// The object file with `uv__io_poll`, and the link-time addresses the probes need from it.
 #[derive(Debug, Clone)]
 pub struct Libuv {
-    /// Its path, as loopbpf can open it.
-    pub path: PathBuf,
+    /// The file, open: the one its symbols were read from (or one with the same identity and
+    /// stamp). The probes attach through it ([`Libuv::attach_path`]), never through a path
+    /// looked up again, which a process could point at another file meanwhile.
+    pub file: Arc<File>,
     /// Its path as the target sees it, for messages.
     pub shown_as: PathBuf,
     pub poll_addr: u64,
@@ -163,17 +167,20 @@ impl Libuv {
     /// Reads the object's symbols; `None` when it has no `uv__io_poll`. `mapped` is where a
     /// running target maps it: the start and file offset of its executable mapping.
     fn read(path: &Path, mapped: Option<(u64, u64)>) -> Option<Self> {
-        Some(Self::placed(
-            &LibuvFile::read(File::open(path).ok()?)?,
-            path,
-            mapped,
-        ))
+        let opened = File::open(path).ok()?;
+        let read = LibuvFile::read(&opened)?;
+        Some(Self::placed(&read, Arc::new(opened), path, mapped))
     }
 
-    fn placed(file: &LibuvFile, path: &Path, mapped: Option<(u64, u64)>) -> Self {
+    fn placed(
+        file: &LibuvFile,
+        opened: Arc<File>,
+        path: &Path,
+        mapped: Option<(u64, u64)>,
+    ) -> Self {
         let bias = mapped.and_then(|(start, offset)| bias_of(&file.segments, start, offset));
         Self {
-            path: path.to_path_buf(),
+            file: opened,
             shown_as: path.to_path_buf(),
             poll_addr: file.poll_addr,
             poll_file_offset: file.poll_file_offset,
@@ -188,10 +195,16 @@ impl Libuv {
             bias,
         }
     }
+
+    /// The path the probes attach with: the open file, through loopbpf's own fd table, which
+    /// the kernel resolves to that very inode.
+    pub fn attach_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
 }
 
 impl LibuvFile {
-    fn read(file: File) -> Option<Self> {
+    fn read(file: &File) -> Option<Self> {
         let cache = ReadCache::new(file);
         let elf = object::File::parse(&cache).ok()?;
         let mut poll = None;
@@ -371,16 +384,19 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
     cache.bound();
     for mapping in first_mapping_per_file(&maps) {
         let path = process.mapped_file(mapping);
-        let file = mapping.file();
+        // A file that could not be opened (its process exited mid-scan) is not known yet.
+        let Ok(opened) = process.open_mapped(mapping, MAX_OBJECT) else {
+            continue;
+        };
+        let Some(file) = mapping.file().stamped(&opened) else {
+            continue;
+        };
         if !cache.files.contains_key(&file) {
-            // A file that could not be opened (its process exited mid-scan) is not known yet.
-            let Ok(opened) = process.open_mapped(mapping, MAX_OBJECT) else {
-                continue;
-            };
-            cache.files.insert(file.clone(), LibuvFile::read(opened));
+            cache.files.insert(file.clone(), LibuvFile::read(&opened));
         }
         if let Some(Some(read)) = cache.files.get(&file) {
-            let mut libuv = Libuv::placed(read, &path, Some((mapping.range.start, mapping.offset)));
+            let mapped = Some((mapping.range.start, mapping.offset));
+            let mut libuv = Libuv::placed(read, Arc::new(opened), &path, mapped);
             libuv.shown_as = PathBuf::from(mapping.file_path());
             return Ok(Target {
                 pid,
@@ -671,6 +687,25 @@ mod tests {
                 .any(|t| t.tid == pid && t.epfd > 0 && t.counts_idle),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn the_attach_path_is_the_file_read_even_once_its_path_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("loopbpf-attach-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let node = find_in_path(OsStr::new("node")).expect("node on PATH");
+        let copy = dir.join("node");
+        fs::copy(fs::canonicalize(node).unwrap(), &copy).unwrap();
+        let libuv = libuv_for_command(copy.as_os_str()).expect("node has libuv");
+        // The path now names another file: the attach path still opens the node copy read.
+        fs::remove_file(&copy).unwrap();
+        fs::copy("/bin/sh", &copy).unwrap();
+        let attach = libuv.attach_path();
+        assert!(attach.starts_with("/proc/self/fd/"), "{}", attach.display());
+        let reread = LibuvFile::read(&File::open(&attach).unwrap()).expect("still node");
+        assert_eq!(reread.poll_file_offset, libuv.poll_file_offset);
+        assert!(LibuvFile::read(&File::open(&copy).unwrap()).is_none());
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::{
     target::files::FileId,
 };
 use fleet::Fleet;
-use launch::StoppedChild;
+use launch::{RunAs, StoppedChild};
 use process::{Process, Seed};
 
 /// How often the per-thread state is read for ongoing blocks.
@@ -75,7 +75,17 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
         (Some(discover::target_for_pid(pid)?), None)
     } else {
         let libuv = discover::libuv_for_command(&args.command[0])?;
-        let child = StoppedChild::spawn(&args.command, args.json)?;
+        let run_as = RunAs::choose(args.user.as_deref())?;
+        match &run_as {
+            Some(user) if user.uid != 0 => {}
+            // SAFETY: geteuid has no preconditions.
+            _ if unsafe { libc::geteuid() } == 0 => status!(
+                "running `{}` as root (--user USER runs it as another user)",
+                args.command[0].to_string_lossy()
+            ),
+            _ => {}
+        }
+        let child = StoppedChild::spawn(&args.command, args.json, run_as.as_ref())?;
         let comm = args.command[0]
             .to_string_lossy()
             .rsplit('/')

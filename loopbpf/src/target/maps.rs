@@ -101,6 +101,7 @@ impl MapsEntry {
         FileId {
             dev: self.dev.clone(),
             inode: self.inode,
+            stamp: None,
         }
     }
 }

@@ -6,21 +6,24 @@
 //! time, the actions taken), flamegraph.svg (blocked time only), timeline.svg (each loop
 //! thread's busy and idle time, every block marked) and index.html, which shows it all from
 //! disk. It is rewritten every few seconds while recording, each file replaced whole, so a
-//! recording cut short (a hung target, a kill) still leaves the evidence so far.
+//! recording cut short (a hung target, a kill) still leaves the evidence so far. The directory
+//! and everything in it is private to loopbpf's user ([`bundle`]).
 
+mod bundle;
 mod page;
 mod timeline;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
     fs, io,
+    os::{fd::OwnedFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::{
     aggregate::{
@@ -78,7 +81,8 @@ impl Trigger {
             size_bytes: self
                 .file
                 .as_ref()
-                .and_then(|f| fs::metadata(f).ok())
+                // A heap snapshot is in the target's directory: never another file it links to.
+                .and_then(|f| fs::symlink_metadata(f).ok())
                 .map(|m| m.len()),
             thread: self.id.label.kind(),
             tid: self.id.tid,
@@ -125,6 +129,7 @@ struct Mark {
 }
 
 pub struct Recorder {
+    bundle: bundle::Bundle,
     out: PathBuf,
     what: String,
     clock: Clock,
@@ -152,21 +157,22 @@ pub struct Recorder {
     dirty: bool,
     written_at: Option<Instant>,
     progress: bool,
+    /// A pidfd of every watched process, taken when it was found: `--on-block signal:` goes
+    /// to that process, never to another that got its pid after it exited.
+    pidfds: HashMap<u32, OwnedFd>,
 }
+
+/// How many pidfds are kept before those of exited processes are let go.
+const PIDFDS_KEPT: usize = 256;
 
 impl Recorder {
     pub fn new(args: &RecordArgs) -> Result<Self> {
-        fs::create_dir_all(&args.out).with_context(|| {
-            format!("cannot create the bundle directory {}", args.out.display())
-        })?;
-        let out = fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
-        // Writable now rather than after a minute of recording.
-        let probe = out.join(".loopbpf-write-test");
-        fs::write(&probe, b"").with_context(|| format!("cannot write into {}", out.display()))?;
-        let _ = fs::remove_file(probe);
+        let bundle = bundle::Bundle::open(&args.out)?;
+        let out = bundle.path().to_path_buf();
         let clock = Clock::new();
         let threshold_ns = args.session.threshold.as_nanos() as u64;
         Ok(Self {
+            bundle,
             out,
             what: args.session.pid.map_or_else(
                 || "every libuv process".to_owned(),
@@ -198,13 +204,45 @@ impl Recorder {
             dirty: true,
             written_at: None,
             progress: crate::diag::progress_wanted(),
+            pidfds: HashMap::new(),
         })
     }
 
-    /// Names the process of every report line (fleet recordings watch many).
+    /// Names the process of every report line (fleet recordings watch many); called when the
+    /// process is found, which is when its pidfd is taken.
     pub fn name_process(&mut self, pid: u32, labels: ProcessLabels) {
         self.text.name_process(pid, labels.clone());
         self.json.name_process(pid, labels);
+        if self
+            .action
+            .as_ref()
+            .is_some_and(|a| matches!(a, BlockAction::Signal(..)))
+        {
+            if self.pidfds.len() >= PIDFDS_KEPT {
+                self.pidfds.retain(|_, fd| !exited(fd));
+            }
+            if let Some(fd) = open_pidfd(pid) {
+                self.pidfds.insert(pid, fd);
+            }
+        }
+    }
+
+    /// Sends `signal` to the watched process `pid` through its pidfd.
+    fn send_signal(&mut self, pid: u32, signal: i32) -> io::Result<()> {
+        let signal = rustix::process::Signal::from_named_raw(signal)
+            .ok_or_else(|| io::Error::other(format!("signal {signal} cannot be sent")))?;
+        // A process found before the recorder knew of it: its pidfd is taken now, while its
+        // loop is blocked (so it is still the process the block is in).
+        let fd = match self.pidfds.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(open_pidfd(pid).ok_or_else(|| io::Error::other("the process is gone"))?)
+            }
+        };
+        rustix::process::pidfd_send_signal(fd, signal).map_err(|e| match e {
+            rustix::io::Errno::SRCH => io::Error::other("the process is gone"),
+            e => e.into(),
+        })
     }
 
     /// Takes a record whose stacks are named.
@@ -342,9 +380,21 @@ impl Recorder {
             BlockAction::Core => {
                 // core-N.PID, gdb's messages in gcore-N.log.
                 let prefix = self.out.join(format!("core-{n}"));
-                let log = fs::File::create(self.out.join(format!("gcore-{n}.log")))
+                let log = self
+                    .bundle
+                    .create(&format!("gcore-{n}.log"))
                     .map_or_else(|_| Stdio::null(), Stdio::from);
-                match Command::new("gcore")
+                self.bundle.remove(&format!("core-{n}.{}", id.pid));
+                let mut gcore = Command::new("gcore");
+                // gdb creates the core by path: 0600, like the rest of the bundle.
+                // SAFETY: umask is async-signal-safe and touches no memory.
+                unsafe {
+                    gcore.pre_exec(|| {
+                        libc::umask(0o077);
+                        Ok(())
+                    });
+                }
+                match gcore
                     .arg("-o")
                     .arg(&prefix)
                     .arg(id.pid.to_string())
@@ -365,16 +415,15 @@ impl Recorder {
                 }
             }
             BlockAction::Signal(signal, _) => {
-                // SAFETY: kill has no memory-safety preconditions.
-                let rc = unsafe { libc::kill(id.pid.cast_signed(), *signal) };
-                if rc == 0 {
+                let sent = self.send_signal(id.pid, *signal);
+                if let Err(e) = sent {
+                    trigger.outcome = Some(format!("failed: {e}"));
+                } else {
                     // Node writes heap snapshots (and reports) into its working directory.
                     trigger.snapshot_dir = Process::new(id.pid).cwd();
                     if trigger.snapshot_dir.is_none() {
                         trigger.outcome = Some("done".into());
                     }
-                } else {
-                    trigger.outcome = Some(format!("failed: {}", io::Error::last_os_error()));
                 }
             }
             BlockAction::Exec(command) => {
@@ -513,14 +562,10 @@ impl Recorder {
     fn write(&mut self, flame: &Flame) -> Result<()> {
         let now_ns = Clock::monotonic_ns();
         let report = self.report_json(now_ns);
-        write_file(
-            &self.out.join("report.json"),
-            &serde_json::to_vec_pretty(&report)?,
-        )?;
-        write_file(
-            &self.out.join("report.txt"),
-            self.report_text(now_ns).as_bytes(),
-        )?;
+        self.bundle
+            .write("report.json", &serde_json::to_vec_pretty(&report)?)?;
+        self.bundle
+            .write("report.txt", self.report_text(now_ns).as_bytes())?;
         // The blocks still going on are blocked time too.
         let mut flame = flame.clone();
         for ongoing in self.ongoing.values() {
@@ -531,7 +576,7 @@ impl Recorder {
         let mut svg = Vec::new();
         let title = format!("loopbpf: blocked time of {}", self.what);
         flame.write_svg_to(&mut svg, &title)?;
-        write_file(&self.out.join("flamegraph.svg"), &svg)?;
+        self.bundle.write("flamegraph.svg", &svg)?;
         let marks: Vec<Mark> = self
             .marks
             .iter()
@@ -554,11 +599,9 @@ impl Recorder {
             self.threshold_ns,
             self.clock,
         );
-        write_file(&self.out.join("timeline.svg"), svg.as_bytes())?;
-        write_file(
-            &self.out.join("index.html"),
-            page::render(&report).as_bytes(),
-        )?;
+        self.bundle.write("timeline.svg", svg.as_bytes())?;
+        self.bundle
+            .write("index.html", page::render(&report).as_bytes())?;
         self.dirty = false;
         self.written_at = Some(Instant::now());
         Ok(())
@@ -669,12 +712,30 @@ fn culprit(profile: Option<&BlockProfile>) -> Option<String> {
         .map(|f| f.name.clone())
 }
 
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid.cast_signed())?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the process of a pidfd has exited (the pidfd is then readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
+}
+
 /// The newest `*.heapsnapshot` in `dir` written since `since`, with its size.
 fn newest_snapshot(dir: &Path, since: std::time::SystemTime) -> Option<(PathBuf, u64)> {
     fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".heapsnapshot"))
+        // Not a symlink the target planted: its size and path would be another file's.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
             let modified = meta.modified().ok()?;
@@ -682,17 +743,14 @@ fn newest_snapshot(dir: &Path, since: std::time::SystemTime) -> Option<(PathBuf,
         })
         .max_by_key(|(modified, _, _)| *modified)
         .map(|(_, path, size)| {
-            // Shown as the target sees it (its cwd), which is where the user will look.
-            let real = fs::canonicalize(&path).unwrap_or(path);
+            // Shown as the target sees it (its cwd), which is where the user will look; only
+            // the directory is resolved, the file's own name is kept.
+            let real = fs::canonicalize(dir)
+                .ok()
+                .zip(path.file_name())
+                .map_or_else(|| path.clone(), |(dir, name)| dir.join(name));
             (real, size)
         })
-}
-
-/// Replaces a file whole: a reader never sees half of it.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn round3(x: f64) -> f64 {
