@@ -35,6 +35,13 @@ const volatile __u32 target_tgid = 0;
 const volatile __u64 threshold_ns = 100000000ULL;
 /* Every stack_every-th sample of a busy loop thread carries its stacks; 0: none (--no-stacks). */
 const volatile __u32 stack_every = 5;
+/* Each process's stack records: at most one per stack_interval_ns on average, with up to
+ * stack_burst_ns of them ahead of time; 0: no limit. */
+const volatile __u64 stack_interval_ns = 0;
+const volatile __u64 stack_burst_ns = 0;
+
+/* The kernel's errno for an insert into a full hash map (the kernel side's alone). */
+#define E2BIG 7
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -45,15 +52,20 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, LOOPBPF_MAX_THREADS);
 	__type(key, __u32);                   /* tid */
 	__type(value, struct loopbpf_thread); /* that thread's loop state */
 } threads SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 * 1024 * 1024); /* stack samples carry a 32 KiB stack copy */
+	__uint(max_entries, LOOPBPF_CONTROL_RING_BYTES); /* struct loopbpf_event records */
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, LOOPBPF_STACK_RING_BYTES); /* each carries a 32 KiB stack copy */
+} stacks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -64,21 +76,28 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);   /* 0 */
-	__type(value, __u64); /* events dropped because the ring buffer was full */
-} dropped SEC(".maps");
+	__uint(max_entries, LOOPBPF_COUNTERS);
+	__type(key, __u32);   /* enum loopbpf_counter */
+	__type(value, __u64); /* how many, on this CPU */
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LOOPBPF_MAX_STACK_BUDGETS);
+	__type(key, __u32);                          /* tgid */
+	__type(value, struct loopbpf_stack_budget); /* its stack rate so far */
+} stack_budgets SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, LOOPBPF_MAX_V8_LAYOUTS);
 	__type(key, __u32);                      /* tgid */
 	__type(value, struct loopbpf_v8_layout); /* set once that process's V8 is read */
 } v8_layouts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
+	__uint(max_entries, LOOPBPF_MAX_ASLEEP);
 	__type(key, __u32);                        /* tid of a busy loop thread that sleeps */
 	__type(value, struct loopbpf_stack_event); /* where it went to sleep, and when */
 } asleep SEC(".maps");
@@ -105,13 +124,37 @@ static const struct loopbpf_stack_event empty_stack;
  * period of its CPU time; switches look too). */
 #define LOOPBPF_UNSEEN_NS (4 * LOOPBPF_SAMPLE_PERIOD_NS)
 
-static __always_inline void count_drop(void)
+static __always_inline void bump(__u32 counter)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&dropped, &zero);
+	__u64 *n = bpf_map_lookup_elem(&counters, &counter);
 
 	if (n)
 		*n += 1;
+}
+
+/* Whether process `pid` may send one more stack record now; one that may not is counted, for
+ * the process and in all. Runs only when a stack is about to be taken. Threads of one process
+ * on two CPUs may race on next_ns: at worst a record more gets through. */
+static __always_inline bool take_stack_token(__u32 pid, __u64 now)
+{
+	struct loopbpf_stack_budget fresh = { .next_ns = now }, *budget;
+
+	if (!stack_interval_ns)
+		return true;
+	budget = bpf_map_lookup_elem(&stack_budgets, &pid);
+	if (!budget) {
+		bpf_map_update_elem(&stack_budgets, &pid, &fresh, BPF_NOEXIST);
+		budget = bpf_map_lookup_elem(&stack_budgets, &pid);
+		if (!budget)
+			return true;
+	}
+	if (budget->next_ns > now + stack_burst_ns) {
+		__sync_fetch_and_add(&budget->limited, 1);
+		bump(LOOPBPF_STACKS_LIMITED);
+		return false;
+	}
+	budget->next_ns = (budget->next_ns > now ? budget->next_ns : now) + stack_interval_ns;
+	return true;
 }
 
 static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
@@ -120,7 +163,7 @@ static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 fla
 	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
 	if (!e) {
-		count_drop();
+		bump(LOOPBPF_LOST_CONTROL);
 		return;
 	}
 	e->kind = kind;
@@ -311,7 +354,8 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 		return;
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t) {
-		bpf_map_update_elem(&threads, &tid, &empty_thread, BPF_NOEXIST);
+		if (bpf_map_update_elem(&threads, &tid, &empty_thread, BPF_NOEXIST) == -E2BIG)
+			bump(LOOPBPF_FULL_THREADS);
 		t = bpf_map_lookup_elem(&threads, &tid);
 		if (!t)
 			return;
@@ -551,9 +595,11 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 		return 0; /* idle in its poll wait: not a stack of a block */
 	if (t->samples++ % stack_every)
 		return 0;
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!take_stack_token(pid_tgid >> 32, now))
+		return 0;
+	e = bpf_ringbuf_reserve(&stacks, sizeof(*e), 0);
 	if (!e) {
-		count_drop();
+		bump(LOOPBPF_LOST_STACK);
 		return 0;
 	}
 	e->kind = LOOPBPF_EVENT_ON_CPU;
@@ -680,7 +726,8 @@ static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy
 	__u32 tid = (__u32)pid_tgid;
 	struct loopbpf_stack_event *sleep;
 
-	bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY);
+	if (bpf_map_update_elem(&asleep, &tid, &empty_stack, BPF_ANY) == -E2BIG)
+		bump(LOOPBPF_FULL_ASLEEP);
 	sleep = bpf_map_lookup_elem(&asleep, &tid);
 	if (!sleep)
 		return;
@@ -699,21 +746,25 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 					 __u64 now)
 {
 	__u64 budget = stack_every * LOOPBPF_SAMPLE_PERIOD_NS, slept = now - sleep->at_ns;
+	__u64 pending = t->off_cpu_pending_ns;
 	struct loopbpf_stack_event *e;
 
 	if (slept < budget && now - t->last_off_cpu_ns < budget) {
 		t->off_cpu_pending_ns += slept;
 		return;
 	}
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	/* A dropped record's time is not added to the next one: that would be another stack's. */
+	t->off_cpu_pending_ns = 0;
+	t->last_off_cpu_ns = now;
+	if (!take_stack_token(t->pid, now))
+		return;
+	e = bpf_ringbuf_reserve(&stacks, sizeof(*e), 0);
 	if (!e) {
-		count_drop();
+		bump(LOOPBPF_LOST_STACK);
 		return;
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), sleep);
-	e->off_cpu_ns = slept + t->off_cpu_pending_ns;
-	t->off_cpu_pending_ns = 0;
-	t->last_off_cpu_ns = now;
+	e->off_cpu_ns = slept + pending;
 	bpf_ringbuf_submit(e, 0);
 }
 

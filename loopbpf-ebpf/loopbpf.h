@@ -128,6 +128,42 @@ struct loopbpf_v8_layout {
  * duration a lower bound. */
 #define LOOPBPF_BUSY_BEFORE_ATTACH 1
 
+/* Two ring buffers: the control events (struct loopbpf_event: loops found, blocks, exits, execs,
+ * GC pauses), small and drained first, and the stack records (struct loopbpf_stack_event, about
+ * 33 KiB each), so that a flood of stacks can never crowd the control events out. */
+#define LOOPBPF_CONTROL_RING_BYTES (1024 * 1024)
+#define LOOPBPF_STACK_RING_BYTES (8 * 1024 * 1024)
+
+/* Entries of the kernel side's hash maps. */
+#define LOOPBPF_MAX_THREADS 16384
+#define LOOPBPF_MAX_ASLEEP 64
+#define LOOPBPF_MAX_V8_LAYOUTS 4096
+#define LOOPBPF_MAX_STACK_BUDGETS 4096
+
+/* What the kernel side counts (the counters map, per CPU, indexed by these): nothing it drops
+ * goes uncounted. */
+enum loopbpf_counter {
+	/* control events dropped: their ring buffer was full */
+	LOOPBPF_LOST_CONTROL = 0,
+	/* stack records dropped: the stack ring buffer was full */
+	LOOPBPF_LOST_STACK = 1,
+	/* stack records not taken: their process was over its stack rate (see stack_budgets) */
+	LOOPBPF_STACKS_LIMITED = 2,
+	/* loop threads not followed: the threads map was full */
+	LOOPBPF_FULL_THREADS = 3,
+	/* off-CPU stacks not taken: the asleep map was full */
+	LOOPBPF_FULL_ASLEEP = 4,
+	LOOPBPF_COUNTERS = 5,
+};
+
+/* The stack_budgets map's value, per process (tgid; an LRU map): a token bucket kept as the
+ * time its next record is due (GCRA). A record is taken when now + the burst allowance reaches
+ * next_ns, which then moves on by one record's interval. */
+struct loopbpf_stack_budget {
+	__u64 next_ns; /* CLOCK_MONOTONIC */
+	__u64 limited; /* this process's stack records dropped by the limit */
+};
+
 /* A ring-buffer record of every kind but the stack samples. */
 struct loopbpf_event {
 	__u32 kind;     /* enum loopbpf_event_kind */

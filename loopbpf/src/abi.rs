@@ -109,6 +109,33 @@ pub struct RawStackEvent {
     pub stack: [u8; STACK_COPY],
 }
 
+/// The stack records' ring buffer, in bytes (`LOOPBPF_STACK_RING_BYTES`).
+pub const STACK_RING_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Entries of the kernel side's hash maps (`LOOPBPF_MAX_*`).
+pub const MAX_THREADS: u32 = 16384;
+pub const MAX_ASLEEP: u32 = 64;
+pub const MAX_V8_LAYOUTS: u32 = 4096;
+
+/// `enum loopbpf_counter`: the `counters` map's indexes.
+pub const LOST_CONTROL: u32 = 0;
+pub const LOST_STACK: u32 = 1;
+pub const STACKS_LIMITED: u32 = 2;
+pub const FULL_THREADS: u32 = 3;
+pub const FULL_ASLEEP: u32 = 4;
+
+/// `struct loopbpf_stack_budget`: the `stack_budgets` map's value for one process.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StackBudget {
+    pub next_ns: u64,
+    pub limited: u64,
+}
+
+// SAFETY: repr(C) of two u64 fields (no padding: the mirror test checks), so every byte is
+// initialised and any bytes are a valid value.
+unsafe impl aya::Pod for StackBudget {}
+
 /// `struct loopbpf_thread`: the state map's value.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -259,8 +286,20 @@ mod tests {
     }
 
     /// The header's constants (macros and enum values) with no twin here, and why.
-    const HEADER_ONLY: [(&str, &str); 2] = [
+    const HEADER_ONLY: [(&str, &str); 5] = [
         ("LOOPBPF_H", "the include guard"),
+        (
+            "LOOPBPF_CONTROL_RING_BYTES",
+            "the control ring buffer's size: userspace reads it to the end, whatever its size",
+        ),
+        (
+            "LOOPBPF_MAX_STACK_BUDGETS",
+            "an LRU map: the kernel evicts its oldest entry, an insert never fails",
+        ),
+        (
+            "LOOPBPF_COUNTERS",
+            "the counters map's size: userspace reads the counters it knows by index",
+        ),
         (
             "LOOPBPF_ROLE_STACK_DEPTH",
             "how deep the kernel side looks for the worker entry; userspace never sees that stack",
@@ -466,6 +505,15 @@ mod tests {
             GC_MARK_SWEEP_COMPACT,
             GC_INCREMENTAL_MARKING,
             GC_PROCESS_WEAK_CALLBACKS,
+            STACK_RING_BYTES,
+            MAX_THREADS,
+            MAX_ASLEEP,
+            MAX_V8_LAYOUTS,
+            LOST_CONTROL,
+            LOST_STACK,
+            STACKS_LIMITED,
+            FULL_THREADS,
+            FULL_ASLEEP,
         );
 
         // Each struct: its size and alignment, and every field's offset, size and type, with
@@ -533,6 +581,7 @@ mod tests {
             kind, pid, tid, user_depth, busy_since_ns, at_ns, off_cpu_ns, kernel_depth, reserved,
             user, kernel, user_ip, user_sp, user_bp, stack_len, js_depth, js, stack,
         });
+        layout!(StackBudget = "loopbpf_stack_budget" { next_ns, limited });
         layout!(ThreadState = "loopbpf_thread" {
             loop_addr, epfd, pid, discovered_ns, busy_since_ns, poll_enter_ns, in_poll,
             counts_iterations, role, busy_before_attach, idle_ns, iterations, seen_ns, seen_count,

@@ -22,7 +22,9 @@ use thiserror::Error;
 
 use crate::{
     abi::{
-        BUSY_BEFORE_ATTACH, LibuvInfo, MAX_LIBUVS, ROLE_MAIN, ROLE_UNKNOWN, SAMPLE_PERIOD_NS,
+        BUSY_BEFORE_ATTACH, FULL_ASLEEP, FULL_THREADS, LOST_CONTROL, LOST_STACK, LibuvInfo,
+        MAX_ASLEEP, MAX_LIBUVS, MAX_THREADS, MAX_V8_LAYOUTS, ROLE_MAIN, ROLE_UNKNOWN,
+        RawStackEvent, SAMPLE_PERIOD_NS, STACK_RING_BYTES, STACKS_LIMITED, StackBudget,
         ThreadState, V8Layout,
     },
     discover::{IdleThread, Libuv, POLL_SYMBOL},
@@ -45,6 +47,45 @@ const TRACEPOINTS: [(&str, &str, &str); 3] = [
 pub const DISCOVERY: Duration = Duration::from_secs(2);
 /// The longest it stays while a loop thread seen asleep at attach is still unnamed.
 pub const DISCOVERY_MAX: Duration = Duration::from_secs(30);
+
+/// Each process may send this many times `--sample-rate` stack records a second: a loop thread
+/// busy all the time sends about `--sample-rate` of them (on-CPU samples of its CPU time and
+/// off-CPU stacks of its sleeps together), so two loops of one process blocked at once are
+/// never limited; a process with more busy loops, or one flooding, is held to that.
+pub const STACK_RATE_PER_SAMPLE_RATE: u64 = 2;
+/// The most stack records one process may send ahead of its rate: at most this share of the
+/// stack ring buffer, and at most a quarter second of its rate.
+const STACK_BURST_RING_SHARE: u64 = 4;
+const STACK_BURST_MAX: Duration = Duration::from_millis(250);
+
+/// What the kernel side (and the loading of its maps) could not do, counted: events dropped,
+/// stacks held back by the per-process limit, map entries not made because a map was full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Control events (loops found, blocks, exits, execs, GC pauses) dropped: ring buffer full.
+    pub control: u64,
+    /// Stack records dropped: their ring buffer was full.
+    pub stacks: u64,
+    /// Stack records not taken: their process was over its stack rate.
+    pub rate_limited: u64,
+    /// Entries not made because the map was full, by map (see [`Losses::MAPS`]).
+    pub map_full: [u64; 4],
+}
+
+impl Losses {
+    /// The maps whose fullness is counted, in `map_full`'s order, with their size.
+    pub const MAPS: [(&str, u32); 4] = [
+        ("threads", MAX_THREADS),
+        ("asleep", MAX_ASLEEP),
+        ("libuvs", MAX_LIBUVS),
+        ("v8_layouts", MAX_V8_LAYOUTS),
+    ];
+
+    /// Events the ring buffers could not take, of both kinds.
+    pub fn events(&self) -> u64 {
+        self.control + self.stacks
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ProbeError {
@@ -93,7 +134,16 @@ pub struct Probes {
     /// The uprobes on each `libuvs` entry's object (but `discovering`'s), by program.
     object_links: std::collections::HashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
     v8_layouts: HashMap<MapData, u32, V8Layout>,
-    dropped: PerCpuArray<MapData, u64>,
+    /// The kernel side's counters (`enum loopbpf_counter`), per CPU.
+    counters: PerCpuArray<MapData, u64>,
+    /// Each process's stack rate: how many of its records the limit dropped.
+    stack_budgets: HashMap<MapData, u32, StackBudget>,
+    /// Stack records the limit dropped, by process, as last read (an evicted budget starts
+    /// again from 0: the deltas are added up).
+    stacks_limited: std::collections::BTreeMap<u32, (u64, u64)>,
+    /// Inserts userspace made that failed on a full map: `threads` (seeds), `libuvs`,
+    /// `v8_layouts`, in [`Losses::MAPS`]'s order.
+    user_map_full: [u64; 4],
     /// Per loop thread cpu-clock sampling, by tid, with the thread's process.
     samplers: std::collections::HashMap<u32, (u32, PerfEventLinkId)>,
     /// `uv__io_poll` probes still finding running loops, by `libuvs` entry, with their start
@@ -118,17 +168,21 @@ impl Probes {
         let stack_every: u32 = stacks_hz.map_or(0, |hz| {
             (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u32
         });
+        let (stack_interval_ns, stack_burst_ns) = stack_limit(stack_every);
         let mut ebpf = EbpfLoader::new()
             .override_global("target_tgid", &target_tgid, true)
             .override_global("threshold_ns", &threshold_ns, true)
             .override_global("stack_every", &stack_every, true)
+            .override_global("stack_interval_ns", &stack_interval_ns, true)
+            .override_global("stack_burst_ns", &stack_burst_ns, true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
         let window = take_map(&mut ebpf, "window")?;
         let libuvs = take_map(&mut ebpf, "libuvs")?;
         let v8_layouts = take_map(&mut ebpf, "v8_layouts")?;
-        let dropped = take_map(&mut ebpf, "dropped")?;
+        let counters = take_map(&mut ebpf, "counters")?;
+        let stack_budgets = take_map(&mut ebpf, "stack_budgets")?;
         Ok(Self {
             ebpf,
             threads,
@@ -138,15 +192,24 @@ impl Probes {
             libuvs_free: Vec::new(),
             object_links: std::collections::HashMap::new(),
             v8_layouts,
-            dropped,
+            counters,
+            stack_budgets,
+            stacks_limited: std::collections::BTreeMap::new(),
+            user_map_full: [0; 4],
             samplers: std::collections::HashMap::new(),
             discovering: std::collections::HashMap::new(),
         })
     }
 
-    /// The ring buffer of events; call once.
-    pub fn events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    /// The ring buffer of control events (loops found, blocks, exits, execs, GC pauses); call
+    /// once.
+    pub fn control_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         take_map(&mut self.ebpf, "events")
+    }
+
+    /// The ring buffer of stack records; call once.
+    pub fn stack_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        take_map(&mut self.ebpf, "stacks")
     }
 
     /// Attaches the thread-exit, exec and context-switch tracepoints, which only act on targets.
@@ -218,9 +281,14 @@ impl Probes {
             {
                 Ok(())
             }
-            result => result.map_err(|error| ProbeError::MapAccess {
-                name: "threads",
-                error,
+            result => result.map_err(|error| {
+                if is_full(&error) {
+                    self.user_map_full[0] += 1;
+                }
+                ProbeError::MapAccess {
+                    name: "threads",
+                    error,
+                }
             }),
         }
     }
@@ -237,7 +305,10 @@ impl Probes {
                 self.libuvs_used += 1;
                 self.libuvs_used - 1
             }
-            None => return Err(ProbeError::TooManyLibuvs),
+            None => {
+                self.user_map_full[2] += 1;
+                return Err(ProbeError::TooManyLibuvs);
+            }
         };
         let attached = self.attach_loop_probes(libuv, pid, which);
         if attached.is_err() {
@@ -519,24 +590,70 @@ impl Probes {
 
     /// Turns on reading the V8 objects of JS frames when samples of `pid` are taken.
     pub fn set_v8_layout(&mut self, pid: u32, layout: V8Layout) -> Result<(), ProbeError> {
-        self.v8_layouts
-            .insert(pid, layout, 0)
-            .map_err(|error| ProbeError::MapAccess {
+        self.v8_layouts.insert(pid, layout, 0).map_err(|error| {
+            if is_full(&error) {
+                self.user_map_full[3] += 1;
+            }
+            ProbeError::MapAccess {
                 name: "v8_layouts",
                 error,
-            })
+            }
+        })
     }
 
     /// Frees what the kernel side keeps for a process that is gone.
     pub fn forget_process(&mut self, pid: u32) {
         let _ = self.v8_layouts.remove(&pid);
+        let _ = self.stack_budgets.remove(&pid);
+        self.stacks_limited.remove(&pid);
     }
 
-    /// Events the kernel side could not hand over because the ring buffer was full.
-    pub fn dropped_events(&self) -> u64 {
-        self.dropped
-            .get(&0, 0)
+    /// One kernel-side counter, summed over the CPUs.
+    fn counter(&self, which: u32) -> u64 {
+        self.counters
+            .get(&which, 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    /// Everything lost or held back so far.
+    pub fn losses(&self) -> Losses {
+        let [threads, libuvs, v8_layouts] = [0, 2, 3].map(|i| self.user_map_full[i]);
+        Losses {
+            control: self.counter(LOST_CONTROL),
+            stacks: self.counter(LOST_STACK),
+            rate_limited: self.counter(STACKS_LIMITED),
+            map_full: [
+                self.counter(FULL_THREADS) + threads,
+                self.counter(FULL_ASLEEP),
+                libuvs,
+                v8_layouts,
+            ],
+        }
+    }
+
+    /// Stack records the per-process limit dropped so far, by process (those with any).
+    pub fn stacks_limited(&mut self) -> Vec<(u32, u64)> {
+        for (pid, budget) in self.stack_budgets.iter().filter_map(Result::ok) {
+            let (last, total) = self.stacks_limited.entry(pid).or_default();
+            // Evicted and made again: it counts from 0.
+            *total += budget.limited.checked_sub(*last).unwrap_or(budget.limited);
+            *last = budget.limited;
+        }
+        self.stacks_limited
+            .iter()
+            .filter(|(_, (_, total))| *total > 0)
+            .map(|(pid, (_, total))| (*pid, *total))
+            .collect()
+    }
+
+    /// The per-process stack rate the kernel side enforces, in records a second (`None`: no
+    /// stacks taken).
+    pub fn stack_rate(stacks_hz: Option<u64>) -> Option<u64> {
+        let samples_per_s = 1_000_000_000 / SAMPLE_PERIOD_NS;
+        let stack_every = stacks_hz
+            .map(|hz| (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u64)?;
+        let (interval_ns, _) = stack_limit(u32::try_from(stack_every).ok()?);
+        (interval_ns > 0).then(|| 1_000_000_000 / interval_ns)
     }
 }
 
@@ -566,6 +683,27 @@ impl KnownLoop {
     }
 }
 
+/// The per-process stack limit for stacks on every `stack_every`-th sample: the interval
+/// between records, and how far ahead of it a process may be, in nanoseconds (0, 0: no stacks,
+/// no limit).
+fn stack_limit(stack_every: u32) -> (u64, u64) {
+    if stack_every == 0 {
+        return (0, 0);
+    }
+    let stack_period_ns = u64::from(stack_every) * SAMPLE_PERIOD_NS;
+    let interval_ns = stack_period_ns / STACK_RATE_PER_SAMPLE_RATE;
+    let ring_records = STACK_RING_BYTES / size_of::<RawStackEvent>() as u64;
+    let burst_ns = (interval_ns * (ring_records / STACK_BURST_RING_SHARE))
+        .min(STACK_BURST_MAX.as_nanos() as u64);
+    (interval_ns, burst_ns)
+}
+
+/// Whether a map insert failed because the map is full.
+fn is_full(error: &aya::maps::MapError) -> bool {
+    matches!(error, aya::maps::MapError::SyscallError(e)
+        if e.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
 /// The embedded object's program `name`, as its type.
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
 where
@@ -593,4 +731,29 @@ fn raise_memlock_limit() {
     };
     // SAFETY: a valid rlimit struct; failure only means the old limit stays.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_gets_twice_the_sample_rate_and_a_bounded_burst() {
+        // The default --sample-rate 199: stacks on every 5th sample, 200 a second of a thread's
+        // CPU time; a process may send 400 a second, 60 of them (a quarter of the ring) at once.
+        let (interval_ns, burst_ns) = stack_limit(5);
+        assert_eq!(interval_ns, 2_500_000);
+        assert_eq!(burst_ns / interval_ns, 60);
+        assert_eq!(Probes::stack_rate(Some(199)), Some(400));
+        // --sample-rate 1000: 2000 a second; the burst stays a quarter of the ring.
+        let (interval_ns, burst_ns) = stack_limit(1);
+        assert_eq!(1_000_000_000 / interval_ns, 2000);
+        assert_eq!(burst_ns / interval_ns, 60);
+        // A low rate: the burst is at most a quarter second.
+        let (interval_ns, burst_ns) = stack_limit(100);
+        assert_eq!(burst_ns, 250_000_000);
+        assert!(burst_ns / interval_ns < 60);
+        assert_eq!(stack_limit(0), (0, 0));
+        assert_eq!(Probes::stack_rate(None), None);
+    }
 }

@@ -241,6 +241,14 @@ impl Aggregator {
                 at_ns,
                 before_attach,
             } => {
+                if self
+                    .loops
+                    .get(&tid)
+                    .is_some_and(|t| t.id.pid == pid && t.exited_ns.is_some())
+                {
+                    // Ended already: from the threads map, its exit event late or lost.
+                    return None;
+                }
                 let threshold_ns = self.threshold_ns;
                 let thread = self.loop_thread(pid, tid, at_ns);
                 thread.exited_ns = Some(at_ns);
@@ -470,6 +478,11 @@ impl Aggregator {
             .map(|t| LoopStatus::new(t.id, &t.state))
     }
 
+    /// Whether loop thread `tid` is known to have exited.
+    pub fn has_exited(&self, tid: u32) -> bool {
+        self.loops.get(&tid).is_some_and(|t| t.exited_ns.is_some())
+    }
+
     /// A thread found gone without an exit event: it is no loop any more (and no block).
     pub fn thread_gone(&mut self, tid: u32, at_ns: u64) {
         if let Some(thread) = self.loops.get_mut(&tid) {
@@ -672,6 +685,33 @@ mod tests {
         let mut agg = Aggregator::new(100 * MS);
         assert_eq!(agg.on_event(&exit(Some(450 * MS))), None);
         assert_eq!(agg.on_event(&exit(None)), None);
+    }
+
+    #[test]
+    fn an_exit_taken_from_the_threads_map_is_not_reported_again_when_its_event_comes() {
+        let mut agg = Aggregator::new(100 * MS);
+        let mut s = state(5, 0);
+        s.busy_since_ns = 300 * MS;
+        agg.update_state(5, &s);
+        let exit = Event::LoopExit {
+            pid: 5,
+            tid: 5,
+            busy_since_ns: Some(300 * MS),
+            at_ns: 500 * MS,
+            before_attach: false,
+        };
+        assert!(matches!(
+            agg.on_event(&exit),
+            Some(Record::Block {
+                end: BlockEnd::Exit,
+                ..
+            })
+        ));
+        assert!(agg.has_exited(5));
+        // Still busy by its last state, but gone: never ongoing, and the late event is no news.
+        assert!(agg.ongoing(5000 * MS).is_empty());
+        assert_eq!(agg.on_event(&exit), None);
+        assert_eq!(agg.take_exited_tids(), [5]);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::{
     abi::HIST_SLOTS,
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
+    probe::Losses,
     target::{ProcessLabels, proc::Process},
 };
 
@@ -52,10 +53,13 @@ pub struct LoopView<'a> {
 }
 
 /// loopbpf's own state at a refresh.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Health {
     pub processes: u64,
-    pub lost_events: u64,
+    /// What the kernel side lost, held back, or had no room for.
+    pub losses: Losses,
+    /// Stack records the per-process limit dropped, by process.
+    pub stacks_limited: Vec<(u32, u64)>,
     pub attach_failures: u64,
 }
 
@@ -143,7 +147,7 @@ impl Metrics {
     }
 
     /// Renders every series as of `now_ns` into the exposition.
-    pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: Health) {
+    pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: &Health) {
         let mut families = Families::default();
         for view in loops {
             let m = self
@@ -415,7 +419,7 @@ fn gc_and_memory_series(
     }
 }
 
-fn health_series(families: &mut Families, loops: usize, health: Health) {
+fn health_series(families: &mut Families, loops: usize, health: &Health) {
     let (cpu_seconds, rss_bytes) = own_usage();
     let none = Vec::new;
     families.add(
@@ -430,12 +434,42 @@ fn health_series(families: &mut Families, loops: usize, health: Health) {
         MetricType::GAUGE,
         gauge(none(), loops as f64),
     );
+    // One name for both kinds, as before the kinds were told apart: sum() over it is the total.
+    for (kind, lost) in [
+        ("control", health.losses.control),
+        ("stack", health.losses.stacks),
+    ] {
+        families.add(
+            "loopbpf_lost_events_total",
+            "Events the kernel side could not hand over (ring buffer full), by kind: control \
+             (loops found, blocks, exits, GC pauses) or stack records.",
+            MetricType::COUNTER,
+            counter(labels(&[("kind", kind)]), lost as f64),
+        );
+    }
+    for (i, (map, _)) in Losses::MAPS.into_iter().enumerate() {
+        families.add(
+            "loopbpf_kernel_map_full_total",
+            "Entries the kernel side could not make because the map was full, by map.",
+            MetricType::COUNTER,
+            counter(labels(&[("map", map)]), health.losses.map_full[i] as f64),
+        );
+    }
     families.add(
-        "loopbpf_lost_events_total",
-        "Events the kernel side could not hand over (ring buffer full): blocks or stacks missing.",
+        "loopbpf_stacks_rate_limited_total",
+        "Stack records not taken because their process was over its stack rate, all processes.",
         MetricType::COUNTER,
-        counter(none(), health.lost_events as f64),
+        counter(none(), health.losses.rate_limited as f64),
     );
+    for (pid, limited) in &health.stacks_limited {
+        let pid = pid.to_string();
+        families.add(
+            "loopbpf_process_stacks_rate_limited_total",
+            "Stack records of one process not taken because it was over its stack rate.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", pid.as_str())]), *limited as f64),
+        );
+    }
     families.add(
         "loopbpf_attach_failures_total",
         "Processes loopbpf found but could not attach to.",
@@ -595,9 +629,15 @@ mod tests {
         metrics.refresh(
             20 * S,
             &[view_of(&state, &process)],
-            Health {
+            &Health {
                 processes: 1,
-                lost_events: 3,
+                losses: Losses {
+                    control: 1,
+                    stacks: 2,
+                    rate_limited: 40,
+                    map_full: [0, 5, 0, 0],
+                },
+                stacks_limited: vec![(7, 40)],
                 attach_failures: 0,
             },
         );
@@ -626,7 +666,12 @@ mod tests {
             format!("loopbpf_gc_duration_seconds_count{{{labels},kind=\"major\"}} 1"),
             "loopbpf_processes_watched 1".to_owned(),
             "loopbpf_loop_threads_watched 1".to_owned(),
-            "loopbpf_lost_events_total 3".to_owned(),
+            r#"loopbpf_lost_events_total{kind="control"} 1"#.to_owned(),
+            r#"loopbpf_lost_events_total{kind="stack"} 2"#.to_owned(),
+            r#"loopbpf_kernel_map_full_total{map="threads"} 0"#.to_owned(),
+            r#"loopbpf_kernel_map_full_total{map="asleep"} 5"#.to_owned(),
+            "loopbpf_stacks_rate_limited_total 40".to_owned(),
+            r#"loopbpf_process_stacks_rate_limited_total{pid="7"} 40"#.to_owned(),
             "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
@@ -647,7 +692,7 @@ mod tests {
         // Idle for the first 20 s, then fully busy for 10 s.
         for second in 1..=30 {
             state.idle_ns = second.min(20) * S;
-            metrics.refresh(second * S, &[view_of(&state, &process)], Health::default());
+            metrics.refresh(second * S, &[view_of(&state, &process)], &Health::default());
         }
         let text = text(&metrics);
         let elu = text
@@ -663,7 +708,7 @@ mod tests {
         let mut metrics = Metrics::new(100_000_000);
         metrics.on_block(7, 7, S);
         metrics.forget(7, 7);
-        metrics.refresh(S, &[], Health::default());
+        metrics.refresh(S, &[], &Health::default());
         assert!(!text(&metrics).contains("pid=\"7\""));
         assert!(metrics.loops.is_empty());
     }

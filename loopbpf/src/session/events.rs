@@ -11,7 +11,7 @@ use super::{
     process::{Seed, read_v8_objects_in_samples},
 };
 use crate::{
-    abi::ROLE_OTHER,
+    abi::{ROLE_OTHER, RawStackEvent, STACK_RING_BYTES},
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
@@ -21,18 +21,59 @@ use crate::{
         clock::Clock,
         metrics::{Health, LoopView},
     },
+    probe::Losses,
     target::{
         ProcessLabels,
         proc::{Process, rss_of},
     },
 };
 
+/// Stack records taken from their ring buffer in one turn of the session's loop: unwinding and
+/// naming is the costly part of the pipeline, and control events and timers wait meanwhile.
+const STACKS_PER_TURN: usize = 32;
+
+/// How much of a ring buffer to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drain {
+    /// Until it is empty.
+    All,
+    /// What it holds now, at most: stops where new records keep coming in.
+    Queued,
+    /// [`STACKS_PER_TURN`] records at most.
+    Some,
+}
+
+/// Whether a drain emptied its ring buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drained {
+    All,
+    Some,
+}
+
 impl Session<'_> {
-    /// Reads every queued event; an exited loop thread's final state is taken and the entry
-    /// freed.
-    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), End> {
+    /// Reads queued events, as many as `how` says; an exited loop thread's final state is taken
+    /// and the entry freed.
+    pub(super) fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        how: Drain,
+    ) -> Result<Drained, End> {
+        let most = match how {
+            Drain::All => usize::MAX,
+            // As many stack records as their ring buffer holds.
+            Drain::Queued => (STACK_RING_BYTES / size_of::<RawStackEvent>() as u64) as usize + 1,
+            Drain::Some => STACKS_PER_TURN,
+        };
         let mut records = Vec::new();
-        while let Some(item) = ring.next() {
+        let mut taken = 0;
+        let mut drained = Drained::All;
+        loop {
+            if taken == most {
+                drained = Drained::Some;
+                break;
+            }
+            let Some(item) = ring.next() else { break };
+            taken += 1;
             match Event::decode(&item) {
                 Ok(event) => {
                     self.follow_threads(&event);
@@ -55,7 +96,7 @@ impl Session<'_> {
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
-        self.report_all(&records)
+        self.report_all(&records).map(|()| drained)
     }
 
     /// Starts sampling loop threads as they are found; takes the final state of those that
@@ -159,10 +200,11 @@ impl Session<'_> {
                 .values()
                 .filter(|p| p.life.gone_ns.is_none())
                 .count() as u64,
-            lost_events: self.probes.dropped_events(),
+            losses: self.probes.losses(),
+            stacks_limited: self.probes.stacks_limited(),
             attach_failures: self.fleet.as_ref().map_or(0, |f| f.attach_failures),
         };
-        metrics.refresh(now_ns, &loops, health);
+        metrics.refresh(now_ns, &loops, &health);
     }
 
     /// `loopbpf record`, once a state poll: the timeline, the actions, the bundle so far; ends
@@ -260,16 +302,46 @@ impl Session<'_> {
         self.warn_of_lost_events();
     }
 
-    /// Says so, at most once a second, when the kernel side could not hand events over: counts
-    /// and stacks are then incomplete, and the user must know.
+    /// Says so, at most once a second, when the kernel side could not hand events over, held
+    /// a process's stacks back, or had a full map: the output then misses something, and the
+    /// user must know what and whose.
     pub(super) fn warn_of_lost_events(&mut self) {
-        let dropped = self.probes.dropped_events();
-        if dropped > self.dropped_warned {
+        let losses = self.probes.losses();
+        let warned = self.losses_warned;
+        if losses.events() > warned.events() {
             loss!(
-                "{dropped} events lost so far (ring buffer full); blocks or stacks may be missing"
+                "{} events lost so far (ring buffer full): {} control events (loops found, blocks, exits, GC pauses), {} stacks; blocks or stacks may be missing",
+                losses.events(),
+                losses.control,
+                losses.stacks,
             );
-            self.dropped_warned = dropped;
         }
+        for (i, (map, entries)) in Losses::MAPS.into_iter().enumerate() {
+            if losses.map_full[i] > 0 && warned.map_full[i] == 0 {
+                loss!(
+                    "the kernel map `{map}` is full ({entries} entries): {}",
+                    match map {
+                        "threads" => "loop threads beyond it are not watched",
+                        "asleep" => "off-CPU stacks of busy loop threads are missing",
+                        "libuvs" => "programs beyond it are not watched",
+                        _ => "JS frames of processes beyond it are not named",
+                    }
+                );
+            }
+        }
+        let rate = self.stack_rate;
+        let limited_now = self.probes.stacks_limited();
+        self.limited_warned
+            .retain(|pid, _| limited_now.iter().any(|(of, _)| of == pid));
+        for (pid, limited) in limited_now {
+            let before = self.limited_warned.insert(pid, limited).unwrap_or(0);
+            if limited > before {
+                loss!(
+                    "{limited} stacks of pid {pid} dropped so far by the per-process limit ({rate}/s); its blocks are all reported, with fewer stacks"
+                );
+            }
+        }
+        self.losses_warned = losses;
     }
 
     /// The summary, then the `--folded` and `--flamegraph` files.
@@ -283,7 +355,7 @@ impl Session<'_> {
         {
             status!("pid {pid} exited before its event loop ran");
         }
-        let dropped = self.probes.dropped_events();
+        let dropped = self.probes.losses().events();
         let summary = self
             .aggregator
             .summary(now_ns, dropped, now_ns - self.started_ns);

@@ -206,8 +206,8 @@ impl Session<'_> {
         }
     }
 
-    /// Fleet mode, once a second: finds processes that are gone, forgets those gone for longer
-    /// than `--keep-exited`, and frees kernel-side entries of threads that no longer exist.
+    /// Fleet mode, once a second: finds processes that are gone, and forgets those gone for
+    /// longer than `--keep-exited` (threads that are gone: `reconcile`, in every mode).
     pub(super) fn tend_fleet(&mut self, now_ns: u64) {
         if self.fleet.is_none() {
             return;
@@ -220,15 +220,6 @@ impl Session<'_> {
         let watched = self.processes.iter().map(|(pid, p)| (*pid, &p.life));
         for pid in expired(watched, now_ns, keep_ns) {
             self.forget_process(pid);
-        }
-        // Threads that ended without a word to us (an exit we lost); those that said so are
-        // freed once their last state is read.
-        for (tid, state) in self.probes.threads() {
-            if state.exited_ns == 0 && !Proc.thread_exists(state.pid, tid) {
-                self.probes.forget_thread(tid);
-                self.probes.stop_sampling(tid);
-                self.aggregator.thread_gone(tid, now_ns);
-            }
         }
     }
 }

@@ -11,6 +11,7 @@ mod events;
 mod fleet;
 mod launch;
 mod process;
+mod reconcile;
 
 use std::{
     collections::BTreeMap,
@@ -22,6 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -40,9 +42,10 @@ use crate::{
         record::Recorder,
         report::Reporter,
     },
-    probe::Probes,
+    probe::{Losses, Probes},
     target::files::FileId,
 };
+use events::{Drain, Drained};
 use fleet::Fleet;
 use launch::{RunAs, StoppedChild};
 use process::{Process, Seed};
@@ -165,8 +168,12 @@ struct Session<'a> {
     /// Object files, read once for every process that maps them.
     shared: SharedFiles,
     flame: Flame,
-    /// Lost events already warned about.
-    dropped_warned: u64,
+    /// Losses already warned about.
+    losses_warned: Losses,
+    /// Stacks dropped by the per-process limit already warned about, by process.
+    limited_warned: BTreeMap<u32, u64>,
+    /// That limit, in stack records a second.
+    stack_rate: u64,
     started_ns: u64,
 }
 
@@ -198,7 +205,9 @@ impl<'a> Session<'a> {
                 .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
             shared: SharedFiles::new(),
             flame: Flame::default(),
-            dropped_warned: 0,
+            losses_warned: Losses::default(),
+            limited_warned: BTreeMap::new(),
+            stack_rate: Probes::stack_rate(stacks_hz).unwrap_or(0),
             started_ns: Clock::monotonic_ns(),
         };
         if let Some(target) = target {
@@ -218,6 +227,19 @@ impl<'a> Session<'a> {
     }
 }
 
+impl Session<'_> {
+    /// Every [`STATE_POLL`]: execs to look at, the threads' state, ongoing blocks.
+    fn poll_state(&mut self, now_ns: u64) -> Result<(), End> {
+        self.look_at_execs(now_ns);
+        // Exits lost on the way end their threads before anything is said ongoing.
+        self.reconcile_threads(now_ns, false)?;
+        self.refresh();
+        let records = self.aggregator.ongoing(now_ns);
+        self.report_all(&records)?;
+        self.record_tick(now_ns)
+    }
+}
+
 async fn watch(
     mut session: Session<'_>,
     target_pid: Option<u32>,
@@ -225,13 +247,10 @@ async fn watch(
     listener: Option<std::net::TcpListener>,
 ) -> Result<ExitCode> {
     let args = session.args;
-    // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
-    let mut ring =
-        unsafe { AsyncFd::register_with_interest(session.probes.events()?, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)
-            .context("watching the ring buffer")?;
+    let mut control = ring_fd(session.probes.control_events()?, "the control events")?;
+    let mut stacks = ring_fd(session.probes.stack_events()?, "the stack records")?;
     let exited = match target_pid {
-        // SAFETY: as above.
+        // SAFETY: the OwnedFd keeps its fd open for as long as the AsyncFd lives.
         Some(pid) => Some(
             unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
                 .map_err(|e| e.into_parts().1)
@@ -271,28 +290,35 @@ async fn watch(
 
     let end = loop {
         let step = tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting for the ring buffer")?;
-                let step = session.drain(guard.get_inner_mut());
+            // Control events first: a flood of stacks only delays them, never drops them. The
+            // stacks already queued go in before them, so that a block ends with its stacks.
+            biased;
+            guard = control.readable_mut() => {
+                let mut guard = guard.context("waiting for the control events")?;
+                let _ = session.drain(stacks.get_mut(), Drain::Queued);
+                let step = session.drain(guard.get_inner_mut(), Drain::All);
                 guard.clear_ready();
-                step
+                step.map(drop)
             }
-            _ = state_poll.tick() => {
-                let now_ns = Clock::monotonic_ns();
-                session.look_at_execs(now_ns);
-                session.refresh();
-                let records = session.aggregator.ongoing(now_ns);
-                session.report_all(&records).and_then(|()| session.record_tick(now_ns))
+            guard = stacks.readable_mut() => {
+                // A few at a time, the control events and timers getting their turn between.
+                let mut guard = guard.context("waiting for the stack records")?;
+                if session.drain(guard.get_inner_mut(), Drain::Some) == Ok(Drained::All) {
+                    guard.clear_ready();
+                }
+                Ok(())
             }
+            _ = state_poll.tick() => session.poll_state(Clock::monotonic_ns()),
             _ = maps_refresh.tick() => {
                 // Keep the memory maps current while the targets live, so that stacks of a
                 // block that ends with an exit can still be named.
                 let now_ns = Clock::monotonic_ns();
                 session.refresh_naming();
                 session.tend_fleet(now_ns);
+                let step = session.reconcile_threads(now_ns, true);
                 session.refresh();
                 session.refresh_metrics(now_ns);
-                Ok(())
+                step
             }
             () = tick(&mut interval_timer) => {
                 session.refresh();
@@ -311,7 +337,8 @@ async fn watch(
         }
     };
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
-    let _ = session.drain(ring.get_mut());
+    let _ = session.drain(stacks.get_mut(), Drain::Queued);
+    let _ = session.drain(control.get_mut(), Drain::All);
     session.finish(target_pid, &end)?;
     // A launched command that ended by itself passes its exit status on, like `time` does;
     // one still running when we stop is ended with us.
@@ -324,6 +351,14 @@ async fn watch(
         (None, _) => 0,
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// A ring buffer, watched for records to read.
+fn ring_fd(ring: RingBuf<MapData>, what: &str) -> Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the RingBuf owns its fd and keeps it open for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .with_context(|| format!("watching the ring buffer of {what}"))
 }
 
 async fn tick(timer: &mut Option<Interval>) {
