@@ -27,8 +27,15 @@ use crate::{
     abi::HIST_SLOTS,
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
+    diag::printable,
     target::{ProcessLabels, proc::Process},
 };
+
+/// Longest label value served, in bytes: a process names itself (comm, container, pod), and
+/// a scraper's memory goes with every distinct value.
+const MAX_LABEL_BYTES: usize = 128;
+/// What ends a label value that was cut.
+const LABEL_CUT: &str = "...";
 
 /// The window of the ELU gauge.
 const ELU_WINDOW_NS: u64 = 10_000_000_000;
@@ -206,10 +213,25 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .map(|(name, value)| {
             let mut pair = LabelPair::default();
             pair.set_name((*name).to_owned());
-            pair.set_value((*value).to_owned());
+            pair.set_value(label_value(value));
             pair
         })
         .collect()
+}
+
+/// A label value as served, whatever a target named itself: printable (no control
+/// characters; the encoder escapes quotes and backslashes) and at most [`MAX_LABEL_BYTES`],
+/// cut on a character boundary with `...` to say so.
+fn label_value(value: &str) -> String {
+    let value = printable(value);
+    if value.len() <= MAX_LABEL_BYTES {
+        return value.into_owned();
+    }
+    let mut end = MAX_LABEL_BYTES - LABEL_CUT.len();
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{LABEL_CUT}", &value[..end])
 }
 
 fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
@@ -650,6 +672,50 @@ mod tests {
             .and_then(|l| l.rsplit(' ').next())
             .unwrap();
         assert_eq!(elu, "1", "{text}");
+    }
+
+    #[test]
+    fn label_values_are_printable_and_bounded() {
+        assert_eq!(label_value("node"), "node");
+        assert_eq!(label_value("evil\x1b[31m\n"), "evil\\x1b[31m\\n");
+        let long = "é".repeat(100);
+        let cut = label_value(&long);
+        assert!(
+            cut.len() <= MAX_LABEL_BYTES && cut.ends_with("..."),
+            "{cut}"
+        );
+        assert_eq!(cut.len(), 124 + 3, "cut on a character boundary: {cut}");
+        assert_eq!(label_value(&"a".repeat(128)), "a".repeat(128));
+        assert_eq!(
+            label_value(&"a".repeat(129)),
+            format!("{}...", "a".repeat(125))
+        );
+
+        let mut metrics = Metrics::new(100_000_000);
+        let state = ThreadState {
+            pid: 7,
+            role: ROLE_MAIN,
+            ..ThreadState::default()
+        };
+        let process = ProcessLabels {
+            comm: "ev\"il\\\x1b[2J\n}x".into(),
+            container: String::new(),
+            pod: "p".repeat(300),
+        };
+        metrics.refresh(S, &[view_of(&state, &process)], Health::default());
+        let text = text(&metrics);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("loopbpf_event_loop_iterations_total{"))
+            .unwrap();
+        assert!(
+            line.contains(&format!(
+                r#"comm="ev\"il\\\\x1b[2J\\n}}x",container="",pod="{}...""#,
+                "p".repeat(125)
+            )),
+            "{line}"
+        );
     }
 
     #[test]
