@@ -3,25 +3,34 @@
 //!
 //! Names follow what Node users know from prom-client and the OpenTelemetry runtime metrics,
 //! with a `loopbpf_` prefix and base units (seconds, ratios). The session renders the
-//! exposition once a second into a shared string; a scrape only copies it, so scrapers never
-//! wait for the pipeline and the pipeline never waits for scrapers.
+//! exposition once a second into a shared buffer; a scrape only takes a reference to it, so
+//! scrapers never wait for the pipeline and the pipeline never waits for scrapers.
+//!
+//! The server is open to whoever can reach the port, and a node can be crowded: a connection
+//! has [`HEADER_TIMEOUT`] to send each request's head (hyper's timer also runs while a
+//! keep-alive connection waits for its next request, so an idle one is closed then too) and
+//! lives [`CONNECTION_LIFETIME`] at most (a client that stops reading its response); at most
+//! [`MAX_CONNECTIONS`] are served at once, the next wait in the kernel's accept queue; a
+//! failing `accept` (out of file descriptors) is retried after a pause that grows to
+//! [`ACCEPT_BACKOFF_MAX`], never in a busy loop.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder, TextEncoder,
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     abi::HIST_SLOTS,
@@ -36,6 +45,19 @@ use crate::{
 const MAX_LABEL_BYTES: usize = 128;
 /// What ends a label value that was cut.
 const LABEL_CUT: &str = "...";
+
+/// Time a client has to send a request's head (and an idle keep-alive connection to start
+/// its next request): a slow client cannot hold a connection.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of a connection, however it is used.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request buffered (hyper's least): a scrape's head is a few hundred bytes.
+const MAX_REQUEST_BUFFER: usize = 8192;
+/// Pauses after a failed `accept`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The window of the ELU gauge.
 const ELU_WINDOW_NS: u64 = 10_000_000_000;
@@ -88,7 +110,7 @@ pub struct Metrics {
     buckets: Vec<f64>,
     /// By (pid, tid): a tid reused by another process starts with fresh series.
     loops: HashMap<(u32, u32), LoopMetrics>,
-    exposition: Arc<Mutex<String>>,
+    exposition: Arc<Mutex<Bytes>>,
 }
 
 impl Metrics {
@@ -105,12 +127,12 @@ impl Metrics {
             threshold_ns,
             buckets,
             loops: HashMap::new(),
-            exposition: Arc::new(Mutex::new(String::new())),
+            exposition: Arc::new(Mutex::new(Bytes::new())),
         }
     }
 
     /// The text the server hands out.
-    pub fn exposition(&self) -> Arc<Mutex<String>> {
+    pub fn exposition(&self) -> Arc<Mutex<Bytes>> {
         Arc::clone(&self.exposition)
     }
 
@@ -174,7 +196,7 @@ impl Metrics {
             .is_ok()
             && let Ok(mut exposition) = self.exposition.lock()
         {
-            *exposition = String::from_utf8(text).unwrap_or_default();
+            *exposition = Bytes::from(text);
         }
     }
 }
@@ -499,14 +521,27 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 /// Serves the exposition on `/metrics` until the runtime ends.
-pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String>>) {
+pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<Bytes>>) {
     let Ok(listener) = TcpListener::from_std(listener) else {
         warning!("the metrics listener could not be used");
         return;
     };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Backoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // A free slot first: past the cap, clients wait in the accept queue, not in memory.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                tokio::time::sleep(backoff.failed(&e)).await;
+                continue;
+            }
         };
         let exposition = Arc::clone(&exposition);
         tokio::spawn(async move {
@@ -514,15 +549,45 @@ pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String
                 let exposition = Arc::clone(&exposition);
                 async move { Ok::<_, Infallible>(respond(request.uri().path(), &exposition)) }
             });
-            // A scraper that hangs up early is its business.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            // A scraper that hangs up early, or too late, is its business.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
         });
     }
 }
 
-fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
+/// The pause after a failed `accept`: the cause (no file descriptor left, in this process or
+/// the system) lasts until connections close, so retrying at once would only spin.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The pause after the last failure; zero while accepting works.
+    pause: Duration,
+}
+
+impl Backoff {
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// The pause before the next try, [`ACCEPT_BACKOFF_MIN`] doubling to
+    /// [`ACCEPT_BACKOFF_MAX`]; the first failure of a run is reported.
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        if self.pause.is_zero() {
+            warning!("the metrics server cannot accept connections ({error}); retrying");
+            self.pause = ACCEPT_BACKOFF_MIN;
+        } else {
+            self.pause = (self.pause * 2).min(ACCEPT_BACKOFF_MAX);
+        }
+        self.pause
+    }
+}
+
+fn respond(path: &str, exposition: &Mutex<Bytes>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
@@ -532,15 +597,15 @@ fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
         "/" => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            "loopbpf: event-loop metrics are at /metrics\n".to_owned(),
+            Bytes::from_static(b"loopbpf: event-loop metrics are at /metrics\n"),
         ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: metrics are at /metrics\n".to_owned(),
+            Bytes::from_static(b"not found: metrics are at /metrics\n"),
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
@@ -574,7 +639,7 @@ mod tests {
     }
 
     fn text(metrics: &Metrics) -> String {
-        metrics.exposition().lock().unwrap().clone()
+        String::from_utf8(metrics.exposition().lock().unwrap().to_vec()).unwrap()
     }
 
     #[test]
@@ -716,6 +781,18 @@ mod tests {
             )),
             "{line}"
         );
+    }
+
+    #[test]
+    fn accept_failures_back_off_to_a_second() {
+        let mut backoff = Backoff::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<u64> = (0..6)
+            .map(|_| backoff.failed(&e).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(&e), ACCEPT_BACKOFF_MIN);
     }
 
     #[test]
