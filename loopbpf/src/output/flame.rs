@@ -85,22 +85,24 @@ impl Flame {
 }
 
 /// A frame's name as a folded-stack component, whatever the target named it: printable (no
-/// line end, nothing XML cannot carry), no `;` (which separates frames), and no last word of
-/// digits (which inferno would take for a sample count); kernel and JS frames marked the way
-/// inferno colours them.
+/// line end, nothing XML cannot carry), no `;` (which separates frames); kernel and JS frames
+/// marked the way inferno colours them, and a native name not ending in a word of digits,
+/// which inferno would take for a sample count when the frame is a leaf.
 fn folded_name(frame: &Frame) -> String {
     let mut name = printable(&frame.name).replace(';', ":");
-    if let Some(space) = name.rfind(' ')
-        && name[space + 1..]
-            .chars()
-            .all(|c| c.is_ascii_digit() || c == '.')
-    {
-        name.replace_range(space..=space, "_");
-    }
     match frame.kind {
         FrameKind::Kernel => format!("{name}_[k]"),
         FrameKind::Js => format!("{name}_[j]"),
-        FrameKind::Native => name,
+        FrameKind::Native => {
+            if let Some(space) = name.rfind(' ')
+                && name[space + 1..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.')
+            {
+                name.replace_range(space..=space, "_");
+            }
+            name
+        }
     }
 }
 
@@ -172,7 +174,7 @@ mod tests {
             on_cpu: true,
             frames: vec![
                 frame("leaf 12", FrameKind::Native),
-                frame("\x1b[2J<b>&amp;\"';x\n5\u{fffe}\0", FrameKind::Js),
+                frame("\x1b[2J<b>&amp;\"';x\n5\u{fffe}\0 7", FrameKind::Js),
             ],
         };
         let mut flame = Flame::default();
@@ -192,7 +194,7 @@ mod tests {
         let lines: Vec<String> = flame.lines().collect();
         assert_eq!(
             lines,
-            [r#"pid 7 main;\x1b[2J<b>&amp:"':x\n5\u{fffe}\x00_[j];leaf_12 50000"#]
+            [r#"pid 7 main;\x1b[2J<b>&amp:"':x\n5\u{fffe}\x00 7_[j];leaf_12 50000"#]
         );
         let mut svg = Vec::new();
         flame.write_svg_to(&mut svg, "blocked time").unwrap();
