@@ -99,6 +99,7 @@ fn daemonset_manifest_validates_against_kubernetes_schemas() {
             "namespace/loopbpf",
             "serviceaccount/loopbpf",
             "daemonset/loopbpf",
+            "networkpolicy/loopbpf",
         ] {
             let line = format!("passed for resource {resource} against version {minor}");
             assert!(report.contains(&line), "no `{line}` in:\n{report}");
@@ -158,13 +159,17 @@ fn daemonset_adds_only_the_documented_capabilities() {
         "allowPrivilegeEscalation: false",
         r#"drop: ["ALL"]"#,
         "path: /sys/kernel/tracing",
-        "path: /sys/fs/bpf",
     ] {
         assert!(
             settings.contains(required),
             "daemonset.yaml lacks `{required}`"
         );
     }
+    // loopbpf pins nothing: the host's BPF filesystem would only be a way in.
+    assert!(
+        !text.contains("/sys/fs/bpf"),
+        "daemonset.yaml mounts /sys/fs/bpf, which loopbpf does not use"
+    );
     assert!(
         !settings.contains("privileged: true"),
         "daemonset.yaml runs privileged: the capability list is meant to replace that"
@@ -177,6 +182,63 @@ fn daemonset_adds_only_the_documented_capabilities() {
             "deploy/README.md does not say why CAP_{capability} is needed"
         );
     }
+}
+
+/// The `NetworkPolicy` of daemonset.yaml: the loopbpf pods admit only Prometheus, on the
+/// metrics port, and reach out to nothing; the scraper's label is the one deploy/README.md
+/// tells users to change.
+#[test]
+fn network_policy_admits_only_prometheus_on_the_metrics_port() {
+    let text = read_deploy("daemonset.yaml");
+    let policy = text
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: NetworkPolicy"))
+        .expect("daemonset.yaml has no NetworkPolicy");
+    let lines: Vec<&str> = policy
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let after = |key: &str| -> Vec<&str> {
+        let at = lines
+            .iter()
+            .position(|l| *l == key)
+            .unwrap_or_else(|| panic!("the NetworkPolicy has no `{key}`:\n{policy}"));
+        lines[at + 1..].to_vec()
+    };
+    // It selects the DaemonSet's pods and governs both directions.
+    assert_eq!(
+        after("podSelector:")[..2],
+        ["matchLabels:", "app.kubernetes.io/name: loopbpf"],
+        "{policy}"
+    );
+    assert!(
+        lines.contains(&"policyTypes: [Ingress, Egress]") && lines.contains(&"egress: []"),
+        "the policy must deny all egress:\n{policy}"
+    );
+    // One ingress rule: Prometheus pods of any namespace, the metrics port only.
+    let ingress = after("ingress:");
+    assert_eq!(
+        ingress,
+        [
+            "- from:",
+            "- namespaceSelector: {}",
+            "podSelector:",
+            "matchLabels:",
+            "app.kubernetes.io/name: prometheus",
+            "ports:",
+            "- port: metrics",
+            "protocol: TCP",
+            "egress: []",
+        ],
+        "{policy}"
+    );
+    let readme = read_deploy("README.md");
+    assert!(
+        readme.contains("`app.kubernetes.io/name: prometheus`")
+            && readme.contains("ingress[0].from[0].podSelector.matchLabels"),
+        "deploy/README.md does not say which pods may scrape and where to change that"
+    );
 }
 
 #[test]

@@ -12,9 +12,14 @@
 //!
 //! The macros take `format!` arguments and add `loopbpf: ` and the kind's word. `progress`
 //! draws a line that the next one replaces, on a terminal only.
+//!
+//! A message may hold what a target wrote (its process name, a path): [`printable`] escapes
+//! what a terminal would act on, here for every diagnostic and in every output for the names
+//! it prints.
 
 use std::{
-    fmt,
+    borrow::Cow,
+    fmt::{self, Write as _},
     io::{self, IsTerminal, Write},
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -55,7 +60,47 @@ fn shown(kind: Kind) -> bool {
 
 /// The line a diagnostic is written as, without its newline.
 fn line(kind: Kind, message: fmt::Arguments<'_>) -> String {
-    format!("loopbpf: {}{message}", kind.word())
+    format!(
+        "loopbpf: {}{}",
+        kind.word(),
+        printable(&message.to_string())
+    )
+}
+
+/// Text a target wrote (a process or function name, a path), safe to print: each character a
+/// terminal acts on or that could forge a line is written as a visible escape (`\x1b`, `\n`,
+/// `\u{202e}`), everything else unchanged. Escaped are the control characters (C0, DEL, C1:
+/// escape sequences, cursor moves, line ends), the bidirectional overrides (which reorder
+/// what a line seems to say) and U+FFFE and U+FFFF (which XML cannot carry).
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(unprintable) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => shown.push_str("\\n"),
+            '\r' => shown.push_str("\\r"),
+            '\t' => shown.push_str("\\t"),
+            c if c.is_ascii() && unprintable(c) => {
+                let _ = write!(shown, "\\x{:02x}", u32::from(c));
+            }
+            c if unprintable(c) => {
+                let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => shown.push(c),
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// Whether [`printable`] escapes `c`.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{fffe}' | '\u{ffff}'
+        )
 }
 
 /// Writes one diagnostic line (the macros' back end).
@@ -140,6 +185,25 @@ mod tests {
         assert_eq!(
             line(Kind::Loss, format_args!("3 events lost so far")),
             "loopbpf: warning: 3 events lost so far"
+        );
+    }
+
+    #[test]
+    fn what_a_terminal_acts_on_is_escaped_visibly() {
+        assert!(matches!(
+            printable("node ä <x>&"),
+            Cow::Borrowed("node ä <x>&")
+        ));
+        assert_eq!(
+            printable("evil\x1b[31m\x1b]0;pwned\x07\n\r\tx\x7f\u{9b}2J\u{202e}\u{fffe}\0"),
+            "evil\\x1b[31m\\x1b]0;pwned\\x07\\n\\r\\tx\\x7f\\u{9b}2J\\u{202e}\\u{fffe}\\x00"
+        );
+        assert_eq!(
+            line(
+                Kind::Warning,
+                format_args!("pid 7 ({}) is not watched", "a\nloopbpf: b")
+            ),
+            "loopbpf: warning: pid 7 (a\\nloopbpf: b) is not watched"
         );
     }
 

@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     match session::run(&cli::Args::parse()) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("loopbpf: error: {error:#}");
+            // The error may name what a target wrote (its comm, a path).
+            eprintln!("loopbpf: error: {}", diag::printable(&format!("{error:#}")));
             ExitCode::FAILURE
         }
     }

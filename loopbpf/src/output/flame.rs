@@ -1,5 +1,9 @@
 //! Blocked time as folded stacks (`--folded`) and as a flame graph (`--flamegraph`, inferno):
 //! every block's stacks, weighted in microseconds, rooted at the loop thread they blocked.
+//!
+//! Frame names are the target's: inferno escapes markup (`<`, `&`, quotes) in the SVG, and
+//! [`folded_name`] makes the rest safe (control characters, which XML 1.0 cannot carry even
+//! escaped, and what the folded format gives a meaning).
 
 use std::{collections::BTreeMap, fs::File, io::Write, path::Path};
 
@@ -7,6 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     aggregate::LoopId,
+    diag::printable,
     naming::{
         frame::{Frame, FrameKind},
         stacks::{BlockProfile, above_the_loop},
@@ -79,14 +84,25 @@ impl Flame {
     }
 }
 
-/// A frame's name as a folded-stack component: no `;`, kernel frames marked the way inferno
-/// colours them.
+/// A frame's name as a folded-stack component, whatever the target named it: printable (no
+/// line end, nothing XML cannot carry), no `;` (which separates frames); kernel and JS frames
+/// marked the way inferno colours them, and a native name not ending in a word of digits,
+/// which inferno would take for a sample count when the frame is a leaf.
 fn folded_name(frame: &Frame) -> String {
-    let name = frame.name.replace(';', ":").replace('\n', " ");
+    let mut name = printable(&frame.name).replace(';', ":");
     match frame.kind {
         FrameKind::Kernel => format!("{name}_[k]"),
         FrameKind::Js => format!("{name}_[j]"),
-        FrameKind::Native => name,
+        FrameKind::Native => {
+            if let Some(space) = name.rfind(' ')
+                && name[space + 1..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.')
+            {
+                name.replace_range(space..=space, "_");
+            }
+            name
+        }
     }
 }
 
@@ -149,6 +165,47 @@ mod tests {
                 "pid 7 main;a:b_[j];PBKDF2 400000",
             ]
         );
+    }
+
+    #[test]
+    fn hostile_names_keep_the_folded_format_and_the_svg_well_formed() {
+        let hostile = NamedStack {
+            weight_ns: 50_000_000,
+            on_cpu: true,
+            frames: vec![
+                frame("leaf 12", FrameKind::Native),
+                frame("\x1b[2J<b>&amp;\"';x\n5\u{fffe}\0 7", FrameKind::Js),
+            ],
+        };
+        let mut flame = Flame::default();
+        let id = LoopId {
+            pid: 7,
+            tid: 7,
+            label: ThreadLabel::Main,
+        };
+        flame.add(
+            &id,
+            &BlockProfile {
+                on_cpu_ns: 50_000_000,
+                off_cpu_ns: 0,
+                stacks: vec![hostile],
+            },
+        );
+        let lines: Vec<String> = flame.lines().collect();
+        assert_eq!(
+            lines,
+            [r#"pid 7 main;\x1b[2J<b>&amp:"':x\n5\u{fffe}\x00 7_[j];leaf_12 50000"#]
+        );
+        let mut svg = Vec::new();
+        flame.write_svg_to(&mut svg, "blocked time").unwrap();
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(
+            !svg.chars().any(|c| c.is_control() && !"\n\t\r".contains(c)),
+            "{svg}"
+        );
+        assert!(svg.contains(r"\x1b[2J&lt;b&gt;&amp;amp:"), "{svg}");
+        // The whole stack's time is the leaf's: no count was read from its name.
+        assert!(svg.contains("leaf_12 (50,000 us, 100.00%)"), "{svg}");
     }
 
     #[test]

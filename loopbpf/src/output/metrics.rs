@@ -3,33 +3,62 @@
 //!
 //! Names follow what Node users know from prom-client and the OpenTelemetry runtime metrics,
 //! with a `loopbpf_` prefix and base units (seconds, ratios). The session renders the
-//! exposition once a second into a shared string; a scrape only copies it, so scrapers never
-//! wait for the pipeline and the pipeline never waits for scrapers.
+//! exposition once a second into a shared buffer; a scrape only takes a reference to it, so
+//! scrapers never wait for the pipeline and the pipeline never waits for scrapers.
+//!
+//! The server is open to whoever can reach the port, and a node can be crowded: a connection
+//! has [`HEADER_TIMEOUT`] to send each request's head (hyper's timer also runs while a
+//! keep-alive connection waits for its next request, so an idle one is closed then too) and
+//! lives [`CONNECTION_LIFETIME`] at most (a client that stops reading its response); at most
+//! [`MAX_CONNECTIONS`] are served at once, the next wait in the kernel's accept queue; a
+//! failing `accept` (out of file descriptors) is retried after a pause that grows to
+//! [`ACCEPT_BACKOFF_MAX`], never in a busy loop.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder, TextEncoder,
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     abi::HIST_SLOTS,
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
+    diag::printable,
     probe::Losses,
     target::{ProcessLabels, proc::Process},
 };
+
+/// Longest label value served, in bytes: a process names itself (comm, container, pod), and
+/// a scraper's memory goes with every distinct value.
+const MAX_LABEL_BYTES: usize = 128;
+/// What ends a label value that was cut.
+const LABEL_CUT: &str = "...";
+
+/// Time a client has to send a request's head (and an idle keep-alive connection to start
+/// its next request): a slow client cannot hold a connection.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of a connection, however it is used.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request buffered (hyper's least): a scrape's head is a few hundred bytes.
+const MAX_REQUEST_BUFFER: usize = 8192;
+/// Pauses after a failed `accept`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The window of the ELU gauge.
 const ELU_WINDOW_NS: u64 = 10_000_000_000;
@@ -85,7 +114,7 @@ pub struct Metrics {
     buckets: Vec<f64>,
     /// By (pid, tid): a tid reused by another process starts with fresh series.
     loops: HashMap<(u32, u32), LoopMetrics>,
-    exposition: Arc<Mutex<String>>,
+    exposition: Arc<Mutex<Bytes>>,
 }
 
 impl Metrics {
@@ -102,12 +131,12 @@ impl Metrics {
             threshold_ns,
             buckets,
             loops: HashMap::new(),
-            exposition: Arc::new(Mutex::new(String::new())),
+            exposition: Arc::new(Mutex::new(Bytes::new())),
         }
     }
 
     /// The text the server hands out.
-    pub fn exposition(&self) -> Arc<Mutex<String>> {
+    pub fn exposition(&self) -> Arc<Mutex<Bytes>> {
         Arc::clone(&self.exposition)
     }
 
@@ -171,7 +200,7 @@ impl Metrics {
             .is_ok()
             && let Ok(mut exposition) = self.exposition.lock()
         {
-            *exposition = String::from_utf8(text).unwrap_or_default();
+            *exposition = Bytes::from(text);
         }
     }
 }
@@ -210,10 +239,25 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .map(|(name, value)| {
             let mut pair = LabelPair::default();
             pair.set_name((*name).to_owned());
-            pair.set_value((*value).to_owned());
+            pair.set_value(label_value(value));
             pair
         })
         .collect()
+}
+
+/// A label value as served, whatever a target named itself: printable (no control
+/// characters; the encoder escapes quotes and backslashes) and at most [`MAX_LABEL_BYTES`],
+/// cut on a character boundary with `...` to say so.
+fn label_value(value: &str) -> String {
+    let value = printable(value);
+    if value.len() <= MAX_LABEL_BYTES {
+        return value.into_owned();
+    }
+    let mut end = MAX_LABEL_BYTES - LABEL_CUT.len();
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{LABEL_CUT}", &value[..end])
 }
 
 fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
@@ -517,14 +561,27 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 /// Serves the exposition on `/metrics` until the runtime ends.
-pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String>>) {
+pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<Bytes>>) {
     let Ok(listener) = TcpListener::from_std(listener) else {
         warning!("the metrics listener could not be used");
         return;
     };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Backoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // A free slot first: past the cap, clients wait in the accept queue, not in memory.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                tokio::time::sleep(backoff.failed(&e)).await;
+                continue;
+            }
         };
         let exposition = Arc::clone(&exposition);
         tokio::spawn(async move {
@@ -532,15 +589,45 @@ pub async fn serve(listener: std::net::TcpListener, exposition: Arc<Mutex<String
                 let exposition = Arc::clone(&exposition);
                 async move { Ok::<_, Infallible>(respond(request.uri().path(), &exposition)) }
             });
-            // A scraper that hangs up early is its business.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            // A scraper that hangs up early, or too late, is its business.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
         });
     }
 }
 
-fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
+/// The pause after a failed `accept`: the cause (no file descriptor left, in this process or
+/// the system) lasts until connections close, so retrying at once would only spin.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The pause after the last failure; zero while accepting works.
+    pause: Duration,
+}
+
+impl Backoff {
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// The pause before the next try, [`ACCEPT_BACKOFF_MIN`] doubling to
+    /// [`ACCEPT_BACKOFF_MAX`]; the first failure of a run is reported.
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        if self.pause.is_zero() {
+            warning!("the metrics server cannot accept connections ({error}); retrying");
+            self.pause = ACCEPT_BACKOFF_MIN;
+        } else {
+            self.pause = (self.pause * 2).min(ACCEPT_BACKOFF_MAX);
+        }
+        self.pause
+    }
+}
+
+fn respond(path: &str, exposition: &Mutex<Bytes>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
@@ -550,15 +637,15 @@ fn respond(path: &str, exposition: &Mutex<String>) -> Response<Full<Bytes>> {
         "/" => (
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            "loopbpf: event-loop metrics are at /metrics\n".to_owned(),
+            Bytes::from_static(b"loopbpf: event-loop metrics are at /metrics\n"),
         ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: metrics are at /metrics\n".to_owned(),
+            Bytes::from_static(b"not found: metrics are at /metrics\n"),
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
@@ -592,7 +679,7 @@ mod tests {
     }
 
     fn text(metrics: &Metrics) -> String {
-        metrics.exposition().lock().unwrap().clone()
+        String::from_utf8(metrics.exposition().lock().unwrap().to_vec()).unwrap()
     }
 
     #[test]
@@ -701,6 +788,62 @@ mod tests {
             .and_then(|l| l.rsplit(' ').next())
             .unwrap();
         assert_eq!(elu, "1", "{text}");
+    }
+
+    #[test]
+    fn label_values_are_printable_and_bounded() {
+        assert_eq!(label_value("node"), "node");
+        assert_eq!(label_value("evil\x1b[31m\n"), "evil\\x1b[31m\\n");
+        let long = "é".repeat(100);
+        let cut = label_value(&long);
+        assert!(
+            cut.len() <= MAX_LABEL_BYTES && cut.ends_with("..."),
+            "{cut}"
+        );
+        assert_eq!(cut.len(), 124 + 3, "cut on a character boundary: {cut}");
+        assert_eq!(label_value(&"a".repeat(128)), "a".repeat(128));
+        assert_eq!(
+            label_value(&"a".repeat(129)),
+            format!("{}...", "a".repeat(125))
+        );
+
+        let mut metrics = Metrics::new(100_000_000);
+        let state = ThreadState {
+            pid: 7,
+            role: ROLE_MAIN,
+            ..ThreadState::default()
+        };
+        let process = ProcessLabels {
+            comm: "ev\"il\\\x1b[2J\n}x".into(),
+            container: String::new(),
+            pod: "p".repeat(300),
+        };
+        metrics.refresh(S, &[view_of(&state, &process)], &Health::default());
+        let text = text(&metrics);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("loopbpf_event_loop_iterations_total{"))
+            .unwrap();
+        assert!(
+            line.contains(&format!(
+                r#"comm="ev\"il\\\\x1b[2J\\n}}x",container="",pod="{}...""#,
+                "p".repeat(125)
+            )),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn accept_failures_back_off_to_a_second() {
+        let mut backoff = Backoff::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<u64> = (0..6)
+            .map(|_| backoff.failed(&e).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(&e), ACCEPT_BACKOFF_MIN);
     }
 
     #[test]

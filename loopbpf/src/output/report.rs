@@ -169,6 +169,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn text_shows_hostile_names_escaped() {
+        let mut reporter = Reporter::new(Vec::new(), false, Clock::new()).with_command_column();
+        reporter.name_process(
+            42,
+            ProcessLabels {
+                comm: "evil\x1b[31m<x>&\u{fffd}".to_owned(),
+                ..ProcessLabels::default()
+            },
+        );
+        let record = Record::Block {
+            id: id(),
+            start_ns: 0,
+            duration_ns: 200 * MS,
+            end: BlockEnd::Poll,
+            before_attach: false,
+            gc_ns: 0,
+            stacks: RawStacks::default(),
+        };
+        let mut profile = profile();
+        profile.stacks[0].frames[1].name = "\x1b]0;pwned\x07\nloopbpf: forged".to_owned();
+        profile.stacks[0].frames[1].file = Some("/tmp/\x1b[2J/a.js".to_owned());
+        let named = Named {
+            record: &record,
+            profile: Some(&profile),
+        };
+        reporter.report(named, 0).unwrap();
+        let text = String::from_utf8(reporter.out).unwrap();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("42       evil\\x1b[31m<x>&\u{fffd}"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r"\x1b]0;pwned\x07\nloopbpf: forged /tmp/\x1b[2J/a.js:12"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 5, "no line of a name's own: {text}");
+    }
+
     fn profile() -> BlockProfile {
         let frame = |name: &str, module: &str, kind, file: Option<&str>, line| Frame {
             name: name.to_owned(),

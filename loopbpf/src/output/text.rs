@@ -1,5 +1,7 @@
 //! The terminal's text: a column header, one line per event (with the call tree of a block
-//! under it), and the summary table with its histograms at the end.
+//! under it), and the summary table with its histograms at the end. What a target named (its
+//! comm, its functions and scripts) is printed through [`printable`]: a name cannot move the
+//! cursor, colour the terminal or start a line of its own.
 
 use std::{collections::HashMap, fmt::Write as _};
 
@@ -11,6 +13,7 @@ use super::{
 };
 use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, leak::Leak},
+    diag::printable,
     naming::stacks::BlockProfile,
     target::ProcessLabels,
 };
@@ -54,7 +57,7 @@ impl Text {
             return format!("{pid:<8}");
         }
         let comm = processes.get(&pid).map_or("?", |p| p.comm.as_str());
-        format!("{pid:<8} {comm:<15}")
+        format!("{pid:<8} {:<15}", printable(comm))
     }
 
     /// A record's lines; `now_ns` stamps interval and leak lines.

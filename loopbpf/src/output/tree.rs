@@ -3,9 +3,12 @@
 //! are left out, a long chain of frames with a single caller is shortened to its ends, and C++
 //! names lose their parameter lists and return types.
 
-use crate::naming::{
-    frame::{Frame, FrameKind},
-    stacks::{BlockProfile, above_the_loop},
+use crate::{
+    diag::printable,
+    naming::{
+        frame::{Frame, FrameKind},
+        stacks::{BlockProfile, above_the_loop},
+    },
 };
 
 /// Branches of a block's tree shown: down to this share of the block.
@@ -23,7 +26,7 @@ pub fn lines(profile: &BlockProfile) -> Vec<String> {
         let mut path: Vec<String> = above_the_loop(&stack.frames)
             .iter()
             .rev()
-            .map(display_name)
+            .map(|frame| printable(&display_name(frame)).into_owned())
             .collect();
         if !stack.on_cpu {
             path.push("(asleep)".to_owned());
@@ -108,10 +111,14 @@ impl CallTree {
     }
 }
 
-/// A frame for a terminal line: a C++ name without its parameter list, the module for native
-/// code, the script location for JS.
+/// A frame for a terminal line (before [`printable`]): a C++ name without its parameter
+/// list, the module for native code, the script location for JS.
 fn display_name(frame: &Frame) -> String {
-    let name = strip_parameters(&frame.name);
+    // A JS name is shown whole: its spaces (`get size`) are no C++ return type.
+    let name = match frame.kind {
+        FrameKind::Native => strip_parameters(&frame.name),
+        FrameKind::Js | FrameKind::Kernel => &frame.name,
+    };
     if let Some(original) = &frame.original {
         return format!(
             "{name} {}:{}:{}",

@@ -2,6 +2,9 @@
 //! actions taken, the timeline, the flame graph of blocked time, every block with its heaviest
 //! stacks, and the summary per loop thread. Rendered from the same [`Report`] as report.json,
 //! so the two agree.
+//!
+//! The page is well-formed XML too (void elements closed, every text through [`escape`]), so
+//! a strict parser reads it whatever names the targets gave their processes and functions.
 
 use std::fmt::Write as _;
 
@@ -18,7 +21,7 @@ const FRAMES_SHOWN: usize = 14;
 pub fn render(report: &Report<'_>) -> String {
     let mut html = String::from(
         r#"<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>loopbpf recording</title>
+<html lang="en"><head><meta charset="utf-8"/><title>loopbpf recording</title>
 <style>
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; border-bottom: 1px solid #ddd; }
@@ -46,7 +49,7 @@ img, object { max-width: 100%; border: 1px solid #ddd; }
         if blocks.len() == 1 { "" } else { "s" },
     );
     triggers(&mut html, &report.triggers);
-    html.push_str("<h2>Timeline</h2>\n<img src=\"timeline.svg\" alt=\"busy time and blocks per loop thread\">\n");
+    html.push_str("<h2>Timeline</h2>\n<img src=\"timeline.svg\" alt=\"busy time and blocks per loop thread\"/>\n");
     html.push_str("<h2>Blocked time</h2>\n<object data=\"flamegraph.svg\" type=\"image/svg+xml\" width=\"1200\">flamegraph.svg</object>\n");
     html.push_str("<h2>Blocks</h2>\n");
     if blocks.is_empty() {
@@ -118,18 +121,19 @@ fn block_html(html: &mut String, block: &Block) {
             block.off_cpu_ms.map_or_else(|| "-".to_owned(), number),
         );
         for stack in stacks.iter().take(STACKS_SHOWN) {
+            // Escaped line by line: a name's own line ends are shown, not followed.
             let mut text = format!(
                 "{} ms {}\n",
                 number(stack.weight_ms),
                 if stack.on_cpu { "on-CPU" } else { "off-CPU" }
             );
             for frame in stack.frames.iter().take(FRAMES_SHOWN) {
-                let _ = writeln!(text, "  {}", frame_text(frame));
+                let _ = writeln!(text, "  {}", escape(&frame_text(frame)));
             }
             if stack.frames.len() > FRAMES_SHOWN {
                 let _ = writeln!(text, "  ... {} more", stack.frames.len() - FRAMES_SHOWN);
             }
-            let _ = writeln!(html, "<pre>{}</pre>", escape(&text));
+            let _ = writeln!(html, "<pre>{text}</pre>");
         }
     }
     html.push_str("</div>\n");

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use super::Mark;
 use crate::{
     aggregate::LoopId,
+    diag::printable,
     output::clock::{Clock, human},
 };
 
@@ -139,12 +140,15 @@ fn nice_step(raw: f64) -> f64 {
         .unwrap_or(10.0 * power)
 }
 
-/// Text for XML and HTML.
+/// Text for XML and HTML, whatever a target wrote in it: markup escaped, and what XML 1.0
+/// cannot carry even escaped (control characters, U+FFFE) shown as [`printable`] escapes.
 pub fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
+    printable(text)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 #[cfg(test)]
@@ -195,6 +199,14 @@ mod tests {
         );
         assert!(svg.contains(">10s</text>"));
         assert_eq!(svg.matches("<rect").count(), 102);
+    }
+
+    #[test]
+    fn names_cannot_break_the_markup() {
+        assert_eq!(
+            escape("\x1b[2J<b a=\"1\" b='2'>&amp;\u{fffe}\0"),
+            "\\x1b[2J&lt;b a=&quot;1&quot; b=&#39;2&#39;&gt;&amp;amp;\\u{fffe}\\x00"
+        );
     }
 
     #[test]
