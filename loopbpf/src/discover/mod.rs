@@ -19,7 +19,7 @@ use crate::{
     target::{
         files::{FileId, Segment, bias_of, open_elf, segments},
         maps::first_mapping_per_file,
-        memory::Memory,
+        memory::{Memory, ReadMemory},
         proc::Process,
     },
 };

@@ -27,6 +27,7 @@ use crate::{
     abi::HIST_SLOTS,
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
+    naming::v8::LimitsHit,
     target::{ProcessLabels, proc::Process},
 };
 
@@ -52,11 +53,13 @@ pub struct LoopView<'a> {
 }
 
 /// loopbpf's own state at a refresh.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Health {
     pub processes: u64,
     pub lost_events: u64,
     pub attach_failures: u64,
+    /// By pid: where the limits on naming JS frames left them unnamed.
+    pub naming_limits: Vec<(u32, LimitsHit)>,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -143,7 +146,7 @@ impl Metrics {
     }
 
     /// Renders every series as of `now_ns` into the exposition.
-    pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: Health) {
+    pub fn refresh(&mut self, now_ns: u64, loops: &[LoopView<'_>], health: &Health) {
         let mut families = Families::default();
         for view in loops {
             let m = self
@@ -415,7 +418,7 @@ fn gc_and_memory_series(
     }
 }
 
-fn health_series(families: &mut Families, loops: usize, health: Health) {
+fn health_series(families: &mut Families, loops: usize, health: &Health) {
     let (cpu_seconds, rss_bytes) = own_usage();
     let none = Vec::new;
     families.add(
@@ -442,6 +445,27 @@ fn health_series(families: &mut Families, loops: usize, health: Health) {
         MetricType::COUNTER,
         counter(none(), health.attach_failures as f64),
     );
+    for (pid, hit) in &health.naming_limits {
+        let pid = pid.to_string();
+        families.add(
+            "loopbpf_naming_budget_exceeded_total",
+            "Samples whose JS frames were left unnamed because the process's read budget was spent.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.budget_exceeded as f64),
+        );
+        families.add(
+            "loopbpf_naming_frames_refused_total",
+            "JS frames left unnamed because the process's table of named frames was full.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.frames_refused as f64),
+        );
+        families.add(
+            "loopbpf_naming_cache_evictions_total",
+            "Times a naming cache of the process was cleared when full, or refused an entry.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.cache_evictions as f64),
+        );
+    }
     families.add(
         "loopbpf_cpu_seconds_total",
         "CPU time loopbpf itself used (user and system).",
@@ -589,10 +613,17 @@ mod tests {
         metrics.refresh(
             20 * S,
             &[view_of(&state, &process)],
-            Health {
+            &Health {
                 processes: 1,
                 lost_events: 3,
                 attach_failures: 0,
+                naming_limits: vec![(
+                    7,
+                    LimitsHit {
+                        budget_exceeded: 2,
+                        ..LimitsHit::default()
+                    },
+                )],
             },
         );
         let text = text(&metrics);
@@ -621,6 +652,8 @@ mod tests {
             "loopbpf_processes_watched 1".to_owned(),
             "loopbpf_loop_threads_watched 1".to_owned(),
             "loopbpf_lost_events_total 3".to_owned(),
+            "loopbpf_naming_budget_exceeded_total{pid=\"7\"} 2".to_owned(),
+            "loopbpf_naming_frames_refused_total{pid=\"7\"} 0".to_owned(),
             "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
@@ -641,7 +674,7 @@ mod tests {
         // Idle for the first 20 s, then fully busy for 10 s.
         for second in 1..=30 {
             state.idle_ns = second.min(20) * S;
-            metrics.refresh(second * S, &[view_of(&state, &process)], Health::default());
+            metrics.refresh(second * S, &[view_of(&state, &process)], &Health::default());
         }
         let text = text(&metrics);
         let elu = text
@@ -657,7 +690,7 @@ mod tests {
         let mut metrics = Metrics::new(100_000_000);
         metrics.on_block(7, 7, S);
         metrics.forget(7, 7);
-        metrics.refresh(S, &[], Health::default());
+        metrics.refresh(S, &[], &Health::default());
         assert!(!text(&metrics).contains("pid=\"7\""));
         assert!(metrics.loops.is_empty());
     }

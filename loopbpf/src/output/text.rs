@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, leak::Leak},
-    naming::stacks::BlockProfile,
+    naming::{stacks::BlockProfile, v8::LimitsHit},
     target::ProcessLabels,
 };
 
@@ -157,8 +157,10 @@ impl Text {
                 loops,
                 elapsed_ns,
                 dropped_events,
+                naming_limits,
             } => {
                 text += &self.summary(loops, *elapsed_ns, *dropped_events, processes);
+                text += &naming_limits_text(naming_limits);
             }
         }
         text
@@ -298,6 +300,38 @@ fn histogram_text(hist: &[u64]) -> String {
             (1u64 << (slot + 1)) - 1,
             "*".repeat(stars.min(40))
         );
+    }
+    text
+}
+
+/// The summary's lines on JS frames the naming limits left unnamed, one per process.
+fn naming_limits_text(limits: &[(u32, LimitsHit)]) -> String {
+    let mut text = String::new();
+    for (pid, hit) in limits {
+        if hit.budget_exceeded > 0 {
+            let _ = writeln!(
+                text,
+                "warning: JS frames of pid {pid} left unnamed in {} samples: naming budget spent",
+                hit.budget_exceeded
+            );
+        }
+        if hit.frames_refused > 0 {
+            let _ = writeln!(
+                text,
+                "warning: {} JS frames of pid {pid} left unnamed: too many distinct frames",
+                hit.frames_refused
+            );
+        }
+        if hit.cache_evictions > 0 {
+            let _ = writeln!(
+                text,
+                "note: naming caches of pid {pid} were full {} times (read again as needed)",
+                hit.cache_evictions
+            );
+        }
+    }
+    if !text.is_empty() {
+        text.insert(0, '\n');
     }
     text
 }

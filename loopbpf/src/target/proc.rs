@@ -393,6 +393,7 @@ mod tests {
         let maps = me.maps().unwrap();
         assert!(maps.iter().any(|m| m.path == "[stack]"), "{maps:?}");
         let memory = me.memory().unwrap();
+        let memory: &dyn crate::target::memory::ReadMemory = &memory;
         let value = 0x1234_5678_9abc_def0_u64;
         assert_eq!(memory.word(&raw const value as u64), Some(value));
         let gone = Process::new(u32::MAX);
