@@ -6,6 +6,8 @@
 pub mod budget;
 pub mod container;
 pub mod files;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod maps;
 pub mod memory;
 pub mod proc;

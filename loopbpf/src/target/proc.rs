@@ -206,7 +206,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         // The command name may hold spaces and parentheses: fields count from its last `)`.
         let after_comm = &text[text.rfind(')')? + 1..];
         let field =
@@ -228,7 +228,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn parse(text: &str) -> Self {
+    pub(super) fn parse(text: &str) -> Self {
         let field = |name: &str| {
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
@@ -241,12 +241,12 @@ impl Status {
 }
 
 /// Resident pages: `/proc/PID/statm`'s second field.
-fn rss_pages(statm: &str) -> Option<u64> {
+pub(super) fn rss_pages(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `NAME=value` of a NUL-separated environment; `None` when unset or empty.
-fn environ_var(environ: &[u8], name: &str) -> Option<String> {
+pub(super) fn environ_var(environ: &[u8], name: &str) -> Option<String> {
     environ
         .split(|&b| b == 0)
         .find_map(|var| var.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
@@ -266,7 +266,7 @@ pub struct TaskSyscall {
 impl TaskSyscall {
     /// `NR ARG1..ARG6 SP PC` (hex but NR); `None` for `running`, `-1 SP PC` (blocked but not
     /// in a system call) and anything cut short.
-    fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         let mut fields = text.split_whitespace();
         let number = fields.next()?.parse().ok()?;
         let mut hex = || {

@@ -39,7 +39,7 @@ use crate::{
     naming::frame::Frame,
     target::{
         budget::{BoundedCache, BudgetedMemory, Limits, NAMING_LIMITS},
-        files::FileCache,
+        files::{FileCache, Weigh},
         maps::executable_files,
         memory::ReadMemory,
         proc::Process,
@@ -47,12 +47,22 @@ use crate::{
 };
 
 use heap::{FunctionInfo, heap_object};
+#[cfg(test)]
+pub use layout::metadata_of;
 use layout::{Layout, postmortem_metadata};
 use positions::LineEnds;
 use source_maps::SourceMaps;
 
 /// The `v8dbg_*` values of a node binary, by name.
 pub type Metadata = HashMap<String, i64>;
+
+impl Weigh for Metadata {
+    fn heap_bytes(&self) -> usize {
+        self.keys()
+            .map(|k| k.len() + size_of::<(String, i64)>() + 8)
+            .sum()
+    }
+}
 
 /// Frames looked at in one sample (the frame-pointer chain through the stack copy).
 const MAX_CHAIN: usize = 256;

@@ -214,4 +214,25 @@ mod tests {
         assert_eq!(maps.original("node:internal/timers", 1, 1), None);
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn source_maps_take_any_bytes_within_bounds() {
+        use crate::target::fuzz::fuzz;
+        let seeds = [
+            br#"{"version":3,"file":"a.js","sourceRoot":"","sources":["../src/a.ts"],"names":["x"],"mappings":";IAAA,KAAKA;AACL,gBAAgB"}"#.to_vec(),
+            br#"{"version":3,"sections":[{"offset":{"line":0,"column":0},"map":{"version":3,"sources":["b.ts"],"names":[],"mappings":"AAAA"}}]}"#.to_vec(),
+            br#"{"version":3,"sources":["c.ts"],"sourcesContent":["let c = 1;"],"names":[],"mappings":"AAAA,+/+/+/B;;;;;;;gBAAgB"}"#.to_vec(),
+        ];
+        // What a map of at most 64 KiB parses to, its tokens 28 bytes each, a few times over.
+        fuzz(&seeds, 5_000, 64 << 20, |input| {
+            if let Some(map) = parse(input) {
+                assert!(map_bytes(&map) >= map.get_token_count() as usize);
+                for (line, column) in [(0, 0), (1, 5), (u32::MAX, u32::MAX)] {
+                    if let Some(token) = map.lookup_token(line, column) {
+                        let _ = (token.get_source(), token.get_src_line());
+                    }
+                }
+            }
+        });
+    }
 }
