@@ -341,6 +341,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_summary_tells_where_naming_limits_left_js_frames_unnamed() {
+        let hit = LimitsHit {
+            budget_exceeded: 12,
+            frames_refused: 0,
+            cache_evictions: 0,
+        };
+        assert_eq!(
+            naming_limits_text(&[(7, hit)]),
+            "\nwarning: JS frames of pid 7 left unnamed in 12 samples: naming budget spent\n"
+        );
+        assert_eq!(naming_limits_text(&[]), "");
+    }
+
+    #[test]
     fn human_durations() {
         assert_eq!(human(850_000), "850 us");
         assert_eq!(human(12_340_000), "12.3 ms");
