@@ -11,7 +11,10 @@ use serde::Serialize;
 use crate::{
     abi::{HIST_SLOTS, ThreadState},
     decode::{Event, GcKind},
-    naming::stacks::{RawStacks, Sample},
+    naming::{
+        stacks::{RawStacks, Sample},
+        v8::LimitsHit,
+    },
 };
 use usage::{LoopStatus, Usage};
 
@@ -100,6 +103,8 @@ pub enum Record {
         loops: Vec<LoopSummary>,
         elapsed_ns: u64,
         dropped_events: u64,
+        /// Processes whose JS frames the naming limits left unnamed (set by the session).
+        naming_limits: Vec<(u32, LimitsHit)>,
     },
 }
 
@@ -462,6 +467,7 @@ impl Aggregator {
             loops,
             elapsed_ns,
             dropped_events,
+            naming_limits: Vec::new(),
         }
     }
 

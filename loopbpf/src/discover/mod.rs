@@ -20,7 +20,7 @@ use crate::{
     target::{
         files::{FileId, MAX_OBJECT, Segment, bias_of, open_elf, segments},
         maps::first_mapping_per_file,
-        memory::Memory,
+        memory::{Memory, ReadMemory},
         proc::Process,
     },
 };

@@ -21,7 +21,7 @@ use objects::SharedObjects;
 use stacks::Sample;
 use symbolize::Symbolizer;
 use unwind::{UnwindSections, Unwinder};
-use v8::{JsNamer, Metadata};
+use v8::{JsNamer, LimitsHit, Metadata};
 
 /// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
 pub struct Naming {
@@ -95,6 +95,14 @@ impl Naming {
             .map(|js| js.js_frames(sample, &user))
             .unwrap_or_default();
         Sample::with_frames(sample, user, js)
+    }
+
+    /// Where the limits on naming JS frames left them unnamed so far.
+    pub fn limits_hit(&self) -> LimitsHit {
+        self.js
+            .as_ref()
+            .map(JsNamer::limits_hit)
+            .unwrap_or_default()
     }
 
     /// New mappings (a library loaded, a launched command's exec) since the last refresh.

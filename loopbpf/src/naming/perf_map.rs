@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::{Read, Seek, SeekFrom},
+    mem::size_of,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -25,6 +26,12 @@ const MAX_PERF_MAP_READ: u64 = 64 << 20;
 /// Largest perf map read: node appends one line (about 100 bytes) per compiled function, so
 /// days of a busy service; a larger one is the target's doing (a sparse file).
 const MAX_PERF_MAP: u64 = 1 << 30;
+/// Code ranges and bytes of distinct names kept from one perf map (V8 writes a line per
+/// compiled function: a large service has tens of thousands); entries past either are dropped,
+/// counted and warned of once. A name longer than [`MAX_PERF_MAP_NAME`] is cut.
+const MAX_PERF_MAP_RANGES: usize = 1 << 20;
+const MAX_PERF_MAP_NAME_BYTES: usize = 32 << 20;
+const MAX_PERF_MAP_NAME: usize = 4096;
 
 /// Clock ticks per second in `/proc/PID/stat`: `USER_HZ`, 100 on x86-64 and arm64.
 const USER_HZ: u64 = 100;
@@ -71,6 +78,10 @@ pub(super) struct PerfMap {
     /// One frame per distinct entry name: recompiled functions repeat theirs.
     frames: Vec<Frame>,
     frame_ids: HashMap<Box<str>, usize>,
+    /// Bytes of the names in `frame_ids` (and their frames).
+    name_bytes: usize,
+    /// Entries dropped because the table was full.
+    pub(super) dropped: u64,
     /// Synced during the current [`super::symbolize::Symbolizer::user`] call already.
     pub(super) synced_this_call: bool,
 }
@@ -88,6 +99,8 @@ impl PerfMap {
             ranges: BTreeMap::new(),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
+            name_bytes: 0,
+            dropped: 0,
             synced_this_call: false,
         }
     }
@@ -118,6 +131,7 @@ impl PerfMap {
             self.ranges.clear();
             self.frames.clear();
             self.frame_ids.clear();
+            self.name_bytes = 0;
         }
         if len == self.read_len || self.read_len >= MAX_PERF_MAP {
             return;
@@ -150,19 +164,41 @@ impl PerfMap {
         }
         for line in String::from_utf8_lossy(complete).lines() {
             if let Some((start, end, name)) = parse_perf_map_line(line) {
-                let frame = self.frame_id(name);
+                let name = cut(name, MAX_PERF_MAP_NAME);
+                let Some(frame) = self
+                    .frame_id(name)
+                    .filter(|_| self.ranges.len() < MAX_PERF_MAP_RANGES)
+                else {
+                    if self.dropped == 0 {
+                        warning!(
+                            "pid {}: perf map entries past {MAX_PERF_MAP_RANGES} code ranges or \
+                             {} MiB of names are dropped: JIT frames may stay unnamed",
+                            self.process.pid(),
+                            MAX_PERF_MAP_NAME_BYTES >> 20
+                        );
+                    }
+                    self.dropped += 1;
+                    continue;
+                };
                 self.insert(start, end, frame);
             }
         }
     }
 
-    fn frame_id(&mut self, name: &str) -> usize {
+    /// The frame of a name; `None` when a new name would be over the bound on names.
+    fn frame_id(&mut self, name: &str) -> Option<usize> {
         if let Some(&id) = self.frame_ids.get(name) {
-            return id;
+            return Some(id);
         }
+        // The key, and the frame's name and file.
+        let bytes = 3 * name.len() + size_of::<Frame>() + 64;
+        if self.name_bytes + bytes > MAX_PERF_MAP_NAME_BYTES {
+            return None;
+        }
+        self.name_bytes += bytes;
         self.frames.push(js_frame_from_perf_map(name));
         self.frame_ids.insert(name.into(), self.frames.len() - 1);
-        self.frames.len() - 1
+        Some(self.frames.len() - 1)
     }
 
     fn open(&self) -> Option<File> {
@@ -205,6 +241,15 @@ impl PerfMap {
         let (_, &(end, frame)) = self.ranges.range(..=addr).next_back()?;
         (addr < end).then(|| &self.frames[frame])
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `START SIZE NAME` -> (start, end, name); `None` for a malformed or empty entry.
@@ -381,7 +426,7 @@ mod tests {
     fn later_perf_map_entries_replace_what_they_overlap() {
         let mut perf_map = PerfMap::new(Process::new(0), None);
         let mut add = |start: u64, end: u64, name: &str| {
-            let frame = perf_map.frame_id(name);
+            let frame = perf_map.frame_id(name).unwrap();
             perf_map.insert(start, end, frame);
         };
         add(0x100, 0x200, "old");
@@ -400,5 +445,37 @@ mod tests {
         assert_eq!(name_at(0x300), None);
         assert_eq!(name_at(0x405), Some("old"));
         assert_eq!(perf_map.frames.len(), 4, "a repeated name shares its frame");
+    }
+
+    #[test]
+    fn perf_map_lines_take_any_text() {
+        use crate::target::fuzz::fuzz;
+        let seeds = [
+            b"7f00 10 JS:*fib /abs/path/app.js:3:13".to_vec(),
+            b"7f00 10 JS:~get [Symbol.toStringTag] node:internal/url:9:2".to_vec(),
+            b"ffffffffffffff00 ff JS:^ [eval]-wrapper:6:14".to_vec(),
+        ];
+        // A frame of at most the line's text, a few times over.
+        fuzz(&seeds, 20_000, 8 << 16, |input| {
+            let line = String::from_utf8_lossy(input);
+            if let Some((start, end, name)) = parse_perf_map_line(&line) {
+                assert!(start < end);
+                let frame = js_frame_from_perf_map(cut(name, MAX_PERF_MAP_NAME));
+                assert!(frame.name.len() <= MAX_PERF_MAP_NAME);
+            }
+        });
+    }
+
+    #[test]
+    fn a_perf_map_keeps_no_more_names_than_its_bound() {
+        let mut perf_map = PerfMap::new(Process::new(0), None);
+        let long = "x".repeat(MAX_PERF_MAP_NAME);
+        let mut kept = 0;
+        while perf_map.frame_id(&format!("{kept} {long}")).is_some() {
+            kept += 1;
+        }
+        assert!(perf_map.name_bytes <= MAX_PERF_MAP_NAME_BYTES);
+        assert!(kept > 1000, "{kept}");
+        assert_eq!(cut("aé", 2), "a", "cut at a character boundary");
     }
 }

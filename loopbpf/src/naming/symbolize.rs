@@ -558,6 +558,7 @@ mod tests {
 
     /// Offset of `name` in the vDSO, from this process's copy of it.
     fn vdso_symbol_offset(name: &str) -> u64 {
+        use crate::target::memory::ReadMemory;
         use object::{Object, ObjectSymbol};
 
         let (start, end) = vdso_range(std::process::id());

@@ -6,7 +6,9 @@
 //! address is a DWARF expression (OpenSSL's SHA-2 assembly realigns its stack) is unwound here
 //! with gimli, then framehop goes on from its caller.
 
-use std::{collections::HashSet, fs::File, ops::Range, path::Path, rc::Rc, sync::Arc};
+use std::{
+    collections::HashSet, fs::File, mem::size_of, ops::Range, path::Path, rc::Rc, sync::Arc,
+};
 
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
@@ -22,7 +24,7 @@ use crate::{
     abi::RED_ZONE,
     decode::StackSample,
     target::{
-        files::{FileCache, MAX_OBJECT, Segment, bias_of, segments},
+        files::{FileCache, MAX_OBJECT, Segment, Weigh, bias_of, segments},
         maps::{MapsEntry, executable_files},
         proc::Process,
     },
@@ -30,6 +32,12 @@ use crate::{
 
 /// More frames than any real stack has: a loop in corrupted memory stops here.
 const MAX_FRAMES: usize = 256;
+/// Largest unwind section read from a file (node's `.eh_frame` is a few MiB): a file that
+/// claims more, or decompresses to more, is not unwound through.
+const MAX_SECTION: u64 = 64 << 20;
+/// Executable mappings given to the unwinder of one process: one that maps and unmaps files
+/// at new addresses without end stops being followed into new ones here.
+const MAX_MODULES: usize = 4096;
 
 /// What unwinding needs of an object file, wherever it is mapped.
 pub struct UnwindSections {
@@ -53,6 +61,16 @@ pub struct Unwinder {
     eh_frames: Vec<EhFrameTable>,
     /// The cache's entries this process uses: they stay cached while it lives.
     in_use: Vec<Rc<UnwindSections>>,
+    /// Refreshes that found mappings past [`MAX_MODULES`].
+    pub modules_refused: u64,
+}
+
+impl Weigh for UnwindSections {
+    fn heap_bytes(&self) -> usize {
+        self.segments.len() * size_of::<Segment>()
+            + self.eh_frame.len()
+            + self.eh_frame_hdr.as_ref().map_or(0, |(_, d)| d.len())
+    }
 }
 
 /// One mapping's `.eh_frame`, placed where the process mapped it.
@@ -74,6 +92,7 @@ impl Unwinder {
             known: HashSet::new(),
             eh_frames: Vec::new(),
             in_use: Vec::new(),
+            modules_refused: 0,
         };
         unwinder.refresh();
         unwinder
@@ -85,12 +104,24 @@ impl Unwinder {
             return; // gone: keep what we have
         };
         for mapping in executable_files(&maps) {
+            if self.known.len() >= MAX_MODULES {
+                if self.modules_refused == 0 {
+                    warning!(
+                        "pid {}: more than {MAX_MODULES} executable mappings; native frames in \
+                         new ones may be cut short",
+                        self.process.pid()
+                    );
+                }
+                self.modules_refused += 1;
+                break;
+            }
             if !self.known.insert(mapping.range.start) {
                 continue;
             }
             let opened = self.process.mapped_file(mapping);
             let Some(sections) = self.sections.get_or_read(
                 &mapping.file(),
+                Path::new(mapping.file_path()),
                 || self.process.open_mapped(mapping, MAX_OBJECT).ok(),
                 read_sections,
             ) else {
@@ -260,10 +291,19 @@ fn unwind_expression_leaf(
 
 /// The unwind tables of one mapped object, placed where the process mapped it.
 fn read_sections(file: File) -> Option<UnwindSections> {
-    let cache = ReadCache::new(file);
-    let elf = object::File::parse(&cache).ok()?;
+    sections_of(&ReadCache::new(file))
+}
+
+/// The unwind tables of an object file's data (the target's: any bytes at all).
+fn sections_of<'data, R: object::ReadRef<'data>>(data: R) -> Option<UnwindSections> {
+    let elf = object::File::parse(data).ok()?;
     let section = |name: &str| {
         elf.section_by_name(name).and_then(|s| {
+            // Checked before anything is read or decompressed: the file is the target's.
+            let compressed = s.compressed_file_range().ok()?;
+            if s.size() > MAX_SECTION || compressed.uncompressed_size > MAX_SECTION {
+                return None;
+            }
             let data: Arc<[u8]> = s.uncompressed_data().ok()?.into_owned().into();
             Some((s.address()..s.address() + s.size(), data))
         })
@@ -328,5 +368,28 @@ mod tests {
         assert_eq!(join(&[10, 20, 25], &[10, 0xdead]), Some(vec![10, 20, 25]));
         // Unwinding failed at once: keep the walk.
         assert_eq!(join(&[10], &walk), None);
+    }
+
+    #[test]
+    fn elf_files_of_any_bytes_are_read_within_bounds() {
+        use crate::{naming::v8::metadata_of, target::fuzz::fuzz};
+        let real = std::fs::read("/bin/true").expect("/bin/true");
+        assert!(
+            sections_of(&*real).is_some(),
+            "a real ELF has unwind tables"
+        );
+        // Mutations near the headers, where the sizes and offsets are.
+        let seeds = [real[..real.len().min(8192)].to_vec(), real.clone()];
+        fuzz(
+            &seeds,
+            2_000,
+            2 * MAX_SECTION as usize + (1 << 20),
+            |input| {
+                if let Some(sections) = sections_of(input) {
+                    assert!(sections.eh_frame.len() as u64 <= MAX_SECTION);
+                }
+                let _ = metadata_of(input);
+            },
+        );
     }
 }

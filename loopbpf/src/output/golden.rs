@@ -260,6 +260,7 @@ fn summary() -> Record {
         ],
         elapsed_ns: 12_003_640_000,
         dropped_events: 3,
+        naming_limits: Vec::new(),
     }
 }
 

@@ -163,6 +163,22 @@ pub struct Summary {
     /// Always `summary`.
     pub event: &'static str,
     pub loops: Vec<LoopLine>,
+    /// Processes whose JS frames the naming limits left unnamed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub naming_limits: Vec<NamingLimits>,
+}
+
+/// Where the limits on naming a process's JS frames (its read budget, the bounds on what is
+/// kept) left them unnamed.
+#[derive(Debug, Clone, Serialize)]
+pub struct NamingLimits {
+    /// Samples whose JS frames were left unnamed because the read budget was spent.
+    pub budget_exceeded: u64,
+    /// Times a cache was cleared because it was full, or an entry refused as too large.
+    pub cache_evictions: u64,
+    /// Frames left `[JS]` because the table of named frames was full.
+    pub frames_refused: u64,
+    pub pid: u32,
 }
 
 /// One loop thread over the whole run.
@@ -372,6 +388,7 @@ pub fn line(
             loops,
             elapsed_ns,
             dropped_events,
+            naming_limits,
         } => Line::Summary(Summary {
             dropped_events: *dropped_events,
             duration_ms: ms(*elapsed_ns),
@@ -379,6 +396,15 @@ pub fn line(
             loops: loops
                 .iter()
                 .map(|l| LoopLine::new(l, Who::new(&l.id, processes)))
+                .collect(),
+            naming_limits: naming_limits
+                .iter()
+                .map(|&(pid, hit)| NamingLimits {
+                    budget_exceeded: hit.budget_exceeded,
+                    cache_evictions: hit.cache_evictions,
+                    frames_refused: hit.frames_refused,
+                    pid,
+                })
                 .collect(),
         }),
     }

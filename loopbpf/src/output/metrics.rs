@@ -37,6 +37,7 @@ use crate::{
     aggregate::usage::{EluWindow, LoopStatus, Usage},
     decode::GcKind,
     diag::printable,
+    naming::v8::LimitsHit,
     probe::Losses,
     target::{ProcessLabels, proc::Process},
 };
@@ -90,6 +91,8 @@ pub struct Health {
     /// Stack records the per-process limit dropped, by process.
     pub stacks_limited: Vec<(u32, u64)>,
     pub attach_failures: u64,
+    /// By pid: where the limits on naming JS frames left them unnamed.
+    pub naming_limits: Vec<(u32, LimitsHit)>,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -520,6 +523,27 @@ fn health_series(families: &mut Families, loops: usize, health: &Health) {
         MetricType::COUNTER,
         counter(none(), health.attach_failures as f64),
     );
+    for (pid, hit) in &health.naming_limits {
+        let pid = pid.to_string();
+        families.add(
+            "loopbpf_naming_budget_exceeded_total",
+            "Samples whose JS frames were left unnamed because the process's read budget was spent.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.budget_exceeded as f64),
+        );
+        families.add(
+            "loopbpf_naming_frames_refused_total",
+            "JS frames left unnamed because the process's table of named frames was full.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.frames_refused as f64),
+        );
+        families.add(
+            "loopbpf_naming_cache_evictions_total",
+            "Times a naming cache of the process was cleared when full, or refused an entry.",
+            MetricType::COUNTER,
+            counter(labels(&[("pid", &pid)]), hit.cache_evictions as f64),
+        );
+    }
     families.add(
         "loopbpf_target_files_skipped_total",
         "Files of watched processes not read: over their size cap, or not regular files.",
@@ -726,6 +750,13 @@ mod tests {
                 },
                 stacks_limited: vec![(7, 40)],
                 attach_failures: 0,
+                naming_limits: vec![(
+                    7,
+                    LimitsHit {
+                        budget_exceeded: 2,
+                        ..LimitsHit::default()
+                    },
+                )],
             },
         );
         let text = text(&metrics);
@@ -759,6 +790,8 @@ mod tests {
             r#"loopbpf_kernel_map_full_total{map="asleep"} 5"#.to_owned(),
             "loopbpf_stacks_rate_limited_total 40".to_owned(),
             r#"loopbpf_process_stacks_rate_limited_total{pid="7"} 40"#.to_owned(),
+            "loopbpf_naming_budget_exceeded_total{pid=\"7\"} 2".to_owned(),
+            "loopbpf_naming_frames_refused_total{pid=\"7\"} 0".to_owned(),
             "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");

@@ -14,7 +14,7 @@ use super::{
 use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, leak::Leak},
     diag::printable,
-    naming::stacks::BlockProfile,
+    naming::{stacks::BlockProfile, v8::LimitsHit},
     target::ProcessLabels,
 };
 
@@ -160,8 +160,10 @@ impl Text {
                 loops,
                 elapsed_ns,
                 dropped_events,
+                naming_limits,
             } => {
                 text += &self.summary(loops, *elapsed_ns, *dropped_events, processes);
+                text += &naming_limits_text(naming_limits);
             }
         }
         text
@@ -305,9 +307,55 @@ fn histogram_text(hist: &[u64]) -> String {
     text
 }
 
+/// The summary's lines on JS frames the naming limits left unnamed, one per process.
+fn naming_limits_text(limits: &[(u32, LimitsHit)]) -> String {
+    let mut text = String::new();
+    for (pid, hit) in limits {
+        if hit.budget_exceeded > 0 {
+            let _ = writeln!(
+                text,
+                "warning: JS frames of pid {pid} left unnamed in {} samples: naming budget spent",
+                hit.budget_exceeded
+            );
+        }
+        if hit.frames_refused > 0 {
+            let _ = writeln!(
+                text,
+                "warning: {} JS frames of pid {pid} left unnamed: too many distinct frames",
+                hit.frames_refused
+            );
+        }
+        if hit.cache_evictions > 0 {
+            let _ = writeln!(
+                text,
+                "note: naming caches of pid {pid} were full {} times (read again as needed)",
+                hit.cache_evictions
+            );
+        }
+    }
+    if !text.is_empty() {
+        text.insert(0, '\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_tells_where_naming_limits_left_js_frames_unnamed() {
+        let hit = LimitsHit {
+            budget_exceeded: 12,
+            frames_refused: 0,
+            cache_evictions: 0,
+        };
+        assert_eq!(
+            naming_limits_text(&[(7, hit)]),
+            "\nwarning: JS frames of pid 7 left unnamed in 12 samples: naming budget spent\n"
+        );
+        assert_eq!(naming_limits_text(&[]), "");
+    }
 
     #[test]
     fn human_durations() {

@@ -15,7 +15,11 @@ use crate::{
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
-    naming::stacks::{self, BlockProfile, Sample},
+    naming::{
+        Naming,
+        stacks::{self, BlockProfile, Sample},
+        v8::LimitsHit,
+    },
     output::{
         Named,
         clock::Clock,
@@ -175,6 +179,10 @@ impl Session<'_> {
 
     /// Renders the metrics with the newest state of every loop thread.
     pub(super) fn refresh_metrics(&mut self, now_ns: u64) {
+        if self.metrics.is_none() {
+            return;
+        }
+        let naming_limits = self.naming_limits();
         let Some(metrics) = self.metrics.as_mut() else {
             return;
         };
@@ -203,8 +211,23 @@ impl Session<'_> {
             losses: self.probes.losses(),
             stacks_limited: self.probes.stacks_limited(),
             attach_failures: self.fleet.as_ref().map_or(0, |f| f.attach_failures),
+            naming_limits,
         };
         metrics.refresh(now_ns, &loops, &health);
+    }
+
+    /// Where the limits on naming JS frames left them unnamed, by process.
+    fn naming_limits(&self) -> Vec<(u32, LimitsHit)> {
+        let mut limits: Vec<(u32, LimitsHit)> = self
+            .processes
+            .iter()
+            .map(|(&pid, p)| {
+                let hit = p.naming.as_ref().map(Naming::limits_hit);
+                (pid, hit.unwrap_or(p.naming_limits_at_end))
+            })
+            .collect();
+        limits.sort_by_key(|&(pid, _)| pid);
+        limits
     }
 
     /// `loopbpf record`, once a state poll: the timeline, the actions, the bundle so far; ends
@@ -356,9 +379,13 @@ impl Session<'_> {
             status!("pid {pid} exited before its event loop ran");
         }
         let dropped = self.probes.losses().events();
-        let summary = self
+        let mut summary = self
             .aggregator
             .summary(now_ns, dropped, now_ns - self.started_ns);
+        if let Record::Summary { naming_limits, .. } = &mut summary {
+            *naming_limits = self.naming_limits();
+            naming_limits.retain(|(_, hit)| *hit != LimitsHit::default());
+        }
         match self.reporter.report(Named::bare(&summary), now_ns) {
             Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e.into()),
             _ => {}

@@ -8,7 +8,7 @@ use crate::{
     abi::{ROLE_MAIN, ROLE_OTHER, ROLE_WORKER},
     aggregate::leak::LeakWatch,
     discover::{self, Target},
-    naming::Naming,
+    naming::{Naming, v8::LimitsHit},
     output::clock::Clock,
     probe::{KnownLoop, Probes},
     target::{ProcessLabels, container::Placement, start_time},
@@ -36,6 +36,9 @@ pub(super) struct Process {
     pub(super) v8_layout_set: bool,
     /// Its memory after major GCs.
     pub(super) leak: LeakWatch,
+    /// Where the limits on naming its JS frames left them unnamed, as of when its naming
+    /// stopped (the summary and metrics still tell them).
+    pub(super) naming_limits_at_end: LimitsHit,
 }
 
 /// When a watched process lived.
@@ -101,6 +104,7 @@ impl Session<'_> {
             naming,
             v8_layout_set: false,
             leak: LeakWatch::default(),
+            naming_limits_at_end: LimitsHit::default(),
         };
         read_v8_objects_in_samples(&mut self.probes, &mut process);
         self.processes.insert(pid, process);
@@ -119,7 +123,9 @@ impl Session<'_> {
         };
         if process.life.gone_ns.is_none() {
             process.life.gone_ns = Some(now_ns);
-            process.naming = None;
+            if let Some(naming) = process.naming.take() {
+                process.naming_limits_at_end = naming.limits_hit();
+            }
             self.shared.prune();
             self.probes.forget_process(pid);
             self.probes.stop_sampling_process(pid);

@@ -35,7 +35,7 @@ impl Placement {
     }
 
     /// The container id and pod uid in `/proc/PID/cgroup` text (v2's `0::PATH` or v1 lines).
-    fn from_cgroup(text: &str) -> Self {
+    pub(super) fn from_cgroup(text: &str) -> Self {
         let mut placement = Self::default();
         for line in text.lines() {
             let path = line.splitn(3, ':').nth(2).unwrap_or_default();

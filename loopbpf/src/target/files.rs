@@ -13,6 +13,7 @@ use std::{
     fmt,
     fs::{self, File, OpenOptions},
     io::{self, Read},
+    mem::size_of,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::{
@@ -82,14 +83,46 @@ impl FileStamp {
     }
 }
 
+/// Bytes a [`FileCache`] keeps: room for the unwind tables of hundreds of distinct binaries
+/// (node's own `.eh_frame` and its header are a few MiB).
+pub const MAX_FILE_CACHE_BYTES: usize = 512 << 20;
+
+/// What a value read of a file keeps, to bound a [`FileCache`] in bytes.
+pub trait Weigh {
+    fn heap_bytes(&self) -> usize;
+}
+
 /// What was read of object files (unwind tables, V8 metadata), by file, shared by the stages of
 /// every watched process: processes that map the same file (fleet mode watches many nodes of
-/// one binary) have it read once.
-pub struct FileCache<T>(Rc<RefCell<HashMap<FileId, Option<Rc<T>>>>>);
+/// one binary) have it read once. Bounded in bytes: past [`MAX_FILE_CACHE_BYTES`], what no
+/// process uses is dropped, and a file that still does not fit is not read (counted).
+pub struct FileCache<T>(Rc<RefCell<Cached<T>>>);
 
-impl<T> FileCache<T> {
+struct Cached<T> {
+    files: HashMap<FileId, Option<(Rc<T>, usize)>>,
+    bytes: usize,
+    max_bytes: usize,
+    refused: u64,
+}
+
+impl<T: Weigh> FileCache<T> {
     pub fn new() -> Self {
-        Self(Rc::default())
+        Self::with_max_bytes(MAX_FILE_CACHE_BYTES)
+    }
+
+    fn with_max_bytes(max_bytes: usize) -> Self {
+        Self(Rc::new(RefCell::new(Cached {
+            files: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            refused: 0,
+        })))
+    }
+
+    /// Files not kept (so not used) because the cache was full of files in use.
+    #[cfg(test)]
+    pub fn refused(&self) -> u64 {
+        self.0.borrow().refused
     }
 
     /// What was read of `file`, opening it (`open`) and reading it now if it was not yet: what
@@ -99,6 +132,7 @@ impl<T> FileCache<T> {
     pub fn get_or_read(
         &self,
         file: &FileId,
+        shown: &Path,
         open: impl FnOnce() -> Option<File>,
         read: impl FnOnce(File) -> Option<T>,
     ) -> Option<Rc<T>> {
@@ -106,20 +140,47 @@ impl<T> FileCache<T> {
         let Some(file) = file.stamped(&opened) else {
             return read(opened).map(Rc::new);
         };
-        if let Some(known) = self.0.borrow().get(&file) {
-            return known.clone();
+        if let Some(known) = self.0.borrow().files.get(&file) {
+            return known.as_ref().map(|(value, _)| Rc::clone(value));
         }
-        let value = read(opened).map(Rc::new);
-        self.0.borrow_mut().insert(file, value.clone());
-        value
+        let Some(value) = read(opened) else {
+            self.0.borrow_mut().files.insert(file, None);
+            return None;
+        };
+        let bytes = value.heap_bytes() + size_of::<T>() + 64;
+        if self.0.borrow().bytes + bytes > self.0.borrow().max_bytes {
+            self.prune();
+        }
+        let mut cached = self.0.borrow_mut();
+        if cached.bytes + bytes > cached.max_bytes {
+            cached.refused += 1;
+            warning!(
+                "{}: not used for naming: what was read of files in use is over {} MiB",
+                shown.display(),
+                cached.max_bytes >> 20
+            );
+            return None;
+        }
+        cached.bytes += bytes;
+        let value = Rc::new(value);
+        cached.files.insert(file, Some((Rc::clone(&value), bytes)));
+        Some(value)
     }
 
     /// Forgets what no process uses any more (fleet mode: binaries of services upgraded or
     /// gone), and what could not be read.
     pub fn prune(&self) {
-        self.0
-            .borrow_mut()
-            .retain(|_, value| value.as_ref().is_some_and(|v| Rc::strong_count(v) > 1));
+        let mut cached = self.0.borrow_mut();
+        let mut freed = 0;
+        cached.files.retain(|_, value| match value {
+            Some((v, _)) if Rc::strong_count(v) > 1 => true,
+            Some((_, bytes)) => {
+                freed += *bytes;
+                false
+            }
+            None => false,
+        });
+        cached.bytes -= freed;
     }
 }
 
@@ -448,16 +509,16 @@ mod tests {
             std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
             Some(bytes)
         };
-        let first = cache.get_or_read(&id, open, read);
+        let first = cache.get_or_read(&id, &path, open, read);
         assert_eq!(first.as_deref().map(Vec::as_slice), Some(&b"old"[..]));
         // The same file, unchanged: what was read is reused.
-        let again = cache.get_or_read(&id, open, |_| panic!("read again"));
+        let again = cache.get_or_read(&id, &path, open, |_| panic!("read again"));
         assert!(Rc::ptr_eq(first.as_ref().unwrap(), again.as_ref().unwrap()));
         // Rewritten in place (same inode): another stamp, so read anew.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, b"new content").unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
-        let new = cache.get_or_read(&id, open, read);
+        let new = cache.get_or_read(&id, &path, open, read);
         assert_eq!(new.as_deref().map(Vec::as_slice), Some(&b"new content"[..]));
         std::fs::remove_file(path).unwrap();
     }
@@ -474,5 +535,41 @@ mod tests {
         let second = FileStamp::of(&File::open(&path).unwrap()).unwrap();
         assert_ne!(first, second);
         std::fs::remove_file(path).unwrap();
+    }
+
+    impl Weigh for Vec<u8> {
+        fn heap_bytes(&self) -> usize {
+            self.len()
+        }
+    }
+
+    #[test]
+    fn a_file_cache_stays_within_its_bytes() {
+        let cache = FileCache::<Vec<u8>>::with_max_bytes(10_000);
+        let id = |inode| FileId {
+            dev: "08:01".into(),
+            inode,
+            stamp: None,
+        };
+        let here = Path::new("/proc/self/exe");
+        let open = || File::open(here).ok();
+        let a = cache.get_or_read(&id(1), here, open, |_| Some(vec![0; 6000]));
+        assert!(a.is_some());
+        // In use, so kept: the next one does not fit and is not read into it.
+        assert!(
+            cache
+                .get_or_read(&id(2), here, open, |_| Some(vec![0; 6000]))
+                .is_none()
+        );
+        assert_eq!(cache.refused(), 1);
+        // Once nobody uses the first, it makes room.
+        drop(a);
+        assert!(
+            cache
+                .get_or_read(&id(2), here, open, |_| Some(vec![0; 6000]))
+                .is_some()
+        );
+        assert!(cache.0.borrow().bytes <= 10_000);
+        assert!(cache.0.borrow().files.keys().all(|f| f.inode != 1));
     }
 }

@@ -256,7 +256,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         // The command name may hold spaces and parentheses: fields count from its last `)`.
         let after_comm = &text[text.rfind(')')? + 1..];
         let field =
@@ -280,7 +280,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn parse(text: &str) -> Self {
+    pub(super) fn parse(text: &str) -> Self {
         let field = |name: &str| {
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
@@ -300,12 +300,12 @@ impl Status {
 }
 
 /// Resident pages: `/proc/PID/statm`'s second field.
-fn rss_pages(statm: &str) -> Option<u64> {
+pub(super) fn rss_pages(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `NAME=value` of a NUL-separated environment; `None` when unset or empty.
-fn environ_var(environ: &[u8], name: &str) -> Option<String> {
+pub(super) fn environ_var(environ: &[u8], name: &str) -> Option<String> {
     environ
         .split(|&b| b == 0)
         .find_map(|var| var.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
@@ -325,7 +325,7 @@ pub struct TaskSyscall {
 impl TaskSyscall {
     /// `NR ARG1..ARG6 SP PC` (hex but NR); `None` for `running`, `-1 SP PC` (blocked but not
     /// in a system call) and anything cut short.
-    fn parse(text: &str) -> Option<Self> {
+    pub(super) fn parse(text: &str) -> Option<Self> {
         let mut fields = text.split_whitespace();
         let number = fields.next()?.parse().ok()?;
         let mut hex = || {
@@ -455,6 +455,7 @@ mod tests {
         let maps = me.maps().unwrap();
         assert!(maps.iter().any(|m| m.path == "[stack]"), "{maps:?}");
         let memory = me.memory().unwrap();
+        let memory: &dyn crate::target::memory::ReadMemory = &memory;
         let value = 0x1234_5678_9abc_def0_u64;
         assert_eq!(memory.word(&raw const value as u64), Some(value));
         let gone = Process::new(u32::MAX);

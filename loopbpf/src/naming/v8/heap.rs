@@ -2,14 +2,19 @@
 //! `SharedFunctionInfo` says of its function (name, script, start) and the class of a method
 //! call's receiver. No pointer is followed before the type of what it points at is checked.
 
-use super::{JsNamer, bounded, layout};
+use super::{JsNamer, layout};
+use crate::target::memory::ReadMemory;
 
 /// Longest name or path read from a V8 string; longer ones are cut.
-const MAX_NAME: usize = 512;
+pub(super) const MAX_NAME: usize = 512;
 /// Cons strings nest; deeper ones are not followed.
 const MAX_STRING_DEPTH: usize = 16;
-/// Maps followed from a receiver's map back to its constructor (one per property added).
-const MAX_BACK_POINTERS: usize = 4096;
+/// Parts (cons, thin, sliced and sequential strings) followed to read one string: a tree of
+/// empty strings reads nothing but could take 2^16 reads.
+const MAX_STRING_PARTS: usize = 1024;
+/// Maps followed from a receiver's map back to its constructor (one per property added; V8
+/// keeps at most 1020 descriptors in a map).
+const MAX_BACK_POINTERS: usize = 1024;
 /// V8 keeps up to this many context local names inline in a `ScopeInfo`, a hash table beyond.
 const MAX_INLINED_LOCAL_NAMES: u64 = 75;
 
@@ -49,7 +54,7 @@ impl JsNamer {
             return Some(t);
         }
         let t = self.memory.u16(map + self.layout.instance_type)?;
-        bounded(&mut self.types).insert(map, t);
+        self.types.insert(map, t, 0);
         Some(t)
     }
 
@@ -87,7 +92,7 @@ impl JsNamer {
         let file = script.and_then(|script| {
             let name = heap_object(self.memory.word(script + self.layout.script_name)?)?;
             self.is_string(name)
-                .then(|| self.string(name, MAX_NAME, 0))
+                .then(|| self.string(name, MAX_NAME))
                 .flatten()
         });
         let info = FunctionInfo {
@@ -97,7 +102,11 @@ impl JsNamer {
             file,
             start,
         };
-        bounded(&mut self.functions).insert(shared, info.clone());
+        if self.may_cache() {
+            let bytes = info.name.as_ref().map_or(0, String::len)
+                + info.file.as_ref().map_or(0, String::len);
+            self.functions.insert(shared, info.clone(), bytes);
+        }
         Some(info)
     }
 
@@ -126,7 +135,7 @@ impl JsNamer {
             return (None, None);
         };
         if self.is_string(object) {
-            let Some(name) = self.string(object, MAX_NAME, 0) else {
+            let Some(name) = self.string(object, MAX_NAME) else {
                 return (None, None);
             };
             return self.uncompiled(shared, name);
@@ -163,7 +172,7 @@ impl JsNamer {
             .word(data + self.layout.uncompiled_inferred_name)
             .and_then(heap_object)
             .filter(|&s| self.is_string(s))
-            .and_then(|s| self.string(s, MAX_NAME, 0))
+            .and_then(|s| self.string(s, MAX_NAME))
             .unwrap_or_default();
         (Some(inferred), start)
     }
@@ -202,7 +211,7 @@ impl JsNamer {
                 if !self.is_string(object) {
                     return None;
                 }
-                name = self.string(object, MAX_NAME, 0)?;
+                name = self.string(object, MAX_NAME)?;
             }
             index += 2;
         }
@@ -212,7 +221,7 @@ impl JsNamer {
                 && let Some(object) = heap_object(tagged)
                 && self.is_string(object)
             {
-                name = self.string(object, MAX_NAME, 0)?;
+                name = self.string(object, MAX_NAME)?;
             }
             index += 1;
         }
@@ -259,7 +268,9 @@ impl JsNamer {
         }
         // Not kept when not found: the map may have been read in the middle of a change.
         let name = self.constructor_name(map)?;
-        bounded(&mut self.receiver_types).insert(map, (constructor, name.clone()));
+        let bytes = name.len();
+        self.receiver_types
+            .insert(map, (constructor, name.clone()), bytes);
         Some(name)
     }
 
@@ -267,6 +278,9 @@ impl JsNamer {
     fn constructor_name(&mut self, mut map: u64) -> Option<String> {
         for _ in 0..MAX_BACK_POINTERS {
             let next = heap_object(self.memory.word(map + self.layout.map_constructor)?)?;
+            if next == map {
+                return None; // a map that is its own back pointer
+            }
             if self.instance_type(next)? == self.layout.types.map {
                 map = next;
                 continue;
@@ -281,63 +295,112 @@ impl JsNamer {
     }
 
     /// Reads a V8 string (sequential, cons, thin or sliced) of at most `max` chars.
-    fn string(&mut self, object: u64, max: usize, depth: usize) -> Option<String> {
-        let units = self.string_units(object, max, depth)?;
+    fn string(&mut self, object: u64, max: usize) -> Option<String> {
+        let units = self.string_units(object, 0, max)?;
         Some(String::from_utf16_lossy(&units))
     }
 
-    /// The UTF-16 code units of a V8 string (V8's positions count these), at most `max`.
+    /// The UTF-16 code units of a V8 string (V8's positions count these): at most `max` of
+    /// them, from unit `skip` on. `None` when any part of it cannot be read, or it has more
+    /// parts or nests deeper than is followed.
     pub(super) fn string_units(
         &mut self,
         object: u64,
+        skip: usize,
+        max: usize,
+    ) -> Option<Vec<u16>> {
+        let mut units = Vec::new();
+        let mut parts = 0;
+        self.append_units(object, skip, max, 0, &mut parts, &mut units)?;
+        Some(units)
+    }
+
+    /// Appends at most `max` units of a string from unit `skip` on: never more than asked, what
+    /// the string claims as its length notwithstanding.
+    fn append_units(
+        &mut self,
+        object: u64,
+        skip: usize,
         max: usize,
         depth: usize,
-    ) -> Option<Vec<u16>> {
-        if depth > MAX_STRING_DEPTH {
+        parts: &mut usize,
+        out: &mut Vec<u16>,
+    ) -> Option<()> {
+        if depth > MAX_STRING_DEPTH || *parts >= MAX_STRING_PARTS {
             return None;
         }
+        *parts += 1;
         let t = self.instance_type(object)?;
+        if t >= self.layout.types.first_nonstring {
+            return None;
+        }
         let s = &self.layout.strings;
         let length = usize::try_from(self.memory.i32(object + s.length)?).ok()?;
+        let want = length.saturating_sub(skip).min(max);
+        if want == 0 {
+            return Some(());
+        }
         let one_byte = t & s.encoding_mask == s.one_byte_tag;
         let representation = t & s.representation_mask;
         let (first, second, actual) = (s.cons_first, s.cons_second, s.thin_actual);
         let (parent, parent_offset) = (s.sliced_parent, s.sliced_offset);
         if representation == s.seq_tag {
-            let n = length.min(max);
-            return Some(if one_byte {
-                // Latin-1: each byte is the code point.
-                let bytes = self.memory.bytes(object + s.seq_one_byte_chars, n)?;
-                bytes.into_iter().map(u16::from).collect()
+            let (chars, unit) = if one_byte {
+                (s.seq_one_byte_chars, 1)
             } else {
-                let bytes = self.memory.bytes(object + s.seq_two_byte_chars, n * 2)?;
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect()
-            });
+                (s.seq_two_byte_chars, 2)
+            };
+            let at = (object + chars).checked_add(u64::try_from(skip * unit).ok()?)?;
+            let bytes = self.memory.bytes(at, want * unit)?;
+            if one_byte {
+                // Latin-1: each byte is the code point.
+                out.extend(bytes.into_iter().map(u16::from));
+            } else {
+                out.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]])),
+                );
+            }
+            return Some(());
         }
         if representation == s.cons_tag {
             let first = heap_object(self.memory.word(object + first)?)?;
             let second = heap_object(self.memory.word(object + second)?)?;
-            let mut units = self.string_units(first, max, depth + 1)?;
-            if units.len() < max {
-                units.extend(self.string_units(second, max - units.len(), depth + 1)?);
+            let first_length = self.string_length(first)?;
+            let before = out.len();
+            if skip < first_length {
+                self.append_units(first, skip, want, depth + 1, parts, out)?;
             }
-            return Some(units);
+            let got = out.len() - before;
+            if got < want {
+                let skip = skip.saturating_sub(first_length);
+                self.append_units(second, skip, want - got, depth + 1, parts, out)?;
+            }
+            return Some(());
         }
         if representation == s.thin_tag {
             let actual = heap_object(self.memory.word(object + actual)?)?;
-            return self.string_units(actual, max, depth + 1);
+            return self.append_units(actual, skip, want, depth + 1, parts, out);
         }
         if representation == s.sliced_tag {
             let parent = heap_object(self.memory.word(object + parent)?)?;
             let start = usize::try_from(smi(self.memory.word(object + parent_offset)?)?).ok()?;
-            let units =
-                self.string_units(parent, start.saturating_add(length.min(max)), depth + 1)?;
-            return Some(units.into_iter().skip(start).collect());
+            return self.append_units(
+                parent,
+                start.checked_add(skip)?,
+                want,
+                depth + 1,
+                parts,
+                out,
+            );
         }
         // External strings keep their characters behind a C++ object: not followed.
         None
+    }
+
+    /// The length a string claims.
+    fn string_length(&self, object: u64) -> Option<usize> {
+        usize::try_from(self.memory.i32(object + self.layout.strings.length)?).ok()
     }
 }

@@ -5,6 +5,13 @@ use std::{collections::HashMap, fs::File};
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 
+/// Symbols looked at for the metadata (node has about 200 thousand), and `v8dbg_` values
+/// kept (about 1500): a file with more is not V8's.
+const MAX_SYMBOLS: usize = 4 << 20;
+const MAX_VALUES: usize = 16_384;
+/// Longest `v8dbg_` name kept.
+const MAX_NAME: usize = 256;
+
 /// V8 versions whose `ScopeInfo` and source position tables we know (Node 18 to 26).
 const KNOWN_MAJORS: std::ops::RangeInclusive<i64> = 10..=14;
 
@@ -251,11 +258,18 @@ impl Layout {
 /// Reads the `v8dbg_*` integers (and V8's version) of an ELF file: names and values. `None`
 /// when it has none: no V8 in it.
 pub fn postmortem_metadata(file: File) -> Option<HashMap<String, i64>> {
-    let cache = ReadCache::new(file);
-    let elf = object::File::parse(&cache).ok()?;
+    metadata_of(&ReadCache::new(file))
+}
+
+/// The `v8dbg_*` integers of an object file's data (the target's: any bytes at all).
+pub fn metadata_of<'data, R: object::ReadRef<'data>>(data: R) -> Option<HashMap<String, i64>> {
+    let elf = object::File::parse(data).ok()?;
     let mut values = HashMap::new();
-    for symbol in elf.symbols().chain(elf.dynamic_symbols()) {
+    for symbol in elf.symbols().chain(elf.dynamic_symbols()).take(MAX_SYMBOLS) {
         let Ok(name) = symbol.name() else { continue };
+        if name.len() > MAX_NAME {
+            continue;
+        }
         let name = if name.starts_with("v8dbg_") {
             name
         } else if let Some(&(_, short)) = VERSION_SYMBOLS.iter().find(|(long, _)| *long == name) {
@@ -278,6 +292,9 @@ pub fn postmortem_metadata(file: File) -> Option<HashMap<String, i64>> {
             _ => 0,
         };
         values.insert(name.to_owned(), i64::from(value));
+        if values.len() > MAX_VALUES {
+            return None;
+        }
     }
     values
         .keys()

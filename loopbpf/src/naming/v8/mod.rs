@@ -19,6 +19,8 @@
 //! source positions in [`positions`], the metadata in [`layout`], source maps in
 //! [`source_maps`].
 
+#[cfg(test)]
+mod fuzz;
 mod heap;
 mod layout;
 mod positions;
@@ -26,7 +28,9 @@ mod source_maps;
 
 use std::{
     collections::HashMap,
+    mem::size_of,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use crate::{
@@ -34,14 +38,17 @@ use crate::{
     decode::StackSample,
     naming::frame::Frame,
     target::{
-        files::{FileCache, MAX_OBJECT},
+        budget::{BoundedCache, BudgetedMemory, Limits, NAMING_LIMITS},
+        files::{FileCache, MAX_OBJECT, Weigh},
         maps::executable_files,
-        memory::Memory,
+        memory::ReadMemory,
         proc::Process,
     },
 };
 
 use heap::{FunctionInfo, heap_object};
+#[cfg(test)]
+pub use layout::metadata_of;
 use layout::{Layout, postmortem_metadata};
 use positions::LineEnds;
 use source_maps::SourceMaps;
@@ -49,12 +56,29 @@ use source_maps::SourceMaps;
 /// The `v8dbg_*` values of a node binary, by name.
 pub type Metadata = HashMap<String, i64>;
 
+impl Weigh for Metadata {
+    fn heap_bytes(&self) -> usize {
+        self.keys()
+            .map(|k| k.len() + size_of::<(String, i64)>() + 8)
+            .sum()
+    }
+}
+
 /// Frames looked at in one sample (the frame-pointer chain through the stack copy).
 const MAX_CHAIN: usize = 256;
 /// Unwound return addresses where a broken frame-pointer chain is picked up again.
 const MAX_SEEDS: usize = 16;
 /// Entries kept in each cache before it is cleared (a long session stays bounded).
 const MAX_CACHE: usize = 65_536;
+/// Bytes kept by the caches of what functions and receivers are named (names and paths up to
+/// 512 characters each).
+const MAX_NAME_CACHE_BYTES: usize = 8 << 20;
+/// Bytes kept by the cache of scripts' line ends (4 bytes a line).
+const MAX_LINE_ENDS_BYTES: usize = 16 << 20;
+/// Distinct named frames kept for the run (a sample refers to them by index, so they are never
+/// dropped), and their bytes: past either, new frames stay `[JS]`.
+const MAX_FRAMES: usize = 1 << 20;
+const MAX_FRAME_BYTES: usize = 64 << 20;
 
 /// A JS frame of a sample: the address its code ran at, and what the frame was named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,26 +103,43 @@ struct FrameSlots {
 
 /// Names JS frames of one process.
 pub struct JsNamer {
+    pid: u32,
     layout: Layout,
-    memory: Memory,
+    /// The process's memory, read within [`NAMING_LIMITS`].
+    memory: BudgetedMemory,
     /// Instance type by map address (maps live in old space and seldom move).
-    types: HashMap<u64, u16>,
-    functions: HashMap<u64, FunctionInfo>,
+    types: BoundedCache<u64, u16>,
+    functions: BoundedCache<u64, FunctionInfo>,
     /// Script offset by bytecode array, its position table and bytecode offset.
-    positions: HashMap<(u64, u64, i64), Option<u32>>,
-    line_ends: HashMap<u64, LineEnds>,
+    positions: BoundedCache<(u64, u64, i64), Option<u32>>,
+    line_ends: BoundedCache<u64, LineEnds>,
     /// What the kernel side read for a frame (thread, busy interval, frame pointer, function
     /// and receiver slots): for samples where it could not follow the chain to that frame (a
     /// leaf in libc). Within one busy interval a frame is one call, and the GC rewrites its
     /// slots when it moves the objects, so equal slots mean the same objects. Across intervals
     /// they do not: a new call at the same depth may find a function at an address a moved one
     /// left (a worker's message handler named as the bootstrap's, its frames at the same place).
-    captured_before: HashMap<(u32, u64, u64, u64, u64), CapturedFrame>,
+    captured_before: BoundedCache<(u32, u64, u64, u64, u64), CapturedFrame>,
     /// Class name of receivers by their map, with the constructor word it was read from.
-    receiver_types: HashMap<u64, (u64, String)>,
+    receiver_types: BoundedCache<u64, (u64, String)>,
     source_maps: SourceMaps,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
+    /// Estimated bytes of `frames` and `frame_ids`.
+    frame_bytes: usize,
+    limits_hit: LimitsHit,
+}
+
+/// Where the limits on naming one process's JS frames left frames unnamed or dropped what was
+/// read: each counted, for the summary and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsHit {
+    /// Samples whose JS frames were left (partly) unnamed because the read budget was spent.
+    pub budget_exceeded: u64,
+    /// Frames left `[JS]` because the table of named frames was full.
+    pub frames_refused: u64,
+    /// Times a cache was cleared because it was full, or an entry refused as too large.
+    pub cache_evictions: u64,
 }
 
 impl JsNamer {
@@ -120,6 +161,7 @@ impl JsNamer {
             seen.push(path);
             if let Some(values) = metadata.get_or_read(
                 &mapping.file(),
+                Path::new(mapping.file_path()),
                 || process.open_mapped(mapping, MAX_OBJECT).ok(),
                 postmortem_metadata,
             ) {
@@ -135,19 +177,61 @@ impl JsNamer {
         let memory = process
             .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
-        Ok(Some(Self {
+        Ok(Some(Self::with_memory(
+            pid,
             layout,
-            memory,
-            types: HashMap::new(),
-            functions: HashMap::new(),
-            positions: HashMap::new(),
-            line_ends: HashMap::new(),
-            receiver_types: HashMap::new(),
-            captured_before: HashMap::new(),
-            source_maps: SourceMaps::new(&process),
+            Box::new(memory),
+            NAMING_LIMITS,
+        )))
+    }
+
+    /// The namer of `pid`'s V8 laid out as `layout`, reading `memory` within `limits`.
+    fn with_memory(pid: u32, layout: Layout, memory: Box<dyn ReadMemory>, limits: Limits) -> Self {
+        Self {
+            pid,
+            layout,
+            memory: BudgetedMemory::new(memory, limits),
+            types: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
+            functions: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
+            positions: BoundedCache::new(MAX_CACHE, MAX_CACHE * 96),
+            line_ends: BoundedCache::new(MAX_CACHE, MAX_LINE_ENDS_BYTES),
+            receiver_types: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
+            captured_before: BoundedCache::new(MAX_CACHE, MAX_CACHE * 128),
+            source_maps: SourceMaps::new(&Process::new(pid)),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
-        }))
+            frame_bytes: 0,
+            limits_hit: LimitsHit::default(),
+        }
+    }
+
+    /// Where limits left frames unnamed so far.
+    pub fn limits_hit(&self) -> LimitsHit {
+        let caches = [
+            (self.types.cleared, self.types.refused),
+            (self.functions.cleared, self.functions.refused),
+            (self.positions.cleared, self.positions.refused),
+            (self.line_ends.cleared, self.line_ends.refused),
+            (self.receiver_types.cleared, self.receiver_types.refused),
+            (self.captured_before.cleared, self.captured_before.refused),
+        ];
+        LimitsHit {
+            cache_evictions: caches.iter().map(|(c, r)| c + r).sum::<u64>()
+                + self.source_maps.evictions(),
+            ..self.limits_hit
+        }
+    }
+
+    /// What was read of the process's memory.
+    #[cfg(test)]
+    pub fn memory_used(&self) -> crate::target::budget::Used {
+        self.memory.used()
+    }
+
+    /// Whether what was read in this sample may be cached: not when a read was refused, which
+    /// made it look missing.
+    fn may_cache(&self) -> bool {
+        !self.memory.spent()
     }
 
     /// What the kernel side reads of each sampled frame, for this process's V8.
@@ -179,6 +263,27 @@ impl JsNamer {
     /// sample's stack copy. Where code without frame pointers (libc) breaks the chain, it is
     /// picked up again at `user`, the unwound return addresses.
     pub fn js_frames(&mut self, sample: &StackSample, user: &[u64]) -> Vec<JsFrameRef> {
+        self.memory.start_sample(Instant::now());
+        let refs = self.js_frames_within_budget(sample, user);
+        if self.memory.spent() {
+            if self.limits_hit.budget_exceeded == 0 {
+                let limits = self.memory.limits();
+                warning!(
+                    "JS frames of pid {} left unnamed: naming budget spent (at most {} reads and \
+                     {} MiB per sample, {} reads and {} MiB a second)",
+                    self.pid,
+                    limits.sample_reads,
+                    limits.sample_bytes >> 20,
+                    limits.reads_per_second,
+                    limits.bytes_per_second >> 20,
+                );
+            }
+            self.limits_hit.budget_exceeded += 1;
+        }
+        refs
+    }
+
+    fn js_frames_within_budget(&mut self, sample: &StackSample, user: &[u64]) -> Vec<JsFrameRef> {
         let [ip, sp, bp] = sample.regs;
         let base = sp.wrapping_sub(RED_ZONE);
         let stack = &sample.stack;
@@ -265,7 +370,7 @@ impl JsNamer {
                 );
                 match captured {
                     Some(c) => {
-                        bounded(&mut self.captured_before).insert(key, c);
+                        self.captured_before.insert(key, c, 0);
                     }
                     None => captured = self.captured_before.get(&key).copied(),
                 }
@@ -331,26 +436,35 @@ impl JsNamer {
         if let (Some(file), Some((line, column))) = (&info.file, position) {
             frame.original = self.source_maps.original(file, line, column);
         }
-        Some(self.intern(frame))
+        self.intern(frame)
     }
 
-    fn intern(&mut self, frame: Frame) -> u32 {
+    /// The id of a named frame; `None` (the frame stays `[JS]`, counted) once the table of
+    /// frames is full.
+    fn intern(&mut self, frame: Frame) -> Option<u32> {
         if let Some(&id) = self.frame_ids.get(&frame) {
-            return id;
+            return Some(id);
         }
-        let id = u32::try_from(self.frames.len()).unwrap_or(u32::MAX);
+        // Kept twice (the table and its index), each with its strings.
+        let bytes = 2 * (size_of::<Frame>() + frame_heap_bytes(&frame)) + 16;
+        if self.frames.len() >= MAX_FRAMES || self.frame_bytes + bytes > MAX_FRAME_BYTES {
+            self.limits_hit.frames_refused += 1;
+            return None;
+        }
+        let id = u32::try_from(self.frames.len()).ok()?;
+        self.frame_bytes += bytes;
         self.frames.push(frame.clone());
         self.frame_ids.insert(frame, id);
-        id
+        Some(id)
     }
 }
 
-/// Clears a cache that has grown to [`MAX_CACHE`] entries.
-fn bounded<K, V>(cache: &mut HashMap<K, V>) -> &mut HashMap<K, V> {
-    if cache.len() >= MAX_CACHE {
-        cache.clear();
-    }
-    cache
+/// The bytes a frame's strings keep.
+fn frame_heap_bytes(frame: &Frame) -> usize {
+    frame.name.len()
+        + frame.module.len()
+        + frame.file.as_ref().map_or(0, String::len)
+        + frame.original.as_ref().map_or(0, |o| o.file.len())
 }
 
 /// A frame's name as `Error.stack` prints it: `Class.method` for a method call whose name is

@@ -3,14 +3,16 @@
 //! column Node prints (from V8's line ends, else from the source).
 
 use super::{
-    FrameSlots, JsNamer, bounded,
+    FrameSlots, JsNamer,
     heap::{heap_object, smi},
 };
+use crate::target::memory::ReadMemory;
 
-/// Longest script source read to find line ends (a large bundle is still read once).
-const MAX_SOURCE: usize = 64 << 20;
-/// Most line ends read from a script's own table (V8 computed them).
-const MAX_LINES: usize = 1 << 22;
+/// Longest script source read to find line ends (a large bundle is still read once), in UTF-16
+/// units: 32 MiB of Latin-1, 64 MiB of two-byte source, within one sample's byte budget.
+const MAX_SOURCE: usize = 32 << 20;
+/// Most line ends read from a script's own table (V8 computed them), or kept for a script.
+const MAX_LINES: usize = 1 << 21;
 /// Longest source position table read.
 const MAX_POSITION_TABLE: usize = 1 << 20;
 
@@ -36,7 +38,9 @@ impl JsNamer {
             return position;
         }
         let position = self.source_position(table, offset);
-        bounded(&mut self.positions).insert((array, table, offset), position);
+        if self.may_cache() {
+            self.positions.insert((array, table, offset), position, 0);
+        }
         position
     }
 
@@ -67,7 +71,14 @@ impl JsNamer {
             .is_some_and(|ends| ends.source == source);
         if !fresh {
             let ends = self.read_line_ends(script, source)?;
-            bounded(&mut self.line_ends).insert(script, LineEnds { source, ends });
+            if ends.len() > MAX_LINES {
+                return None;
+            }
+            let bytes = ends.len() * 4;
+            let ends = LineEnds { source, ends };
+            if !self.line_ends.insert(script, ends, bytes) {
+                return None;
+            }
         }
         let ends = &self.line_ends.get(&script)?.ends;
         let line = ends.partition_point(|&end| end < offset);
@@ -104,15 +115,18 @@ impl JsNamer {
                 .collect();
         }
         let source = heap_object(source).filter(|&s| self.is_string(s))?;
-        let units = self.string_units(source, MAX_SOURCE, 0)?;
+        let units = self.string_units(source, 0, MAX_SOURCE)?;
         // A source cut short would end its last line at the cut.
-        (units.len() < MAX_SOURCE).then(|| line_ends(&units))
+        if units.len() >= MAX_SOURCE {
+            return None;
+        }
+        line_ends(&units)
     }
 }
 
 /// Offsets of the line terminators in a source (`\n`, a lone `\r`, U+2028, U+2029), and its
-/// length as the end of the last line, as V8 computes them.
-fn line_ends(units: &[u16]) -> Vec<u32> {
+/// length as the end of the last line, as V8 computes them; `None` past [`MAX_LINES`].
+fn line_ends(units: &[u16]) -> Option<Vec<u32>> {
     let mut ends = Vec::new();
     for (i, &unit) in units.iter().enumerate() {
         let terminates = match unit {
@@ -121,11 +135,14 @@ fn line_ends(units: &[u16]) -> Vec<u32> {
             _ => false,
         };
         if terminates {
+            if ends.len() >= MAX_LINES {
+                return None;
+            }
             ends.push(u32::try_from(i).unwrap_or(u32::MAX));
         }
     }
     ends.push(u32::try_from(units.len()).unwrap_or(u32::MAX));
-    ends
+    Some(ends)
 }
 
 /// The raw source position of the last entry at or before `bytecode_offset` in a source
@@ -179,8 +196,9 @@ mod tests {
     #[test]
     fn line_ends_count_every_terminator_once() {
         let units: Vec<u16> = "a\nb\r\nc\rd\u{2028}e".encode_utf16().collect();
-        assert_eq!(line_ends(&units), [1, 4, 6, 8, 10]);
-        assert_eq!(line_ends(&[]), [0]);
+        assert_eq!(line_ends(&units).unwrap(), [1, 4, 6, 8, 10]);
+        assert_eq!(line_ends(&[]).unwrap(), [0]);
+        assert_eq!(line_ends(&vec![0x0a; MAX_LINES + 1]), None);
     }
 
     #[test]

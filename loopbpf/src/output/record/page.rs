@@ -229,6 +229,7 @@ mod tests {
             dropped_events: 0,
             duration_ms: 1000.0,
             event: "summary",
+            naming_limits: Vec::new(),
             loops: vec![LoopLine {
                 blocks: 1,
                 busy_hist_us: Vec::new(),
