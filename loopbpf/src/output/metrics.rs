@@ -57,6 +57,10 @@ pub struct Health {
     pub processes: u64,
     pub lost_events: u64,
     pub attach_failures: u64,
+    /// Blocks and ongoing blocks reported without stacks: naming took too long.
+    pub naming_timeouts: u64,
+    /// Stack samples dropped: naming fell behind.
+    pub samples_dropped: u64,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -443,6 +447,18 @@ fn health_series(families: &mut Families, loops: usize, health: Health) {
         counter(none(), health.attach_failures as f64),
     );
     families.add(
+        "loopbpf_naming_timeouts_total",
+        "Blocks and ongoing blocks reported without stacks: naming them took too long.",
+        MetricType::COUNTER,
+        counter(none(), health.naming_timeouts as f64),
+    );
+    families.add(
+        "loopbpf_stack_samples_dropped_total",
+        "Stack samples dropped because naming fell behind: stacks of blocks may be missing.",
+        MetricType::COUNTER,
+        counter(none(), health.samples_dropped as f64),
+    );
+    families.add(
         "loopbpf_cpu_seconds_total",
         "CPU time loopbpf itself used (user and system).",
         MetricType::COUNTER,
@@ -593,6 +609,7 @@ mod tests {
                 processes: 1,
                 lost_events: 3,
                 attach_failures: 0,
+                ..Health::default()
             },
         );
         let text = text(&metrics);

@@ -10,10 +10,11 @@
 mod events;
 mod fleet;
 mod launch;
+mod naming;
 mod process;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     future::pending,
     io,
     os::fd::{FromRawFd, OwnedFd},
@@ -25,6 +26,7 @@ use anyhow::{Context, Result, bail};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
     time::{Instant, Interval, interval_at},
 };
 
@@ -32,7 +34,7 @@ use crate::{
     aggregate::Aggregator,
     cli::{Args, RecordArgs},
     discover::{self, Target},
-    naming::SharedFiles,
+    naming::worker::Reply,
     output::{
         clock::{Clock, human},
         flame::Flame,
@@ -45,6 +47,7 @@ use crate::{
 };
 use fleet::Fleet;
 use launch::StoppedChild;
+use naming::{Namers, Waiting};
 use process::{Process, Seed};
 
 /// How often the per-thread state is read for ongoing blocks.
@@ -152,8 +155,14 @@ struct Session<'a> {
     /// `loopbpf record`: where the records go instead of the terminal.
     recorder: Option<Recorder>,
     metrics: Option<Metrics>,
-    /// Object files, read once for every process that maps them.
-    shared: SharedFiles,
+    /// The naming lanes, which unwind and name stacks off this thread.
+    namers: Namers,
+    /// What they send back; taken by the select loop.
+    replies: Option<UnboundedReceiver<Reply>>,
+    /// Records waiting, in order, to be reported (for their stacks to be named first).
+    waiting: VecDeque<Waiting>,
+    /// Dropped samples already warned about.
+    samples_dropped_warned: u64,
     flame: Flame,
     /// Lost events already warned about.
     dropped_warned: u64,
@@ -175,6 +184,7 @@ impl<'a> Session<'a> {
         if target.is_none() {
             reporter = reporter.with_command_column();
         }
+        let (namers, replies) = Namers::new();
         let mut session = Self {
             args,
             probes,
@@ -186,7 +196,10 @@ impl<'a> Session<'a> {
             metrics: args
                 .metrics
                 .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
-            shared: SharedFiles::new(),
+            namers,
+            replies: Some(replies),
+            waiting: VecDeque::new(),
+            samples_dropped_warned: 0,
             flame: Flame::default(),
             dropped_warned: 0,
             started_ns: Clock::monotonic_ns(),
@@ -215,20 +228,16 @@ async fn watch(
     listener: Option<std::net::TcpListener>,
 ) -> Result<ExitCode> {
     let args = session.args;
-    // SAFETY: both values own their fds and keep them open for as long as the AsyncFd lives.
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut ring =
         unsafe { AsyncFd::register_with_interest(session.probes.events()?, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .context("watching the ring buffer")?;
-    let exited = match target_pid {
-        // SAFETY: as above.
-        Some(pid) => Some(
-            unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the target process")?,
-        ),
-        None => None,
-    };
+    let exited = target_pid.map(watch_exit).transpose()?;
+    let mut replies = session
+        .replies
+        .take()
+        .context("the naming replies are taken once")?;
     session.refresh_metrics(Clock::monotonic_ns());
     if let (Some(listener), Some(metrics)) = (listener, session.metrics.as_ref()) {
         tokio::spawn(metrics::serve(listener, metrics.exposition()));
@@ -260,7 +269,13 @@ async fn watch(
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
 
     let end = loop {
+        let due = session.next_due();
         let step = tokio::select! {
+            Some(reply) = replies.recv() => {
+                session.on_reply(reply);
+                session.report_ready()
+            }
+            () = until(due) => session.report_ready(),
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for the ring buffer")?;
                 let step = session.drain(guard.get_inner_mut());
@@ -302,7 +317,7 @@ async fn watch(
     };
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
     let _ = session.drain(ring.get_mut());
-    session.finish(target_pid, &end)?;
+    session.finish(target_pid, &end, &mut replies).await?;
     // A launched command that ended by itself passes its exit status on, like `time` does;
     // one still running when we stop is ended with us.
     let code = match (child, end) {
@@ -321,6 +336,22 @@ async fn tick(timer: &mut Option<Interval>) {
         Some(timer) => {
             timer.tick().await;
         }
+        None => pending().await,
+    }
+}
+
+/// Readable once process `pid` has exited.
+fn watch_exit(pid: u32) -> Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the pidfd owns its fd and keeps it open for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the target process")
+}
+
+/// Waits until `due`, or forever.
+async fn until(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
         None => pending().await,
     }
 }

@@ -8,7 +8,6 @@ use crate::{
     abi::{ROLE_MAIN, ROLE_OTHER, ROLE_WORKER},
     aggregate::leak::LeakWatch,
     discover::{self, Target},
-    naming::Naming,
     output::clock::Clock,
     probe::{KnownLoop, Probes},
     target::{ProcessLabels, container::Placement, start_time},
@@ -30,8 +29,6 @@ pub(super) struct Process {
     pub(super) target: Target,
     pub(super) life: Lifetime,
     pub(super) labels: ProcessLabels,
-    /// `None` with `--no-stacks`, and once the process is gone.
-    pub(super) naming: Option<Naming>,
     /// Whether the kernel side reads V8 objects of its sampled frames yet.
     pub(super) v8_layout_set: bool,
     /// Its memory after major GCs.
@@ -89,26 +86,22 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.name_process(pid, labels.clone());
         }
-        // Reading the process's unwind tables and symbols takes a moment.
-        let naming = (!self.args.session.no_stacks).then(|| Naming::new(pid, &self.shared));
-        let mut process = Process {
+        // Reading the process's unwind tables and symbols takes a moment: on a naming lane.
+        if !self.args.session.no_stacks {
+            self.namers.watch(pid);
+        }
+        let process = Process {
             target,
             life: Lifetime {
                 start_time,
                 gone_ns: None,
             },
             labels,
-            naming,
             v8_layout_set: false,
             leak: LeakWatch::default(),
         };
-        read_v8_objects_in_samples(&mut self.probes, &mut process);
         self.processes.insert(pid, process);
         Ok(())
-    }
-
-    pub(super) fn naming_of(&mut self, pid: u32) -> Option<&mut Naming> {
-        self.processes.get_mut(&pid)?.naming.as_mut()
     }
 
     /// A process exited or exec'd another program: stop naming its stacks; fleet mode keeps
@@ -119,8 +112,7 @@ impl Session<'_> {
         };
         if process.life.gone_ns.is_none() {
             process.life.gone_ns = Some(now_ns);
-            process.naming = None;
-            self.shared.prune();
+            self.namers.gone(pid);
             self.probes.forget_process(pid);
             self.probes.stop_sampling_process(pid);
         }
@@ -132,6 +124,7 @@ impl Session<'_> {
         if let Some(process) = self.processes.remove(&pid) {
             self.release_if_unused(&process.target.libuv_file);
         }
+        self.namers.gone(pid);
         self.reporter.forget_process(pid);
         self.probes.forget_process(pid);
         self.probes.stop_sampling_process(pid);
@@ -189,20 +182,17 @@ fn seed_running_loops(probes: &mut Probes, target: &Target, busy_main: bool) -> 
     Ok(())
 }
 
-/// Once a process's V8 is known, has the kernel side read the objects that its JS frames
-/// point at when it takes a sample (they move with the GC).
-pub(super) fn read_v8_objects_in_samples(probes: &mut Probes, process: &mut Process) {
-    if process.v8_layout_set {
+/// Once a process's V8 is known (its naming lane says so), has the kernel side read the
+/// objects that its JS frames point at when it takes a sample (they move with the GC).
+pub(super) fn read_v8_objects_in_samples(
+    probes: &mut Probes,
+    process: &mut Process,
+    layout: crate::abi::V8Layout,
+) {
+    if process.v8_layout_set || process.life.gone_ns.is_some() {
         return;
     }
-    let Some(js) = process
-        .naming
-        .as_ref()
-        .and_then(|naming| naming.js.as_ref())
-    else {
-        return;
-    };
-    match probes.set_v8_layout(process.target.pid, js.kernel_layout()) {
+    match probes.set_v8_layout(process.target.pid, layout) {
         Ok(()) => process.v8_layout_set = true,
         Err(e) => warning!("JS frames named after the sample: {e}"),
     }
