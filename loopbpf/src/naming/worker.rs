@@ -77,6 +77,8 @@ pub enum Reply {
     },
     /// A process's V8 was found: the kernel side can read its frames' objects when sampling.
     V8Layout { pid: u32, layout: V8Layout },
+    /// A watch job is done.
+    Watched { pid: u32 },
 }
 
 /// The session's handle on a lane.
@@ -162,6 +164,7 @@ impl Worker {
             Job::Watch { pid } => {
                 self.namings.insert(pid, Naming::new(pid, &self.shared));
                 self.send_layout(pid);
+                let _ = self.replies.send(Reply::Watched { pid });
             }
             Job::Gone { pid } => {
                 self.namings.remove(&pid);

@@ -31,7 +31,6 @@ impl Session<'_> {
     /// Reads every queued event; an exited loop thread's final state is taken and the entry
     /// freed.
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), End> {
-        let mut records = Vec::new();
         while let Some(item) = ring.next() {
             match Event::decode(&item) {
                 Ok(event) => {
@@ -41,10 +40,16 @@ impl Session<'_> {
                         self.namers.sample(sample);
                         continue;
                     }
-                    if let Event::Gc { .. } = event {
-                        records.extend(self.follow_gc(&event));
+                    // Queued (their stacks asked for) right away: the samples after this event
+                    // are of the thread's next busy interval.
+                    if let Event::Gc { .. } = event
+                        && let Some(leak) = self.follow_gc(&event)
+                    {
+                        self.queue(leak);
                     }
-                    records.extend(self.aggregator.on_event(&event));
+                    if let Some(record) = self.aggregator.on_event(&event) {
+                        self.queue(record);
+                    }
                 }
                 Err(e) => status!("skipped a malformed event: {e}"),
             }
@@ -52,7 +57,7 @@ impl Session<'_> {
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
-        self.report_all(&records)
+        self.report_ready()
     }
 
     /// Starts sampling loop threads as they are found; takes the final state of those that
@@ -180,21 +185,25 @@ impl Session<'_> {
 
     /// Queues records to report, in order; a block or ongoing block first has its stacks
     /// named on its process's naming lane.
-    pub(super) fn report_all(&mut self, records: &[Record]) -> Result<(), End> {
-        let now_ns = Clock::monotonic_ns();
+    pub(super) fn report_all(&mut self, records: Vec<Record>) -> Result<(), End> {
         for record in records {
-            if let (
-                Record::Block {
-                    id, duration_ns, ..
-                },
-                Some(metrics),
-            ) = (record, self.metrics.as_mut())
-            {
-                metrics.on_block(id.pid, id.tid, *duration_ns);
-            }
-            self.enqueue(record.clone(), now_ns, false);
+            self.queue(record);
         }
         self.report_ready()
+    }
+
+    /// Counts a block for the metrics and queues it (any record) for reporting.
+    fn queue(&mut self, record: Record) {
+        if let (
+            Record::Block {
+                id, duration_ns, ..
+            },
+            Some(metrics),
+        ) = (&record, self.metrics.as_mut())
+        {
+            metrics.on_block(id.pid, id.tid, *duration_ns);
+        }
+        self.enqueue(record, Clock::monotonic_ns(), false);
     }
 
     /// Queues a record; asks for its stacks if it is a block or an ongoing block.
@@ -267,6 +276,7 @@ impl Session<'_> {
                     read_v8_objects_in_samples(&mut self.probes, process, layout);
                 }
             }
+            Reply::Watched { .. } => {}
         }
     }
 

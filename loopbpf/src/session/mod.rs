@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
-    sync::mpsc::UnboundedReceiver,
+    sync::mpsc::{UnboundedReceiver, error::TryRecvError},
     time::{Instant, Interval, interval_at},
 };
 
@@ -55,6 +55,9 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// How often the targets' memory maps are re-read for naming stacks, gone processes are
 /// looked for, and metrics are rendered.
 const MAPS_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long a session with one target waits for its naming to be set up before watching.
+const FIRST_NAMING_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs the parsed command line: a session that reports on the terminal, or, with `record`, one
 /// whose output is an evidence bundle.
@@ -216,8 +219,31 @@ impl<'a> Session<'a> {
                 .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
             session.attach_gc(target, Some(target.pid), which);
             session.watch(target.clone(), seed)?;
+            session.await_naming(target.pid);
         }
         Ok(session)
+    }
+
+    /// One target: before its first block, its naming is set up and the kernel side reads its
+    /// JS frames' objects, as long as that takes at most [`FIRST_NAMING_WAIT`] (there is no
+    /// other process to hold up).
+    fn await_naming(&mut self, pid: u32) {
+        if self.args.session.no_stacks {
+            return;
+        }
+        let Some(mut replies) = self.replies.take() else {
+            return;
+        };
+        let until = std::time::Instant::now() + FIRST_NAMING_WAIT;
+        while std::time::Instant::now() < until {
+            match replies.try_recv() {
+                Ok(Reply::Watched { pid: of }) if of == pid => break,
+                Ok(reply) => self.on_reply(reply),
+                Err(TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        self.replies = Some(replies);
     }
 }
 
@@ -287,7 +313,7 @@ async fn watch(
                 session.look_at_execs(now_ns);
                 session.refresh();
                 let records = session.aggregator.ongoing(now_ns);
-                session.report_all(&records).and_then(|()| session.record_tick(now_ns))
+                session.report_all(records).and_then(|()| session.record_tick(now_ns))
             }
             _ = maps_refresh.tick() => {
                 // Keep the memory maps current while the targets live, so that stacks of a
@@ -304,7 +330,7 @@ async fn watch(
                 let records = session.aggregator.interval(Clock::monotonic_ns(), window);
                 window += 1;
                 session.probes.set_window(window)?;
-                session.report_all(&records)
+                session.report_all(records)
             }
             () = &mut target_exited => Err(End::TargetExited),
             () = &mut deadline => Err(End::Stopped),
