@@ -267,7 +267,9 @@ fn test_delay(pid: u32) {
         let delay = DELAY.get_or_init(|| {
             let value = std::env::var("LOOPBPF_TEST_NAMING_DELAY").ok()?;
             let (of, ms) = value.split_once(':')?;
-            Some((of.parse().ok()?, Duration::from_millis(ms.parse().ok()?)))
+            let (of, ms) = (of.parse().ok()?, ms.parse().ok()?);
+            status!("test hook: every naming job of pid {of} takes {ms} ms longer");
+            Some((of, Duration::from_millis(ms)))
         });
         if let Some((of, delay)) = *delay
             && of == pid

@@ -280,20 +280,31 @@ impl Session<'_> {
         }
     }
 
-    /// When the first waiting record's time is up, if it waits.
+    /// When the next waiting record's time is up, if one waits.
     pub(super) fn next_due(&self) -> Option<Instant> {
-        self.waiting.front()?.wait.map(|(_, due)| due)
+        self.waiting
+            .iter()
+            .filter_map(|w| w.wait.map(|(_, due)| due))
+            .min()
     }
 
-    /// Reports the waiting records, in order, up to the first whose stacks are still being
-    /// named and whose time is not up; those whose time is up go without their stacks.
+    /// Reports the waiting records whose stacks are named or whose time is up (those go
+    /// without their stacks), each after the earlier records of its process: a process's
+    /// records keep their order, and a slow process holds up no other's.
     pub(super) fn report_ready(&mut self) -> Result<(), End> {
         let now = Instant::now();
-        while let Some(first) = self.waiting.front() {
-            if first.wait.is_some_and(|(_, due)| due > now) {
-                break;
+        let mut held: Vec<u32> = Vec::new();
+        let mut index = 0;
+        while index < self.waiting.len() {
+            let waiting = &self.waiting[index];
+            let pid = record_pid(&waiting.record);
+            let waits = waiting.wait.is_some_and(|(_, due)| due > now);
+            if waits || pid.is_some_and(|pid| held.contains(&pid)) {
+                held.extend(pid);
+                index += 1;
+                continue;
             }
-            let Some(mut waiting) = self.waiting.pop_front() else {
+            let Some(mut waiting) = self.waiting.remove(index) else {
                 break;
             };
             if waiting.wait.is_some() {
@@ -423,5 +434,16 @@ impl Session<'_> {
             self.flame.write_svg(path, &title)?;
         }
         Ok(())
+    }
+}
+
+/// The process a record is about.
+fn record_pid(record: &Record) -> Option<u32> {
+    match record {
+        Record::Block { id, .. }
+        | Record::Ongoing { id, .. }
+        | Record::Interval { id, .. }
+        | Record::Leak { id, .. } => Some(id.pid),
+        Record::Summary { .. } => None,
     }
 }
