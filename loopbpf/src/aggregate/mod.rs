@@ -11,10 +11,7 @@ use serde::Serialize;
 use crate::{
     abi::{HIST_SLOTS, ThreadState},
     decode::{Event, GcKind},
-    naming::{
-        stacks::{RawStacks, Sample},
-        v8::LimitsHit,
-    },
+    naming::v8::LimitsHit,
 };
 use usage::{LoopStatus, Usage};
 
@@ -80,8 +77,6 @@ pub enum Record {
         before_attach: bool,
         /// Time of V8 GC pauses inside the block.
         gc_ns: u64,
-        /// Its stacks, not yet named: the naming stage names those of a block.
-        stacks: RawStacks,
     },
     Ongoing {
         id: LoopId,
@@ -89,7 +84,6 @@ pub enum Record {
         duration_ns: u64,
         before_attach: bool,
         gc_ns: u64,
-        stacks: RawStacks,
     },
     Interval {
         id: LoopId,
@@ -162,8 +156,6 @@ struct LoopThread {
     exited_ns: Option<u64>,
     /// Its kernel-side entry was freed.
     forgotten: bool,
-    /// Stacks of the current busy interval, keyed by its start.
-    stacks: (u64, RawStacks),
     gc: BTreeMap<GcKind, GcStats>,
     /// Recent GC pauses (start, end), to tell how much of a block was GC.
     gc_pauses: VecDeque<(u64, u64)>,
@@ -176,15 +168,6 @@ impl LoopThread {
             .iter()
             .map(|&(from, to)| to.min(end_ns).saturating_sub(from.max(start_ns)))
             .sum()
-    }
-
-    /// The stacks gathered for the busy interval that started at `start_ns`.
-    fn take_stacks(&mut self, start_ns: u64) -> RawStacks {
-        if self.stacks.0 == start_ns {
-            std::mem::take(&mut self.stacks.1)
-        } else {
-            RawStacks::default()
-        }
     }
 }
 
@@ -236,7 +219,6 @@ impl Aggregator {
                     end: BlockEnd::Poll,
                     before_attach,
                     gc_ns,
-                    stacks: thread.take_stacks(start_ns),
                 })
             }
             Event::LoopExit {
@@ -266,10 +248,9 @@ impl Aggregator {
                     end: BlockEnd::Exit,
                     before_attach,
                     gc_ns: thread.gc_within(start_ns, at_ns),
-                    stacks: thread.take_stacks(start_ns),
                 })
             }
-            // Stacks come in unwound, through `on_stack`.
+            // Stacks are kept by the naming stage.
             Event::Stack(_) | Event::Exec { .. } => None,
             Event::Gc {
                 pid,
@@ -291,17 +272,6 @@ impl Aggregator {
                 None
             }
         }
-    }
-
-    /// Takes a stack of a busy interval, kept until the interval turns out to be a block or not.
-    pub fn on_stack(&mut self, sample: Sample) {
-        let of = sample.of;
-        let thread = self.loop_thread(of.pid, of.tid, of.at_ns);
-        if thread.stacks.0 != of.busy_since_ns {
-            // A new busy interval: the last one's stacks were not a block's.
-            thread.stacks = (of.busy_since_ns, RawStacks::default());
-        }
-        thread.stacks.1.add(sample);
     }
 
     /// Stores the newest kernel-side state of a thread (the last one, after it exited).
@@ -353,18 +323,12 @@ impl Aggregator {
                 _ => start_ns + self.threshold_ns + ONGOING_EVERY_NS,
             };
             if now_ns >= due_ns {
-                let stacks = if thread.stacks.0 == start_ns {
-                    thread.stacks.1.clone()
-                } else {
-                    RawStacks::default()
-                };
                 records.push(Record::Ongoing {
                     id: thread.id,
                     start_ns,
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
-                    stacks,
                 });
                 // Keep the cadence from the due time, whatever reporting took.
                 let next_ns = (due_ns + ONGOING_EVERY_NS).max(now_ns + ONGOING_EVERY_NS / 2);
@@ -392,7 +356,6 @@ impl Aggregator {
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
-                    stacks: thread.take_stacks(start_ns),
                 })
             })
             .collect()
@@ -539,7 +502,6 @@ impl Aggregator {
                 next_ongoing: None,
                 exited_ns: None,
                 forgotten: false,
-                stacks: (0, RawStacks::default()),
                 gc: BTreeMap::new(),
                 gc_pauses: VecDeque::new(),
             }

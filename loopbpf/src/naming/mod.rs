@@ -1,7 +1,8 @@
 //! Raw samples -> named stacks: unwinding ([`unwind`]), JS frames from V8's heap ([`v8`]),
 //! native and JIT symbols ([`symbolize`], from the objects in [`objects`] and the perf map in
 //! [`perf_map`]), and the weighting of a block's stacks ([`stacks`]).
-//! Every stage reads a target's memory or files and is bounded against what it finds there.
+//! Every stage reads a target's memory or files and is bounded against what it finds there;
+//! they run on [`worker`] threads, never on the session's.
 
 pub mod frame;
 mod objects;
@@ -10,6 +11,7 @@ pub mod stacks;
 pub mod symbolize;
 pub mod unwind;
 pub mod v8;
+pub mod worker;
 
 use std::path::PathBuf;
 

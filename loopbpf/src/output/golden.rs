@@ -12,7 +12,7 @@ use crate::{
     decode::GcKind,
     naming::{
         frame::{Frame, FrameKind, Original},
-        stacks::{BlockProfile, NamedStack, RawStacks},
+        stacks::{BlockProfile, NamedStack},
     },
     target::ProcessLabels,
 };
@@ -132,7 +132,6 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
                 end: BlockEnd::Poll,
                 before_attach: false,
                 gc_ns: 12_345_678,
-                stacks: RawStacks::default(),
             },
             Some(profile()),
             5_200 * MS,
@@ -145,7 +144,6 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
                 end: BlockEnd::Exit,
                 before_attach: false,
                 gc_ns: 0,
-                stacks: RawStacks::default(),
             },
             None,
             6_300 * MS,
@@ -157,7 +155,6 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
                 duration_ns: 2_100_000_001,
                 before_attach: true,
                 gc_ns: 700 * MS,
-                stacks: RawStacks::default(),
             },
             Some(BlockProfile {
                 on_cpu_ns: 2_100 * MS,
@@ -300,6 +297,7 @@ fn json_lines_are_unchanged() {
         let named = Named {
             record: &record,
             profile: profile.as_ref(),
+            naming_timed_out: false,
         };
         reporter.report(named, now_ns).unwrap();
     }

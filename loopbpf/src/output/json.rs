@@ -71,6 +71,9 @@ pub struct Block {
     /// Heaviest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stacks: Option<Vec<Stack>>,
+    /// Its stacks were not named in time: no `stacks`, `on_cpu_ms` or `off_cpu_ms`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub naming_timed_out: bool,
     pub start_unix_ms: f64,
     pub started_before_attach: bool,
     /// `main` or `worker`.
@@ -304,6 +307,7 @@ impl Who {
 
 /// A record as its JSON line, its times made wall-clock times by `clock`; interval and leak
 /// lines are stamped `now_ns`.
+#[expect(clippy::too_many_lines, reason = "one arm per kind of record")]
 pub fn line(
     named: Named<'_>,
     now_ns: u64,
@@ -332,18 +336,21 @@ pub fn line(
                 Record::Block { end, .. } => (BlockEvent::Block, Some(*end)),
                 _ => (BlockEvent::Ongoing, None),
             };
-            Line::Block(Block::new(
-                event,
-                Who::new(id, processes),
-                Times {
-                    unix_ms: clock.unix_ms(*start_ns),
-                    duration_ns: *duration_ns,
-                    gc_ns: *gc_ns,
-                },
-                end,
-                *before_attach,
-                named.profile,
-            ))
+            Line::Block(
+                Block::new(
+                    event,
+                    Who::new(id, processes),
+                    Times {
+                        unix_ms: clock.unix_ms(*start_ns),
+                        duration_ns: *duration_ns,
+                        gc_ns: *gc_ns,
+                    },
+                    end,
+                    *before_attach,
+                    named.profile,
+                )
+                .naming_timed_out(named.naming_timed_out),
+            )
         }
         Record::Interval {
             id,
@@ -419,6 +426,11 @@ struct Times {
 }
 
 impl Block {
+    fn naming_timed_out(mut self, timed_out: bool) -> Self {
+        self.naming_timed_out = timed_out;
+        self
+    }
+
     fn new(
         event: BlockEvent,
         who: Who,
@@ -445,6 +457,7 @@ impl Block {
             pid: who.pid,
             pod: who.pod,
             stacks: profile.map(|p| p.stacks.iter().map(Stack::new).collect()),
+            naming_timed_out: false,
             start_unix_ms: unix_ms,
             started_before_attach: before_attach,
             thread: who.thread,

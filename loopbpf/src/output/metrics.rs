@@ -93,6 +93,10 @@ pub struct Health {
     pub attach_failures: u64,
     /// By pid: where the limits on naming JS frames left them unnamed.
     pub naming_limits: Vec<(u32, LimitsHit)>,
+    /// Blocks and ongoing blocks reported without stacks: naming took too long.
+    pub naming_timeouts: u64,
+    /// Stack samples dropped: naming fell behind.
+    pub samples_dropped: u64,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -523,6 +527,24 @@ fn health_series(families: &mut Families, loops: usize, health: &Health) {
         MetricType::COUNTER,
         counter(none(), health.attach_failures as f64),
     );
+    naming_series(families, health);
+    families.add(
+        "loopbpf_cpu_seconds_total",
+        "CPU time loopbpf itself used (user and system).",
+        MetricType::COUNTER,
+        counter(none(), cpu_seconds),
+    );
+    families.add(
+        "loopbpf_resident_memory_bytes",
+        "loopbpf's own resident memory.",
+        MetricType::GAUGE,
+        gauge(none(), rss_bytes),
+    );
+}
+
+/// What the limits on naming left out: frames, files, samples, whole profiles.
+fn naming_series(families: &mut Families, health: &Health) {
+    let none = Vec::new;
     for (pid, hit) in &health.naming_limits {
         let pid = pid.to_string();
         families.add(
@@ -551,16 +573,16 @@ fn health_series(families: &mut Families, loops: usize, health: &Health) {
         counter(none(), crate::target::files::refused_files() as f64),
     );
     families.add(
-        "loopbpf_cpu_seconds_total",
-        "CPU time loopbpf itself used (user and system).",
+        "loopbpf_naming_timeouts_total",
+        "Blocks and ongoing blocks reported without stacks: naming them took too long.",
         MetricType::COUNTER,
-        counter(none(), cpu_seconds),
+        counter(none(), health.naming_timeouts as f64),
     );
     families.add(
-        "loopbpf_resident_memory_bytes",
-        "loopbpf's own resident memory.",
-        MetricType::GAUGE,
-        gauge(none(), rss_bytes),
+        "loopbpf_stack_samples_dropped_total",
+        "Stack samples dropped because naming fell behind: stacks of blocks may be missing.",
+        MetricType::COUNTER,
+        counter(none(), health.samples_dropped as f64),
     );
 }
 
@@ -757,6 +779,8 @@ mod tests {
                         ..LimitsHit::default()
                     },
                 )],
+                naming_timeouts: 0,
+                samples_dropped: 0,
             },
         );
         let text = text(&metrics);

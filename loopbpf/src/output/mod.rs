@@ -22,6 +22,8 @@ use crate::{aggregate::Record, naming::stacks::BlockProfile};
 pub struct Named<'a> {
     pub record: &'a Record,
     pub profile: Option<&'a BlockProfile>,
+    /// Its stacks were not named in time (naming was slow): reported without them.
+    pub naming_timed_out: bool,
 }
 
 impl<'a> Named<'a> {
@@ -30,6 +32,7 @@ impl<'a> Named<'a> {
         Self {
             record,
             profile: None,
+            naming_timed_out: false,
         }
     }
 }

@@ -74,7 +74,7 @@ mod tests {
         aggregate::{BlockEnd, LoopId, Record, ThreadLabel},
         naming::{
             frame::{Frame, FrameKind},
-            stacks::{BlockProfile, NamedStack, RawStacks},
+            stacks::{BlockProfile, NamedStack},
         },
     };
 
@@ -98,12 +98,12 @@ mod tests {
             end: BlockEnd::Exit,
             before_attach: false,
             gc_ns: 0,
-            stacks: RawStacks::default(),
         };
         let profile = profile();
         let named = Named {
             record: &record,
             profile: Some(&profile),
+            naming_timed_out: false,
         };
         let line = reporter.json_line(named, 0);
         let v = serde_json::to_value(line).unwrap();
@@ -133,12 +133,12 @@ mod tests {
             duration_ns: 4200 * MS,
             before_attach: true,
             gc_ns: 0,
-            stacks: RawStacks::default(),
         };
         let profile = profile();
         let named = Named {
             record: &record,
             profile: Some(&profile),
+            naming_timed_out: false,
         };
         reporter.report(named, 0).unwrap();
         let text = String::from_utf8(reporter.out).unwrap();
@@ -186,7 +186,6 @@ mod tests {
             end: BlockEnd::Poll,
             before_attach: false,
             gc_ns: 0,
-            stacks: RawStacks::default(),
         };
         let mut profile = profile();
         profile.stacks[0].frames[1].name = "\x1b]0;pwned\x07\nloopbpf: forged".to_owned();
@@ -194,6 +193,7 @@ mod tests {
         let named = Named {
             record: &record,
             profile: Some(&profile),
+            naming_timed_out: false,
         };
         reporter.report(named, 0).unwrap();
         let text = String::from_utf8(reporter.out).unwrap();

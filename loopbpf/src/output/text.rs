@@ -110,7 +110,7 @@ impl Text {
                         gc_share(*gc_ns, *duration_ns)
                     ),
                 );
-                text += &profile_text(named.profile);
+                text += &profile_text(named.profile, named.naming_timed_out);
             }
             Record::Ongoing {
                 id,
@@ -135,7 +135,7 @@ impl Text {
                         gc_share(*gc_ns, *duration_ns)
                     ),
                 );
-                text += &profile_text(named.profile);
+                text += &profile_text(named.profile, named.naming_timed_out);
             }
             Record::Interval {
                 id,
@@ -244,7 +244,10 @@ impl Text {
 }
 
 /// A block's on- and off-CPU time, and what ran as a short tree (see [`tree`]).
-fn profile_text(profile: Option<&BlockProfile>) -> String {
+fn profile_text(profile: Option<&BlockProfile>, naming_timed_out: bool) -> String {
+    if naming_timed_out {
+        return format!("{:14}(no stacks: naming them took too long)\n", "");
+    }
     let Some(profile) = profile else {
         return String::new();
     };

@@ -1,13 +1,16 @@
 //! The session's work on each wake-up: events drained from the ring buffer, the kernel side's
 //! per-thread state read, blocks' stacks named, records handed to the outputs.
 
-use std::io;
+use std::{io, time::Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use super::{
     End, Session,
+    naming::{BLOCK_LIMIT, ONGOING_LIMIT, Request, Waiting},
     process::{Seed, read_v8_objects_in_samples},
 };
 use crate::{
@@ -15,21 +18,14 @@ use crate::{
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
-    naming::{
-        Naming,
-        stacks::{self, BlockProfile, Sample},
-        v8::LimitsHit,
-    },
+    naming::{v8::LimitsHit, worker::Reply},
     output::{
         Named,
         clock::Clock,
         metrics::{Health, LoopView},
     },
     probe::Losses,
-    target::{
-        ProcessLabels,
-        proc::{Process, rss_of},
-    },
+    target::{ProcessLabels, proc::rss_of},
 };
 
 /// Stack records taken from their ring buffer in one turn of the session's loop: unwinding and
@@ -68,7 +64,6 @@ impl Session<'_> {
             Drain::Queued => (STACK_RING_BYTES / size_of::<RawStackEvent>() as u64) as usize + 1,
             Drain::Some => STACKS_PER_TURN,
         };
-        let mut records = Vec::new();
         let mut taken = 0;
         let mut drained = Drained::All;
         loop {
@@ -82,17 +77,20 @@ impl Session<'_> {
                 Ok(event) => {
                     self.follow_threads(&event);
                     if let Event::Stack(sample) = event {
-                        let sample = match self.naming_of(sample.of.pid) {
-                            Some(naming) => naming.unwind(&sample),
-                            None => Sample::unwound_by_kernel(sample),
-                        };
-                        self.aggregator.on_stack(sample);
+                        // Unwound and kept on its process's naming lane.
+                        self.namers.sample(sample);
                         continue;
                     }
-                    if let Event::Gc { .. } = event {
-                        records.extend(self.follow_gc(&event));
+                    // Queued (their stacks asked for) right away: the samples after this event
+                    // are of the thread's next busy interval.
+                    if let Event::Gc { .. } = event
+                        && let Some(leak) = self.follow_gc(&event)
+                    {
+                        self.queue(leak);
                     }
-                    records.extend(self.aggregator.on_event(&event));
+                    if let Some(record) = self.aggregator.on_event(&event) {
+                        self.queue(record);
+                    }
                 }
                 Err(e) => status!("skipped a malformed event: {e}"),
             }
@@ -100,7 +98,7 @@ impl Session<'_> {
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
-        self.report_all(&records).map(|()| drained)
+        self.report_ready().map(|()| drained)
     }
 
     /// Starts sampling loop threads as they are found; takes the final state of those that
@@ -212,6 +210,8 @@ impl Session<'_> {
             stacks_limited: self.probes.stacks_limited(),
             attach_failures: self.fleet.as_ref().map_or(0, |f| f.attach_failures),
             naming_limits,
+            naming_timeouts: self.namers.timeouts,
+            samples_dropped: self.namers.samples_dropped,
         };
         metrics.refresh(now_ns, &loops, &health);
     }
@@ -221,10 +221,7 @@ impl Session<'_> {
         let mut limits: Vec<(u32, LimitsHit)> = self
             .processes
             .iter()
-            .map(|(&pid, p)| {
-                let hit = p.naming.as_ref().map(Naming::limits_hit);
-                (pid, hit.unwrap_or(p.naming_limits_at_end))
-            })
+            .map(|(&pid, p)| (pid, p.naming_limits))
             .collect();
         limits.sort_by_key(|&(pid, _)| pid);
         limits
@@ -244,84 +241,185 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Names the stacks of blocks (the symbolize stage), then reports.
-    pub(super) fn report_all(&mut self, records: &[Record]) -> Result<(), End> {
-        let now_ns = Clock::monotonic_ns();
+    /// Queues records to report, in order; a block or ongoing block first has its stacks
+    /// named on its process's naming lane.
+    pub(super) fn report_all(&mut self, records: Vec<Record>) -> Result<(), End> {
         for record in records {
-            if let (
-                Record::Block {
-                    id, duration_ns, ..
-                },
-                Some(metrics),
-            ) = (record, self.metrics.as_mut())
+            self.queue(record);
+        }
+        self.report_ready()
+    }
+
+    /// Counts a block for the metrics and queues it (any record) for reporting.
+    fn queue(&mut self, record: Record) {
+        if let (
+            Record::Block {
+                id, duration_ns, ..
+            },
+            Some(metrics),
+        ) = (&record, self.metrics.as_mut())
+        {
+            metrics.on_block(id.pid, id.tid, *duration_ns);
+        }
+        self.enqueue(record, Clock::monotonic_ns(), false);
+    }
+
+    /// Queues a record; asks for its stacks if it is a block or an ongoing block.
+    fn enqueue(&mut self, record: Record, now_ns: u64, final_only: bool) {
+        let (id, start_ns, duration_ns, keep, limit) = match &record {
+            Record::Block {
+                id,
+                start_ns,
+                duration_ns,
+                ..
+            } => (*id, *start_ns, *duration_ns, false, BLOCK_LIMIT),
+            Record::Ongoing {
+                id,
+                start_ns,
+                duration_ns,
+                ..
+            } => (*id, *start_ns, *duration_ns, !final_only, ONGOING_LIMIT),
+            _ => {
+                self.waiting.push_back(Waiting {
+                    record,
+                    now_ns,
+                    wait: None,
+                    profile: None,
+                    into_flame: false,
+                    timed_out: false,
+                    final_only,
+                });
+                return;
+            }
+        };
+        // With `--no-stacks` no process is given to a lane: nothing to wait for.
+        let (wait, timed_out) =
+            match self
+                .namers
+                .request(id.pid, id.tid, start_ns, duration_ns, keep)
             {
-                metrics.on_block(id.pid, id.tid, *duration_ns);
-            }
-            let profile = self.name_stacks(record, matches!(record, Record::Block { .. }));
-            let named = Named {
-                record,
-                profile: profile.as_ref(),
+                Request::Sent(ticket) => (Some((ticket, Instant::now() + limit)), false),
+                Request::NoNaming => (None, false),
+                Request::Full => {
+                    self.namers.timeouts += 1;
+                    (None, true)
+                }
             };
-            if let Some(recorder) = self.recorder.as_mut() {
-                recorder.take(named, now_ns);
+        self.waiting.push_back(Waiting {
+            into_flame: matches!(record, Record::Block { .. }) || final_only,
+            record,
+            now_ns,
+            wait,
+            profile: None,
+            timed_out,
+            final_only,
+        });
+    }
+
+    /// What a naming lane sent back: a record's stacks, or a process's V8 layout.
+    pub(super) fn on_reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Named { ticket, profile } => {
+                if let Some(waiting) = self
+                    .waiting
+                    .iter_mut()
+                    .find(|w| w.wait.is_some_and(|(t, _)| t == ticket))
+                {
+                    waiting.wait = None;
+                    waiting.profile = profile;
+                }
             }
-            if self.reporter.report(named, now_ns).is_err() {
-                // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
-                return Err(End::OutputClosed);
+            Reply::V8Layout { pid, layout } => {
+                if let Some(process) = self.processes.get_mut(&pid) {
+                    read_v8_objects_in_samples(&mut self.probes, process, layout);
+                }
             }
+            Reply::Watched { .. } => {}
+            Reply::Limits { pid, hit } => {
+                if let Some(process) = self.processes.get_mut(&pid) {
+                    process.naming_limits = hit;
+                }
+            }
+        }
+    }
+
+    /// When the next waiting record's time is up, if one waits.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        self.waiting
+            .iter()
+            .filter_map(|w| w.wait.map(|(_, due)| due))
+            .min()
+    }
+
+    /// Reports the waiting records whose stacks are named or whose time is up (those go
+    /// without their stacks), each after the earlier records of its process: a process's
+    /// records keep their order, and a slow process holds up no other's.
+    pub(super) fn report_ready(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        let mut held: Vec<u32> = Vec::new();
+        let mut index = 0;
+        while index < self.waiting.len() {
+            let waiting = &self.waiting[index];
+            let pid = record_pid(&waiting.record);
+            let waits = waiting.wait.is_some_and(|(_, due)| due > now);
+            if waits || pid.is_some_and(|pid| held.contains(&pid)) {
+                held.extend(pid);
+                index += 1;
+                continue;
+            }
+            let Some(mut waiting) = self.waiting.remove(index) else {
+                break;
+            };
+            if waiting.wait.is_some() {
+                waiting.timed_out = true;
+                self.namers.timeouts += 1;
+            }
+            self.report_one(&waiting)?;
         }
         Ok(())
     }
 
-    /// Weights and names the stacks of a block or ongoing block (`None` for other records, and
-    /// for a process without naming); `into_flame` adds them to the blocked time of `--folded`
-    /// and `--flamegraph`.
-    pub(super) fn name_stacks(
-        &mut self,
-        record: &Record,
-        into_flame: bool,
-    ) -> Option<BlockProfile> {
-        let (Record::Block {
-            id,
-            duration_ns,
-            stacks,
-            ..
+    fn report_one(&mut self, waiting: &Waiting) -> Result<(), End> {
+        if let (true, Some(profile), Record::Block { id, .. } | Record::Ongoing { id, .. }) =
+            (waiting.into_flame, &waiting.profile, &waiting.record)
+        {
+            self.flame.add(id, profile);
         }
-        | Record::Ongoing {
-            id,
-            duration_ns,
-            stacks,
-            ..
-        }) = record
-        else {
-            return None;
+        let named = Named {
+            record: &waiting.record,
+            profile: waiting.profile.as_ref(),
+            naming_timed_out: waiting.timed_out,
         };
-        let naming = self.processes.get_mut(&id.pid)?.naming.as_mut()?;
-        // New mappings (a library loaded, a launched command's exec) since the last refresh.
-        naming.symbolizer.refresh();
-        // A worker's heap goes with its thread: read after that, memory another isolate reuses
-        // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
-        let heap_alive = id.tid == id.pid || Process::new(id.pid).has_task(id.tid);
-        let named = stacks::profile(
-            stacks,
-            *duration_ns,
-            &mut naming.symbolizer,
-            naming.js.as_ref().filter(|_| heap_alive),
-        );
-        if into_flame {
-            self.flame.add(id, &named);
+        if let Some(recorder) = self.recorder.as_mut() {
+            recorder.take(named, waiting.now_ns);
         }
-        Some(named)
+        if !waiting.final_only && self.reporter.report(named, waiting.now_ns).is_err() {
+            // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
+            return Err(End::OutputClosed);
+        }
+        Ok(())
     }
 
-    /// Once a second: current memory maps for naming, V8 layouts, lost events.
-    pub(super) fn refresh_naming(&mut self) {
-        for process in self.processes.values_mut() {
-            if let Some(naming) = process.naming.as_mut() {
-                naming.refresh();
+    /// Reports every waiting record, each once its stacks are named or its time is up.
+    async fn settle(&mut self, replies: &mut UnboundedReceiver<Reply>) -> Result<(), End> {
+        self.report_ready()?;
+        while let Some(due) = self.next_due() {
+            tokio::select! {
+                reply = replies.recv() => match reply {
+                    Some(reply) => self.on_reply(reply),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(due.into()) => {}
             }
-            read_v8_objects_in_samples(&mut self.probes, process);
+            self.report_ready()?;
         }
+        self.report_ready()
+    }
+
+    /// Once a second: current memory maps for naming (V8 layouts come back once found), stuck
+    /// naming lanes, lost events and samples.
+    pub(super) fn refresh_naming(&mut self) {
+        self.namers.refresh();
         self.warn_of_lost_events();
     }
 
@@ -365,10 +463,24 @@ impl Session<'_> {
             }
         }
         self.losses_warned = losses;
+        let samples = self.namers.samples_dropped;
+        if samples > self.samples_dropped_warned {
+            loss!(
+                "{samples} stack samples dropped so far (naming fell behind); stacks may be missing"
+            );
+            self.samples_dropped_warned = samples;
+        }
     }
 
     /// The summary, then the `--folded` and `--flamegraph` files.
-    pub(super) fn finish(&mut self, target_pid: Option<u32>, end: &End) -> Result<()> {
+    pub(super) async fn finish(
+        &mut self,
+        target_pid: Option<u32>,
+        end: &End,
+        replies: &mut UnboundedReceiver<Reply>,
+    ) -> Result<()> {
+        // The blocks still waiting for their stacks come before the summary.
+        let _ = self.settle(replies).await;
         self.refresh();
         self.warn_of_lost_events();
         let now_ns = Clock::monotonic_ns();
@@ -392,14 +504,12 @@ impl Session<'_> {
         }
         // A loop still stuck as we stop (Ctrl-C on a hung process) is blocked time too.
         for stuck in self.aggregator.still_blocked(now_ns) {
-            let profile = self.name_stacks(&stuck, true);
-            if let Some(recorder) = self.recorder.as_mut() {
-                let named = Named {
-                    record: &stuck,
-                    profile: profile.as_ref(),
-                };
-                recorder.take(named, now_ns);
-            }
+            self.enqueue(stuck, now_ns, true);
+        }
+        let _ = self.settle(replies).await;
+        let timeouts = self.namers.timeouts;
+        if timeouts > 0 {
+            loss!("{timeouts} blocks reported without stacks: naming them took too long");
         }
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.take(Named::bare(&summary), now_ns);
@@ -421,5 +531,16 @@ impl Session<'_> {
             self.flame.write_svg(path, &title)?;
         }
         Ok(())
+    }
+}
+
+/// The process a record is about.
+fn record_pid(record: &Record) -> Option<u32> {
+    match record {
+        Record::Block { id, .. }
+        | Record::Ongoing { id, .. }
+        | Record::Interval { id, .. }
+        | Record::Leak { id, .. } => Some(id.pid),
+        Record::Summary { .. } => None,
     }
 }

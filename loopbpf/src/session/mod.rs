@@ -10,11 +10,12 @@
 mod events;
 mod fleet;
 mod launch;
+mod naming;
 mod process;
 mod reconcile;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     future::pending,
     io,
     os::fd::{FromRawFd, OwnedFd},
@@ -27,6 +28,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc::{UnboundedReceiver, error::TryRecvError},
     time::{Instant, Interval, interval_at},
 };
 
@@ -34,7 +36,7 @@ use crate::{
     aggregate::Aggregator,
     cli::{Args, RecordArgs},
     discover::{self, Target},
-    naming::SharedFiles,
+    naming::worker::Reply,
     output::{
         clock::{Clock, human},
         flame::Flame,
@@ -48,6 +50,7 @@ use crate::{
 use events::{Drain, Drained};
 use fleet::Fleet;
 use launch::{RunAs, StoppedChild};
+use naming::{Namers, Waiting};
 use process::{Process, Seed};
 
 /// How often the per-thread state is read for ongoing blocks.
@@ -55,6 +58,9 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// How often the targets' memory maps are re-read for naming stacks, gone processes are
 /// looked for, and metrics are rendered.
 const MAPS_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long a session with one target waits for its naming to be set up before watching.
+const FIRST_NAMING_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs the parsed command line: a session that reports on the terminal, or, with `record`, one
 /// whose output is an evidence bundle.
@@ -165,8 +171,14 @@ struct Session<'a> {
     /// `loopbpf record`: where the records go instead of the terminal.
     recorder: Option<Recorder>,
     metrics: Option<Metrics>,
-    /// Object files, read once for every process that maps them.
-    shared: SharedFiles,
+    /// The naming lanes, which unwind and name stacks off this thread.
+    namers: Namers,
+    /// What they send back; taken by the select loop.
+    replies: Option<UnboundedReceiver<Reply>>,
+    /// Records waiting, in order, to be reported (for their stacks to be named first).
+    waiting: VecDeque<Waiting>,
+    /// Dropped samples already warned about.
+    samples_dropped_warned: u64,
     flame: Flame,
     /// Losses already warned about.
     losses_warned: Losses,
@@ -192,6 +204,7 @@ impl<'a> Session<'a> {
         if target.is_none() {
             reporter = reporter.with_command_column();
         }
+        let (namers, replies) = Namers::new();
         let mut session = Self {
             args,
             probes,
@@ -203,7 +216,10 @@ impl<'a> Session<'a> {
             metrics: args
                 .metrics
                 .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
-            shared: SharedFiles::new(),
+            namers,
+            replies: Some(replies),
+            waiting: VecDeque::new(),
+            samples_dropped_warned: 0,
             flame: Flame::default(),
             losses_warned: Losses::default(),
             limited_warned: BTreeMap::new(),
@@ -222,8 +238,31 @@ impl<'a> Session<'a> {
                 .with_context(|| format!("attaching to pid {} (did it exit?)", target.pid))?;
             session.attach_gc(target, Some(target.pid), which);
             session.watch(target.clone(), seed)?;
+            session.await_naming(target.pid);
         }
         Ok(session)
+    }
+
+    /// One target: before its first block, its naming is set up and the kernel side reads its
+    /// JS frames' objects, as long as that takes at most [`FIRST_NAMING_WAIT`] (there is no
+    /// other process to hold up).
+    fn await_naming(&mut self, pid: u32) {
+        if self.args.session.no_stacks {
+            return;
+        }
+        let Some(mut replies) = self.replies.take() else {
+            return;
+        };
+        let until = std::time::Instant::now() + FIRST_NAMING_WAIT;
+        while std::time::Instant::now() < until {
+            match replies.try_recv() {
+                Ok(Reply::Watched { pid: of }) if of == pid => break,
+                Ok(reply) => self.on_reply(reply),
+                Err(TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        self.replies = Some(replies);
     }
 }
 
@@ -235,7 +274,7 @@ impl Session<'_> {
         self.reconcile_threads(now_ns, false)?;
         self.refresh();
         let records = self.aggregator.ongoing(now_ns);
-        self.report_all(&records)?;
+        self.report_all(records)?;
         self.record_tick(now_ns)
     }
 }
@@ -249,15 +288,11 @@ async fn watch(
     let args = session.args;
     let mut control = ring_fd(session.probes.control_events()?, "the control events")?;
     let mut stacks = ring_fd(session.probes.stack_events()?, "the stack records")?;
-    let exited = match target_pid {
-        // SAFETY: the OwnedFd keeps its fd open for as long as the AsyncFd lives.
-        Some(pid) => Some(
-            unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the target process")?,
-        ),
-        None => None,
-    };
+    let exited = target_pid.map(watch_exit).transpose()?;
+    let mut replies = session
+        .replies
+        .take()
+        .context("the naming replies are taken once")?;
     session.refresh_metrics(Clock::monotonic_ns());
     if let (Some(listener), Some(metrics)) = (listener, session.metrics.as_ref()) {
         tokio::spawn(metrics::serve(listener, metrics.exposition()));
@@ -289,9 +324,11 @@ async fn watch(
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
 
     let end = loop {
+        let due = session.next_due();
         let step = tokio::select! {
             // Control events first: a flood of stacks only delays them, never drops them. The
-            // stacks already queued go in before them, so that a block ends with its stacks.
+            // stacks already queued go in before them, so that a block's stacks reach its naming
+            // lane before the block does.
             biased;
             guard = control.readable_mut() => {
                 let mut guard = guard.context("waiting for the control events")?;
@@ -300,6 +337,11 @@ async fn watch(
                 guard.clear_ready();
                 step.map(drop)
             }
+            Some(reply) = replies.recv() => {
+                session.on_reply(reply);
+                session.report_ready()
+            }
+            () = until(due) => session.report_ready(),
             guard = stacks.readable_mut() => {
                 // A few at a time, the control events and timers getting their turn between.
                 let mut guard = guard.context("waiting for the stack records")?;
@@ -325,7 +367,7 @@ async fn watch(
                 let records = session.aggregator.interval(Clock::monotonic_ns(), window);
                 window += 1;
                 session.probes.set_window(window)?;
-                session.report_all(&records)
+                session.report_all(records)
             }
             () = &mut target_exited => Err(End::TargetExited),
             () = &mut deadline => Err(End::Stopped),
@@ -339,7 +381,7 @@ async fn watch(
     // Whatever the kernel side still holds: blocks that ended with the exit, final counters.
     let _ = session.drain(stacks.get_mut(), Drain::Queued);
     let _ = session.drain(control.get_mut(), Drain::All);
-    session.finish(target_pid, &end)?;
+    session.finish(target_pid, &end, &mut replies).await?;
     // A launched command that ended by itself passes its exit status on, like `time` does;
     // one still running when we stop is ended with us.
     let code = match (child, end) {
@@ -366,6 +408,22 @@ async fn tick(timer: &mut Option<Interval>) {
         Some(timer) => {
             timer.tick().await;
         }
+        None => pending().await,
+    }
+}
+
+/// Readable once process `pid` has exited.
+fn watch_exit(pid: u32) -> Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the pidfd owns its fd and keeps it open for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the target process")
+}
+
+/// Waits until `due`, or forever.
+async fn until(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
         None => pending().await,
     }
 }

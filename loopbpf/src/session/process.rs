@@ -8,7 +8,7 @@ use crate::{
     abi::{ROLE_MAIN, ROLE_OTHER, ROLE_WORKER},
     aggregate::leak::LeakWatch,
     discover::{self, Target},
-    naming::{Naming, v8::LimitsHit},
+    naming::v8::LimitsHit,
     output::clock::Clock,
     probe::{KnownLoop, Probes},
     target::{ProcessLabels, container::Placement, start_time},
@@ -30,15 +30,13 @@ pub(super) struct Process {
     pub(super) target: Target,
     pub(super) life: Lifetime,
     pub(super) labels: ProcessLabels,
-    /// `None` with `--no-stacks`, and once the process is gone.
-    pub(super) naming: Option<Naming>,
     /// Whether the kernel side reads V8 objects of its sampled frames yet.
     pub(super) v8_layout_set: bool,
     /// Its memory after major GCs.
     pub(super) leak: LeakWatch,
-    /// Where the limits on naming its JS frames left them unnamed, as of when its naming
-    /// stopped (the summary and metrics still tell them).
-    pub(super) naming_limits_at_end: LimitsHit,
+    /// Where the limits on naming its JS frames left them unnamed, as its naming lane last
+    /// said (once a second, and when the process is gone).
+    pub(super) naming_limits: LimitsHit,
 }
 
 /// When a watched process lived.
@@ -92,27 +90,23 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.name_process(pid, labels.clone());
         }
-        // Reading the process's unwind tables and symbols takes a moment.
-        let naming = (!self.args.session.no_stacks).then(|| Naming::new(pid, &self.shared));
-        let mut process = Process {
+        // Reading the process's unwind tables and symbols takes a moment: on a naming lane.
+        if !self.args.session.no_stacks {
+            self.namers.watch(pid);
+        }
+        let process = Process {
             target,
             life: Lifetime {
                 start_time,
                 gone_ns: None,
             },
             labels,
-            naming,
             v8_layout_set: false,
             leak: LeakWatch::default(),
-            naming_limits_at_end: LimitsHit::default(),
+            naming_limits: LimitsHit::default(),
         };
-        read_v8_objects_in_samples(&mut self.probes, &mut process);
         self.processes.insert(pid, process);
         Ok(())
-    }
-
-    pub(super) fn naming_of(&mut self, pid: u32) -> Option<&mut Naming> {
-        self.processes.get_mut(&pid)?.naming.as_mut()
     }
 
     /// A process exited or exec'd another program: stop naming its stacks; fleet mode keeps
@@ -123,10 +117,7 @@ impl Session<'_> {
         };
         if process.life.gone_ns.is_none() {
             process.life.gone_ns = Some(now_ns);
-            if let Some(naming) = process.naming.take() {
-                process.naming_limits_at_end = naming.limits_hit();
-            }
-            self.shared.prune();
+            self.namers.gone(pid);
             self.probes.forget_process(pid);
             self.probes.stop_sampling_process(pid);
         }
@@ -138,6 +129,7 @@ impl Session<'_> {
         if let Some(process) = self.processes.remove(&pid) {
             self.release_if_unused(&process.target.libuv_file);
         }
+        self.namers.gone(pid);
         self.reporter.forget_process(pid);
         self.probes.forget_process(pid);
         self.probes.stop_sampling_process(pid);
@@ -195,20 +187,17 @@ fn seed_running_loops(probes: &mut Probes, target: &Target, busy_main: bool) -> 
     Ok(())
 }
 
-/// Once a process's V8 is known, has the kernel side read the objects that its JS frames
-/// point at when it takes a sample (they move with the GC).
-pub(super) fn read_v8_objects_in_samples(probes: &mut Probes, process: &mut Process) {
-    if process.v8_layout_set {
+/// Once a process's V8 is known (its naming lane says so), has the kernel side read the
+/// objects that its JS frames point at when it takes a sample (they move with the GC).
+pub(super) fn read_v8_objects_in_samples(
+    probes: &mut Probes,
+    process: &mut Process,
+    layout: crate::abi::V8Layout,
+) {
+    if process.v8_layout_set || process.life.gone_ns.is_some() {
         return;
     }
-    let Some(js) = process
-        .naming
-        .as_ref()
-        .and_then(|naming| naming.js.as_ref())
-    else {
-        return;
-    };
-    match probes.set_v8_layout(process.target.pid, js.kernel_layout()) {
+    match probes.set_v8_layout(process.target.pid, layout) {
         Ok(()) => process.v8_layout_set = true,
         Err(e) => warning!("JS frames named after the sample: {e}"),
     }

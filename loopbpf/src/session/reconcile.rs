@@ -38,6 +38,6 @@ impl Session<'_> {
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
-        self.report_all(&records)
+        self.report_all(records)
     }
 }

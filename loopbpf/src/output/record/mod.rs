@@ -795,6 +795,7 @@ mod tests {
             let named = Named {
                 record: &record,
                 profile: profile.as_ref(),
+                naming_timed_out: false,
             };
             recorder.take(named, now_ns);
         }

@@ -219,6 +219,7 @@ mod tests {
                 on_cpu: true,
                 weight_ms: 200.0,
             }]),
+            naming_timed_out: false,
             start_unix_ms: 1.5,
             started_before_attach: false,
             thread: "main",
