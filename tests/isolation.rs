@@ -1,6 +1,6 @@
 //! One process whose naming is slow holds up no other: with every naming job of one fixture
 //! made 2 s longer (loopbpf's test hook, `LOOPBPF_TEST_NAMING_DELAY`, built in with the
-//! `test-hooks` feature: `cargo build --release -p loopbpf --features test-hooks`), another
+//! `test-hooks` feature: `cargo xtask test` builds it as `$LOOPBPF_HOOKS_BIN`), another
 //! fixture's blocks are still reported, named, within 500 ms of their end, `/metrics` answers
 //! within a second, and the slow fixture's block is reported without stacks, said so.
 
@@ -47,6 +47,10 @@ fn a_process_slow_to_name_holds_up_no_other() {
     // SAFETY: the only test of this binary: no other thread reads or writes the environment.
     unsafe {
         std::env::set_var("LOOPBPF_TEST_NAMING_DELAY", format!("{}:2000", slow.pid()));
+        // `cargo xtask test` builds the hooked binary aside from the one users run.
+        if let Some(hooks) = std::env::var_os("LOOPBPF_HOOKS_BIN") {
+            std::env::set_var("LOOPBPF_BIN", hooks);
+        }
     }
     let address = free_address();
     let mut loopbpf = Loopbpf::watch_all(&["--json", "--metrics", &address]);

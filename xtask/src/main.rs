@@ -108,7 +108,23 @@ fn test() -> Result<()> {
         ],
     )?;
     // The integration tests run the release build, the one users run: timing checks (ongoing
-    // every second) must not depend on an unoptimized symbolizer.
+    // every second) must not depend on an unoptimized symbolizer. tests/isolation.rs needs a
+    // test hook (a slowed naming lane) that the binary users run does not carry: it gets a
+    // build of its own, copied aside before the plain build replaces it.
+    let hooks = workspace().join("target/loopbpf-test-hooks");
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "loopbpf",
+            "--features",
+            "test-hooks",
+        ],
+    )?;
+    std::fs::copy(workspace().join("target/release/loopbpf"), &hooks)
+        .context("keeping the test-hooks build aside")?;
     run("cargo", &["build", "--release", "--package", "loopbpf"])?;
     run("cargo", &["test", "--package", "loopbpf"])?;
     // One at a time: the tests compare durations measured on a 2-core machine, and parallel
@@ -123,7 +139,7 @@ fn test() -> Result<()> {
             "--",
             "--test-threads=1",
         ],
-        &[("LOOPBPF_BIN", &binary)],
+        &[("LOOPBPF_BIN", &binary), ("LOOPBPF_HOOKS_BIN", &hooks)],
     )
 }
 
