@@ -7,7 +7,7 @@
 //! the session can move the other processes off a lane that one process keeps busy.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -29,6 +29,10 @@ use crate::{abi::V8Layout, decode::StackSample, target::proc::Process};
 /// Jobs a lane holds before the session's sends fail: samples carry a stack copy each, so this
 /// bounds the memory a slow lane holds.
 const QUEUE: usize = 1024;
+
+/// Busy intervals of a thread whose stacks are kept: the one a block request names may be a
+/// few behind the newest samples (each interval holds a bounded number of distinct stacks).
+const INTERVALS_KEPT: usize = 4;
 
 /// Something for a lane to do.
 #[derive(Debug)]
@@ -145,8 +149,7 @@ struct Worker {
     busy_pid: Arc<AtomicU32>,
     shared: SharedFiles,
     namings: HashMap<u32, Naming>,
-    /// Per thread: its process, the start of its current busy interval, its stacks.
-    stacks: HashMap<u32, (u32, u64, RawStacks)>,
+    stacks: Stacks,
     /// Whether a process's V8 layout was sent back.
     layout_sent: HashMap<u32, bool>,
 }
@@ -175,7 +178,7 @@ impl Worker {
                     let _ = self.replies.send(Reply::Limits { pid, hit });
                 }
                 self.layout_sent.remove(&pid);
-                self.stacks.retain(|_, (of, _, _)| *of != pid);
+                self.stacks.retain(|_, (of, _)| *of != pid);
                 self.shared.prune();
             }
             Job::Refresh { pid } => {
@@ -191,7 +194,7 @@ impl Worker {
                     Some(naming) => naming.unwind(&raw),
                     None => Sample::unwound_by_kernel(*raw),
                 };
-                self.keep(sample);
+                keep(&mut self.stacks, sample);
             }
             Job::Name(job) => {
                 let profile = self.name(job);
@@ -203,32 +206,9 @@ impl Worker {
         }
     }
 
-    /// Keeps a sample with the stacks of its busy interval; a new interval drops the last
-    /// one's (they were not a block's).
-    fn keep(&mut self, sample: Sample) {
-        let of = sample.of;
-        let entry = self
-            .stacks
-            .entry(of.tid)
-            .or_insert_with(|| (of.pid, of.busy_since_ns, RawStacks::default()));
-        if (entry.0, entry.1) != (of.pid, of.busy_since_ns) {
-            *entry = (of.pid, of.busy_since_ns, RawStacks::default());
-        }
-        entry.2.add(sample);
-    }
-
     fn name(&mut self, job: NameJob) -> Option<BlockProfile> {
+        let raw = interval_stacks(&mut self.stacks, &job);
         let naming = self.namings.get_mut(&job.pid)?;
-        let raw = match self.stacks.get_mut(&job.tid) {
-            Some((pid, since, raw)) if (*pid, *since) == (job.pid, job.start_ns) => {
-                if job.keep {
-                    raw.clone()
-                } else {
-                    std::mem::take(raw)
-                }
-            }
-            _ => RawStacks::default(),
-        };
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         naming.symbolizer.refresh();
         // A worker's heap goes with its thread: read after that, memory another isolate reuses
@@ -255,6 +235,55 @@ impl Worker {
                 layout: js.kernel_layout(),
             });
         }
+    }
+}
+
+/// Per thread: its process, and the stacks of its last few busy intervals by their start,
+/// newest last.
+type Stacks = HashMap<u32, (u32, VecDeque<(u64, RawStacks)>)>;
+
+/// Keeps a sample with the stacks of its busy interval. The last few intervals are kept,
+/// not only the current one: the stack records are drained before the control events, so
+/// samples taken after a block ended (the next intervals') may come in before the request
+/// to name the block's.
+fn keep(stacks: &mut Stacks, sample: Sample) {
+    let of = sample.of;
+    let (pid, intervals) = stacks
+        .entry(of.tid)
+        .or_insert_with(|| (of.pid, VecDeque::new()));
+    if *pid != of.pid {
+        // The tid was reused by another process.
+        *pid = of.pid;
+        intervals.clear();
+    }
+    if intervals
+        .back()
+        .is_none_or(|(since, _)| *since != of.busy_since_ns)
+    {
+        if intervals.len() == INTERVALS_KEPT {
+            intervals.pop_front();
+        }
+        intervals.push_back((of.busy_since_ns, RawStacks::default()));
+    }
+    if let Some((_, raw)) = intervals.back_mut() {
+        raw.add(sample);
+    }
+}
+
+/// The stacks of the busy interval `job` names: taken, or copied when it goes on.
+fn interval_stacks(stacks: &mut Stacks, job: &NameJob) -> RawStacks {
+    let interval = stacks
+        .get_mut(&job.tid)
+        .filter(|(pid, _)| *pid == job.pid)
+        .and_then(|(_, intervals)| {
+            intervals
+                .iter_mut()
+                .find(|(since, _)| *since == job.start_ns)
+        });
+    match interval {
+        Some((_, raw)) if job.keep => raw.clone(),
+        Some((_, raw)) => std::mem::take(raw),
+        None => RawStacks::default(),
     }
 }
 
@@ -286,4 +315,78 @@ fn test_delay(pid: u32) {
         }
     }
     let _ = pid;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::SampleOf;
+
+    fn sample(busy_since_ns: u64, leaf: u64) -> Sample {
+        Sample {
+            of: SampleOf {
+                pid: 7,
+                tid: 8,
+                busy_since_ns,
+                at_ns: busy_since_ns + 1,
+                off_cpu_ns: None,
+            },
+            user: vec![leaf],
+            kernel: Vec::new(),
+            js: Vec::new(),
+        }
+    }
+
+    fn request(start_ns: u64, keep: bool) -> NameJob {
+        NameJob {
+            ticket: 1,
+            pid: 7,
+            tid: 8,
+            start_ns,
+            duration_ns: 100,
+            keep,
+        }
+    }
+
+    /// Regression: the stack records are drained before the control events, so samples of the
+    /// intervals after a block came in before the request for the block's, and replaced them
+    /// (a block reported with `"stacks":[]`).
+    #[test]
+    fn a_blocks_stacks_outlive_the_samples_of_the_next_intervals() {
+        let mut stacks = Stacks::new();
+        keep(&mut stacks, sample(100, 1));
+        keep(&mut stacks, sample(100, 1));
+        keep(&mut stacks, sample(200, 2));
+        keep(&mut stacks, sample(300, 3));
+        let ongoing = interval_stacks(&mut stacks, &request(100, true));
+        assert_eq!(ongoing.on_cpu_samples, 2);
+        let block = interval_stacks(&mut stacks, &request(100, false));
+        assert_eq!(block.on_cpu_samples, 2);
+        // Taken once.
+        assert_eq!(
+            interval_stacks(&mut stacks, &request(100, false)).on_cpu_samples,
+            0
+        );
+        assert_eq!(
+            interval_stacks(&mut stacks, &request(300, false)).on_cpu_samples,
+            1
+        );
+    }
+
+    #[test]
+    fn only_the_last_intervals_are_kept() {
+        let mut stacks = Stacks::new();
+        for since in 1..=10 {
+            keep(&mut stacks, sample(since, since));
+        }
+        assert_eq!(stacks[&8].1.len(), INTERVALS_KEPT);
+        assert_eq!(
+            interval_stacks(&mut stacks, &request(1, false)).on_cpu_samples,
+            0
+        );
+        assert_eq!(
+            interval_stacks(&mut stacks, &request(10, false)).on_cpu_samples,
+            1
+        );
+    }
 }
