@@ -15,7 +15,7 @@
 //!
 //! A message may hold what a target wrote (its process name, a path): [`printable`] escapes
 //! what a terminal would act on, here for every diagnostic and in every output for the names
-//! it prints.
+//! it prints; the JSON outputs escape the same characters, as `\uXXXX`.
 
 use std::{
     borrow::Cow,
@@ -94,8 +94,9 @@ pub fn printable(text: &str) -> Cow<'_, str> {
     Cow::Owned(shown)
 }
 
-/// Whether [`printable`] escapes `c`.
-fn unprintable(c: char) -> bool {
+/// Whether [`printable`] escapes `c`; the JSON outputs escape the same characters
+/// (`output::safe_json`), so what a terminal must not see raw is decided here only.
+pub fn unprintable(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

@@ -1,7 +1,7 @@
 //! Outputs, the only code that prints or writes results: text and JSON lines ([`report`], the
-//! entry point, with [`text`], [`tree`] and the JSON schema in [`json`]), flame graphs
-//! ([`flame`]), Prometheus metrics ([`metrics`]) and evidence bundles ([`record`]), with the
-//! clock and duration formats they share ([`clock`]).
+//! entry point, with [`text`], [`tree`], the JSON schema in [`json`] and [`safe_json`], which
+//! writes every JSON output), flame graphs ([`flame`]), Prometheus metrics ([`metrics`]) and
+//! evidence bundles ([`record`]), with the clock and duration formats they share ([`clock`]).
 
 pub mod clock;
 pub mod flame;
@@ -11,6 +11,7 @@ pub mod json;
 pub mod metrics;
 pub mod record;
 pub mod report;
+mod safe_json;
 mod text;
 mod tree;
 

@@ -6,7 +6,7 @@ use std::{
     io::{self, Write},
 };
 
-use super::{Named, clock::Clock, json, text::Text};
+use super::{Named, clock::Clock, json, safe_json, text::Text};
 use crate::target::ProcessLabels;
 
 /// Writes records in the chosen format.
@@ -52,7 +52,7 @@ impl<W: Write> Reporter<W> {
     /// Reports one record; `now_ns` stamps interval and leak lines.
     pub fn report(&mut self, named: Named<'_>, now_ns: u64) -> io::Result<()> {
         if self.json {
-            let line = serde_json::to_string(&self.json_line(named, now_ns))?;
+            let line = safe_json::to_string(&self.json_line(named, now_ns))?;
             writeln!(self.out, "{line}")?;
         } else {
             let text = self.text.record(named, now_ns, &self.processes);
@@ -210,6 +210,59 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.lines().count(), 5, "no line of a name's own: {text}");
+    }
+
+    #[test]
+    fn json_lines_escape_what_a_terminal_acts_on() {
+        // DEL, C1's CSI, bidi overrides and a noncharacter: JSON lets them through raw.
+        const NAME: &str = "fib\u{9b}2J\u{202e}gpj.exe\u{7f}\u{2066}\u{fffe}\x1b";
+        let mut reporter = Reporter::new(Vec::new(), true, Clock::new());
+        reporter.name_process(
+            42,
+            ProcessLabels {
+                comm: NAME.to_owned(),
+                ..ProcessLabels::default()
+            },
+        );
+        let record = Record::Block {
+            id: id(),
+            start_ns: 0,
+            duration_ns: 200 * MS,
+            end: BlockEnd::Poll,
+            before_attach: false,
+            gc_ns: 0,
+        };
+        let mut profile = profile();
+        profile.stacks[0].frames[1].name = NAME.to_owned();
+        profile.stacks[0].frames[1].file = Some(format!("/tmp/{NAME}.js"));
+        let named = Named {
+            record: &record,
+            profile: Some(&profile),
+            naming_timed_out: false,
+        };
+        reporter.report(named, 0).unwrap();
+        let line = String::from_utf8(reporter.out).unwrap();
+        assert_eq!(line.lines().count(), 1, "{line:?}");
+        assert!(
+            !line
+                .chars()
+                .any(|c| c != '\n' && crate::diag::unprintable(c)),
+            "{line:?}"
+        );
+        let escaped = r"fib\u009b2J\u202egpj.exe\u007f\u2066\ufffe\u001b";
+        assert!(line.contains(&format!(r#""comm":"{escaped}""#)), "{line}");
+        assert!(line.contains(&format!(r#""name":"{escaped}""#)), "{line}");
+        assert!(
+            line.contains(&format!(r#""file":"/tmp/{escaped}.js""#)),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["comm"], NAME);
+        assert_eq!(v["stacks"][0]["frames"][1]["name"], NAME);
+        assert_eq!(
+            v["stacks"][0]["frames"][1]["file"],
+            format!("/tmp/{NAME}.js")
+        );
     }
 
     fn profile() -> BlockProfile {

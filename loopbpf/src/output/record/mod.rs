@@ -41,6 +41,7 @@ use crate::{
         flame::Flame,
         json,
         report::Reporter,
+        safe_json,
     },
     target::{ProcessLabels, proc::Process},
 };
@@ -563,7 +564,7 @@ impl Recorder {
         let now_ns = Clock::monotonic_ns();
         let report = self.report_json(now_ns);
         self.bundle
-            .write("report.json", &serde_json::to_vec_pretty(&report)?)?;
+            .write("report.json", &safe_json::to_vec_pretty(&report)?)?;
         self.bundle
             .write("report.txt", self.report_text(now_ns).as_bytes())?;
         // The blocks still going on are blocked time too.
@@ -826,7 +827,7 @@ mod tests {
         let recorder = recorder(&out);
         let report = recorder.report_json(13_000_000_000);
         let version = env!("CARGO_PKG_VERSION");
-        let json = serde_json::to_string_pretty(&report)
+        let json = safe_json::to_string_pretty(&report)
             .unwrap()
             .replace(&format!("\"{version}\""), "\"VERSION\"");
         golden::check("report.json", &json);
@@ -834,5 +835,54 @@ mod tests {
             page::render(&report).replace(&format!("loopbpf {version};"), "loopbpf VERSION;");
         golden::check("index.html", &html);
         let _ = fs::remove_dir_all(out);
+    }
+
+    #[test]
+    fn report_json_escapes_what_a_terminal_acts_on() {
+        // DEL, C1's CSI, bidi overrides and a noncharacter: JSON lets them through raw.
+        const NAME: &str = "fib\u{9b}2J\u{202e}gpj.exe\u{7f}\u{2066}\u{fffe}";
+        let out = std::env::temp_dir().join(format!("loopbpf-escaped-{}", std::process::id()));
+        let mut recorder = recorder(&out);
+        recorder.name_process(
+            golden::MAIN.pid,
+            ProcessLabels {
+                comm: NAME.to_owned(),
+                ..ProcessLabels::default()
+            },
+        );
+        let (record, profile, now_ns) = golden::records()
+            .into_iter()
+            .find(|(r, p, _)| {
+                matches!(r, Record::Block { id, .. } if *id == golden::MAIN) && p.is_some()
+            })
+            .expect("a block of the main thread with stacks");
+        let mut profile = profile.unwrap();
+        profile.stacks[0].frames[0].name = NAME.to_owned();
+        recorder.take(
+            Named {
+                record: &record,
+                profile: Some(&profile),
+                naming_timed_out: false,
+            },
+            now_ns,
+        );
+        recorder.write(&Flame::default()).unwrap();
+        let json = fs::read_to_string(out.join("report.json")).unwrap();
+        let _ = fs::remove_dir_all(&out);
+
+        for raw in ['\u{9b}', '\u{202e}', '\u{7f}', '\u{2066}', '\u{fffe}'] {
+            assert!(!json.contains(raw), "{raw:?} raw in report.json");
+        }
+        let escaped = r"fib\u009b2J\u202egpj.exe\u007f\u2066\ufffe";
+        assert!(json.contains(&format!("\"comm\": \"{escaped}\"")), "{json}");
+        assert!(json.contains(&format!("\"name\": \"{escaped}\"")), "{json}");
+        let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let block = report["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["comm"] == NAME)
+            .expect("the hostile block, its comm decoded unchanged");
+        assert_eq!(block["stacks"][0]["frames"][0]["name"], NAME);
     }
 }
