@@ -2,7 +2,9 @@
 //! pod name, JS function name and script path carry terminal escape sequences, line ends,
 //! markup and characters XML cannot carry; loopbpf must show them escaped and keep every
 //! output well-formed: the terminal's text and diagnostics hold no control character, the flame
-//! graph, timeline and index.html parse as XML, and the metrics' label values are bounded.
+//! graph, timeline and index.html parse as XML, the JSON lines and report.json hold none of
+//! those characters raw (escaped as `\uXXXX`, they decode to the names unchanged), and the
+//! metrics' label values are bounded.
 
 use std::{
     fmt::Write as _,
@@ -231,6 +233,29 @@ fn assert_no_control_characters(what: &str, text: &str) {
     }
 }
 
+/// Panics on any character a terminal acts on but the line end in JSON loopbpf wrote: JSON
+/// itself requires only C0 escaped, loopbpf escapes DEL, C1, the bidirectional overrides and
+/// U+FFFE/U+FFFF too (as `\uXXXX`, which decodes to the same string).
+fn assert_json_escapes_all(what: &str, json: &str) {
+    let raw = |c: char| {
+        matches!(
+            c,
+            '\0'..='\x09'
+                | '\x0b'..='\x1f'
+                | '\x7f'..='\u{9f}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{fffe}'
+                | '\u{ffff}'
+        )
+    };
+    if let Some(c) = json.chars().find(|&c| raw(c)) {
+        panic!("{what} holds the raw character {c:?}:\n{json:?}");
+    }
+}
+
 /// Parses XML (an SVG, index.html) and returns all its text, unescaped.
 fn xml_text(path: &Path) -> String {
     let text = text_of(path);
@@ -404,8 +429,70 @@ fn record_bundle_is_well_formed_with_hostile_names() {
         timeline.contains(&name),
         "the timeline's tooltip: {timeline}"
     );
+    // report.json: escaped, and decoding to the names as the fixture wrote them.
+    let json = text_of(&dir.join("report.json"));
+    assert_json_escapes_all("report.json", &json);
+    let report: Value = serde_json::from_str(&json).expect("report.json parses");
+    let block = &report["blocks"][0];
+    assert_eq!(block["comm"], "evil\x1b[31m<x>&\u{fffd}", "{block}");
+    assert!(
+        frames_of(block)
+            .any(|f| f["name"] == hostile.name.as_str() && f["file"] == hostile.file.as_str()),
+        "report.json does not name `{name}`: {block}"
+    );
     let report = text_of(&dir.join("report.txt"));
     assert_no_control_characters("report.txt", &report);
     assert!(report.contains(&name), "{report}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Every frame of every stack of a JSON block.
+fn frames_of(block: &Value) -> impl Iterator<Item = &Value> {
+    block["stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|stack| stack["frames"].as_array().into_iter().flatten())
+}
+
+#[test]
+fn json_lines_escape_hostile_names() {
+    require_root();
+    let mut hostile = Hostile::start();
+    let pid = hostile.pid().to_string();
+    let mut run = Run::start("json", &["--pid", &pid, "--json"]);
+    hostile.block();
+    let named = |line: &str| {
+        serde_json::from_str::<Value>(line).is_ok_and(|v| {
+            v["event"] == "block" && frames_of(&v).any(|f| f["name"] == hostile.name.as_str())
+        })
+    };
+    wait_until("the block's JSON line naming the function", TIMEOUT, || {
+        run.out().lines().any(named)
+    });
+    run.stop();
+
+    // Raw, the lines hold nothing a terminal acts on; parsed, they give the names unchanged.
+    let out = run.out();
+    assert_json_escapes_all("loopbpf --json", &out);
+    assert_no_control_characters("loopbpf's stderr", &run.err());
+    assert!(
+        out.contains("\\u009b\\u007f\\ufffe\u{fffd}\\u202e 5"),
+        "the function's name is not escaped as expected:\n{out}"
+    );
+    let block: Value = out
+        .lines()
+        .find(|l| named(l))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(block["comm"], "evil\x1b[31m<x>&\u{fffd}", "{block}");
+    assert!(
+        frames_of(&block).any(|f| f["file"] == hostile.file.as_str()),
+        "no frame in `{}`: {block}",
+        hostile.file
+    );
+    for line in out.lines() {
+        serde_json::from_str::<Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    }
 }
