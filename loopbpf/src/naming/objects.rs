@@ -191,7 +191,11 @@ fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<(File, bool)>
     if let Some(writer) = process.writer()
         && !writer.can_write(&meta)
     {
-        return Some((file, writer.trusts_links(&meta)));
+        // Where blazesym looks for the debug file: next to the path this descriptor resolves to.
+        let trusts_links = writer.trusts_links(&meta)
+            && std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .is_ok_and(|path| path.is_absolute() && writer.trusts_link_dirs(&path));
+        return Some((file, trusts_links));
     }
     if meta.len() > MAX_OBJECT_COPY {
         let too_large = Refused::TooLarge {

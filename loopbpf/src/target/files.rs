@@ -368,6 +368,30 @@ impl Writer {
     pub fn trusts_links(&self, meta: &fs::Metadata) -> bool {
         self.same_mount_ns && meta.uid() == 0 && meta.mode() & 0o022 == 0 && !self.can_write(meta)
     }
+
+    /// Whether the target can plant nothing where a debug link of the file at `path` (in
+    /// loopbpf's filesystem) is looked for: in its directory and that directory's `.debug`,
+    /// neither writable by the target, nor any directory above them that it could rename
+    /// (writable and not sticky). Else a root-owned library in the target's own directory would
+    /// have loopbpf open the target's FIFO (hanging its naming lane) or follow its symlink to a
+    /// file only root may read.
+    pub fn trusts_link_dirs(&self, path: &Path) -> bool {
+        let Some(dir) = path.parent() else {
+            return false;
+        };
+        let debug = dir.join(".debug");
+        let planted = [dir, debug.as_path()]
+            .into_iter()
+            .any(|dir| match fs::metadata(dir) {
+                Ok(meta) => self.can_write(&meta),
+                Err(error) => error.kind() != io::ErrorKind::NotFound,
+            });
+        !planted
+            && dir.ancestors().skip(1).all(|above| {
+                fs::metadata(above)
+                    .is_ok_and(|meta| meta.mode() & 0o1000 != 0 || !self.can_write(&meta))
+            })
+    }
 }
 
 /// A copy of `file` (at most `max` bytes) in a sealed memfd: no one can shrink, grow or write
