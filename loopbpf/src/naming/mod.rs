@@ -5,7 +5,7 @@
 //! they run on [`worker`] threads, never on the session's.
 
 pub mod frame;
-mod objects;
+pub mod objects;
 mod perf_map;
 pub mod stacks;
 pub mod symbolize;

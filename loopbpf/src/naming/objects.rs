@@ -20,6 +20,7 @@ use std::{
     os::fd::AsRawFd,
     path::PathBuf,
     rc::Rc,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use blazesym::symbolize::{
@@ -154,9 +155,19 @@ impl Objects {
         }
         let (file, trusts_links) = open_mapped_file(process, line).unzip();
         let debug_syms = NATIVE_LINE_INFO
-            && file
-                .as_ref()
-                .is_some_and(|file| trusts_links == Some(true) || links_no_file(file));
+            && match &file {
+                Some(_) if trusts_links == Some(true) => true,
+                Some(file) if links_no_file(file) => true,
+                Some(_) => {
+                    DEBUG_LINKS_NOT_FOLLOWED.fetch_add(1, Ordering::Relaxed);
+                    note!(
+                        "{path} of pid {}: its debug link is not followed (the target could plant the file it names); its frames are named without file and line",
+                        process.pid()
+                    );
+                    false
+                }
+                None => false,
+            };
         let sources = file
             .iter()
             .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
@@ -210,6 +221,14 @@ fn open_mapped_file(process: &Process, line: &MapsEntry) -> Option<(File, bool)>
         return None;
     }
     Some((sealed_copy(&file, MAX_OBJECT_COPY).ok()?, false))
+}
+
+/// Objects whose debug links were not followed because the target could plant what they name.
+static DEBUG_LINKS_NOT_FOLLOWED: AtomicU64 = AtomicU64::new(0);
+
+/// How many objects were named without their debug files (file and line) for that reason.
+pub fn debug_links_not_followed() -> u64 {
+    DEBUG_LINKS_NOT_FOLLOWED.load(Ordering::Relaxed)
 }
 
 /// Whether an ELF file names no other file for blazesym to read debug information from.

@@ -573,6 +573,16 @@ fn naming_series(families: &mut Families, health: &Health) {
         counter(none(), crate::target::files::refused_files() as f64),
     );
     families.add(
+        "loopbpf_debug_links_not_followed_total",
+        "Objects named without their debug files (no file and line): the watched process could \
+         plant the file their debug link names.",
+        MetricType::COUNTER,
+        counter(
+            none(),
+            crate::naming::objects::debug_links_not_followed() as f64,
+        ),
+    );
+    families.add(
         "loopbpf_naming_timeouts_total",
         "Blocks and ongoing blocks reported without stacks: naming them took too long.",
         MetricType::COUNTER,
