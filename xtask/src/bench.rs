@@ -169,7 +169,10 @@ fn attach_with(args: &[&str]) -> Result<Killed> {
 /// Starts loopbpf with `args` and returns once it has said `ready` on stderr, whose rest is
 /// drained so that loopbpf never blocks on it.
 fn start_loopbpf(args: &[&str], ready: &str, stdout: Stdio) -> Result<Killed> {
-    let mut child = Command::new(workspace().join("target/release/loopbpf"))
+    // `LOOPBPF_BIN` measures another build (an older commit, side by side with this one).
+    let binary = std::env::var_os("LOOPBPF_BIN")
+        .map_or_else(|| workspace().join("target/release/loopbpf"), Into::into);
+    let mut child = Command::new(binary)
         .args(args)
         .stdout(stdout)
         .stderr(Stdio::piped())

@@ -67,6 +67,11 @@ const FIRST_NAMING_WAIT: Duration = Duration::from_secs(10);
 pub fn run(args: &Args) -> Result<ExitCode> {
     let (args, record) = args.resolve();
     crate::diag::set_quiet(args.session.quiet);
+    // One malloc arena: glibc gives each naming lane an arena of its own, and what one thread
+    // frees there is not used by another (measured with 50 node processes: 106 MB of RSS with
+    // per-thread arenas, 78 MB with one, at the same CPU).
+    // SAFETY: mallopt only sets an allocator parameter; no thread is running yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     run_with(&args, record)
 }
 

@@ -22,9 +22,10 @@ use crate::{
     },
 };
 
-/// Lanes started with the first process: with two, one slow process holds up no other from the
-/// start (and each file is read at most twice).
-const LANES: usize = 2;
+/// Lanes started before any is stuck: one, so that each file is read once (every lane reads
+/// the binaries of its processes for itself). A lane stuck on one process for [`STUCK`] gets a
+/// new lane started for its other processes.
+const LANES: usize = 1;
 /// Lanes there can be, started as lanes get stuck.
 const MAX_LANES: usize = 4;
 /// A job that has run this long has its lane to itself.
