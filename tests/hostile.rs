@@ -331,23 +331,7 @@ fn hostile_targets_leave_loopbpf_working_for_everyone_else() {
         Duration::from_secs(30),
     );
 
-    for round in 0..3 {
-        benign.send("block timer spin 300");
-        let truth = benign.done("block", Duration::from_secs(10));
-        let block = loopbpf.wait_for_block(benign.pid(), Duration::from_secs(15));
-        assert_block_close(
-            &block,
-            truth["measured_ms"].as_f64().unwrap(),
-            &format!("benign block {round}"),
-        );
-        let frames = block["stacks"][0]["frames"].as_array().unwrap();
-        assert!(
-            frames
-                .iter()
-                .any(|f| f["kind"] == "js" && f["name"].as_str().unwrap().ends_with("spin")),
-            "the benign block's blocking function is named: {frames:?}"
-        );
-    }
+    assert_benign_served(&mut loopbpf, &mut benign, 3);
 
     let (metrics, took) = scrape(port);
     assert!(
