@@ -51,6 +51,17 @@ pub(super) enum Drained {
 }
 
 impl Session<'_> {
+    /// Every [`super::STATE_POLL`]: execs to look at, the threads' state, ongoing blocks.
+    pub(super) fn poll_state(&mut self, now_ns: u64) -> Result<(), End> {
+        self.look_at_execs(now_ns);
+        // Exits lost on the way end their threads before anything is said ongoing.
+        self.reconcile_threads(now_ns, false)?;
+        self.refresh();
+        let records = self.aggregator.ongoing(now_ns);
+        self.report_all(records)?;
+        self.record_tick(now_ns)
+    }
+
     /// Reads queued events, as many as `how` says; an exited loop thread's final state is taken
     /// and the entry freed.
     pub(super) fn drain(

@@ -13,23 +13,21 @@ mod launch;
 mod naming;
 mod process;
 mod reconcile;
+mod wake;
 
 use std::{
     collections::{BTreeMap, VecDeque},
     future::pending,
     io,
-    os::fd::{FromRawFd, OwnedFd},
     process::ExitCode,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{MapData, RingBuf};
 use tokio::{
-    io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc::{UnboundedReceiver, error::TryRecvError},
-    time::{Instant, Interval, interval_at},
+    time::{Instant, interval_at},
 };
 
 use crate::{
@@ -52,6 +50,7 @@ use fleet::Fleet;
 use launch::{RunAs, StoppedChild};
 use naming::{Namers, Waiting};
 use process::{Process, Seed};
+use wake::{ring_fd, tick, until, watch_exit};
 
 /// How often the per-thread state is read for ongoing blocks.
 const STATE_POLL: Duration = Duration::from_millis(100);
@@ -271,19 +270,6 @@ impl<'a> Session<'a> {
     }
 }
 
-impl Session<'_> {
-    /// Every [`STATE_POLL`]: execs to look at, the threads' state, ongoing blocks.
-    fn poll_state(&mut self, now_ns: u64) -> Result<(), End> {
-        self.look_at_execs(now_ns);
-        // Exits lost on the way end their threads before anything is said ongoing.
-        self.reconcile_threads(now_ns, false)?;
-        self.refresh();
-        let records = self.aggregator.ongoing(now_ns);
-        self.report_all(records)?;
-        self.record_tick(now_ns)
-    }
-}
-
 async fn watch(
     mut session: Session<'_>,
     target_pid: Option<u32>,
@@ -398,47 +384,4 @@ async fn watch(
         (None, _) => 0,
     };
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-/// A ring buffer, watched for records to read.
-fn ring_fd(ring: RingBuf<MapData>, what: &str) -> Result<AsyncFd<RingBuf<MapData>>> {
-    // SAFETY: the RingBuf owns its fd and keeps it open for as long as the AsyncFd lives.
-    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .with_context(|| format!("watching the ring buffer of {what}"))
-}
-
-async fn tick(timer: &mut Option<Interval>) {
-    match timer {
-        Some(timer) => {
-            timer.tick().await;
-        }
-        None => pending().await,
-    }
-}
-
-/// Readable once process `pid` has exited.
-fn watch_exit(pid: u32) -> Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the pidfd owns its fd and keeps it open for as long as the AsyncFd lives.
-    unsafe { AsyncFd::register_with_interest(pidfd(pid)?, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the target process")
-}
-
-/// Waits until `due`, or forever.
-async fn until(due: Option<std::time::Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
-        None => pending().await,
-    }
-}
-
-fn pidfd(pid: u32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.cast_signed(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context(format!("pid {pid} is gone"));
-    }
-    // SAFETY: the kernel just gave us this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
