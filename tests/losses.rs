@@ -223,8 +223,11 @@ fn a_loop_exit_lost_to_a_full_ring_buffer_leaves_no_phantom_ongoing_block() {
     assert!(worker["ongoing_ms"].is_null(), "{worker}");
     assert_eq!(worker["blocks"], 1, "{worker}");
     let longest = worker["max_busy_ms"].as_f64().unwrap();
+    // The fixture times the spin from the main thread: from the worker's first message to its
+    // exit event, each arriving a few ms late (CI saw loopbpf 7 ms under it). An interval cut
+    // short (at the last state read before loopbpf stopped) would be seconds under.
     assert!(
-        longest >= busy_ms - 5.0 && longest <= busy_ms + 500.0,
+        longest >= busy_ms - 50.0 && longest <= busy_ms + 500.0,
         "the worker's longest busy interval {longest} ms, it spun {busy_ms} ms"
     );
     assert!(node.is_running());
