@@ -333,15 +333,7 @@ fn hostile_targets_leave_loopbpf_working_for_everyone_else() {
 
     assert_benign_served(&mut loopbpf, &mut benign, 3);
 
-    let (metrics, took) = scrape(port);
-    assert!(
-        metrics.contains("loopbpf_target_files_skipped_total"),
-        "{metrics}"
-    );
-    assert!(took < Duration::from_secs(1), "/metrics took {took:?}");
-    let rss = peak_rss(loopbpf.pid());
-    eprintln!("loopbpf's peak RSS: {} MB", rss >> 20);
-    assert!(rss < MAX_RSS_BYTES, "loopbpf's peak RSS {} MB", rss >> 20);
+    assert_metrics_answer_and_memory_bounded(port, &loopbpf);
     let warnings = loopbpf.err.rest(Duration::from_millis(200));
     for (what, pid) in [("FIFO", fifo_target.pid()), ("MiB cap", huge_target.pid())] {
         assert!(
@@ -621,6 +613,20 @@ fn garble(pid: u32, object: u64, seed: u64) -> bool {
         .any(|(field, word)| mem.write_all_at(&word, object + field).is_err())
 }
 
+/// Asserts that `/metrics` answers within a second, with the skipped-files counter, and that
+/// loopbpf's peak RSS stays under [`MAX_RSS_BYTES`].
+fn assert_metrics_answer_and_memory_bounded(port: u16, loopbpf: &Loopbpf) {
+    let (metrics, took) = scrape(port);
+    assert!(
+        metrics.contains("loopbpf_target_files_skipped_total"),
+        "{metrics}"
+    );
+    assert!(took < Duration::from_secs(1), "/metrics took {took:?}");
+    let rss = peak_rss(loopbpf.pid());
+    eprintln!("loopbpf's peak RSS: {} MB", rss >> 20);
+    assert!(rss < MAX_RSS_BYTES, "loopbpf's peak RSS {} MB", rss >> 20);
+}
+
 /// Asserts that loopbpf times and names the benign process's blocks.
 fn assert_benign_served(loopbpf: &mut Loopbpf, benign: &mut Fixture, rounds: u32) {
     for round in 0..rounds {
@@ -721,15 +727,7 @@ fn every_trap_at_every_read_leaves_loopbpf_working_for_everyone_else() {
         );
     }
 
-    let (metrics, took) = scrape(port);
-    assert!(
-        metrics.contains("loopbpf_target_files_skipped_total"),
-        "{metrics}"
-    );
-    assert!(took < Duration::from_secs(1), "/metrics took {took:?}");
-    let rss = peak_rss(loopbpf.pid());
-    eprintln!("loopbpf's peak RSS: {} MB", rss >> 20);
-    assert!(rss < MAX_RSS_BYTES, "loopbpf's peak RSS {} MB", rss >> 20);
+    assert_metrics_answer_and_memory_bounded(port, &loopbpf);
     let warnings = loopbpf.err.rest(Duration::from_millis(200));
     for cell in &cells {
         let pid = cell.target.pid().to_string();

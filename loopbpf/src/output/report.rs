@@ -169,13 +169,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn text_shows_hostile_names_escaped() {
-        let mut reporter = Reporter::new(Vec::new(), false, Clock::new()).with_command_column();
+    /// What a block of pid 42 (its comm `comm`) looks like when its JS frame is named `name`
+    /// in script `file`: the text or the JSON line.
+    fn hostile_block(json: bool, comm: &str, name: &str, file: &str) -> String {
+        let mut reporter = Reporter::new(Vec::new(), json, Clock::new());
+        if !json {
+            reporter = reporter.with_command_column();
+        }
         reporter.name_process(
             42,
             ProcessLabels {
-                comm: "evil\x1b[31m<x>&\u{fffd}".to_owned(),
+                comm: comm.to_owned(),
                 ..ProcessLabels::default()
             },
         );
@@ -188,15 +192,25 @@ mod tests {
             gc_ns: 0,
         };
         let mut profile = profile();
-        profile.stacks[0].frames[1].name = "\x1b]0;pwned\x07\nloopbpf: forged".to_owned();
-        profile.stacks[0].frames[1].file = Some("/tmp/\x1b[2J/a.js".to_owned());
+        profile.stacks[0].frames[1].name = name.to_owned();
+        profile.stacks[0].frames[1].file = Some(file.to_owned());
         let named = Named {
             record: &record,
             profile: Some(&profile),
             naming_timed_out: false,
         };
         reporter.report(named, 0).unwrap();
-        let text = String::from_utf8(reporter.out).unwrap();
+        String::from_utf8(reporter.out).unwrap()
+    }
+
+    #[test]
+    fn text_shows_hostile_names_escaped() {
+        let text = hostile_block(
+            false,
+            "evil\x1b[31m<x>&\u{fffd}",
+            "\x1b]0;pwned\x07\nloopbpf: forged",
+            "/tmp/\x1b[2J/a.js",
+        );
         assert!(
             !text.chars().any(|c| c.is_control() && c != '\n'),
             "{text:?}"
@@ -216,32 +230,7 @@ mod tests {
     fn json_lines_escape_what_a_terminal_acts_on() {
         // DEL, C1's CSI, bidi overrides and a noncharacter: JSON lets them through raw.
         const NAME: &str = "fib\u{9b}2J\u{202e}gpj.exe\u{7f}\u{2066}\u{fffe}\x1b";
-        let mut reporter = Reporter::new(Vec::new(), true, Clock::new());
-        reporter.name_process(
-            42,
-            ProcessLabels {
-                comm: NAME.to_owned(),
-                ..ProcessLabels::default()
-            },
-        );
-        let record = Record::Block {
-            id: id(),
-            start_ns: 0,
-            duration_ns: 200 * MS,
-            end: BlockEnd::Poll,
-            before_attach: false,
-            gc_ns: 0,
-        };
-        let mut profile = profile();
-        profile.stacks[0].frames[1].name = NAME.to_owned();
-        profile.stacks[0].frames[1].file = Some(format!("/tmp/{NAME}.js"));
-        let named = Named {
-            record: &record,
-            profile: Some(&profile),
-            naming_timed_out: false,
-        };
-        reporter.report(named, 0).unwrap();
-        let line = String::from_utf8(reporter.out).unwrap();
+        let line = hostile_block(true, NAME, NAME, &format!("/tmp/{NAME}.js"));
         assert_eq!(line.lines().count(), 1, "{line:?}");
         assert!(
             !line
