@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod objects;
 mod perf_map;
+pub mod request;
 pub mod stacks;
 pub mod symbolize;
 pub mod unwind;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::{
     frame::Frame,
+    request::Request,
     symbolize::Symbolizer,
     v8::{JsFrameRef, JsNamer},
 };
@@ -110,6 +111,8 @@ pub struct BlockProfile {
     pub off_cpu_ns: u64,
     /// Heaviest first.
     pub stacks: Vec<NamedStack>,
+    /// The HTTP request the block ran for, when one was found on its stacks.
+    pub request: Option<Request>,
 }
 
 /// Weights and names the stacks of a block of `duration_ns`; JS frames by `js_namer` when
@@ -157,6 +160,7 @@ pub fn profile(
         on_cpu_ns,
         off_cpu_ns,
         stacks,
+        request: None,
     }
 }
 

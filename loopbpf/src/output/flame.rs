@@ -125,6 +125,7 @@ mod tests {
 
     fn profile() -> BlockProfile {
         BlockProfile {
+            request: None,
             on_cpu_ns: 300_000_000,
             off_cpu_ns: 0,
             stacks: vec![
@@ -186,6 +187,7 @@ mod tests {
         flame.add(
             &id,
             &BlockProfile {
+                request: None,
                 on_cpu_ns: 50_000_000,
                 off_cpu_ns: 0,
                 stacks: vec![hostile],

@@ -79,6 +79,7 @@ fn profile() -> BlockProfile {
     let mut kernel = native("do_sys_openat2", "[kernel]");
     kernel.kind = FrameKind::Kernel;
     BlockProfile {
+        request: None,
         on_cpu_ns: 150_333_333,
         off_cpu_ns: 26_027_901,
         stacks: vec![
@@ -157,6 +158,7 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
                 gc_ns: 700 * MS,
             },
             Some(BlockProfile {
+                request: None,
                 on_cpu_ns: 2_100 * MS,
                 off_cpu_ns: 0,
                 stacks: Vec::new(),

@@ -265,6 +265,7 @@ mod tests {
             kind,
         };
         BlockProfile {
+            request: None,
             on_cpu_ns: 100 * MS,
             off_cpu_ns: 0,
             stacks: vec![
