@@ -59,6 +59,14 @@ for major in 18 20 22 24 26; do
     "$cache/$major/bin/node" --version >/dev/null
 done
 
+# The real npm packages the tests run (Express, Fastify, OpenTelemetry, the ReDoS-vulnerable
+# versions of semver, marked and moment), pinned by tests/fixtures/package-lock.json.
+fixtures="$(cd "$(dirname "$0")/../tests/fixtures" && pwd)"
+if ! (cd "$fixtures" && npm ls --silent >/dev/null 2>&1); then
+    echo "install-deps: installing the test fixtures' npm packages"
+    (cd "$fixtures" && npm ci --no-audit --no-fund --silent)
+fi
+
 # tests/deploy.rs validates deploy/daemonset.yaml with kubernetes-validate, which bundles
 # the Kubernetes schemas and so works offline once installed.
 py_cache="${LOOPBPF_PY_CACHE:-/var/cache/loopbpf-py}"

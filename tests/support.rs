@@ -68,6 +68,17 @@ pub fn fixture(name: &str) -> PathBuf {
     workspace().join("tests/fixtures").join(name)
 }
 
+/// An npm package of tests/fixtures/package.json, installed there by scripts/install-deps.sh
+/// (fixtures in tests/fixtures `require` it as usual); fails loudly when it is missing.
+pub fn npm_package(name: &str) -> PathBuf {
+    let dir = fixture("node_modules").join(name);
+    assert!(
+        dir.join("package.json").exists(),
+        "LOUD FAILURE, NOT A SKIP: npm package {name} is not in tests/fixtures/node_modules: run scripts/install-deps.sh"
+    );
+    dir
+}
+
 /// These tests attach eBPF programs: without root they would only test the error path.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
