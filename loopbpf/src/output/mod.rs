@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod flame;
+pub(crate) mod fold;
 #[cfg(test)]
 pub(crate) mod golden;
 pub mod json;

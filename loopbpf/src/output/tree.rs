@@ -1,8 +1,10 @@
 //! What ran during a block as a short call tree for the terminal, callers first: from the first
 //! frame above the loop down to the leaves that took the time. Branches under 5% of the block
-//! are left out, a long chain of frames with a single caller is shortened to its ends, and C++
-//! names lose their parameter lists and return types.
+//! are left out, a long chain of frames with a single caller is folded (see [`fold`]: the
+//! application's own frames are never folded away), a function calling itself shows once with
+//! its depth, and C++ names lose their parameter lists and return types.
 
+use super::fold::{self, Piece, Rank};
 use crate::{
     diag::printable,
     naming::{
@@ -13,9 +15,9 @@ use crate::{
 
 /// Branches of a block's tree shown: down to this share of the block.
 const MIN_STACK_SHARE: f64 = 0.05;
-/// Lines of a block's tree at most.
+/// Lines of a block's tree at most, but for its heaviest path, which is shown whole.
 const MAX_TREE_LINES: usize = 16;
-/// A chain of single callers longer than this shows its first and last frames only.
+/// Lines for a chain of single callers, unless its app frames need more (see [`fold`]).
 const MAX_CHAIN: usize = 4;
 
 /// The tree of a block's stacks as lines, without line ends.
@@ -23,32 +25,51 @@ pub fn lines(profile: &BlockProfile) -> Vec<String> {
     let total = profile.on_cpu_ns + profile.off_cpu_ns;
     let mut root = CallTree::default();
     for stack in &profile.stacks {
-        let mut path: Vec<String> = above_the_loop(&stack.frames)
+        let mut path: Vec<(String, Rank)> = above_the_loop(&stack.frames)
             .iter()
             .rev()
-            .map(|frame| printable(&display_name(frame)).into_owned())
+            .map(|frame| {
+                let rank = fold::rank(
+                    frame.kind,
+                    &frame.name,
+                    frame.file.as_deref(),
+                    frame.original.as_ref().map(|o| o.file.as_str()),
+                );
+                (printable(&display_name(frame)).into_owned(), rank)
+            })
             .collect();
         if !stack.on_cpu {
-            path.push("(asleep)".to_owned());
+            path.push(("(asleep)".to_owned(), Rank::Work));
         }
         root.insert(&path, stack.weight_ns);
     }
     let mut lines = Vec::new();
-    root.render(total.max(1), 0, &mut lines);
-    lines.truncate(MAX_TREE_LINES);
+    let mut heaviest_path = None;
+    root.render(total.max(1), 0, &mut lines, &mut heaviest_path);
+    lines.truncate(MAX_TREE_LINES.max(heaviest_path.unwrap_or(0)));
     lines
 }
 
-#[derive(Default)]
 struct CallTree {
     weight_ns: u64,
+    rank: Rank,
     children: Vec<(String, CallTree)>,
 }
 
+impl Default for CallTree {
+    fn default() -> Self {
+        Self {
+            weight_ns: 0,
+            rank: Rank::Plumbing,
+            children: Vec::new(),
+        }
+    }
+}
+
 impl CallTree {
-    fn insert(&mut self, path: &[String], weight_ns: u64) {
+    fn insert(&mut self, path: &[(String, Rank)], weight_ns: u64) {
         self.weight_ns += weight_ns;
-        let Some((first, rest)) = path.split_first() else {
+        let Some(((first, rank), rest)) = path.split_first() else {
             return;
         };
         let i = self
@@ -56,7 +77,11 @@ impl CallTree {
             .iter()
             .position(|(name, _)| name == first)
             .unwrap_or_else(|| {
-                self.children.push((first.clone(), CallTree::default()));
+                let child = CallTree {
+                    rank: *rank,
+                    ..CallTree::default()
+                };
+                self.children.push((first.clone(), child));
                 self.children.len() - 1
             });
         self.children[i].1.insert(rest, weight_ns);
@@ -72,9 +97,16 @@ impl CallTree {
         children
     }
 
-    /// Appends this node's children: a chain of only children at one indentation, shortened
-    /// when long; each branch point one level deeper.
-    fn render(&self, total_ns: u64, depth: usize, lines: &mut Vec<String>) {
+    /// Appends this node's children: a chain of only children at one indentation, folded
+    /// when long; each branch point one level deeper. `heaviest_path` is set to the line count
+    /// once the first (heaviest) path reaches its leaf.
+    fn render(
+        &self,
+        total_ns: u64,
+        depth: usize,
+        lines: &mut Vec<String>,
+        heaviest_path: &mut Option<usize>,
+    ) {
         for (name, child) in self.significant(total_ns) {
             let mut chain = vec![(name, child)];
             let mut end = child;
@@ -90,23 +122,43 @@ impl CallTree {
             }
             let indent = "  ".repeat(depth.min(8));
             let share = 100.0 * child.weight_ns as f64 / total_ns as f64;
-            let shown: Vec<_> = if chain.len() > MAX_CHAIN {
-                let skipped = chain.len() - 3;
-                let mut shown: Vec<String> = chain[..2].iter().map(|(n, _)| (*n).clone()).collect();
-                shown.push(format!("... {skipped} frames ..."));
-                shown.push(chain[chain.len() - 1].0.clone());
-                shown
-            } else {
-                chain.iter().map(|(n, _)| (*n).clone()).collect()
-            };
-            for (i, frame) in shown.iter().enumerate() {
+            // A function calling itself takes one line, with its depth.
+            let mut groups: Vec<(&String, usize, Rank)> = Vec::new();
+            for (n, c) in &chain {
+                match groups.last_mut() {
+                    Some((last, count, _)) if *last == *n => *count += 1,
+                    _ => groups.push((n, 1, c.rank)),
+                }
+            }
+            let ranks: Vec<Rank> = groups.iter().map(|(_, _, rank)| *rank).collect();
+            let mut next = 0;
+            let shown = fold::fold(&ranks, MAX_CHAIN)
+                .into_iter()
+                .map(|piece| match piece {
+                    Piece::Frame(i) => {
+                        next = i + 1;
+                        match groups[i] {
+                            (name, 1, _) => name.clone(),
+                            (name, count, _) => format!("{name} ({count} deep, recursive)"),
+                        }
+                    }
+                    Piece::Folded(n) => {
+                        let frames: usize = groups[next..next + n].iter().map(|g| g.1).sum();
+                        next += n;
+                        format!("... {frames} frames ...")
+                    }
+                });
+            for (i, frame) in shown.enumerate() {
                 if i == 0 {
                     lines.push(format!("{:14}{share:>5.1}%  {indent}{frame}", ""));
                 } else {
                     lines.push(format!("{:14}{:>6}  {indent}{frame}", "", ""));
                 }
             }
-            end.render(total_ns, depth + 1, lines);
+            if heaviest_path.is_none() && end.significant(total_ns).is_empty() {
+                *heaviest_path = Some(lines.len());
+            }
+            end.render(total_ns, depth + 1, lines, heaviest_path);
         }
     }
 }
@@ -181,6 +233,130 @@ fn strip_parameter_list(name: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::naming::stacks::NamedStack;
+
+    fn js(name: &str, file: &str, line: u32) -> Frame {
+        Frame::js(name.to_owned(), Some(file.to_owned()), Some(line))
+    }
+
+    fn native(name: &str) -> Frame {
+        Frame {
+            name: name.to_owned(),
+            module: "node".to_owned(),
+            file: None,
+            line: None,
+            column: None,
+            original: None,
+            kind: FrameKind::Native,
+        }
+    }
+
+    fn one_stack(frames: Vec<Frame>) -> BlockProfile {
+        BlockProfile {
+            on_cpu_ns: 100,
+            off_cpu_ns: 0,
+            stacks: vec![NamedStack {
+                weight_ns: 100,
+                on_cpu: true,
+                frames,
+            }],
+            request: None,
+        }
+    }
+
+    /// The frames of tree lines, without shares and indentation.
+    fn frames_of(lines: &[String]) -> Vec<String> {
+        lines.iter().map(|l| l[22..].trim().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_stack_deeper_than_the_budget_keeps_every_app_frame() {
+        // Leaf first, as sampled: 30 frames of app code, a dependency and node's plumbing
+        // between the loop and the leaf.
+        let mut frames = vec![
+            native("sha512_block_data_order_avx2"),
+            native("SHA512_Final"),
+        ];
+        for i in 0..6 {
+            frames.push(native(&format!("Builtins_Stub{i}")));
+        }
+        frames.push(js("spin", "/srv/app/report.js", 3));
+        frames.push(js("blockFor", "/srv/app/report.js", 9));
+        frames.push(js(
+            "Layer.handle",
+            "/srv/app/node_modules/express/lib/layer.js",
+            95,
+        ));
+        for i in 0..5 {
+            frames.push(js(&format!("internal{i}"), "node:internal/timers", 500 + i));
+        }
+        frames.push(js("parseHugeReportSynchronously", "/srv/app/report.js", 20));
+        frames.push(js("listOnTimeout", "node:internal/timers", 581));
+        frames.push(js("processTimers", "node:internal/timers", 519));
+        for name in [
+            "Builtins_JSEntry",
+            "v8::internal::Execution::Call",
+            "node::Environment::RunTimers",
+            "uv__run_timers",
+        ] {
+            frames.push(native(name));
+        }
+        frames.push(native("uv_run"));
+        frames.push(native("node::Start"));
+        let lines = lines(&one_stack(frames));
+        let shown = frames_of(&lines);
+        for app in [
+            "spin /srv/app/report.js:3",
+            "blockFor /srv/app/report.js:9",
+            "parseHugeReportSynchronously /srv/app/report.js:20",
+        ] {
+            assert!(
+                shown.iter().any(|l| l == app),
+                "{app} hidden in:\n{}",
+                lines.join("\n")
+            );
+        }
+        // The ends stay; the plumbing between them is folded, counted.
+        assert_eq!(shown[0], "uv__run_timers (node)", "{lines:#?}");
+        assert_eq!(
+            shown[shown.len() - 1],
+            "sha512_block_data_order_avx2 (node)"
+        );
+        let folded: usize = shown
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix("... ")?
+                    .strip_suffix(" frames ...")?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        assert_eq!(
+            folded + shown.iter().filter(|l| !l.starts_with("... ")).count(),
+            23
+        );
+        assert!(
+            !shown.iter().any(|l| l.starts_with("internal")),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn recursion_takes_one_line_and_the_heaviest_path_is_never_cut() {
+        let mut frames = vec![native("leaf")];
+        for _ in 0..40 {
+            frames.push(js("walk", "/srv/app/tree.js", 4));
+        }
+        for i in 0..20 {
+            frames.push(js(&format!("step{i}"), "/srv/app/steps.js", i + 1));
+        }
+        frames.push(native("uv_run"));
+        let lines = lines(&one_stack(frames));
+        let shown = frames_of(&lines);
+        assert!(shown.contains(&"walk /srv/app/tree.js:4 (40 deep, recursive)".to_owned()));
+        // 20 app frames, the recursion and the leaf: over the tree's 16 lines, all shown.
+        assert_eq!(shown.len(), 22, "{lines:#?}");
+    }
 
     #[test]
     fn cpp_parameter_lists_are_dropped_for_the_terminal() {

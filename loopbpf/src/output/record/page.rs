@@ -11,10 +11,13 @@ use std::fmt::Write as _;
 use super::timeline::escape;
 use crate::{
     aggregate::BlockEnd,
-    output::json::{Block, BlockEvent, Frame, Report, Summary, Trigger},
+    output::{
+        fold::{self, Piece},
+        json::{Block, BlockEvent, Frame, Report, Summary, Trigger},
+    },
 };
 
-/// Stacks shown per block, and frames per stack.
+/// Stacks shown per block, and lines per stack (more when the app's own frames need them).
 const STACKS_SHOWN: usize = 3;
 const FRAMES_SHOWN: usize = 14;
 
@@ -127,11 +130,28 @@ fn block_html(html: &mut String, block: &Block) {
                 number(stack.weight_ms),
                 if stack.on_cpu { "on-CPU" } else { "off-CPU" }
             );
-            for frame in stack.frames.iter().take(FRAMES_SHOWN) {
-                let _ = writeln!(text, "  {}", escape(&frame_text(frame)));
-            }
-            if stack.frames.len() > FRAMES_SHOWN {
-                let _ = writeln!(text, "  ... {} more", stack.frames.len() - FRAMES_SHOWN);
+            // Folded as the terminal folds: the app's own frames are never left out.
+            let ranks: Vec<_> = stack
+                .frames
+                .iter()
+                .map(|f| {
+                    fold::rank(
+                        f.kind,
+                        &f.name,
+                        f.file.as_deref(),
+                        f.original.as_ref().map(|o| o.file.as_str()),
+                    )
+                })
+                .collect();
+            for piece in fold::fold(&ranks, FRAMES_SHOWN) {
+                match piece {
+                    Piece::Frame(i) => {
+                        let _ = writeln!(text, "  {}", escape(&frame_text(&stack.frames[i])));
+                    }
+                    Piece::Folded(n) => {
+                        let _ = writeln!(text, "  ... {n} frames ...");
+                    }
+                }
             }
             let _ = writeln!(html, "<pre>{text}</pre>");
         }
@@ -194,6 +214,67 @@ mod tests {
             module: module.to_owned(),
             name: name.to_owned(),
             original: None,
+        }
+    }
+
+    #[test]
+    fn a_deep_stack_on_the_page_keeps_every_app_frame() {
+        // Leaf first: 40 frames of builtins and node's own JS around three app frames.
+        let mut frames: Vec<Frame> = (0..40)
+            .map(|i| {
+                frame(
+                    &format!("internal{i}"),
+                    "[JIT]",
+                    Some("node:internal/x"),
+                    None,
+                )
+            })
+            .collect();
+        for (at, name) in [(5, "spin"), (22, "blockFor"), (35, "parseHugeReport")] {
+            frames[at] = frame(name, "[JIT]", Some("/srv/app.js"), Some(at as u32));
+        }
+        let mut html = String::new();
+        let mut block = block_with(frames);
+        block_html(&mut html, &block);
+        for app in [
+            "spin /srv/app.js:5",
+            "blockFor /srv/app.js:22",
+            "parseHugeReport /srv/app.js:35",
+        ] {
+            assert!(html.contains(app), "{app} missing: {html}");
+        }
+        assert!(html.contains("... "), "{html}");
+        // A short stack is shown whole.
+        block.stacks.as_mut().unwrap()[0].frames.truncate(6);
+        html.clear();
+        block_html(&mut html, &block);
+        assert!(!html.contains("... "), "{html}");
+    }
+
+    fn block_with(frames: Vec<Frame>) -> Block {
+        Block {
+            comm: None,
+            container: None,
+            duration_ms: 250.5,
+            end: Some(BlockEnd::Poll),
+            event: BlockEvent::Block,
+            gc_ms: 0.0,
+            gc_share: 0.0,
+            off_cpu_ms: Some(0.5),
+            on_cpu_ms: Some(250.0),
+            pid: 7,
+            pod: None,
+            stacks: Some(vec![Stack {
+                frames,
+                on_cpu: true,
+                weight_ms: 200.0,
+            }]),
+            naming_timed_out: false,
+            start_unix_ms: 1.5,
+            started_before_attach: false,
+            thread: "main",
+            tid: 7,
+            worker: None,
         }
     }
 
