@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use loopbpf_tests::{Fixture, Loopbpf, events, require_root};
+use loopbpf_tests::{Fixture, Loopbpf, events, fixture, node_bin, require_root};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -272,4 +272,57 @@ fn a_loop_still_stuck_when_stopped_is_in_the_flame_graph() {
         total_us > 1_000_000,
         "the stuck time is blocked time: {folded_text}"
     );
+}
+
+#[test]
+fn a_deep_stack_in_the_terminal_keeps_every_app_frame() {
+    require_root();
+    let script = fixture("deep-stack.js");
+    let app = Fixture::start_script(&node_bin(), "deep-stack.js", &[]);
+    let pid = app.pid().to_string();
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid]);
+    std::thread::sleep(Duration::from_secs(5));
+    loopbpf.signal(libc::SIGINT);
+    let lines = loopbpf.out.rest(TIMEOUT);
+    let status = loopbpf.child.wait().unwrap();
+    drop(app);
+    let text = lines.join("\n");
+    assert!(status.success(), "loopbpf failed: {status}\n{text}");
+    // Each block's tree: the lines under its `blocked` line, up to the next event.
+    let trees: Vec<&[String]> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains(" blocked "))
+        .map(|(at, _)| {
+            let rest = &lines[at + 1..];
+            let end = rest
+                .iter()
+                .position(|l| !l.starts_with("              "))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    assert!(trees.len() >= 3, "too few blocks:\n{text}");
+    let file = script.to_str().unwrap();
+    // Every frame of the app's own script on the stack, whatever folded between them (in most
+    // blocks: a block's first samples may come before V8's heap is read to name them).
+    let app = [
+        "spin",
+        "blockFor",
+        "onRow",
+        "reviveRow",
+        "parseHugeReportSynchronously",
+        "onReportTimer",
+    ];
+    let complete = trees.iter().filter(|tree| {
+        app.iter().all(|name| {
+            // With or without its receiver (`Timeout.onReportTimer`).
+            tree.iter().any(|l| l.contains(&format!("{name} {file}:")))
+        })
+    });
+    assert!(
+        complete.count() * 2 >= trees.len(),
+        "blocks whose tree hides an app frame:\n{text}"
+    );
+    assert!(text.contains(" frames ..."), "nothing was folded:\n{text}");
 }
