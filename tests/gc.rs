@@ -1,6 +1,7 @@
 //! V8 garbage collection seen from outside: pauses by kind against the process's own
 //! `PerformanceObserver` 'gc' entries on every Node major, a block made of GC says so, and memory
-//! after major GC warns of a leak, never of steady memory.
+//! after major GC warns of a leak, never of steady memory; a fast leak with few major GCs is
+//! warned of by the floor of its memory, a large stable heap with heavy churn is not.
 
 use std::time::Duration;
 
@@ -137,9 +138,55 @@ fn a_leak_is_warned_of_and_steady_memory_is_not() {
     eprintln!("{leak}");
     assert_eq!(leak["pid"].as_u64(), Some(u64::from(fixture.pid())));
     assert_eq!(leak["major_gcs"], 5);
+    assert_eq!(leak["rule"], "after_major_gc");
     // About 20 MB a second is kept.
     let per_min = leak["growth_bytes_per_min"].as_f64().unwrap();
     assert!(per_min > 100e6, "{per_min} bytes/min");
+    drop(fixture);
+    let _ = loopbpf.finish(TIMEOUT);
+}
+
+#[test]
+fn a_fast_leak_is_warned_by_its_floor_and_heavy_churn_over_a_large_heap_is_not() {
+    require_root();
+    let mut fixture = Fixture::start_script(&node_bin(), "gc.js", &[]);
+    let pid = fixture.pid().to_string();
+    // A large heap, kept for good, built before loopbpf watches.
+    fixture.send("hold 300");
+    fixture.done("hold", TIMEOUT);
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid, "--json", "--no-stacks"]);
+    // About 25 MB a second of young-generation garbage over it, for 30 s: no warning.
+    fixture.send("fast-steady 30");
+    fixture.done("fast-steady", Duration::from_mins(1));
+    let early = loopbpf.out.wait_for(Duration::from_millis(1500), |l| {
+        l.contains("\"event\":\"leak\"")
+    });
+    assert_eq!(early, None, "a warning for a steady heap");
+
+    // The same allocations, kept: V8 grows the heap with two or so major GCs in 30 s.
+    let started = std::time::Instant::now();
+    fixture.send("fast-leak 40");
+    let warned = loopbpf
+        .out
+        .wait_for(TIMEOUT, |l| {
+            l.contains("\"event\":\"leak\"") && l.contains("\"rule\":\"floor\"")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no warning by the floor rule within 30 s; loopbpf said {:?}",
+                loopbpf.out.seen
+            )
+        });
+    eprintln!("after {:?}: {warned}", started.elapsed());
+    let leak: Value = serde_json::from_str(&warned).unwrap();
+    assert_eq!(leak["pid"].as_u64(), Some(u64::from(fixture.pid())));
+    // About 25 MB a second is kept: 1.5 GB a minute.
+    let per_min = leak["growth_bytes_per_min"].as_f64().unwrap();
+    assert!((0.9e9..2.2e9).contains(&per_min), "{per_min} bytes/min");
+    assert!(
+        leak["growth_bytes"].as_u64().unwrap() > 200_000_000,
+        "{leak}"
+    );
     drop(fixture);
     let _ = loopbpf.finish(TIMEOUT);
 }

@@ -8,7 +8,10 @@ use std::{fs, path::Path};
 use super::{Named, clock::Clock, report::Reporter};
 use crate::{
     abi::HIST_SLOTS,
-    aggregate::{BlockEnd, GcStats, LoopId, LoopSummary, Record, ThreadLabel, leak::Leak},
+    aggregate::{
+        BlockEnd, GcStats, LoopId, LoopSummary, Record, ThreadLabel,
+        leak::{Leak, LeakRule},
+    },
     decode::GcKind,
     naming::{
         frame::{Frame, FrameKind, Original},
@@ -182,6 +185,9 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
                     rss_bytes: 135_700_000,
                     growth_bytes_per_min: 1_280_600.4,
                     major_gcs: 5,
+                    rule: LeakRule::AfterMajorGc,
+                    growth_bytes: 640_300,
+                    span_ns: 30_000 * MS,
                 },
             },
             None,

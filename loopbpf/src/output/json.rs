@@ -136,7 +136,7 @@ pub struct Interval {
     pub worker: Option<u32>,
 }
 
-/// Memory after major GC that kept growing.
+/// Memory that kept growing, by one of two rules (see [`crate::aggregate::leak`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Leak {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,12 +145,17 @@ pub struct Leak {
     pub container: Option<String>,
     /// Always `leak`.
     pub event: &'static str,
+    /// How much memory grew over `span_ms`.
+    pub growth_bytes: u64,
     pub growth_bytes_per_min: f64,
     pub major_gcs: u32,
     pub pid: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     pub rss_bytes: u64,
+    /// `after_major_gc` or `floor`.
+    pub rule: &'static str,
+    pub span_ms: f64,
     pub thread: &'static str,
     pub tid: u32,
     pub unix_ms: f64,
@@ -380,11 +385,14 @@ pub fn line(
                 comm: who.comm,
                 container: who.container,
                 event: "leak",
+                growth_bytes: leak.growth_bytes,
                 growth_bytes_per_min: leak.growth_bytes_per_min.round(),
                 major_gcs: leak.major_gcs,
                 pid: who.pid,
                 pod: who.pod,
                 rss_bytes: leak.rss_bytes,
+                rule: leak.rule.label(),
+                span_ms: ms(leak.span_ns),
                 thread: who.thread,
                 tid: who.tid,
                 unix_ms: clock.unix_ms(now_ns),

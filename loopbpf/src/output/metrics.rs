@@ -463,7 +463,7 @@ fn gc_and_memory_series(
         );
         families.add(
             "loopbpf_leak_warnings_total",
-            "Times memory after major GC grew over 5 major GCs in a row (a suspected leak).",
+            "Suspected leaks: memory after major GC grew over 5 major GCs in a row, or the floor of resident memory rose for 16 s.",
             MetricType::COUNTER,
             counter(labels(base), warnings as f64),
         );

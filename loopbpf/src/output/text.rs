@@ -12,7 +12,10 @@ use super::{
     tree,
 };
 use crate::{
-    aggregate::{BlockEnd, LoopId, LoopSummary, Record, leak::Leak},
+    aggregate::{
+        BlockEnd, LoopId, LoopSummary, Record,
+        leak::{Leak, LeakRule},
+    },
     diag::printable,
     naming::{stacks::BlockProfile, v8::LimitsHit},
     target::ProcessLabels,
@@ -268,13 +271,32 @@ fn profile_text(profile: Option<&BlockProfile>, naming_timed_out: bool) -> Strin
     text
 }
 
+/// The warning, with the rule that fired (see [`crate::aggregate::leak`]).
 fn leak_text(leak: &Leak) -> String {
-    format!(
-        "memory after major GC grew {} times in a row, to {:.1} MB (+{:.1} MB/min)",
-        leak.major_gcs,
-        leak.rss_bytes as f64 / 1e6,
-        leak.growth_bytes_per_min / 1e6
-    )
+    match leak.rule {
+        LeakRule::AfterMajorGc => format!(
+            "memory after major GC grew {} times in a row, to {} (+{:.1} MB/min)",
+            leak.major_gcs,
+            megabytes(leak.rss_bytes),
+            leak.growth_bytes_per_min / 1e6
+        ),
+        LeakRule::Floor => format!(
+            "resident memory rose {} in {:.0} s and never fell back, to {} (+{:.1} MB/min)",
+            megabytes(leak.growth_bytes),
+            leak.span_ns as f64 / 1e9,
+            megabytes(leak.rss_bytes),
+            leak.growth_bytes_per_min / 1e6
+        ),
+    }
+}
+
+/// `135.7 MB`, `1.25 GB`.
+fn megabytes(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("{:.2} GB", bytes as f64 / 1e9)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
 
 /// `, GC 80.1 ms (65%)` when part of a block was garbage collection.
@@ -358,6 +380,32 @@ mod tests {
             "\nwarning: JS frames of pid 7 left unnamed in 12 samples: naming budget spent\n"
         );
         assert_eq!(naming_limits_text(&[]), "");
+    }
+
+    #[test]
+    fn a_leak_warning_says_which_rule_fired() {
+        let leak = Leak {
+            rss_bytes: 1_512_000_000,
+            growth_bytes_per_min: 3_600_000_000.0,
+            major_gcs: 1,
+            rule: LeakRule::Floor,
+            growth_bytes: 1_200_000_000,
+            span_ns: 20_000_000_000,
+        };
+        assert_eq!(
+            leak_text(&leak),
+            "resident memory rose 1.20 GB in 20 s and never fell back, to 1.51 GB (+3600.0 MB/min)"
+        );
+        let leak = Leak {
+            rule: LeakRule::AfterMajorGc,
+            major_gcs: 5,
+            rss_bytes: 135_700_000,
+            ..leak
+        };
+        assert_eq!(
+            leak_text(&leak),
+            "memory after major GC grew 5 times in a row, to 135.7 MB (+3600.0 MB/min)"
+        );
     }
 
     #[test]

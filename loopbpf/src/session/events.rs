@@ -57,7 +57,8 @@ impl Session<'_> {
         // Exits lost on the way end their threads before anything is said ongoing.
         self.reconcile_threads(now_ns, false)?;
         self.refresh();
-        let records = self.aggregator.ongoing(now_ns);
+        let mut records = self.aggregator.ongoing(now_ns);
+        records.extend(self.sample_memory(now_ns));
         self.report_all(records)?;
         self.record_tick(now_ns)
     }
@@ -170,6 +171,23 @@ impl Session<'_> {
         let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?)?;
         let id = self.aggregator.loops().find(|l| l.id.tid == tid)?.id;
         Some(Record::Leak { id, leak })
+    }
+
+    /// About once a second, each process's resident memory for the leak rule on its floor.
+    fn sample_memory(&mut self, now_ns: u64) -> Vec<Record> {
+        let mut leaks = Vec::new();
+        for (&pid, process) in &mut self.processes {
+            if process.life.gone_ns.is_some() || !process.leak.wants_sample(now_ns) {
+                continue;
+            }
+            let Some(leak) = rss_of(pid).and_then(|rss| process.leak.sample(now_ns, rss)) else {
+                continue;
+            };
+            if let Some(main) = self.aggregator.loops().find(|l| l.id.tid == pid) {
+                leaks.push(Record::Leak { id: main.id, leak });
+            }
+        }
+        leaks
     }
 
     pub(super) fn refresh(&mut self) {
