@@ -20,6 +20,8 @@ command -v npm >/dev/null || missing="$missing npm"
 command -v promtool >/dev/null || missing="$missing prometheus"
 # gcore, for `loopbpf record --on-block core`, and gdb to read the cores in the tests.
 command -v gcore >/dev/null || missing="$missing gdb"
+# A plain libuv program built against Debian's shared (stripped) libuv and its static one.
+[ -f /usr/include/uv.h ] || missing="$missing libuv1-dev"
 # kubernetes-validate is installed into a venv below.
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 

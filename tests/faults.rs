@@ -3,15 +3,15 @@
 
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     thread,
     time::Duration,
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, bpftool, events, installed_node, loopbpf_bin, node_bin, node_of, poll_until,
-    require_root, wait_until, workspace,
+    Fixture, Loopbpf, bpftool, events, fixture, installed_node, loopbpf_bin, node_bin, node_of,
+    poll_until, require_root, wait_until, workspace,
 };
 
 /// Runs loopbpf to completion (through `wrapper` if given, e.g. `unshare`), with a time limit.
@@ -125,7 +125,85 @@ fn a_stripped_node_binary_is_named_as_the_likely_cause() {
     let output = loopbpf_output(&[], &["--pid", &target.pid().to_string()]);
     drop(target);
     let _ = fs::remove_dir_all(&dir);
-    assert_one_line_error(&output, "is it stripped?");
+    // Node exports libuv's API: its libuv is there, without the symbols loopbpf probes.
+    assert_one_line_error(
+        &output,
+        &format!(
+            "runs a libuv without symbols: {} is stripped (it has libuv's API but no `uv__io_poll`",
+            stripped.display()
+        ),
+    );
+    assert_one_line_error(&output, "official Node.js builds do");
+}
+
+/// Builds tests/fixtures/uv-loop.c into `dir` against Debian's shared libuv (`static_libuv`:
+/// its static `libuv_a.a`, which keeps its symbols).
+fn build_uv_loop(dir: &Path, static_libuv: bool) -> PathBuf {
+    assert!(
+        Path::new("/usr/include/uv.h").exists(),
+        "libuv1-dev is needed for this test: run scripts/install-deps.sh"
+    );
+    let program = dir.join(if static_libuv {
+        "uv-static"
+    } else {
+        "uv-shared"
+    });
+    let mut command = Command::new("clang-19");
+    command
+        .args(["-O1", "-o"])
+        .arg(&program)
+        .arg(fixture("uv-loop.c"));
+    if static_libuv {
+        command.args(["/usr/lib/x86_64-linux-gnu/libuv_a.a", "-lpthread", "-ldl"]);
+    } else {
+        command.arg("-luv");
+    }
+    let status = command
+        .status()
+        .expect("clang-19: run scripts/install-deps.sh");
+    assert!(
+        status.success(),
+        "clang-19 failed to build {}",
+        program.display()
+    );
+    program
+}
+
+#[test]
+fn a_stripped_shared_libuv_is_named_with_what_to_do() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("loopbpf-uv-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let shared = build_uv_loop(&dir, false);
+    let static_build = build_uv_loop(&dir, true);
+
+    // Debian's libuv.so.1 has libuv's API and no `uv__io_poll`: a libuv program all the same.
+    let target = Fixture::start_command(Command::new(&shared));
+    let output = loopbpf_output(&[], &["--pid", &target.pid().to_string()]);
+    drop(target);
+    let says = "runs a libuv without symbols: /usr/lib/x86_64-linux-gnu/libuv.so.1.0.0 is stripped";
+    assert_one_line_error(&output, says);
+    assert_one_line_error(&output, "run it with a libuv that keeps its symbols");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("not a libuv program"), "{stderr}");
+    // The same before it starts.
+    let output = loopbpf_output(&[], &["--", shared.to_str().unwrap()]);
+    assert_one_line_error(&output, "runs a libuv without symbols: ");
+    assert_one_line_error(&output, "libuv.so.1 is stripped");
+
+    // What the message advises works: the static libuv keeps its symbols, and is watched.
+    let target = Fixture::start_command(Command::new(&static_build));
+    let pid = target.pid().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json", "--duration", "1500ms"]);
+    let (status, output) = loopbpf.finish(Duration::from_secs(20));
+    drop(target);
+    let _ = fs::remove_dir_all(&dir);
+    assert!(status.success(), "{status}");
+    let summary = events(&output, "summary");
+    assert!(
+        summary[0]["loops"][0]["iterations"].as_u64().unwrap() >= 5,
+        "{summary:?}"
+    );
 }
 
 #[test]

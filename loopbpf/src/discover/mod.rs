@@ -74,6 +74,16 @@ pub enum DiscoverError {
     },
     #[error("`{0}` is not a libuv program: no `{POLL_SYMBOL}` in it or in a libuv it links{1}")]
     CommandNotLibuv(String, &'static str),
+    /// A libuv is there (its API is defined), its internal symbols are not.
+    #[error(
+        "{who} runs a libuv without symbols: {file} is stripped (it has libuv's API but no `{POLL_SYMBOL}`, which loopbpf probes); {advice}"
+    )]
+    StrippedLibuv {
+        /// `process 1234 (comm)` or `` `command` ``.
+        who: String,
+        file: String,
+        advice: &'static str,
+    },
     #[error("command `{0}` not found: give a path or a program on PATH")]
     CommandNotFound(String),
     #[error(
@@ -122,7 +132,16 @@ struct LibuvFile {
 /// process of a host reads each distinct file once.
 #[derive(Debug, Default)]
 pub struct LibuvCache {
-    files: HashMap<FileId, Option<LibuvFile>>,
+    files: HashMap<FileId, Scanned>,
+}
+
+/// What a file's symbols say about libuv.
+#[derive(Debug)]
+enum Scanned {
+    Libuv(LibuvFile),
+    /// libuv's API without its internal symbols: a stripped libuv.
+    Stripped,
+    Other,
 }
 
 impl LibuvCache {
@@ -205,8 +224,28 @@ impl Libuv {
 
 impl LibuvFile {
     fn read(file: &File) -> Option<Self> {
+        match Self::scan(file) {
+            Scanned::Libuv(read) => Some(read),
+            Scanned::Stripped | Scanned::Other => None,
+        }
+    }
+
+    fn scan(file: &File) -> Scanned {
         let cache = ReadCache::new(file);
-        let elf = object::File::parse(&cache).ok()?;
+        let Ok(elf) = object::File::parse(&cache) else {
+            return Scanned::Other;
+        };
+        let has_api = elf
+            .dynamic_symbols()
+            .any(|sym| sym.is_definition() && sym.name_bytes() == Ok(b"uv_run"));
+        match Self::read_elf(&elf) {
+            Some(read) => Scanned::Libuv(read),
+            None if has_api => Scanned::Stripped,
+            None => Scanned::Other,
+        }
+    }
+
+    fn read_elf<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> Option<Self> {
         let mut poll = None;
         let mut run = None;
         let mut counts_iterations = false;
@@ -244,7 +283,7 @@ impl LibuvFile {
                 _ => {}
             }
         }
-        let file_offset = |sym: &object::Symbol<'_, '_, _>| {
+        let file_offset = |sym: &object::Symbol<'data, '_, R>| {
             let section = elf.section_by_index(sym.section_index()?).ok()?;
             let (section_offset, _) = section.file_range()?;
             Some(sym.address() - section.address() + section_offset)
@@ -271,7 +310,7 @@ impl LibuvFile {
             worker_entry,
             gc_probes,
             default_loop,
-            segments: segments(&elf),
+            segments: segments(elf),
         })
     }
 }
@@ -382,6 +421,8 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
     })?;
     let exe = process.exe().unwrap_or_default();
     cache.bound();
+    // A libuv with its API but not the symbols the probes need: named, if no other is found.
+    let mut stripped_libuv: Option<String> = None;
     for mapping in first_mapping_per_file(&maps) {
         let path = process.mapped_file(mapping);
         // A file that could not be opened (its process exited mid-scan) is not known yet.
@@ -392,9 +433,12 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
             continue;
         };
         if !cache.files.contains_key(&file) {
-            cache.files.insert(file.clone(), LibuvFile::read(&opened));
+            cache.files.insert(file.clone(), LibuvFile::scan(&opened));
         }
-        if let Some(Some(read)) = cache.files.get(&file) {
+        if stripped_libuv.is_none() && matches!(cache.files.get(&file), Some(Scanned::Stripped)) {
+            stripped_libuv = Some(mapping.file_path().to_owned());
+        }
+        if let Some(Scanned::Libuv(read)) = cache.files.get(&file) {
             let mapped = Some((mapping.range.start, mapping.offset));
             let mut libuv = Libuv::placed(read, Arc::new(opened), &path, mapped);
             libuv.shown_as = PathBuf::from(mapping.file_path());
@@ -405,6 +449,13 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
                 libuv_file: file,
             });
         }
+    }
+    if let Some(file) = stripped_libuv {
+        return Err(stripped_libuv_error(
+            format!("process {pid} ({comm})"),
+            file.clone(),
+            Path::new(&file) == exe,
+        ));
     }
     // The running executable itself, wherever it lives (`/proc/PID/exe`, never a path the
     // target could have replaced).
@@ -438,13 +489,35 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     let name = program.to_string_lossy().into_owned();
     let exe = find_in_path(program).ok_or_else(|| DiscoverError::CommandNotFound(name.clone()))?;
     let exe = fs::canonicalize(&exe).unwrap_or(exe);
-    std::iter::once(exe.clone())
+    let candidates: Vec<PathBuf> = std::iter::once(exe.clone())
         .chain(needed_libuv(&exe))
-        .find_map(|path| Libuv::read(&path, None))
-        .ok_or_else(|| {
-            let stripped = File::open(&exe).ok().map_or("", stripped_note);
-            DiscoverError::CommandNotLibuv(name, stripped)
-        })
+        .collect();
+    if let Some(libuv) = candidates.iter().find_map(|path| Libuv::read(path, None)) {
+        return Ok(libuv);
+    }
+    let stripped = candidates.iter().find(|path| {
+        File::open(path).is_ok_and(|file| matches!(LibuvFile::scan(&file), Scanned::Stripped))
+    });
+    if let Some(path) = stripped {
+        return Err(stripped_libuv_error(
+            format!("`{name}`"),
+            path.display().to_string(),
+            *path == exe,
+        ));
+    }
+    let stripped = File::open(&exe).ok().map_or("", stripped_note);
+    Err(DiscoverError::CommandNotLibuv(name, stripped))
+}
+
+/// The error for a libuv in `file` that lacks the symbols the probes need, with what to do
+/// (`executable`: the libuv is linked into the program itself, as in node).
+fn stripped_libuv_error(who: String, file: String, executable: bool) -> DiscoverError {
+    let advice = if executable {
+        "run a build of it that keeps its symbols (official Node.js builds do; `strip` removes them)"
+    } else {
+        "run it with a libuv that keeps its symbols: one built from source and not stripped, or libuv linked in statically (Debian's libuv1-dev ships libuv_a.a, with symbols)"
+    };
+    DiscoverError::StrippedLibuv { who, file, advice }
 }
 
 /// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
