@@ -95,15 +95,33 @@ pub enum Piece {
     Folded(usize),
 }
 
+/// App frames shown of one stack at most (a deep mutual recursion, a hostile target's stack):
+/// past this, those in the middle are folded too, and nothing else gets room.
+pub const MAX_APP_FRAMES: usize = 48;
+
 /// The lines to show of a stack whose frames rank as `ranks`, in `max_lines` lines when the
-/// app frames leave room: the first and last frames and every app frame always, then frames
-/// by rank (ties: nearer the start first). A run of one hidden frame is shown instead, since
-/// its fold line would take as much room.
+/// app frames leave room: the first and last frames and every app frame always (up to
+/// [`MAX_APP_FRAMES`], those nearest the ends), then frames by rank (ties: nearer the start
+/// first). A run of one hidden frame is shown instead, since its fold line would take as much
+/// room.
 pub fn fold(ranks: &[Rank], max_lines: usize) -> Vec<Piece> {
     let n = ranks.len();
-    let mut shown: Vec<bool> = (0..n)
-        .map(|i| i == 0 || i + 1 == n || ranks[i] == Rank::App)
-        .collect();
+    let apps: Vec<usize> = (0..n).filter(|&i| ranks[i] == Rank::App).collect();
+    let mut shown = vec![false; n];
+    if apps.len() > MAX_APP_FRAMES {
+        let half = MAX_APP_FRAMES / 2;
+        for &i in apps[..half].iter().chain(&apps[apps.len() - half..]) {
+            shown[i] = true;
+        }
+    } else {
+        for &i in &apps {
+            shown[i] = true;
+        }
+    }
+    if n > 0 {
+        shown[0] = true;
+        shown[n - 1] = true;
+    }
     let limit = max_lines.max(lines(&shown));
     let mut candidates: Vec<usize> = (0..n).filter(|&i| !shown[i]).collect();
     candidates.sort_by_key(|&i| (ranks[i], i));
@@ -262,6 +280,17 @@ mod tests {
             kept.iter()
                 .all(|&i| ranks[i] != Plumbing || i == 0 || i == 39),
             "{pieces:?}"
+        );
+    }
+
+    #[test]
+    fn a_stack_of_endless_app_frames_is_bounded() {
+        let ranks = vec![App; 1000];
+        let pieces = fold(&ranks, 4);
+        assert_eq!(pieces.len(), MAX_APP_FRAMES + 1, "{pieces:?}");
+        assert_eq!(
+            pieces[MAX_APP_FRAMES / 2],
+            Piece::Folded(1000 - MAX_APP_FRAMES)
         );
     }
 

@@ -15,8 +15,10 @@ use crate::{
 
 /// Branches of a block's tree shown: down to this share of the block.
 const MIN_STACK_SHARE: f64 = 0.05;
-/// Lines of a block's tree at most, but for its heaviest path, which is shown whole.
+/// Lines of a block's tree at most, but for its heaviest path, which is shown whole (up to
+/// [`MAX_HEAVIEST_LINES`]).
 const MAX_TREE_LINES: usize = 16;
+const MAX_HEAVIEST_LINES: usize = 120;
 /// Lines for a chain of single callers, unless its app frames need more (see [`fold`]).
 const MAX_CHAIN: usize = 4;
 
@@ -46,7 +48,7 @@ pub fn lines(profile: &BlockProfile) -> Vec<String> {
     let mut lines = Vec::new();
     let mut heaviest_path = None;
     root.render(total.max(1), 0, &mut lines, &mut heaviest_path);
-    lines.truncate(MAX_TREE_LINES.max(heaviest_path.unwrap_or(0)));
+    lines.truncate(MAX_TREE_LINES.max(heaviest_path.unwrap_or(0).min(MAX_HEAVIEST_LINES)));
     lines
 }
 
