@@ -136,6 +136,96 @@ fn a_stripped_node_binary_is_named_as_the_likely_cause() {
     assert_one_line_error(&output, "official Node.js builds do");
 }
 
+/// A file installed for a test, removed with its directory (when it made it and it is empty).
+struct Installed {
+    file: PathBuf,
+    made_dir: bool,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.file);
+        if self.made_dir
+            && let Some(dir) = self.file.parent()
+        {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn a_stripped_libuv_is_watched_with_its_debug_file() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("loopbpf-uvdebug-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    // libuv linked in and exported (`-rdynamic`, as node does), with a build ID; its debug
+    // file split off, then the program stripped, as distributions ship them.
+    let program = dir.join("uv-debug");
+    let status = Command::new("clang-19")
+        .args(["-O1", "-rdynamic", "-Wl,--build-id=sha1", "-o"])
+        .arg(&program)
+        .arg(fixture("uv-loop.c"))
+        .args(["/usr/lib/x86_64-linux-gnu/libuv_a.a", "-lpthread", "-ldl"])
+        .status()
+        .expect("clang-19: run scripts/install-deps.sh");
+    assert!(status.success(), "clang-19 failed");
+    let debug = dir.join("uv-debug.debug");
+    for (tool, args) in [
+        (
+            "objcopy",
+            vec![
+                "--only-keep-debug".as_ref(),
+                program.as_os_str(),
+                debug.as_os_str(),
+            ],
+        ),
+        ("strip", vec!["--strip-all".as_ref(), program.as_os_str()]),
+    ] {
+        let status = Command::new(tool).args(args).status().expect("binutils");
+        assert!(status.success(), "{tool} failed");
+    }
+    let notes = Command::new("readelf")
+        .arg("-n")
+        .arg(&program)
+        .output()
+        .expect("binutils");
+    let notes = String::from_utf8_lossy(&notes.stdout);
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("no build ID: {notes}"))
+        .to_owned();
+
+    let target = Fixture::start_command(Command::new(&program));
+    let pid = target.pid().to_string();
+    let output = loopbpf_output(&[], &["--pid", &pid]);
+    assert_one_line_error(&output, "runs a libuv without symbols: ");
+    assert_one_line_error(
+        &output,
+        "install its debug file (under /usr/lib/debug/.build-id)",
+    );
+
+    // Installed where debug packages put it: the same stripped program is watched.
+    let build_id_dir = Path::new("/usr/lib/debug/.build-id").join(&id[..2]);
+    let installed = Installed {
+        file: build_id_dir.join(format!("{}.debug", &id[2..])),
+        made_dir: !build_id_dir.exists(),
+    };
+    fs::create_dir_all(&build_id_dir).unwrap();
+    fs::copy(&debug, &installed.file).unwrap();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json", "--duration", "1500ms"]);
+    let (status, output) = loopbpf.finish(Duration::from_secs(20));
+    drop(installed);
+    drop(target);
+    let _ = fs::remove_dir_all(&dir);
+    assert!(status.success(), "{status}");
+    let summary = events(&output, "summary");
+    assert!(
+        summary[0]["loops"][0]["iterations"].as_u64().unwrap() >= 5,
+        "{summary:?}"
+    );
+}
+
 /// Builds tests/fixtures/uv-loop.c into `dir` against Debian's shared libuv (`static_libuv`:
 /// its static `libuv_a.a`, which keeps its symbols).
 fn build_uv_loop(dir: &Path, static_libuv: bool) -> PathBuf {
@@ -183,6 +273,7 @@ fn a_stripped_shared_libuv_is_named_with_what_to_do() {
     drop(target);
     let says = "runs a libuv without symbols: /usr/lib/x86_64-linux-gnu/libuv.so.1.0.0 is stripped";
     assert_one_line_error(&output, says);
+    assert_one_line_error(&output, "install its debug symbols (Debian: libuv1-dbgsym");
     assert_one_line_error(&output, "run it with a libuv that keeps its symbols");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("not a libuv program"), "{stderr}");

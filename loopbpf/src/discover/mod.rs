@@ -26,6 +26,10 @@ use crate::{
 };
 use thiserror::Error;
 
+mod stripped;
+
+use stripped::{stripped_libuv_error, stripped_note};
+
 /// The libuv function whose entry marks every loop iteration.
 pub const POLL_SYMBOL: &str = "uv__io_poll";
 
@@ -238,14 +242,28 @@ impl LibuvFile {
         let has_api = elf
             .dynamic_symbols()
             .any(|sym| sym.is_definition() && sym.name_bytes() == Ok(b"uv_run"));
-        match Self::read_elf(&elf) {
+        if let Some(read) = Self::read_elf(&elf, &elf) {
+            return Scanned::Libuv(read);
+        }
+        if !has_api {
+            return Scanned::Other;
+        }
+        // A stripped libuv: its symbols from its debug file, placed in the file itself.
+        let debug = stripped::debug_file(&elf).map(ReadCache::new);
+        let symbols = debug.as_ref().and_then(|d| object::File::parse(d).ok());
+        match symbols.and_then(|symbols| Self::read_elf(&symbols, &elf)) {
             Some(read) => Scanned::Libuv(read),
-            None if has_api => Scanned::Stripped,
-            None => Scanned::Other,
+            None => Scanned::Stripped,
         }
     }
 
-    fn read_elf<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> Option<Self> {
+    /// The probes' addresses from `symbols`' symbol table, and their file offsets in `layout`
+    /// (the same file, or the stripped file whose debug file `symbols` is).
+    fn read_elf<'sym, 'data, S: object::ReadRef<'sym>, R: object::ReadRef<'data>>(
+        symbols: &object::File<'sym, S>,
+        layout: &object::File<'data, R>,
+    ) -> Option<Self> {
+        let elf = symbols;
         let mut poll = None;
         let mut run = None;
         let mut counts_iterations = false;
@@ -283,10 +301,13 @@ impl LibuvFile {
                 _ => {}
             }
         }
-        let file_offset = |sym: &object::Symbol<'data, '_, R>| {
-            let section = elf.section_by_index(sym.section_index()?).ok()?;
-            let (section_offset, _) = section.file_range()?;
-            Some(sym.address() - section.address() + section_offset)
+        // In the section that holds the address in the file (not `.tbss`, which has none).
+        let file_offset = |address: u64| {
+            layout
+                .sections()
+                .filter(|s| s.address() != 0)
+                .filter(|s| (s.address()..s.address() + s.size()).contains(&address))
+                .find_map(|s| Some(address - s.address() + s.file_range()?.0))
         };
         let poll = poll?;
         let (start, end) = if v8_10 {
@@ -295,8 +316,8 @@ impl LibuvFile {
             (gc_prologue, gc_epilogue)
         };
         let gc_probes = start
-            .and_then(|s| file_offset(&s))
-            .zip(end.and_then(|e| file_offset(&e)))
+            .and_then(|s| file_offset(s.address()))
+            .zip(end.and_then(|e| file_offset(e.address())))
             .map(|(start, end)| GcProbes {
                 start,
                 end,
@@ -304,13 +325,13 @@ impl LibuvFile {
             });
         Some(Self {
             poll_addr: poll.address(),
-            poll_file_offset: file_offset(&poll)?,
-            run: run.and_then(|sym| Some((sym.address(), file_offset(&sym)?))),
+            poll_file_offset: file_offset(poll.address())?,
+            run: run.and_then(|sym| Some((sym.address(), file_offset(sym.address())?))),
             counts_iterations,
             worker_entry,
             gc_probes,
             default_loop,
-            segments: segments(elf),
+            segments: segments(layout),
         })
     }
 }
@@ -509,17 +530,6 @@ pub fn libuv_for_command(program: &OsStr) -> Result<Libuv, DiscoverError> {
     Err(DiscoverError::CommandNotLibuv(name, stripped))
 }
 
-/// The error for a libuv in `file` that lacks the symbols the probes need, with what to do
-/// (`executable`: the libuv is linked into the program itself, as in node).
-fn stripped_libuv_error(who: String, file: String, executable: bool) -> DiscoverError {
-    let advice = if executable {
-        "run a build of it that keeps its symbols (official Node.js builds do; `strip` removes them)"
-    } else {
-        "run it with a libuv that keeps its symbols: one built from source and not stripped, or libuv linked in statically (Debian's libuv1-dev ships libuv_a.a, with symbols)"
-    };
-    DiscoverError::StrippedLibuv { who, file, advice }
-}
-
 /// Threads of `pid` sitting in an epoll wait right now, with the epoll fd: loops that are idle
 /// as we attach. Their next poll exit starts a busy interval that must be timed from there.
 pub fn threads_in_poll(pid: u32) -> Vec<IdleThread> {
@@ -637,16 +647,6 @@ fn fs_magic(path: &str) -> Option<i64> {
     // SAFETY: c_path is NUL-terminated and buf is a valid out pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
     (rc == 0).then_some(buf.f_type)
-}
-
-fn stripped_note(file: File) -> &'static str {
-    let cache = ReadCache::new(file);
-    match object::File::parse(&cache) {
-        Ok(elf) if elf.section_by_name(".symtab").is_none() => {
-            " (the executable has no .symtab: is it stripped? loopbpf needs libuv's local symbols)"
-        }
-        _ => "",
-    }
 }
 
 const LIB_DIRS: [&str; 5] = [
