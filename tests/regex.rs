@@ -83,6 +83,11 @@ fn js_frames(stack: &Value) -> Vec<&Value> {
 }
 
 fn names_the_regex(major: u32, redos: &Redos) {
+    names_the_regex_with(major, redos, &[]);
+}
+
+/// The same, node run with `node_flags`.
+fn names_the_regex_with(major: u32, redos: &Redos, node_flags: &[&str]) {
     require_root();
     let package = npm_package(redos.package);
     let script = package.join(redos.file);
@@ -90,7 +95,8 @@ fn names_the_regex(major: u32, redos: &Redos) {
         line_of(&script, redos.defined_at),
         line_of(&script, redos.runs_at),
     );
-    let mut fixture = Fixture::start_script(node_of(major).to_str().unwrap(), "redos.js", &[]);
+    let mut fixture =
+        Fixture::start_script(node_of(major).to_str().unwrap(), "redos.js", node_flags);
     let ready: Value = serde_json::from_str(
         fixture
             .out
@@ -183,6 +189,38 @@ fn node20_marked_definition_names_the_regex() {
 #[test]
 fn node20_moment_parens_names_the_regex() {
     names_the_regex(20, &MOMENT);
+}
+
+/// V8's regexp interpreter (bytecode, as before a regexp tiers up): the leaf is native code of
+/// the node binary, and the regex is named above the builtin that was called with it.
+#[test]
+fn node20_semver_range_in_the_regexp_interpreter_names_the_regex() {
+    names_the_regex_with(20, &SEMVER, &["--regexp-interpret-all"]);
+}
+
+#[test]
+fn node22_semver_range_in_the_regexp_interpreter_names_the_regex() {
+    names_the_regex_with(22, &SEMVER, &["--regexp-interpret-all"]);
+}
+
+#[test]
+fn node18_semver_range_in_the_regexp_interpreter_names_the_regex() {
+    names_the_regex_with(18, &SEMVER, &["--regexp-interpret-all"]);
+}
+
+#[test]
+fn node24_semver_range_in_the_regexp_interpreter_names_the_regex() {
+    names_the_regex_with(24, &SEMVER, &["--regexp-interpret-all"]);
+}
+
+#[test]
+fn node26_semver_range_in_the_regexp_interpreter_names_the_regex() {
+    names_the_regex_with(26, &SEMVER, &["--regexp-interpret-all"]);
+}
+
+#[test]
+fn node26_semver_range_names_the_regex() {
+    names_the_regex(26, &SEMVER);
 }
 
 #[test]
