@@ -195,7 +195,150 @@ impl JsNamer {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::naming::v8::fuzz::Builder;
+
+    /// Made-up type tags and offsets, consistent with the fuzz tests' layout.
+    const JS_REGEXP: u16 = 300;
+    const IR_REGEXP_DATA: u16 = 310;
+    const MARKER: u64 = 54;
+    /// A one-byte sequential string's type in the fuzz layout.
+    const ONE_BYTE: u16 = 8;
+
+    fn regexp_layout() -> RegExpLayout {
+        RegExpLayout {
+            js_regexp: JS_REGEXP,
+            js_regexp_source: 32,
+            regexp_data: vec![IR_REGEXP_DATA],
+            regexp_data_source: Some(16),
+            frame_marker: Some(MARKER),
+        }
+    }
+
+    /// A one-byte string of `text` that claims `length` characters.
+    fn string(b: &mut Builder, text: &[u8], length: i32) -> u64 {
+        let s = b.object(ONE_BYTE, 16 + text.len() as u64 + 8);
+        b.set_length(s, length);
+        for (i, chunk) in text.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            b.set(s + 16 + 8 * i as u64, u64::from_le_bytes(word));
+        }
+        s
+    }
+
+    /// An object of type `t` whose source (at `source_at`) and flags (after it) are as given.
+    fn regexp(b: &mut Builder, t: u16, source_at: u64, source: u64, flags: u64) -> u64 {
+        let r = b.object(t, 64);
+        b.set(r + source_at, source);
+        b.set(r + source_at + 8, flags);
+        r
+    }
+
+    fn namer(b: Builder) -> JsNamer {
+        let mut namer = b.namer();
+        namer.regexp = Some(regexp_layout());
+        namer.memory.start_sample(Instant::now());
+        namer
+    }
+
+    fn name_of(namer: &mut JsNamer, tagged: u64) -> Option<String> {
+        let id = namer.regexp_frame(tagged)?;
+        Some(namer.frame(id)?.name.clone())
+    }
+
+    #[test]
+    fn a_regexp_and_its_data_are_read_as_v8_keeps_them() {
+        let mut b = Builder::new();
+        let source = string(&mut b, b"(a+)+$", 6);
+        let js = regexp(&mut b, JS_REGEXP, 32, source + 1, 3 << 32);
+        let data = regexp(&mut b, IR_REGEXP_DATA, 16, source + 1, 1 << 32);
+        let mut namer = namer(b);
+        assert_eq!(
+            name_of(&mut namer, js + 1).as_deref(),
+            Some("RegExp /(a+)+$/gi")
+        );
+        assert_eq!(
+            name_of(&mut namer, data + 1).as_deref(),
+            Some("RegExp /(a+)+$/g")
+        );
+        let id = namer.regexp_frame(js + 1).unwrap();
+        let frame = namer.frame(id).unwrap();
+        assert!(frame.is_js_regexp());
+    }
+
+    #[test]
+    fn a_source_that_claims_gigabytes_is_read_as_far_as_is_shown() {
+        let mut b = Builder::new();
+        // A raw escape sequence, as a hostile heap may hold.
+        let text = [b"\x1b[2J".as_slice(), &[b'a'; 200]].concat();
+        let source = string(&mut b, &text, i32::MAX);
+        let js = regexp(&mut b, JS_REGEXP, 32, source + 1, 0);
+        let mut namer = namer(b);
+        let name = name_of(&mut namer, js + 1).expect("named");
+        assert!(name.starts_with("RegExp /\\x1b[2Jaaa"), "{name}");
+        // 60 characters shown, the escape made 4 of them.
+        assert_eq!(
+            name.chars().count(),
+            "RegExp /".len() + 3 + MAX_SOURCE + "…/".chars().count()
+        );
+        assert!(name.ends_with("…/"), "{name}");
+        let used = namer.memory_used();
+        assert!(
+            used.sample_reads < 16 && used.sample_bytes < 256,
+            "{used:?}"
+        );
+    }
+
+    #[test]
+    fn what_does_not_check_out_stays_unnamed() {
+        let mut b = Builder::new();
+        let source = string(&mut b, b"x", 1);
+        let not_a_regexp = regexp(&mut b, ONE_BYTE, 32, source + 1, 0);
+        let source_not_a_string = regexp(&mut b, JS_REGEXP, 32, not_a_regexp + 1, 0);
+        let source_a_smi = regexp(&mut b, JS_REGEXP, 32, 7 << 32, 0);
+        let flags_not_a_smi = regexp(&mut b, JS_REGEXP, 32, source + 1, source + 1);
+        let unknown_flags = regexp(&mut b, JS_REGEXP, 32, source + 1, 1 << 41);
+        let mut namer = namer(b);
+        for (what, tagged) in [
+            ("a string", source + 1),
+            ("not a regexp", not_a_regexp + 1),
+            ("a source that is not a string", source_not_a_string + 1),
+            ("a Smi source", source_a_smi + 1),
+            ("flags that are not a Smi", flags_not_a_smi + 1),
+            ("unknown flags", unknown_flags + 1),
+            ("a Smi", 5 << 32),
+            ("unreadable", (1 << 50) + 1),
+        ] {
+            assert_eq!(name_of(&mut namer, tagged), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_a_frame_with_the_irregexp_marker_is_read() {
+        let mut b = Builder::new();
+        let source = string(&mut b, b"x", 1);
+        let js = regexp(&mut b, JS_REGEXP, 32, source + 1, 0);
+        let mut namer = namer(b);
+        let fp = 0x7ff0_0000_0000u64;
+        let frame = |marker: u64| {
+            move |addr: Option<u64>| match addr? {
+                a if a == fp - 8 => Some(marker),
+                a if a == fp + 32 => Some(js + 1),
+                _ => None,
+            }
+        };
+        assert!(namer.irregexp_frame(fp, &frame(MARKER)).is_some());
+        // Another frame type (a JS frame's context, a stub's marker): not read.
+        assert_eq!(namer.irregexp_frame(fp, &frame(MARKER + 2)), None);
+        assert_eq!(namer.irregexp_frame(fp, &frame(js + 1)), None);
+        // V8 10 has no marker: the slot holds the input string.
+        namer.regexp.as_mut().unwrap().frame_marker = None;
+        assert_eq!(namer.irregexp_frame(fp, &frame(MARKER)), None);
+        assert!(namer.irregexp_frame(fp, &frame(source + 1)).is_some());
+    }
 
     #[test]
     fn a_regexp_is_named_as_javascript_writes_it() {
