@@ -95,47 +95,11 @@ fn names_the_regex_with(major: u32, redos: &Redos, node_flags: &[&str]) {
         line_of(&script, redos.defined_at),
         line_of(&script, redos.runs_at),
     );
-    let mut fixture =
-        Fixture::start_script(node_of(major).to_str().unwrap(), "redos.js", node_flags);
-    let ready: Value = serde_json::from_str(
-        fixture
-            .out
-            .seen
-            .iter()
-            .find(|l| l.contains("\"ready\""))
-            .unwrap(),
-    )
-    .unwrap();
-    let truth = &ready["regexps"][redos.package];
+    let (truth, frames) = run_redos(major, redos.package, redos.size, node_flags);
     let regexp = expected_name(
         truth["source"].as_str().unwrap(),
         truth["flags"].as_str().unwrap(),
     );
-    let pid = fixture.pid();
-    let mut loopbpf = Loopbpf::attach(&["--pid", &pid.to_string(), "--json"]);
-    fixture.send(&format!("{} {}", redos.package, redos.size));
-    let done = fixture.done(redos.package, TIMEOUT);
-    let ms = done["ms"].as_f64().unwrap();
-    assert!(
-        ms >= 150.0,
-        "Node {major}: the {} ReDoS blocked only {ms:.0} ms: the input is too small",
-        redos.package
-    );
-    let block = loopbpf.wait_for_block(pid, TIMEOUT);
-    loopbpf.stop(TIMEOUT);
-    let heaviest = block["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["on_cpu"] == true)
-        .max_by(|a, b| {
-            a["weight_ms"]
-                .as_f64()
-                .unwrap()
-                .total_cmp(&b["weight_ms"].as_f64().unwrap())
-        })
-        .expect("a block with no on-CPU stack");
-    let frames = js_frames(heaviest);
     let shown: Vec<String> = frames
         .iter()
         .map(|f| format!("{} {}:{}", f["name"], f["file"], f["line"]))
@@ -151,7 +115,7 @@ fn names_the_regex_with(major: u32, redos: &Redos, node_flags: &[&str]) {
         "Node {major}: {}: the leaf names the regex; frames {shown:?}",
         redos.package
     );
-    let caller = frames[1];
+    let caller = &frames[1];
     let name = caller["name"].as_str().unwrap();
     // The class of a method call may go unsaid (see js_names.rs), never be another.
     let method = redos.function.rsplit('.').next().unwrap();
@@ -173,6 +137,64 @@ fn names_the_regex_with(major: u32, redos: &Redos, node_flags: &[&str]) {
         line == Some(runs) || line == Some(defined),
         "Node {major}: {}: {name} at line {line:?}, not {runs} (or {defined}, where it starts)",
         redos.package
+    );
+}
+
+/// Runs the fixture's `which` catastrophic regex on input `size` under loopbpf: the regex's source and
+/// flags as JavaScript gives them, and the named JS frames of the block's heaviest on-CPU
+/// stack, leaf first.
+fn run_redos(major: u32, which: &str, size: u32, node_flags: &[&str]) -> (Value, Vec<Value>) {
+    let node = node_of(major);
+    let mut fixture = Fixture::start_script(node.to_str().unwrap(), "redos.js", node_flags);
+    let ready: Value = serde_json::from_str(
+        fixture
+            .out
+            .seen
+            .iter()
+            .find(|l| l.contains("\"ready\""))
+            .unwrap(),
+    )
+    .unwrap();
+    let truth = ready["regexps"][which].clone();
+    let pid = fixture.pid();
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid.to_string(), "--json"]);
+    fixture.send(&format!("{which} {size}"));
+    let done = fixture.done(which, TIMEOUT);
+    let ms = done["ms"].as_f64().unwrap();
+    assert!(
+        ms >= 150.0,
+        "Node {major}: the {which} ReDoS blocked only {ms:.0} ms: the input is too small"
+    );
+    let block = loopbpf.wait_for_block(pid, TIMEOUT);
+    loopbpf.stop(TIMEOUT);
+    let heaviest = block["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["on_cpu"] == true)
+        .max_by(|a, b| {
+            a["weight_ms"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["weight_ms"].as_f64().unwrap())
+        })
+        .expect("a block with no on-CPU stack");
+    let frames = js_frames(heaviest).into_iter().cloned().collect();
+    (truth, frames)
+}
+
+/// An app's own pattern with a raw control character (BEL) and flags: the control character
+/// is shown escaped, the flags in the order `RegExp.prototype.flags` gives them.
+#[test]
+fn node20_control_characters_and_flags_are_shown_escaped() {
+    require_root();
+    let (truth, frames) = run_redos(20, "control", 20, &[]);
+    assert_eq!(truth["source"], "^(\\w+\\s?)*\u{7}$");
+    assert_eq!(truth["flags"], "dgimsy");
+    assert_eq!(
+        frames.first().and_then(|f| f["name"].as_str()),
+        Some("RegExp /^(\\w+\\s?)*\\x07$/dgimsy"),
+        "frames {frames:?}"
     );
 }
 
