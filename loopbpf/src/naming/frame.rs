@@ -9,6 +9,8 @@ pub(crate) const UNKNOWN: &str = "[unknown]";
 pub(crate) const JIT_MODULE: &str = "[JIT]";
 pub(crate) const KERNEL_MODULE: &str = "[kernel]";
 pub(crate) const VDSO: &str = "[vdso]";
+/// How the name of a regular expression's frame starts (`RegExp /<source>/<flags>`).
+pub(crate) const REGEXP_PREFIX: &str = "RegExp /";
 
 /// Where a position of transpiled JS came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -85,6 +87,12 @@ impl Frame {
             original: None,
             kind,
         }
+    }
+
+    /// A regular expression's frame: a JS frame with no script named `RegExp /...` (no JS
+    /// function's name has a `/` in it unless computed).
+    pub(crate) fn is_js_regexp(&self) -> bool {
+        self.kind == FrameKind::Js && self.file.is_none() && self.name.starts_with(REGEXP_PREFIX)
     }
 
     pub(crate) fn is_unnamed_js(&self) -> bool {

@@ -164,6 +164,13 @@ impl Symbolizer {
                     frames.push(js_frame);
                     continue;
                 }
+                // A builtin called with a regexp that the interpreter runs: the regexp goes
+                // right above the builtin, with what runs it leafward.
+                Some(js_frame) if js_frame.is_js_regexp() => {
+                    frames.push(js_frame);
+                    frames.push(frame);
+                    continue;
+                }
                 // Deeper, a frame of other code (a builtin with a frame like a JS one): its
                 // own name.
                 _ => {}

@@ -39,7 +39,7 @@ const LIMITS: Limits = Limits {
 };
 
 /// A V8 layout as the metadata would give it (the numbers are made up, and consistent).
-fn layout() -> Layout {
+pub(super) fn layout() -> Layout {
     Layout {
         fp_function: -16,
         fp_context: -8,
@@ -284,14 +284,14 @@ fn random_heaps_are_named_within_budget() {
 }
 
 /// A heap built object by object.
-struct Builder {
+pub(super) struct Builder {
     heap: FakeHeap,
     layout: Layout,
     next: u64,
 }
 
 impl Builder {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             heap: FakeHeap::new(),
             layout: layout(),
@@ -308,7 +308,7 @@ impl Builder {
     }
 
     /// A new object of type `t` with `size` bytes: its untagged address.
-    fn object(&mut self, t: u16, size: u64) -> u64 {
+    pub(super) fn object(&mut self, t: u16, size: u64) -> u64 {
         let at = self.next;
         self.next += size.max(16).next_multiple_of(8);
         let map = self.map(t);
@@ -316,11 +316,11 @@ impl Builder {
         at
     }
 
-    fn set(&mut self, addr: u64, word: u64) {
+    pub(super) fn set(&mut self, addr: u64, word: u64) {
         self.heap.set(addr, word);
     }
 
-    fn set_length(&mut self, string: u64, length: i32) {
+    pub(super) fn set_length(&mut self, string: u64, length: i32) {
         // The length is the upper half of the word at 8 (offset 12).
         self.set(string + 8, u64::from(length.cast_unsigned()) << 32);
     }
@@ -335,7 +335,7 @@ impl Builder {
         shared
     }
 
-    fn namer(self) -> JsNamer {
+    pub(super) fn namer(self) -> JsNamer {
         JsNamer::with_memory(0, self.layout, Box::new(self.heap), LIMITS)
     }
 }

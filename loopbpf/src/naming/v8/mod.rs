@@ -24,6 +24,7 @@ mod fuzz;
 mod heap;
 mod layout;
 mod positions;
+mod regexp;
 mod source_maps;
 
 use std::{
@@ -51,6 +52,7 @@ use heap::{FunctionInfo, heap_object};
 pub use layout::metadata_of;
 use layout::{Layout, postmortem_metadata};
 use positions::LineEnds;
+use regexp::RegExpLayout;
 use source_maps::SourceMaps;
 
 /// The `v8dbg_*` values of a node binary, by name.
@@ -68,6 +70,8 @@ impl Weigh for Metadata {
 const MAX_CHAIN: usize = 256;
 /// Unwound return addresses where a broken frame-pointer chain is picked up again.
 const MAX_SEEDS: usize = 16;
+/// Frames from the top of a chain where compiled regexp code is looked for.
+const MAX_REGEXP_DEPTH: usize = 4;
 /// Entries kept in each cache before it is cleared (a long session stays bounded).
 const MAX_CACHE: usize = 65_536;
 /// Bytes kept by the caches of what functions and receivers are named (names and paths up to
@@ -105,6 +109,8 @@ struct FrameSlots {
 pub struct JsNamer {
     pid: u32,
     layout: Layout,
+    /// Where regexps keep their source; `None`: regexps stay unnamed.
+    regexp: Option<RegExpLayout>,
     /// The process's memory, read within [`NAMING_LIMITS`].
     memory: BudgetedMemory,
     /// Instance type by map address (maps live in old space and seldom move).
@@ -177,12 +183,9 @@ impl JsNamer {
         let memory = process
             .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
-        Ok(Some(Self::with_memory(
-            pid,
-            layout,
-            Box::new(memory),
-            NAMING_LIMITS,
-        )))
+        let mut namer = Self::with_memory(pid, layout, Box::new(memory), NAMING_LIMITS);
+        namer.regexp = RegExpLayout::from_metadata(&values);
+        Ok(Some(namer))
     }
 
     /// The namer of `pid`'s V8 laid out as `layout`, reading `memory` within `limits`.
@@ -190,6 +193,7 @@ impl JsNamer {
         Self {
             pid,
             layout,
+            regexp: None,
             memory: BudgetedMemory::new(memory, limits),
             types: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
             functions: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
@@ -353,6 +357,13 @@ impl JsNamer {
                 break;
             }
             let at = |offset: i64| fp.checked_add_signed(offset);
+            // Compiled regexp code runs at the leaf, or calls a helper: near it, before any JS.
+            if refs.is_empty()
+                && seen.len() <= MAX_REGEXP_DEPTH
+                && let Some(id) = self.irregexp_frame(fp, slot)
+            {
+                refs.push((fp, JsFrameRef { pc, id }));
+            }
             // A JS frame has a context (a heap object) where typed frames keep a Smi marker.
             let context = slot(at(fp_context));
             if let (Some(function), Some(context)) = (slot(at(fp_function)), context)
@@ -381,7 +392,15 @@ impl JsNamer {
                     receiver,
                     captured,
                 };
-                if let Some(id) = self.name_frame(&slots) {
+                if let Some(mut id) = self.name_frame(&slots) {
+                    // A builtin with only native code leafward (the regexp interpreter): the
+                    // regexp it was called with, when it was.
+                    if refs.is_empty()
+                        && let Some(regexp) =
+                            self.builtin_regexp(function, receiver, slot(at(fp_receiver + 8)))
+                    {
+                        id = regexp;
+                    }
                     refs.push((fp, JsFrameRef { pc, id }));
                 }
             }
