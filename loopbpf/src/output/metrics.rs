@@ -97,6 +97,8 @@ pub struct Health {
     pub naming_timeouts: u64,
     /// Stack samples dropped: naming fell behind.
     pub samples_dropped: u64,
+    /// Spans exported and dropped, with `--otlp`.
+    pub otlp: Option<super::otlp::Counts>,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -528,6 +530,21 @@ fn health_series(families: &mut Families, loops: usize, health: &Health) {
         counter(none(), health.attach_failures as f64),
     );
     naming_series(families, health);
+    if let Some(otlp) = health.otlp {
+        families.add(
+            "loopbpf_otlp_spans_exported_total",
+            "Blocks sent as OpenTelemetry spans (--otlp) and accepted by the receiver.",
+            MetricType::COUNTER,
+            counter(none(), otlp.exported as f64),
+        );
+        families.add(
+            "loopbpf_otlp_spans_dropped_total",
+            "Blocks not sent as OpenTelemetry spans: the export queue was full (the receiver \
+             down or slow) or the export failed after its retries.",
+            MetricType::COUNTER,
+            counter(none(), otlp.dropped as f64),
+        );
+    }
     families.add(
         "loopbpf_cpu_seconds_total",
         "CPU time loopbpf itself used (user and system).",
@@ -791,6 +808,7 @@ mod tests {
                 )],
                 naming_timeouts: 0,
                 samples_dropped: 0,
+                otlp: None,
             },
         );
         let text = text(&metrics);

@@ -23,6 +23,7 @@ use crate::{
         Named,
         clock::Clock,
         metrics::{Health, LoopView},
+        otlp::Otlp,
     },
     probe::Losses,
     target::{ProcessLabels, proc::rss_of},
@@ -223,6 +224,7 @@ impl Session<'_> {
             naming_limits,
             naming_timeouts: self.namers.timeouts,
             samples_dropped: self.namers.samples_dropped,
+            otlp: self.otlp.as_ref().map(Otlp::counts),
         };
         metrics.refresh(now_ns, &loops, &health);
     }
@@ -404,6 +406,9 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.take(named, waiting.now_ns);
         }
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.take(named);
+        }
         if !waiting.final_only && self.reporter.report(named, waiting.now_ns).is_err() {
             // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
             return Err(End::OutputClosed);
@@ -474,12 +479,34 @@ impl Session<'_> {
             }
         }
         self.losses_warned = losses;
+        self.warn_of_otlp_drops();
         let samples = self.namers.samples_dropped;
         if samples > self.samples_dropped_warned {
             loss!(
                 "{samples} stack samples dropped so far (naming fell behind); stacks may be missing"
             );
             self.samples_dropped_warned = samples;
+        }
+    }
+
+    /// Says so when spans were dropped or an export failed since the last time.
+    fn warn_of_otlp_drops(&mut self) {
+        let Some(otlp) = self.otlp.as_ref() else {
+            return;
+        };
+        if let Some(error) = otlp.take_error() {
+            warning!(
+                "OTLP export to {} failed: {}",
+                otlp.describe(),
+                crate::diag::printable(&error)
+            );
+        }
+        let dropped = otlp.counts().dropped;
+        if dropped > self.otlp_dropped_warned {
+            loss!(
+                "{dropped} OTLP spans dropped so far (the receiver is down or slow: its queue was full, or the export failed after retries); the blocks are still reported here"
+            );
+            self.otlp_dropped_warned = dropped;
         }
     }
 
@@ -525,6 +552,15 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.take(Named::bare(&summary), now_ns);
             recorder.finish(&self.flame)?;
+        }
+        if let Some(otlp) = self.otlp.as_mut() {
+            let counts = otlp.finish(crate::output::otlp::FINISH_WAIT);
+            status!(
+                "OTLP: {} spans exported to {}",
+                counts.exported,
+                otlp.describe()
+            );
+            self.warn_of_otlp_drops();
         }
         self.write_files(target_pid)
     }
