@@ -7,8 +7,8 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
-    net::TcpListener,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -49,6 +49,11 @@ struct Receiver {
 impl Receiver {
     /// Starts the receiver; `delay` answers each export that late; `http_port` (0: any).
     fn start(name: &str, delay: Duration, http_port: u16) -> Self {
+        Self::start_with(name, delay, http_port, 0)
+    }
+
+    /// Starts the receiver; it answers the first `unavailable` HTTP exports 503.
+    fn start_with(name: &str, delay: Duration, http_port: u16, unavailable: u32) -> Self {
         let spans =
             std::env::temp_dir().join(format!("loopbpf-otlp-{name}-{}.jsonl", std::process::id()));
         let _ = fs::remove_file(&spans);
@@ -58,6 +63,7 @@ impl Receiver {
             .arg(&spans)
             .args(["--delay", &delay.as_secs_f64().to_string()])
             .args(["--http-port", &http_port.to_string()])
+            .args(["--unavailable", &unavailable.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -95,6 +101,24 @@ impl Drop for Receiver {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_file(&self.spans);
+        let _ = fs::remove_file(self.refused_file());
+    }
+}
+
+impl Receiver {
+    fn refused_file(&self) -> PathBuf {
+        let mut name = self.spans.clone().into_os_string();
+        name.push(".refused");
+        PathBuf::from(name)
+    }
+
+    /// When it refused exports (503), in Unix seconds.
+    fn refused(&self) -> Vec<f64> {
+        fs::read_to_string(self.refused_file())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
     }
 }
 
@@ -135,7 +159,11 @@ fn one_block(args: &[&str], env: &[(&str, &str)]) -> (Value, Vec<Value>, u32) {
 fn check_span(span: &Value, answer: &Value, output: &[Value], pid: u32) {
     let blocks = events(output, "block");
     assert_eq!(blocks.len(), 1, "{blocks:?}");
-    let block = blocks[0];
+    check_span_of(span, answer, blocks[0], pid);
+}
+
+/// The span of `block` (loopbpf's own JSON record of it).
+fn check_span_of(span: &Value, answer: &Value, block: &Value, pid: u32) {
     assert_eq!(span["name"], "event-loop-blocked");
     assert_eq!(span["scope"], "loopbpf");
     let start = span["start_unix_nano"].as_u64().unwrap();
@@ -269,6 +297,57 @@ fn service_name_flag_names_the_service() {
     assert_eq!(spans[0]["resource"]["service.name"], "payments");
 }
 
+#[test]
+fn a_receiver_unavailable_for_a_moment_gets_the_span_on_retry() {
+    let receiver = Receiver::start_with("retry", Duration::ZERO, 0, 1);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http_port);
+    let (answer, output, pid) = one_block(&["--otlp", &endpoint], &[]);
+    let refused = receiver.refused();
+    assert_eq!(
+        refused.len(),
+        1,
+        "the first export was refused: {refused:?}"
+    );
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 1, "the retry delivered the span: {spans:?}");
+    check_span(&spans[0], &answer, &output, pid);
+}
+
+#[test]
+fn record_exports_its_blocks_too() {
+    require_root();
+    let receiver = Receiver::start("record", Duration::ZERO, 0);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http_port);
+    let out = std::env::temp_dir().join(format!("loopbpf-otlp-record-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&out);
+    let mut node = Fixture::start();
+    let pid = node.pid().to_string();
+    let loopbpf = Loopbpf::attach(&[
+        "record",
+        "--pid",
+        &pid,
+        "--out",
+        out.to_str().unwrap(),
+        "--otlp",
+        &endpoint,
+    ]);
+    node.send("block timer spin 300");
+    let answer = node.done("block", FIXTURE_TIMEOUT);
+    node.send("exit");
+    node.wait_exit(FIXTURE_TIMEOUT)
+        .expect("fixture did not exit");
+    let (output, _) = finish_with_stderr(loopbpf, Duration::from_secs(30));
+    assert!(output.is_empty(), "record writes its bundle, not stdout");
+    let report: Value =
+        serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    let blocks = report["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    check_span_of(&spans[0], &answer, &blocks[0], node.pid());
+    let _ = fs::remove_dir_all(&out);
+}
+
 /// loopbpf's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -302,6 +381,12 @@ fn a_receiver_down_then_slow_neither_stops_nor_grows_loopbpf() {
         .unwrap()
         .port();
     let endpoint = format!("http://127.0.0.1:{port}");
+    let metrics_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let mut node = Fixture::start();
     let pid = node.pid().to_string();
     let mut loopbpf = Loopbpf::attach_with_env(
@@ -313,6 +398,8 @@ fn a_receiver_down_then_slow_neither_stops_nor_grows_loopbpf() {
             "5ms",
             "--otlp",
             &endpoint,
+            "--metrics",
+            &metrics_port,
         ],
         &[
             ("OTEL_BSP_MAX_QUEUE_SIZE", "16"),
@@ -343,6 +430,17 @@ fn a_receiver_down_then_slow_neither_stops_nor_grows_loopbpf() {
         dropped_line.is_some(),
         "the drops are told on stderr: {:?}",
         loopbpf.err.seen
+    );
+    // The metric says so too (rendered once a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let exposition = scrape(&format!("127.0.0.1:{metrics_port}"));
+    let dropped_metric = exposition
+        .lines()
+        .find_map(|l| l.strip_prefix("loopbpf_otlp_spans_dropped_total "))
+        .unwrap_or_else(|| panic!("no drop counter in the metrics: {exposition}"));
+    assert!(
+        dropped_metric.parse::<f64>().unwrap() > 0.0,
+        "{dropped_metric}"
     );
     // Slow: it answers each export half a second late.
     let receiver = Receiver::start("slow", Duration::from_millis(500), port);
@@ -377,6 +475,17 @@ fn a_receiver_down_then_slow_neither_stops_nor_grows_loopbpf() {
         reported,
         "every block's span is exported or counted as dropped: {err:?}"
     );
+}
+
+/// The Prometheus exposition at `address`.
+fn scrape(address: &str) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: loopbpf\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
 }
 
 /// Waits for loopbpf to end cleanly; its JSON lines and its stderr.

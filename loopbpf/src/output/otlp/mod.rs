@@ -10,7 +10,6 @@
 //! queue, one export thread (a slow or absent receiver never holds up the session, and never
 //! grows its memory: spans that do not fit are dropped and counted), batches grouped by process
 //! with that process's resource set on the exporter before each export.
-
 //!
 //! [`config`] reads the settings, [`span`] makes a block's span; this module runs the export.
 
@@ -39,8 +38,7 @@ use opentelemetry_sdk::{
 };
 
 pub use config::{Config, Transport};
-use span::{MAX_NAME, bounded};
-use span::span;
+use span::{MAX_NAME, bounded, span};
 
 use super::{Named, clock::Clock};
 use crate::{aggregate::Record, target::ProcessLabels};
