@@ -348,6 +348,41 @@ fn record_exports_its_blocks_too() {
     let _ = fs::remove_dir_all(&out);
 }
 
+#[test]
+fn fleet_mode_gives_each_process_its_own_resource() {
+    require_root();
+    let receiver = Receiver::start("fleet", Duration::ZERO, 0);
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http_port);
+    let mut nodes = [Fixture::start(), Fixture::start()];
+    let mut loopbpf = Loopbpf::watch_all(&["--json", "--otlp", &endpoint]);
+    for node in &mut nodes {
+        node.send("block timer spin 200");
+        node.done("block", FIXTURE_TIMEOUT);
+        loopbpf.wait_for_block(node.pid(), Duration::from_secs(20));
+    }
+    loopbpf.signal(libc::SIGINT);
+    let _ = finish_with_stderr(loopbpf, Duration::from_secs(30));
+    // Other node processes of the host may have blocked too: only the fixtures' spans count.
+    let spans = receiver.spans();
+    for node in &nodes {
+        let pid = node.pid();
+        let theirs: Vec<&Value> = spans
+            .iter()
+            .filter(|s| s["resource"]["process.pid"] == pid)
+            .collect();
+        assert_eq!(theirs.len(), 1, "one span for pid {pid}: {spans:?}");
+        let span = theirs[0];
+        assert_eq!(span["attributes"]["thread.id"], pid, "{span}");
+        assert_eq!(span["resource"]["service.name"], "node", "{span}");
+        assert!(
+            span["attributes"]["code.function.name"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("spin")),
+            "{span}"
+        );
+    }
+}
+
 /// loopbpf's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

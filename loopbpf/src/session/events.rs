@@ -479,34 +479,15 @@ impl Session<'_> {
             }
         }
         self.losses_warned = losses;
-        self.warn_of_otlp_drops();
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.warn_of_drops(false);
+        }
         let samples = self.namers.samples_dropped;
         if samples > self.samples_dropped_warned {
             loss!(
                 "{samples} stack samples dropped so far (naming fell behind); stacks may be missing"
             );
             self.samples_dropped_warned = samples;
-        }
-    }
-
-    /// Says so when spans were dropped or an export failed since the last time.
-    fn warn_of_otlp_drops(&mut self) {
-        let Some(otlp) = self.otlp.as_ref() else {
-            return;
-        };
-        if let Some(error) = otlp.take_error() {
-            warning!(
-                "OTLP export to {} failed: {}",
-                otlp.describe(),
-                crate::diag::printable(&error)
-            );
-        }
-        let dropped = otlp.counts().dropped;
-        if dropped > self.otlp_dropped_warned {
-            loss!(
-                "{dropped} OTLP spans dropped so far (the receiver is down or slow: its queue was full, or the export failed after retries); the blocks are still reported here"
-            );
-            self.otlp_dropped_warned = dropped;
         }
     }
 
@@ -554,13 +535,7 @@ impl Session<'_> {
             recorder.finish(&self.flame)?;
         }
         if let Some(otlp) = self.otlp.as_mut() {
-            let counts = otlp.finish(crate::output::otlp::FINISH_WAIT);
-            status!(
-                "OTLP: {} spans exported to {}",
-                counts.exported,
-                otlp.describe()
-            );
-            self.warn_of_otlp_drops();
+            otlp.finish(crate::output::otlp::FINISH_WAIT);
         }
         self.write_files(target_pid)
     }

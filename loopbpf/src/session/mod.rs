@@ -186,8 +186,6 @@ struct Session<'a> {
     metrics: Option<Metrics>,
     /// `--otlp`: blocks as OpenTelemetry spans.
     otlp: Option<Otlp>,
-    /// Spans dropped already warned about.
-    otlp_dropped_warned: u64,
     /// The naming lanes, which unwind and name stacks off this thread.
     namers: Namers,
     /// What they send back; taken by the select loop.
@@ -242,7 +240,6 @@ impl<'a> Session<'a> {
                 .metrics
                 .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
             otlp,
-            otlp_dropped_warned: 0,
             namers,
             replies: Some(replies),
             waiting: VecDeque::new(),

@@ -45,6 +45,8 @@ use crate::{aggregate::Record, target::ProcessLabels};
 
 /// How long the end of a session waits for the spans still queued to be exported.
 pub const FINISH_WAIT: Duration = Duration::from_secs(5);
+/// How often dropped spans are told at most.
+const TELL_EVERY: Duration = Duration::from_secs(10);
 /// How much of a process's executable is searched for Node's version.
 const MAX_EXE_SCAN: u64 = 512 << 20;
 
@@ -100,6 +102,9 @@ pub struct Otlp {
     done: Option<mpsc::Receiver<()>>,
     /// The counts as the session ended (the export thread may still be at its last export).
     last: Option<Counts>,
+    /// Drops already told, and when.
+    dropped_told: u64,
+    told_at: Option<Instant>,
 }
 
 impl Otlp {
@@ -157,6 +162,8 @@ impl Otlp {
             ids: RandomIdGenerator::default(),
             done: Some(done_rx),
             last: None,
+            dropped_told: 0,
+            told_at: None,
         })
     }
 
@@ -237,9 +244,26 @@ impl Otlp {
         }
     }
 
-    /// The last export error not told yet.
-    pub fn take_error(&self) -> Option<String> {
-        lock(&self.shared.error).take()
+    /// Says on stderr that spans were dropped since the last time, and the last export error:
+    /// at most every [`TELL_EVERY`] (a receiver down for long is one line a while, not a
+    /// flood), or now when `now` is set.
+    pub fn warn_of_drops(&mut self, now: bool) {
+        let dropped = self.counts().dropped;
+        if dropped <= self.dropped_told
+            || (!now && self.told_at.is_some_and(|at| at.elapsed() < TELL_EVERY))
+        {
+            return;
+        }
+        let error = lock(&self.shared.error)
+            .take()
+            .map(|e| format!("; last error: {}", crate::diag::printable(&e)))
+            .unwrap_or_default();
+        loss!(
+            "{dropped} OTLP spans dropped so far: the receiver at {} is down or slow (its queue was full, or an export failed after its retries){error}; the blocks are still reported here",
+            self.describe()
+        );
+        self.dropped_told = dropped;
+        self.told_at = Some(Instant::now());
     }
 
     /// Exports what is still queued, waiting at most `wait`; what is left then (queued or
@@ -265,6 +289,12 @@ impl Otlp {
             queue.spans.clear();
         }
         self.last = Some(counts);
+        status!(
+            "OTLP: {} spans exported to {}",
+            counts.exported,
+            self.describe()
+        );
+        self.warn_of_drops(true);
         counts
     }
 }
