@@ -310,6 +310,11 @@ fn a_receiver_unavailable_for_a_moment_gets_the_span_on_retry() {
     );
     let spans = receiver.spans();
     assert_eq!(spans.len(), 1, "the retry delivered the span: {spans:?}");
+    let waited = spans[0]["received_unix"].as_f64().unwrap() - refused[0];
+    assert!(
+        waited >= 0.9,
+        "the retry came {waited:.2} s after the 503, not after its Retry-After: 1"
+    );
     check_span(&spans[0], &answer, &output, pid);
 }
 

@@ -808,7 +808,10 @@ mod tests {
                 )],
                 naming_timeouts: 0,
                 samples_dropped: 0,
-                otlp: None,
+                otlp: Some(crate::output::otlp::Counts {
+                    exported: 9,
+                    dropped: 3,
+                }),
             },
         );
         let text = text(&metrics);
@@ -844,6 +847,8 @@ mod tests {
             r#"loopbpf_process_stacks_rate_limited_total{pid="7"} 40"#.to_owned(),
             "loopbpf_naming_budget_exceeded_total{pid=\"7\"} 2".to_owned(),
             "loopbpf_naming_frames_refused_total{pid=\"7\"} 0".to_owned(),
+            "loopbpf_otlp_spans_exported_total 9".to_owned(),
+            "loopbpf_otlp_spans_dropped_total 3".to_owned(),
             "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");

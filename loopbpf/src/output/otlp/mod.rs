@@ -45,6 +45,8 @@ use crate::{aggregate::Record, target::ProcessLabels};
 
 /// How long the end of a session waits for the spans still queued to be exported.
 pub const FINISH_WAIT: Duration = Duration::from_secs(5);
+/// Executables whose Node version is remembered at most.
+const MAX_EXECUTABLES: usize = 256;
 /// How often dropped spans are told at most.
 const TELL_EVERY: Duration = Duration::from_secs(10);
 /// How much of a process's executable is searched for Node's version.
@@ -442,6 +444,10 @@ fn node_version_cached(
 ) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata().ok()?;
+    // Each distinct executable is one entry: a host that churns through many stays bounded.
+    if versions.len() >= MAX_EXECUTABLES {
+        versions.clear();
+    }
     versions
         .entry((meta.dev(), meta.ino()))
         .or_insert_with(|| node_version(file))
