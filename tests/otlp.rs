@@ -245,15 +245,22 @@ fn a_block_is_one_span_over_http_protobuf() {
     let endpoint = format!("http://127.0.0.1:{}", receiver.http_port);
     let (answer, output, pid) = one_block(
         &["--otlp", &endpoint],
-        &[(
-            "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment=ci,team=loop",
-        )],
+        &[
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=ci,team=loop",
+            ),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret"),
+        ],
     );
     let spans = receiver.spans();
     assert_eq!(spans.len(), 1, "one span per block: {spans:?}");
     let span = &spans[0];
     assert_eq!(span["protocol"], "http/protobuf");
+    assert_eq!(
+        span["api_key"], "s3cret",
+        "OTEL_EXPORTER_OTLP_HEADERS are sent"
+    );
     check_span(span, &answer, &output, pid);
     let resource = &span["resource"];
     assert_eq!(
@@ -274,12 +281,17 @@ fn a_block_is_one_span_over_grpc_from_the_environment() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_SERVICE_NAME", "checkout"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret,x-other=1"),
         ],
     );
     let spans = receiver.spans();
     assert_eq!(spans.len(), 1, "one span per block: {spans:?}");
     let span = &spans[0];
     assert_eq!(span["protocol"], "grpc");
+    assert_eq!(
+        span["api_key"], "s3cret",
+        "OTEL_EXPORTER_OTLP_HEADERS are sent"
+    );
     check_span(span, &answer, &output, pid);
     assert_eq!(span["resource"]["service.name"], "checkout");
 }
