@@ -81,11 +81,19 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
     }
     discover::preflight()?;
     let listener = args.metrics.map(metrics::bind).transpose()?;
-    let otlp = otlp::Config::resolve(
+    let otlp = match otlp::Config::resolve(
         args.session.otlp.as_deref(),
         args.session.service_name.as_deref(),
         |name| std::env::var(name).ok(),
-    )?;
+    ) {
+        Ok(config) => config,
+        Err(e) if args.session.otlp.is_some() => return Err(e),
+        // Variables set for the apps of this shell do not keep loopbpf from running.
+        Err(e) => {
+            warning!("{e:#}; blocks are not exported as OTLP spans");
+            None
+        }
+    };
 
     // Fork before anything starts a thread.
     let (target, child) = if args.session.all {
