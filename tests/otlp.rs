@@ -281,6 +281,7 @@ fn a_block_is_one_span_over_grpc_from_the_environment() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
             ("OTEL_SERVICE_NAME", "checkout"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "service.name=shadowed"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret,x-other=1"),
         ],
     );
@@ -313,7 +314,10 @@ fn service_name_flag_names_the_service() {
 fn a_receiver_unavailable_for_a_moment_gets_the_span_on_retry() {
     let receiver = Receiver::start_with("retry", Duration::ZERO, 0, 1);
     let endpoint = format!("http://127.0.0.1:{}", receiver.http_port);
-    let (answer, output, pid) = one_block(&["--otlp", &endpoint], &[]);
+    let (answer, output, pid) = one_block(
+        &["--otlp", &endpoint],
+        &[("OTEL_RESOURCE_ATTRIBUTES", "service.name=billing")],
+    );
     let refused = receiver.refused();
     assert_eq!(
         refused.len(),
@@ -328,6 +332,10 @@ fn a_receiver_unavailable_for_a_moment_gets_the_span_on_retry() {
         "the retry came {waited:.2} s after the 503, not after its Retry-After: 1"
     );
     check_span(&spans[0], &answer, &output, pid);
+    assert_eq!(
+        spans[0]["resource"]["service.name"], "billing",
+        "OTEL_RESOURCE_ATTRIBUTES's service.name beats the process's name"
+    );
 }
 
 #[test]

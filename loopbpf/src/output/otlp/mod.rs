@@ -20,6 +20,7 @@ use std::{
     collections::{HashMap, VecDeque},
     fs::File,
     io::Read,
+    path::Path,
     sync::{Arc, Condvar, Mutex, OnceLock, mpsc},
     thread,
     time::{Duration, Instant},
@@ -27,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use opentelemetry::{
-    KeyValue,
+    Key, KeyValue,
     trace::{SpanContext, TraceFlags, TraceId, TraceState},
 };
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -41,7 +42,10 @@ pub use config::{Config, Transport};
 use span::{MAX_NAME, bounded, span};
 
 use super::{Named, clock::Clock};
-use crate::{aggregate::Record, target::ProcessLabels};
+use crate::{
+    aggregate::Record,
+    target::{ProcessLabels, files::open_magic_link, proc::Process},
+};
 
 /// How long the end of a session waits for the spans still queued to be exported.
 pub const FINISH_WAIT: Duration = Duration::from_secs(5);
@@ -57,6 +61,8 @@ const MAX_EXE_SCAN: u64 = 512 << 20;
 struct ProcessEntry {
     pid: u32,
     labels: ProcessLabels,
+    /// Its pod's namespace, where the pod's service account says it.
+    namespace: Option<String>,
     /// Its executable, opened when it was found (read on the export thread for Node's version).
     exe: Mutex<Option<File>>,
     resource: OnceLock<Resource>,
@@ -180,12 +186,23 @@ impl Otlp {
 
     /// A process found: its spans carry its resource.
     pub fn name_process(&mut self, pid: u32, labels: &ProcessLabels) {
-        let exe = File::open(format!("/proc/{pid}/exe")).ok();
+        let exe = open_magic_link(
+            Path::new(&format!("/proc/{pid}/exe")),
+            MAX_EXE_SCAN,
+            &format!("the executable of pid {pid}"),
+        )
+        .ok();
+        let namespace = if labels.pod.is_empty() {
+            None
+        } else {
+            k8s_namespace(pid)
+        };
         self.processes.insert(
             pid,
             Arc::new(ProcessEntry {
                 pid,
                 labels: labels.clone(),
+                namespace,
                 exe: Mutex::new(exe),
                 resource: OnceLock::new(),
             }),
@@ -399,13 +416,19 @@ fn resource(
     versions: &mut HashMap<(u64, u64), Option<String>>,
 ) -> Resource {
     let labels = &entry.labels;
+    let from_env = Resource::builder_empty()
+        .with_detector(Box::new(EnvResourceDetector::new()))
+        .build();
+    // OTEL_SERVICE_NAME (or --service-name), else OTEL_RESOURCE_ATTRIBUTES's, else the process's.
+    let service = config.service_name.clone().or_else(|| {
+        from_env
+            .get(&Key::from_static_str("service.name"))
+            .map(|name| name.to_string())
+    });
     let mut attributes = vec![
         KeyValue::new(
             "service.name",
-            config
-                .service_name
-                .clone()
-                .unwrap_or_else(|| bounded(&labels.comm, MAX_NAME).into_owned()),
+            service.unwrap_or_else(|| bounded(&labels.comm, MAX_NAME).into_owned()),
         ),
         KeyValue::new("process.pid", i64::from(entry.pid)),
         KeyValue::new(
@@ -431,10 +454,37 @@ fn resource(
             bounded(&labels.pod, MAX_NAME).into_owned(),
         ));
     }
+    if let Some(namespace) = &entry.namespace {
+        attributes.push(KeyValue::new("k8s.namespace.name", namespace.clone()));
+    }
     Resource::builder_empty()
-        .with_detector(Box::new(EnvResourceDetector::new()))
+        .with_attributes(
+            from_env
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
         .with_attributes(attributes)
         .build()
+}
+
+/// The namespace of a process's pod, as the service account mounted into its containers
+/// says it (read inside its own root; a DNS label, else nothing).
+fn k8s_namespace(pid: u32) -> Option<String> {
+    let mut file = Process::new(pid)
+        .open_file(
+            Path::new("/var/run/secrets/kubernetes.io/serviceaccount/namespace"),
+            256,
+        )
+        .ok()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    let name = text.trim();
+    let label = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    label.then(|| name.to_owned())
 }
 
 /// Node's version in its executable, once per file (by device and inode).
