@@ -1,9 +1,9 @@
 #!/bin/sh
 # Installs what building and testing loopbpf needs on Debian/Ubuntu (run as root):
 # clang-19 and libbpf headers for the eBPF programs, bpftool and binutils for the tests,
-# Node.js and npm when there are none, the Node majors the tests run on, and Prometheus
-# and kubernetes-validate for the deploy/ tests. Rust (1.95 or newer, from rustup) must
-# already be there.
+# Node.js and npm when there are none, the Node majors the tests run on, Prometheus and
+# kubernetes-validate for the deploy/ tests, and an OTLP receiver for tests/otlp.rs. Rust
+# (1.95 or newer, from rustup) must already be there.
 set -eu
 
 missing=""
@@ -78,8 +78,19 @@ if ! "$py_cache/bin/kubernetes-validate" --version 2>/dev/null | grep -q '1\.37\
     "$py_cache/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0
 fi
 
+# tests/otlp.rs receives loopbpf's spans with a real OTLP receiver: the official protobuf
+# definitions (opentelemetry-proto) served over gRPC (grpcio) and HTTP, in a venv of its own.
+otlp_py="${LOOPBPF_OTLP_PY_CACHE:-/var/cache/loopbpf-otlp-py}"
+if ! "$otlp_py/bin/python" -c 'import importlib.metadata as m, grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc
+assert m.version("opentelemetry-proto") == "1.45.2" and m.version("grpcio") == "1.85.3"' 2>/dev/null; then
+    echo "install-deps: installing the OTLP test receiver's packages into $otlp_py"
+    python3 -m venv --clear "$otlp_py"
+    "$otlp_py/bin/pip" install -q --disable-pip-version-check \
+        opentelemetry-proto==1.45.2 protobuf==7.36.2 grpcio==1.85.3
+fi
+
 # The eBPF attach points live in tracefs.
 if ! grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts; then
     mount -t tracefs nodev /sys/kernel/tracing
 fi
-echo "install-deps: ready (clang-19, libbpf-dev, bpftool, promtool, kubernetes-validate, node $(node --version))"
+echo "install-deps: ready (clang-19, libbpf-dev, bpftool, promtool, kubernetes-validate, the OTLP receiver, node $(node --version))"

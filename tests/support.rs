@@ -96,7 +96,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn spawn(reader: impl std::io::Read + Send + 'static) -> Self {
+    pub fn spawn(reader: impl std::io::Read + Send + 'static) -> Self {
         let (tx, rx) = channel();
         thread::spawn(move || {
             for line in BufReader::new(reader).lines() {
@@ -241,7 +241,13 @@ pub struct Loopbpf {
 impl Loopbpf {
     /// Starts loopbpf with `args` and waits until its probes are attached.
     pub fn attach(args: &[&str]) -> Self {
-        let mut this = Self::spawn(args);
+        Self::attach_with_env(args, &[])
+    }
+
+    /// Starts loopbpf with `args` and these environment variables, and waits until its probes
+    /// are attached.
+    pub fn attach_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut this = Self::spawn_with_env(args, env);
         let attached = this
             .err
             .wait_for(Duration::from_secs(30), |l| l.contains("watching pid"));
@@ -268,8 +274,14 @@ impl Loopbpf {
     }
 
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// Starts loopbpf with `args` and these environment variables set.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(loopbpf_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -17,6 +17,7 @@ EXAMPLES:
     sudo loopbpf --pid 1234 --duration 30s --json > blocks.jsonl
     sudo loopbpf --pid 1234 --duration 1m --flamegraph blocked.svg   what ran while the loop was blocked
     sudo loopbpf -- node app.js              run app.js and profile it from its first loop iteration
+    sudo loopbpf --pid 1234 --otlp http://localhost:4318   each block as an OpenTelemetry span
     sudo loopbpf --all --metrics 9464        every Node process on the host; Prometheus metrics on
                                              http://127.0.0.1:9464/metrics (0.0.0.0:9464 for all)
     sudo loopbpf record --pid 1234 --duration 60s --out incident/   an evidence bundle (see
@@ -153,6 +154,16 @@ pub struct SessionArgs {
     /// No notes, warnings or status lines on stderr (errors and lost events are still told).
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Send each block as an OpenTelemetry span to this OTLP receiver (`http://HOST:PORT`;
+    /// default protocol http/protobuf, `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` for gRPC). Without it,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` turns the export on.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub otlp: Option<String>,
+
+    /// The spans' `service.name` (default: `OTEL_SERVICE_NAME`, else each process's name).
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
 }
 
 /// Parses `1.5s`, `250ms`, `100us`, `2m`, `1h`, or a bare number of milliseconds.

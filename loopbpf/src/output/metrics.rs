@@ -97,6 +97,8 @@ pub struct Health {
     pub naming_timeouts: u64,
     /// Stack samples dropped: naming fell behind.
     pub samples_dropped: u64,
+    /// Spans exported and dropped, with `--otlp`.
+    pub otlp: Option<super::otlp::Counts>,
 }
 
 /// What the metrics keep beyond the kernel-side state: blocks by duration, the ELU window.
@@ -528,6 +530,21 @@ fn health_series(families: &mut Families, loops: usize, health: &Health) {
         counter(none(), health.attach_failures as f64),
     );
     naming_series(families, health);
+    if let Some(otlp) = health.otlp {
+        families.add(
+            "loopbpf_otlp_spans_exported_total",
+            "Blocks sent as OpenTelemetry spans (--otlp) and accepted by the receiver.",
+            MetricType::COUNTER,
+            counter(none(), otlp.exported as f64),
+        );
+        families.add(
+            "loopbpf_otlp_spans_dropped_total",
+            "Blocks not sent as OpenTelemetry spans: the export queue was full (the receiver \
+             down or slow) or the export failed after its retries.",
+            MetricType::COUNTER,
+            counter(none(), otlp.dropped as f64),
+        );
+    }
     families.add(
         "loopbpf_cpu_seconds_total",
         "CPU time loopbpf itself used (user and system).",
@@ -791,6 +808,10 @@ mod tests {
                 )],
                 naming_timeouts: 0,
                 samples_dropped: 0,
+                otlp: Some(crate::output::otlp::Counts {
+                    exported: 9,
+                    dropped: 3,
+                }),
             },
         );
         let text = text(&metrics);
@@ -826,6 +847,8 @@ mod tests {
             r#"loopbpf_process_stacks_rate_limited_total{pid="7"} 40"#.to_owned(),
             "loopbpf_naming_budget_exceeded_total{pid=\"7\"} 2".to_owned(),
             "loopbpf_naming_frames_refused_total{pid=\"7\"} 0".to_owned(),
+            "loopbpf_otlp_spans_exported_total 9".to_owned(),
+            "loopbpf_otlp_spans_dropped_total 3".to_owned(),
             "# TYPE loopbpf_event_loop_blocked_duration_seconds histogram".to_owned(),
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");

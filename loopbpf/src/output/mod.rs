@@ -1,6 +1,6 @@
 //! Outputs, the only code that prints or writes results: text and JSON lines ([`report`], the
 //! entry point, with [`text`], [`tree`], the JSON schema in [`json`] and [`safe_json`], which
-//! writes every JSON output), flame graphs ([`flame`]), Prometheus metrics ([`metrics`]) and
+//! writes every JSON output), flame graphs ([`flame`]), Prometheus metrics ([`metrics`]), OpenTelemetry spans ([`otlp`]) and
 //! evidence bundles ([`record`]), with the clock and duration formats they share ([`clock`]).
 
 pub mod clock;
@@ -10,6 +10,7 @@ pub(crate) mod fold;
 pub(crate) mod golden;
 pub mod json;
 pub mod metrics;
+pub mod otlp;
 pub mod record;
 pub mod report;
 mod safe_json;

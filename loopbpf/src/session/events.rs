@@ -23,6 +23,7 @@ use crate::{
         Named,
         clock::Clock,
         metrics::{Health, LoopView},
+        otlp::Otlp,
     },
     probe::Losses,
     target::{ProcessLabels, proc::rss_of},
@@ -241,6 +242,7 @@ impl Session<'_> {
             naming_limits,
             naming_timeouts: self.namers.timeouts,
             samples_dropped: self.namers.samples_dropped,
+            otlp: self.otlp.as_ref().map(Otlp::counts),
         };
         metrics.refresh(now_ns, &loops, &health);
     }
@@ -422,6 +424,9 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.take(named, waiting.now_ns);
         }
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.take(named);
+        }
         if !waiting.final_only && self.reporter.report(named, waiting.now_ns).is_err() {
             // Nobody reads our output any more (`loopbpf ... | head`): a normal end.
             return Err(End::OutputClosed);
@@ -492,6 +497,9 @@ impl Session<'_> {
             }
         }
         self.losses_warned = losses;
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.warn_of_drops(false);
+        }
         let samples = self.namers.samples_dropped;
         if samples > self.samples_dropped_warned {
             loss!(
@@ -543,6 +551,9 @@ impl Session<'_> {
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.take(Named::bare(&summary), now_ns);
             recorder.finish(&self.flame)?;
+        }
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.finish(crate::output::otlp::FINISH_WAIT);
         }
         self.write_files(target_pid)
     }

@@ -39,6 +39,7 @@ use crate::{
         clock::{Clock, human},
         flame::Flame,
         metrics::{self, Metrics},
+        otlp::{self, Otlp},
         record::Recorder,
         report::Reporter,
     },
@@ -80,6 +81,19 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
     }
     discover::preflight()?;
     let listener = args.metrics.map(metrics::bind).transpose()?;
+    let otlp = match otlp::Config::resolve(
+        args.session.otlp.as_deref(),
+        args.session.service_name.as_deref(),
+        |name| std::env::var(name).ok(),
+    ) {
+        Ok(config) => config,
+        Err(e) if args.session.otlp.is_some() => return Err(e),
+        // Variables set for the apps of this shell do not keep loopbpf from running.
+        Err(e) => {
+            warning!("{e:#}; blocks are not exported as OTLP spans");
+            None
+        }
+    };
 
     // Fork before anything starts a thread.
     let (target, child) = if args.session.all {
@@ -116,7 +130,7 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
 
     // Once the target is known: a bad pid leaves no empty bundle directory behind.
     let recorder = record.map(Recorder::new).transpose()?;
-    let session = Session::start(args, target.as_ref(), recorder);
+    let session = Session::start(args, target.as_ref(), recorder, otlp);
     let mut session = match (session, &child) {
         (Ok(session), _) => session,
         (Err(e), Some(child)) => {
@@ -142,6 +156,9 @@ fn run_with(args: &Args, record: Option<&RecordArgs>) -> Result<ExitCode> {
     }
     if let Some(addr) = args.metrics {
         status!("metrics on http://{addr}/metrics");
+    }
+    if let Some(otlp) = &session.otlp {
+        status!("blocks exported as OTLP spans to {}", otlp.describe());
     }
     if let Some(child) = &child {
         child.resume();
@@ -175,6 +192,8 @@ struct Session<'a> {
     /// `loopbpf record`: where the records go instead of the terminal.
     recorder: Option<Recorder>,
     metrics: Option<Metrics>,
+    /// `--otlp`: blocks as OpenTelemetry spans.
+    otlp: Option<Otlp>,
     /// The naming lanes, which unwind and name stacks off this thread.
     namers: Namers,
     /// What they send back; taken by the select loop.
@@ -195,7 +214,12 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// Loads and attaches the kernel side, for `target` or (`None`) for the whole host.
-    fn start(args: &'a Args, target: Option<&Target>, recorder: Option<Recorder>) -> Result<Self> {
+    fn start(
+        args: &'a Args,
+        target: Option<&Target>,
+        recorder: Option<Recorder>,
+        otlp: Option<otlp::Config>,
+    ) -> Result<Self> {
         let stacks_hz = (!args.session.no_stacks).then_some(args.session.sample_rate);
         let mut probes = Probes::load(target.map(|t| t.pid), args.session.threshold, stacks_hz)?;
         probes.attach_tracepoints()?;
@@ -209,6 +233,9 @@ impl<'a> Session<'a> {
             reporter = reporter.with_command_column();
         }
         let (namers, replies) = Namers::new();
+        let otlp = otlp
+            .map(|config| Otlp::start(config, Clock::new()))
+            .transpose()?;
         let mut session = Self {
             args,
             probes,
@@ -220,6 +247,7 @@ impl<'a> Session<'a> {
             metrics: args
                 .metrics
                 .map(|_| Metrics::new(args.session.threshold.as_nanos() as u64)),
+            otlp,
             namers,
             replies: Some(replies),
             waiting: VecDeque::new(),

@@ -87,6 +87,9 @@ impl Session<'_> {
             pod: placement.pod,
         };
         self.reporter.name_process(pid, labels.clone());
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.name_process(pid, &labels);
+        }
         if let Some(recorder) = self.recorder.as_mut() {
             recorder.name_process(pid, labels.clone());
         }
@@ -131,6 +134,9 @@ impl Session<'_> {
         }
         self.namers.gone(pid);
         self.reporter.forget_process(pid);
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.forget_process(pid);
+        }
         self.probes.forget_process(pid);
         self.probes.stop_sampling_process(pid);
         for tid in self.aggregator.forget_process(pid) {
