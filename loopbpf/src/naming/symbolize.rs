@@ -140,10 +140,12 @@ impl Symbolizer {
         let mut lost = None;
         let mut js = js;
         for (depth, &addr) in addrs.iter().enumerate() {
+            // One frame, or an optimized frame with the functions inlined into it (leaf first).
             let named_js = js.iter().position(|&(pc, _)| pc == addr).map(|i| {
-                let frame = js[i].1.clone();
-                js = &js[i + 1..];
-                frame
+                let count = js[i..].iter().take_while(|&&(pc, _)| pc == addr).count();
+                let frames: Vec<Frame> = js[i..i + count].iter().map(|&(_, f)| f.clone()).collect();
+                js = &js[i + count..];
+                frames
             });
             let (frame, is_code) = self.user_frame(lookup_address(depth, addr));
             if depth > 0 && !is_code && named_js.is_none() {
@@ -153,15 +155,15 @@ impl Symbolizer {
             lost = None;
             match named_js {
                 // JIT code in pages mapped since the last look at the maps is still V8's.
-                Some(js_frame) if runs_as_js(&frame) || !is_code => {
-                    frames.push(js_frame);
+                Some(js_frames) if runs_as_js(&frame) || !is_code => {
+                    frames.extend(js_frames);
                     continue;
                 }
                 // A leaf that is not the function's own code runs on its behalf without a
                 // frame of its own (a builtin it called): it stays, the function is its caller.
-                Some(js_frame) if depth == 0 => {
+                Some(js_frames) if depth == 0 => {
                     frames.push(frame);
-                    frames.push(js_frame);
+                    frames.extend(js_frames);
                     continue;
                 }
                 // Deeper, a frame of other code (a builtin with a frame like a JS one): its

@@ -107,6 +107,7 @@ fn layout() -> Layout {
             thin_tag: 5,
             one_byte_tag: 8,
         },
+        code: None,
     }
 }
 
@@ -353,10 +354,16 @@ fn name_with(namer: &mut JsNamer, shared: u64) -> (Option<String>, u64, u64) {
             shared: shared + 1,
             receiver_map: 0,
         }),
+        pc: 0,
+        is_return: false,
+        leaf_return: None,
     };
-    let id = namer.name_frame(&slots);
+    let ids = namer.name_frame(&slots);
     let used = namer.memory_used();
-    let name = id.and_then(|id| namer.frame(id)).map(|f| f.name.clone());
+    let name = ids
+        .last()
+        .and_then(|&id| namer.frame(id))
+        .map(|f| f.name.clone());
     (name, used.sample_reads, used.sample_bytes)
 }
 

@@ -19,6 +19,7 @@
 //! source positions in [`positions`], the metadata in [`layout`], source maps in
 //! [`source_maps`].
 
+mod code;
 #[cfg(test)]
 mod fuzz;
 mod heap;
@@ -99,6 +100,13 @@ struct FrameSlots {
     receiver: Option<u64>,
     /// What the kernel side read through the slots when the sample was taken.
     captured: Option<CapturedFrame>,
+    /// Where the frame's code runs: the sample's instruction pointer (the leaf) or a return
+    /// address.
+    pc: u64,
+    is_return: bool,
+    /// The leaf's caller's return address as unwound: where a leaf JS frame's code is when the
+    /// pc is in a builtin it called without a frame of its own.
+    leaf_return: Option<u64>,
 }
 
 /// Names JS frames of one process.
@@ -123,6 +131,12 @@ pub struct JsNamer {
     /// Class name of receivers by their map, with the constructor word it was read from.
     receiver_types: BoundedCache<u64, (u64, String)>,
     source_maps: SourceMaps,
+    /// Where the header of the code holding a pc was found (checked again on every use).
+    code_headers: BoundedCache<u64, u64>,
+    /// Pcs with no code header below them.
+    no_code: BoundedCache<u64, ()>,
+    /// The map of the objects whose instructions follow them, once one was found.
+    code_header_map: Option<u64>,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
     /// Estimated bytes of `frames` and `frame_ids`.
@@ -198,6 +212,9 @@ impl JsNamer {
             receiver_types: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
             captured_before: BoundedCache::new(MAX_CACHE, MAX_CACHE * 128),
             source_maps: SourceMaps::new(&Process::new(pid)),
+            code_headers: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
+            no_code: BoundedCache::new(MAX_CACHE, MAX_CACHE * 48),
+            code_header_map: None,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             frame_bytes: 0,
@@ -214,6 +231,8 @@ impl JsNamer {
             (self.line_ends.cleared, self.line_ends.refused),
             (self.receiver_types.cleared, self.receiver_types.refused),
             (self.captured_before.cleared, self.captured_before.refused),
+            (self.code_headers.cleared, self.code_headers.refused),
+            (self.no_code.cleared, self.no_code.refused),
         ];
         LimitsHit {
             cache_evictions: caches.iter().map(|(c, r)| c + r).sum::<u64>()
@@ -294,7 +313,8 @@ impl JsNamer {
         };
         let mut refs = Vec::new();
         let mut seen = Vec::new();
-        self.walk_chain(sample, ip, bp, &slot, &mut seen, &mut refs);
+        let leaf_return = user.get(1).copied();
+        self.walk_chain(sample, (ip, leaf_return), bp, &slot, &mut seen, &mut refs);
         // A return address found in the copy sits right above its callee's saved frame
         // pointer: the caller's frame pointer.
         let words = stack
@@ -322,7 +342,7 @@ impl JsNamer {
                 && returns_to == user.get(k + 1).copied()
                 && !seen.contains(&caller_fp)
             {
-                self.walk_chain(sample, ra, caller_fp, &slot, &mut seen, &mut refs);
+                self.walk_chain(sample, (ra, None), caller_fp, &slot, &mut seen, &mut refs);
             }
         }
         // Leaf first: frames deeper in the stack sit at higher addresses.
@@ -330,11 +350,12 @@ impl JsNamer {
         refs.into_iter().map(|(_, r)| r).collect()
     }
 
-    /// Names the JS frames of the chain from frame pointer `fp`, whose code runs at `pc`.
+    /// Names the JS frames of the chain from frame pointer `fp`, whose code runs at `pc` (with
+    /// the return address a frameless leaf returns to, for the sample's own leaf).
     fn walk_chain(
         &mut self,
         sample: &StackSample,
-        mut pc: u64,
+        (mut pc, leaf_return): (u64, Option<u64>),
         mut fp: u64,
         slot: &impl Fn(Option<u64>) -> Option<u64>,
         seen: &mut Vec<u64>,
@@ -380,8 +401,12 @@ impl JsNamer {
                     bytecode_offset: slot(at(fp_bytecode_offset)),
                     receiver,
                     captured,
+                    pc,
+                    is_return: pc != sample.regs[0],
+                    leaf_return: leaf_return.filter(|_| pc == sample.regs[0]),
                 };
-                if let Some(id) = self.name_frame(&slots) {
+                // Inlined functions first: they run inside this frame.
+                for id in self.name_frame(&slots) {
                     refs.push((fp, JsFrameRef { pc, id }));
                 }
             }
@@ -396,9 +421,14 @@ impl JsNamer {
         }
     }
 
-    /// Names a frame; `None` unless its function checks out as a `JSFunction` with a
+    /// Names a frame, and the functions inlined into it where its code is optimized, leaf
+    /// first; nothing unless its function checks out as a `JSFunction` with a
     /// `SharedFunctionInfo` whose name can be read.
-    fn name_frame(&mut self, slots: &FrameSlots) -> Option<u32> {
+    fn name_frame(&mut self, slots: &FrameSlots) -> Vec<u32> {
+        self.name_frames(slots).unwrap_or_default()
+    }
+
+    fn name_frames(&mut self, slots: &FrameSlots) -> Option<Vec<u32>> {
         let function = heap_object(slots.function)?;
         let shared = if let Some(captured) = slots.captured {
             // Read when the sample was taken; checked below as a SharedFunctionInfo.
@@ -413,9 +443,23 @@ impl JsNamer {
         };
         let info = self.function_info(shared)?;
         let name = info.name.clone()?;
-        // Exact for an interpreted frame; a compiled one is placed where its function starts,
-        // and says so by having no column.
-        let current = self.bytecode_position(slots);
+        // Exact for optimized code that checks out (with the functions inlined into it) and
+        // for an interpreted frame; another compiled one is placed where its function starts,
+        // and says so by having no column. Optimized code first: code that replaced an
+        // interpreted frame on the stack (OSR) keeps its slots, at the loop it left.
+        let mut ids = Vec::new();
+        let chain = self
+            .optimized_chain(slots.pc, slots.is_return, shared)
+            .or_else(|| self.optimized_chain(slots.leaf_return?, true, shared));
+        let current = match chain.as_ref().and_then(|c| c.split_last()) {
+            Some((own, inlined)) => {
+                for function in inlined {
+                    ids.push(self.name_inlined(function)?);
+                }
+                own.offset
+            }
+            None => self.bytecode_position(slots),
+        };
         let exact = current.is_some();
         let offset = current
             .or(info.start)
@@ -430,6 +474,28 @@ impl JsNamer {
         };
         let mut frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
+            info.file.clone(),
+            position.map(|(line, column)| (line, exact.then_some(column))),
+        );
+        if let (Some(file), Some((line, column))) = (&info.file, position) {
+            frame.original = self.source_maps.original(file, line, column);
+        }
+        ids.push(self.intern(frame)?);
+        Some(ids)
+    }
+
+    /// A function inlined into an optimized frame, at its position (no receiver is read for
+    /// it: a method inlined goes without its class).
+    fn name_inlined(&mut self, function: &code::Inlined) -> Option<u32> {
+        let info = self.function_info(function.shared)?;
+        let name = info.name.clone()?;
+        let exact = function.offset.is_some();
+        let position = info
+            .script
+            .zip(function.offset.or(info.start))
+            .and_then(|(script, offset)| self.line_column(script, offset));
+        let mut frame = Frame::js_at(
+            display_name(&name, None),
             info.file.clone(),
             position.map(|(line, column)| (line, exact.then_some(column))),
         );
