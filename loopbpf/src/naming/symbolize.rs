@@ -729,6 +729,23 @@ mod tests {
     }
 
     #[test]
+    fn an_optimized_frame_shows_the_functions_inlined_into_it() {
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
+        symbolizer.apply_maps(&parse_maps(&format!(
+            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
+        )));
+        symbolizer.start_ticks = None; // keep these maps
+        let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
+        let (weigh, price_all, on_tick) = (at("weigh", 4), at("priceAll", 10), at("onTick", 17));
+        // One physical frame at 0x2100 running `weigh` inlined into `priceAll`, called by an
+        // interpreted `onTick` at 0x2200.
+        let js = [(0x2100, &weigh), (0x2100, &price_all), (0x2200, &on_tick)];
+        let frames = symbolizer.user(&[0x2100, 0x2200], &js);
+        assert_eq!(frames, [weigh.clone(), price_all.clone(), on_tick.clone()]);
+    }
+
+    #[test]
     fn unnamed_js_frames_collapse_into_one() {
         let mut symbolizer = Symbolizer::new(std::process::id());
         // Below mmap_min_addr: nothing real is ever mapped there, nor in a perf map of ours.

@@ -457,6 +457,139 @@ impl JsNamer {
 mod tests {
     use super::*;
 
+    /// The metadata of each Node major's binary that the code layout is read from (the values
+    /// of Node 18.20, 20.20, 22.23, 24.22 and 26.12).
+    fn metadata(major: i64) -> HashMap<String, i64> {
+        let mut values: Vec<(&str, i64)> = vec![("CodeKindFieldMask", 15)];
+        match major {
+            10 => values.extend([
+                ("type_Code__CODE_TYPE", 240),
+                ("CodeKindBaseline", 11),
+                ("class_Code__instruction_start__uintptr_t", 128),
+                ("class_Code__instruction_size__int", 40),
+                ("class_Code__flags__uint32_t", 48),
+            ]),
+            11 => values.extend([
+                ("type_Code__CODE_TYPE", 245),
+                ("type_InstructionStream__INSTRUCTION_STREAM_TYPE", 252),
+                ("CodeKindBaseline", 11),
+                ("class_InstructionStream__instruction_start__uintptr_t", 16),
+                ("class_Code__deoptimization_data__FixedArray", 16),
+                ("class_Code__source_position_table__ByteArray", 24),
+                ("DeoptimizationDataInlinedFunctionCountIndex", 1),
+                ("DeoptimizationDataLiteralArrayIndex", 2),
+                ("DeoptimizationDataSharedFunctionInfoIndex", 6),
+                ("DeoptimizationDataInliningPositionsIndex", 7),
+            ]),
+            12 => values.extend([
+                ("type_Code__CODE_TYPE", 206),
+                ("type_InstructionStream__INSTRUCTION_STREAM_TYPE", 210),
+                ("CodeKindBaseline", 10),
+                ("class_InstructionStream__instruction_start__uintptr_t", 32),
+                (
+                    "class_Code__instruction_stream__Tagged_InstructionStream_",
+                    32,
+                ),
+                ("class_Code__instruction_start__Address", 40),
+                ("class_Code__flags__uint32_t", 48),
+                ("class_Code__instruction_size__int", 52),
+                ("DeoptimizationDataInlinedFunctionCountIndex", 1),
+                ("DeoptimizationDataLiteralArrayIndex", 2),
+                ("DeoptimizationDataSharedFunctionInfoIndex", 6),
+                ("DeoptimizationDataInliningPositionsIndex", 7),
+            ]),
+            _ => values.extend([
+                ("type_Code__CODE_TYPE", 187),
+                ("type_InstructionStream__INSTRUCTION_STREAM_TYPE", 192),
+                ("CodeKindBaseline", if major == 13 { 10 } else { 11 }),
+                ("class_InstructionStream__instruction_start__uintptr_t", 32),
+                (
+                    "class_Code__instruction_stream__Tagged_InstructionStream_",
+                    32,
+                ),
+                ("class_Code__instruction_start__Address", 40),
+                ("class_Code__flags__uint32_t", 52),
+                ("class_Code__instruction_size__int", 56),
+                ("DeoptimizationDataInlinedFunctionCountIndex", 1),
+                ("DeoptimizationDataLiteralArrayIndex", 3),
+                ("DeoptimizationDataWrappedSharedFunctionInfoIndex", 7),
+                ("DeoptimizationDataInliningPositionsIndex", 8),
+                (
+                    "class_SharedFunctionInfoWrapper__shared_info__Tagged_SharedFunctionInfo_",
+                    8,
+                ),
+            ]),
+        }
+        values
+            .into_iter()
+            .map(|(k, v)| (format!("v8dbg_{k}"), v))
+            .collect()
+    }
+
+    /// Each version's choices, as read in live processes of each Node major.
+    #[test]
+    fn code_is_laid_out_by_version() {
+        // Node 18: the instructions follow the Code; the deoptimization data's indices are
+        // not in the metadata (V8 11's).
+        let v10 = CodeLayout::from_metadata(&metadata(10), 10).unwrap();
+        assert_eq!(
+            (v10.header_type, v10.header_size, v10.split),
+            (240, 128, None)
+        );
+        assert_eq!((v10.deopt_data, v10.position_table), (16, 24));
+        assert_eq!((v10.instruction_size, v10.flags), (40, 48));
+        assert_eq!(v10.optimized_kinds, [12, 13]);
+        let d = v10.deopt;
+        assert_eq!(
+            (
+                d.inlined_count,
+                d.literal_array,
+                d.shared,
+                d.inlining_positions
+            ),
+            (1, 2, 6, 7)
+        );
+        assert_eq!((d.shared_wrapper_field, d.deopt_exit_start), (None, 8));
+        // Node 20: an InstructionStream and its Code; the instruction start and size are not
+        // in the metadata.
+        let v11 = CodeLayout::from_metadata(&metadata(11), 11).unwrap();
+        assert_eq!((v11.header_type, v11.header_size), (252, 16));
+        let split = v11.split.unwrap();
+        assert_eq!(
+            (
+                split.back_pointer,
+                split.instruction_stream,
+                split.instruction_start
+            ),
+            (8, 32, 40)
+        );
+        assert_eq!((v11.deopt_data, v11.position_table), (16, 24));
+        assert_eq!((v11.instruction_size, v11.flags), (56, 48));
+        // Node 22: the Code in trusted space, its tables not in the metadata.
+        let v12 = CodeLayout::from_metadata(&metadata(12), 12).unwrap();
+        assert_eq!((v12.deopt_data, v12.position_table), (8, 16));
+        assert_eq!((v12.instruction_size, v12.flags), (52, 48));
+        assert_eq!(v12.optimized_kinds, [11, 12]);
+        assert!(!v12.maglev_places_statements);
+        // Node 24 and 26: the function behind a wrapper.
+        for major in [13, 14] {
+            let l = CodeLayout::from_metadata(&metadata(major), major).unwrap();
+            assert_eq!((l.deopt_data, l.position_table), (8, 16));
+            assert_eq!((l.instruction_size, l.flags), (56, 52));
+            let d = l.deopt;
+            assert_eq!((d.shared, d.shared_wrapper_field), (7, Some(8)));
+            assert_eq!(
+                (d.literal_array, d.inlining_positions, d.deopt_exit_start),
+                (3, 8, 9)
+            );
+            assert!(l.maglev_places_statements);
+        }
+        // Without the code's type, no layout: frames keep their start line.
+        let mut partial = metadata(12);
+        partial.remove("v8dbg_type_Code__CODE_TYPE");
+        assert_eq!(CodeLayout::from_metadata(&partial, 12), None);
+    }
+
     #[test]
     fn source_positions_split_into_offset_and_inlining() {
         // Offset 186, not inlined (V8 writes both plus one).
