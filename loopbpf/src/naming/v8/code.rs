@@ -361,7 +361,7 @@ impl JsNamer {
         {
             return Some(found);
         }
-        if self.no_code.contains_key(&pc) {
+        if self.no_code.contains_key(&pc) || self.file_code.iter().any(|r| r.contains(&pc)) {
             return None;
         }
         let layout = self.layout.code.clone()?;
@@ -389,6 +389,10 @@ impl JsNamer {
                     }
                     probes += 1;
                     if probes > MAX_MAP_PROBES {
+                        // Not searched again: what looks like pointers here is not code.
+                        if self.may_cache() {
+                            self.no_code.insert(pc, (), 0);
+                        }
                         return None;
                     }
                     self.instance_type(map) == Some(self.layout.types.map)

@@ -6,18 +6,22 @@
 //! copy finds the JS frames, and their pointers are followed through `/proc/PID/mem` right
 //! away, while the busy interval still runs: the function and its `SharedFunctionInfo` give the
 //! name and the script, the bytecode offset of an interpreted frame gives the line and column
-//! it was at, the receiver gives the class of a method call, as Node prints them.
+//! it was at, the pc of an optimized frame (`TurboFan`, Maglev, OSR code) gives its position and
+//! the functions inlined into it, the receiver gives the class of a method call, as Node
+//! prints them. A baseline (Sparkplug) frame, and an optimized one whose code does not check
+//! out, is placed where its function starts, without a column.
 //!
 //! Objects move when the GC runs, so what the GC moves soonest (functions, receivers) is read
 //! by the kernel side when the sample is taken, and no pointer is followed before the type of
 //! the object it points at is checked; a frame that does not check out stays `[JS]`.
 //!
-//! What the metadata does not describe (the `ScopeInfo` layout, the source position table) is
-//! read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by V8's version in the binary.
+//! What the metadata does not describe (the `ScopeInfo` layout, the source position table,
+//! parts of the code objects) is read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by
+//! V8's version in the binary.
 //!
 //! Here: the walk of a sample's frames and the naming of each. The heap reading is in [`heap`],
-//! source positions in [`positions`], the metadata in [`layout`], source maps in
-//! [`source_maps`].
+//! source positions in [`positions`], optimized code and its inlining in [`code`], the
+//! metadata in [`layout`], source maps in [`source_maps`].
 
 mod code;
 #[cfg(test)]
@@ -76,6 +80,9 @@ const MAX_CACHE: usize = 65_536;
 const MAX_NAME_CACHE_BYTES: usize = 8 << 20;
 /// Bytes kept by the cache of scripts' line ends (4 bytes a line).
 const MAX_LINE_ENDS_BYTES: usize = 16 << 20;
+/// Executable file mappings kept to tell V8's code from the files' (a process maps a few
+/// dozen).
+const MAX_FILE_CODE: usize = 4096;
 /// Distinct named frames kept for the run (a sample refers to them by index, so they are never
 /// dropped), and their bytes: past either, new frames stay `[JS]`.
 const MAX_FRAMES: usize = 1 << 20;
@@ -135,6 +142,9 @@ pub struct JsNamer {
     code_headers: BoundedCache<u64, u64>,
     /// Pcs with no code header below them.
     no_code: BoundedCache<u64, ()>,
+    /// The executable files' code as mapped when the namer was made (node's own builtins and
+    /// interpreter among it): no V8 code object there, not searched.
+    file_code: Vec<std::ops::Range<u64>>,
     /// The map of the objects whose instructions follow them, once one was found.
     code_header_map: Option<u64>,
     frames: Vec<Frame>,
@@ -191,12 +201,12 @@ impl JsNamer {
         let memory = process
             .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
-        Ok(Some(Self::with_memory(
-            pid,
-            layout,
-            Box::new(memory),
-            NAMING_LIMITS,
-        )))
+        let mut namer = Self::with_memory(pid, layout, Box::new(memory), NAMING_LIMITS);
+        namer.file_code = executable_files(&maps)
+            .take(MAX_FILE_CODE)
+            .map(|m| m.range.clone())
+            .collect();
+        Ok(Some(namer))
     }
 
     /// The namer of `pid`'s V8 laid out as `layout`, reading `memory` within `limits`.
@@ -214,6 +224,7 @@ impl JsNamer {
             source_maps: SourceMaps::new(&Process::new(pid)),
             code_headers: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
             no_code: BoundedCache::new(MAX_CACHE, MAX_CACHE * 48),
+            file_code: Vec::new(),
             code_header_map: None,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
