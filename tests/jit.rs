@@ -131,25 +131,37 @@ fn check_block(block: &Value, truth: &[JsFrame], exact: usize, what: &str) {
     );
 }
 
-/// Checks that no stack of a block names a frame Node does not print, or places one
-/// elsewhere; and that most of the block is in `leaf`.
+/// Checks that no stack through `leaf` names a frame Node does not print, or places one
+/// elsewhere (the leaf inside its function, its callers at Node's place or their start); and
+/// that most of the block is in `leaf`. (The block's other stacks are the fixture's own
+/// work before and after the spin: taking the stack, answering.)
 fn check_no_wrong_name(block: &Value, truth: &[JsFrame], leaf: &str, what: &str) {
     let total = block["duration_ms"].as_f64().unwrap();
+    let start = definition_line(leaf).unwrap();
     let mut in_leaf = 0.0;
     for stack in block["stacks"].as_array().unwrap() {
         let ours = own_frames(stack);
-        if ours.first().is_some_and(|f| f.name == leaf) {
-            in_leaf += weight(stack);
+        if ours.first().is_none_or(|f| f.name != leaf) {
+            continue;
         }
-        // Leaf first, as Node's: a frame of ours is one of Node's at or above the one before.
-        let mut next = 0;
-        for (i, frame) in ours.iter().enumerate() {
+        in_leaf += weight(stack);
+        // Its three lines, from `function` to `return`.
+        assert!(
+            ours[0]
+                .line
+                .is_some_and(|l| (start..=start + 2).contains(&l)),
+            "{what}: {:?} is outside {leaf}",
+            ours[0]
+        );
+        // Callers, as Node's: each one of Node's, at or above the one before.
+        let mut next = 1;
+        for frame in &ours[1..] {
             let Some(found) = truth[next..].iter().position(|t| t.name == frame.name) else {
                 panic!("{what}: {frame:?} is not among Node's frames {truth:#?}: {stack}");
             };
             let expected = &truth[next + found];
             assert!(
-                same_place(frame, expected, i == 0),
+                same_place(frame, expected, false),
                 "{what}: {frame:?} placed elsewhere than Node's {expected:?}"
             );
             next += found + 1;

@@ -199,6 +199,21 @@ struct FoundCode {
     maglev: bool,
 }
 
+/// The code object holding a pc: optimized (where it is), or another kind (baseline).
+enum Holder {
+    Optimized(FoundCode),
+    NotOptimized,
+}
+
+impl Holder {
+    fn optimized(self) -> Option<FoundCode> {
+        match self {
+            Self::Optimized(found) => Some(found),
+            Self::NotOptimized => None,
+        }
+    }
+}
+
 /// One function of an optimized frame's inlined chain: its `SharedFunctionInfo` and where it
 /// is in its script (`None`: not known exactly, placed at its start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,10 +371,11 @@ impl JsNamer {
 
     /// The optimized code object whose instructions hold `pc`, checked.
     fn code_at(&mut self, pc: u64) -> Option<FoundCode> {
+        // Its code found before, optimized or not, and still there: no search.
         if let Some(&header) = self.code_headers.get(&pc)
-            && let Some(found) = self.check_header(header, pc)
+            && let Some(holder) = self.check_header(header, pc)
         {
-            return Some(found);
+            return holder.optimized();
         }
         if self.no_code.contains_key(&pc) || self.file_code.iter().any(|r| r.contains(&pc)) {
             return None;
@@ -402,13 +418,18 @@ impl JsNamer {
                 if !is_header {
                     continue;
                 }
-                // The first header below the pc is its code's, or the pc is in no code.
-                let found = self.check_header(at, pc)?;
+                // The first header below the pc is its code's, or the pc is in no code. Its
+                // map is the map of code headers (its type checked).
                 self.code_header_map = Some(word);
+                let holder = self.check_header(at, pc);
                 if self.may_cache() {
-                    self.code_headers.insert(pc, at, 0);
+                    if holder.is_some() {
+                        self.code_headers.insert(pc, at, 0);
+                    } else {
+                        self.no_code.insert(pc, (), 0);
+                    }
                 }
-                return Some(found);
+                return holder.and_then(Holder::optimized);
             }
             end = from;
         }
@@ -420,9 +441,8 @@ impl JsNamer {
         None
     }
 
-    /// The code whose header is at `header`, if its instructions hold `pc` and it is
-    /// optimized.
-    fn check_header(&mut self, header: u64, pc: u64) -> Option<FoundCode> {
+    /// The code whose header is at `header`: `None` unless its instructions hold `pc`.
+    fn check_header(&mut self, header: u64, pc: u64) -> Option<Holder> {
         let layout = self.layout.code.clone()?;
         if self.instance_type(header)? != layout.header_type {
             return None;
@@ -446,14 +466,15 @@ impl JsNamer {
             return None;
         }
         let flags = self.memory.i32(code + layout.flags)?.cast_unsigned();
-        if !layout.optimized_kinds.contains(&(flags & layout.kind_mask)) {
-            return None;
+        let kind = flags & layout.kind_mask;
+        if !layout.optimized_kinds.contains(&kind) {
+            return Some(Holder::NotOptimized);
         }
-        Some(FoundCode {
+        Some(Holder::Optimized(FoundCode {
             code,
             start,
-            maglev: flags & layout.kind_mask == layout.optimized_kinds[0],
-        })
+            maglev: kind == layout.optimized_kinds[0],
+        }))
     }
 }
 
