@@ -140,10 +140,12 @@ impl Symbolizer {
         let mut lost = None;
         let mut js = js;
         for (depth, &addr) in addrs.iter().enumerate() {
+            // One frame, or an optimized frame with the functions inlined into it (leaf first).
             let named_js = js.iter().position(|&(pc, _)| pc == addr).map(|i| {
-                let frame = js[i].1.clone();
-                js = &js[i + 1..];
-                frame
+                let count = js[i..].iter().take_while(|&&(pc, _)| pc == addr).count();
+                let frames: Vec<Frame> = js[i..i + count].iter().map(|&(_, f)| f.clone()).collect();
+                js = &js[i + count..];
+                frames
             });
             let (frame, is_code) = self.user_frame(lookup_address(depth, addr));
             if depth > 0 && !is_code && named_js.is_none() {
@@ -153,21 +155,21 @@ impl Symbolizer {
             lost = None;
             match named_js {
                 // JIT code in pages mapped since the last look at the maps is still V8's.
-                Some(js_frame) if runs_as_js(&frame) || !is_code => {
-                    frames.push(js_frame);
+                Some(js_frames) if runs_as_js(&frame) || !is_code => {
+                    frames.extend(js_frames);
                     continue;
                 }
                 // A leaf that is not the function's own code runs on its behalf without a
                 // frame of its own (a builtin it called): it stays, the function is its caller.
-                Some(js_frame) if depth == 0 => {
+                Some(js_frames) if depth == 0 => {
                     frames.push(frame);
-                    frames.push(js_frame);
+                    frames.extend(js_frames);
                     continue;
                 }
                 // A builtin called with a regexp that the interpreter runs: the regexp goes
                 // right above the builtin, with what runs it leafward.
-                Some(js_frame) if js_frame.is_js_regexp() => {
-                    frames.push(js_frame);
+                Some(js_frames) if js_frames.first().is_some_and(Frame::is_js_regexp) => {
+                    frames.extend(js_frames);
                     frames.push(frame);
                     continue;
                 }
@@ -731,6 +733,23 @@ mod tests {
             assert_eq!(frame.kind, FrameKind::Kernel);
             assert_eq!(frame.module, "[kernel]");
         }
+    }
+
+    #[test]
+    fn an_optimized_frame_shows_the_functions_inlined_into_it() {
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
+        symbolizer.apply_maps(&parse_maps(&format!(
+            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
+        )));
+        symbolizer.start_ticks = None; // keep these maps
+        let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
+        let (weigh, price_all, on_tick) = (at("weigh", 4), at("priceAll", 10), at("onTick", 17));
+        // One physical frame at 0x2100 running `weigh` inlined into `priceAll`, called by an
+        // interpreted `onTick` at 0x2200.
+        let js = [(0x2100, &weigh), (0x2100, &price_all), (0x2200, &on_tick)];
+        let frames = symbolizer.user(&[0x2100, 0x2200], &js);
+        assert_eq!(frames, [weigh.clone(), price_all.clone(), on_tick.clone()]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::{
 
 use super::{
     FrameSlots, JsNamer,
+    code::{CodeLayout, DeoptIndices, SplitCode},
     layout::{Layout, ScopeLayout, StringLayout, Types},
 };
 use crate::{
@@ -107,6 +108,39 @@ pub(super) fn layout() -> Layout {
             thin_tag: 5,
             one_byte_tag: 8,
         },
+        code: Some(code_layout()),
+    }
+}
+
+/// Code laid out as V8 12 lays it out (the type tags made up).
+fn code_layout() -> CodeLayout {
+    CodeLayout {
+        header_type: 290,
+        header_size: 32,
+        split: Some(SplitCode {
+            back_pointer: 8,
+            instruction_stream: 32,
+            instruction_start: 40,
+        }),
+        code_type: 300,
+        instruction_size: 52,
+        flags: 48,
+        kind_mask: 15,
+        optimized_kinds: [11, 12],
+        maglev_places_statements: false,
+        deopt_data: 8,
+        position_table: 16,
+        deopt: DeoptIndices {
+            inlined_count: 1,
+            literal_array: 2,
+            shared: 6,
+            shared_wrapper_field: None,
+            inlining_positions: 7,
+            deopt_exit_start: 8,
+        },
+        literal_array_types: vec![230],
+        deopt_data_types: vec![230],
+        byte_array_types: vec![220],
     }
 }
 
@@ -125,6 +159,8 @@ fn type_tags(l: &Layout) -> Vec<u16> {
         t.oddball,
         250,
         240,
+        290,
+        300,
     ];
     // Sequential, cons, sliced, thin; one- and two-byte.
     tags.extend([0, 1, 3, 5, 8, 9, 11, 13]);
@@ -214,7 +250,12 @@ fn random_sample(rng: &mut Rng, frames: usize) -> StackSample {
         let at = first + k * 8;
         let fp = base + 8 * at as u64;
         words[at] = base + 8 * (at + 8) as u64; // the caller's frame pointer
-        words[at + 1] = 0x40_0000 + k as u64; // the return address
+        // The return address: sometimes in the heap, among made-up code headers.
+        words[at + 1] = if rng.below(2) == 0 {
+            HEAP + rng.below(HEAP_SIZE)
+        } else {
+            0x40_0000 + k as u64
+        };
         words[at + 2] = random_slot(rng); // receiver
         words[at - 1] = random_slot(rng); // context
         words[at - 2] = random_slot(rng); // function
@@ -353,10 +394,16 @@ fn name_with(namer: &mut JsNamer, shared: u64) -> (Option<String>, u64, u64) {
             shared: shared + 1,
             receiver_map: 0,
         }),
+        pc: 0,
+        is_return: false,
+        leaf_return: None,
     };
-    let id = namer.name_frame(&slots);
+    let ids = namer.name_frame(&slots);
     let used = namer.memory_used();
-    let name = id.and_then(|id| namer.frame(id)).map(|f| f.name.clone());
+    let name = ids
+        .last()
+        .and_then(|&id| namer.frame(id))
+        .map(|f| f.name.clone());
     (name, used.sample_reads, used.sample_bytes)
 }
 
@@ -495,4 +542,155 @@ fn a_spent_budget_leaves_frames_unnamed_and_is_counted() {
         1,
         "counted once per sample"
     );
+}
+
+/// A position as V8 writes it: the script offset and the inlining id, each plus one.
+fn raw_position(offset: i64, inlining: Option<i64>) -> i64 {
+    (inlining.map_or(0, |id| id + 1) << 31) | ((offset + 1) << 1)
+}
+
+/// V8's variable-length numbers.
+fn vlq(out: &mut Vec<u8>, mut u: u64) {
+    loop {
+        let byte = (u & 0x7f) as u8;
+        u >>= 7;
+        if u == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+impl Builder {
+    /// A string object holding `name` (one byte a character).
+    fn string(&mut self, name: &str) -> u64 {
+        let string = self.object(8, 16 + name.len() as u64);
+        self.set_length(string, i32::try_from(name.len()).unwrap());
+        for (i, chunk) in name.as_bytes().chunks(8).enumerate() {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.set(string + 16 + 8 * i as u64, u64::from_le_bytes(word));
+        }
+        string + 1
+    }
+
+    /// An array of `t` holding `words`.
+    fn array(&mut self, t: u16, words: &[u64]) -> u64 {
+        let array = self.object(t, 16 + 8 * words.len() as u64);
+        self.set(array + 8, (words.len() as u64) << 32);
+        for (i, &w) in words.iter().enumerate() {
+            self.set(array + 16 + 8 * i as u64, w);
+        }
+        array + 1
+    }
+
+    /// A byte array holding `bytes`.
+    fn bytes(&mut self, bytes: &[u8]) -> u64 {
+        let array = self.object(220, 16 + bytes.len() as u64);
+        self.set(array + 8, (bytes.len() as u64) << 32);
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.set(array + 16 + 8 * i as u64, u64::from_le_bytes(word));
+        }
+        array + 1
+    }
+
+    /// Optimized code of `own` (what its deoptimization data names) whose pc is at script
+    /// offset 5 of inlining id `at`; `inlined` are the inlining positions (caller's id,
+    /// literal index) and `literals` the functions inlined. Returns the pc.
+    fn optimized_code(
+        &mut self,
+        own: u64,
+        at: Option<i64>,
+        inlined: &[(Option<i64>, i32)],
+        literals: &[u64],
+    ) -> u64 {
+        // Code space before the code: readable, no header in it.
+        let filler = self.object(1000, 8192);
+        let meta = self.map(self.layout.types.map);
+        let header_map = self.map(290);
+        self.set(header_map, meta + 1);
+        let mut positions = Vec::new();
+        for &(caller, function) in inlined {
+            positions.extend(raw_position(7, caller).to_le_bytes());
+            positions.extend(function.to_le_bytes());
+            positions.extend([0; 4]);
+        }
+        let positions = self.bytes(&positions);
+        let count = (literals.len() as u64) << 32;
+        let literals: Vec<u64> = literals.iter().map(|l| l + 1).collect();
+        let literals = self.array(230, &literals);
+        let deopt = self.array(
+            230,
+            &[0, count, literals, 0, 0, 0, own + 1, positions, 1000 << 32],
+        );
+        // One entry: code offset 0 (a statement), the position.
+        let mut table = Vec::new();
+        vlq(&mut table, 2);
+        let raw = raw_position(5, at);
+        vlq(&mut table, ((raw << 1) ^ (raw >> 63)).cast_unsigned());
+        let table = self.bytes(&table);
+        let code = self.object(300, 64);
+        let stream = self.object(290, 32 + 256);
+        let start = stream + 32;
+        self.set(code + 8, deopt);
+        self.set(code + 16, table);
+        self.set(code + 32, stream + 1);
+        self.set(code + 40, start);
+        self.set(code + 48, (256 << 32) + 12); // size 256, kind TurboFan
+        self.set(stream + 8, code + 1);
+        for addr in (filler..self.next).step_by(8) {
+            self.heap.words.entry(addr).or_insert(0);
+        }
+        start + 16
+    }
+}
+
+/// The names of a frame of `shared` whose code runs at `pc`, leaf first.
+fn names_at(namer: &mut JsNamer, shared: u64, pc: u64) -> Vec<String> {
+    namer.memory.start_sample(Instant::now());
+    let slots = FrameSlots {
+        function: HEAP + 1,
+        bytecode_array: None,
+        bytecode_offset: None,
+        receiver: None,
+        captured: Some(CapturedFrame {
+            fp: SP,
+            shared: shared + 1,
+            receiver_map: 0,
+        }),
+        pc,
+        is_return: false,
+        leaf_return: None,
+    };
+    let ids = namer.name_frame(&slots);
+    ids.iter()
+        .map(|&id| namer.frame(id).unwrap().name.clone())
+        .collect()
+}
+
+#[test]
+fn inlined_functions_are_named_only_when_their_chain_checks_out() {
+    let chain = |at: Option<i64>, inlined: &[(Option<i64>, i32)], named_by_code: bool| {
+        let mut b = Builder::new();
+        let strings = ["outer", "price", "weigh"].map(|n| b.string(n));
+        let [outer, price, weigh] = strings.map(|n| b.shared_named(n));
+        let own = if named_by_code { outer } else { price };
+        let pc = b.optimized_code(own, at, inlined, &[weigh, price]);
+        let mut namer = b.namer();
+        names_at(&mut namer, outer, pc)
+    };
+    // `weigh` (id 1) inlined into `price` (id 0) inlined into `outer`.
+    let good = [(None, 1), (Some(0), 0)];
+    assert_eq!(chain(Some(1), &good, true), ["weigh", "price", "outer"]);
+    assert_eq!(chain(None, &good, true), ["outer"], "not inlined");
+    // What does not check out leaves the frame as it was, named by its function alone.
+    assert_eq!(chain(Some(1), &good, false), ["outer"], "another's code");
+    let looping = [(Some(1), 1), (Some(0), 0)];
+    assert_eq!(chain(Some(1), &looping, true), ["outer"], "a loop");
+    let out_of_range = [(None, 1), (Some(0), 7)];
+    assert_eq!(chain(Some(1), &out_of_range, true), ["outer"]);
+    assert_eq!(chain(Some(9), &good, true), ["outer"], "no such inlining");
 }

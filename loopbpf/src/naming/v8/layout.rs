@@ -5,6 +5,8 @@ use std::{collections::HashMap, fs::File};
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 
+use super::code::CodeLayout;
+
 /// Symbols looked at for the metadata (node has about 200 thousand), and `v8dbg_` values
 /// kept (about 1500): a file with more is not V8's.
 const MAX_SYMBOLS: usize = 4 << 20;
@@ -57,6 +59,8 @@ pub struct Layout {
     pub byte_array_data: u64,
     pub scope: ScopeLayout,
     pub strings: StringLayout,
+    /// Where optimized code keeps what places its frames; `None`: they keep their start line.
+    pub code: Option<CodeLayout>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +255,7 @@ impl Layout {
                 thin_tag: tag(&["ThinStringTag"])?,
                 one_byte_tag: tag(&["OneByteStringTag"])?,
             },
+            code: CodeLayout::from_metadata(values, major),
         })
     }
 }

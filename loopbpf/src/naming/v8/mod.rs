@@ -6,19 +6,24 @@
 //! copy finds the JS frames, and their pointers are followed through `/proc/PID/mem` right
 //! away, while the busy interval still runs: the function and its `SharedFunctionInfo` give the
 //! name and the script, the bytecode offset of an interpreted frame gives the line and column
-//! it was at, the receiver gives the class of a method call, as Node prints them.
+//! it was at, the pc of an optimized frame (`TurboFan`, Maglev, OSR code) gives its position and
+//! the functions inlined into it, the receiver gives the class of a method call, as Node
+//! prints them. A baseline (Sparkplug) frame, and an optimized one whose code does not check
+//! out, is placed where its function starts, without a column.
 //!
 //! Objects move when the GC runs, so what the GC moves soonest (functions, receivers) is read
 //! by the kernel side when the sample is taken, and no pointer is followed before the type of
 //! the object it points at is checked; a frame that does not check out stays `[JS]`.
 //!
-//! What the metadata does not describe (the `ScopeInfo` layout, the source position table) is
-//! read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by V8's version in the binary.
+//! What the metadata does not describe (the `ScopeInfo` layout, the source position table,
+//! parts of the code objects) is read as V8 10.2 to 14.6 (Node 18 to 26) lay it out, chosen by
+//! V8's version in the binary.
 //!
 //! Here: the walk of a sample's frames and the naming of each. The heap reading is in [`heap`],
-//! source positions in [`positions`], the metadata in [`layout`], source maps in
-//! [`source_maps`].
+//! source positions in [`positions`], optimized code and its inlining in [`code`], the
+//! metadata in [`layout`], source maps in [`source_maps`].
 
+mod code;
 #[cfg(test)]
 mod fuzz;
 mod heap;
@@ -79,6 +84,9 @@ const MAX_CACHE: usize = 65_536;
 const MAX_NAME_CACHE_BYTES: usize = 8 << 20;
 /// Bytes kept by the cache of scripts' line ends (4 bytes a line).
 const MAX_LINE_ENDS_BYTES: usize = 16 << 20;
+/// Executable file mappings kept to tell V8's code from the files' (a process maps a few
+/// dozen).
+const MAX_FILE_CODE: usize = 4096;
 /// Distinct named frames kept for the run (a sample refers to them by index, so they are never
 /// dropped), and their bytes: past either, new frames stay `[JS]`.
 const MAX_FRAMES: usize = 1 << 20;
@@ -103,6 +111,13 @@ struct FrameSlots {
     receiver: Option<u64>,
     /// What the kernel side read through the slots when the sample was taken.
     captured: Option<CapturedFrame>,
+    /// Where the frame's code runs: the sample's instruction pointer (the leaf) or a return
+    /// address.
+    pc: u64,
+    is_return: bool,
+    /// The leaf's caller's return address as unwound: where a leaf JS frame's code is when the
+    /// pc is in a builtin it called without a frame of its own.
+    leaf_return: Option<u64>,
 }
 
 /// Names JS frames of one process.
@@ -129,6 +144,15 @@ pub struct JsNamer {
     /// Class name of receivers by their map, with the constructor word it was read from.
     receiver_types: BoundedCache<u64, (u64, String)>,
     source_maps: SourceMaps,
+    /// Where the header of the code holding a pc was found (checked again on every use).
+    code_headers: BoundedCache<u64, u64>,
+    /// Pcs with no code header below them.
+    no_code: BoundedCache<u64, ()>,
+    /// The executable files' code as mapped when the namer was made (node's own builtins and
+    /// interpreter among it): no V8 code object there, not searched.
+    file_code: Vec<std::ops::Range<u64>>,
+    /// The map of the objects whose instructions follow them, once one was found.
+    code_header_map: Option<u64>,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
     /// Estimated bytes of `frames` and `frame_ids`.
@@ -185,6 +209,10 @@ impl JsNamer {
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
         let mut namer = Self::with_memory(pid, layout, Box::new(memory), NAMING_LIMITS);
         namer.regexp = RegExpLayout::from_metadata(&values);
+        namer.file_code = executable_files(&maps)
+            .take(MAX_FILE_CODE)
+            .map(|m| m.range.clone())
+            .collect();
         Ok(Some(namer))
     }
 
@@ -202,6 +230,10 @@ impl JsNamer {
             receiver_types: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
             captured_before: BoundedCache::new(MAX_CACHE, MAX_CACHE * 128),
             source_maps: SourceMaps::new(&Process::new(pid)),
+            code_headers: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
+            no_code: BoundedCache::new(MAX_CACHE, MAX_CACHE * 48),
+            file_code: Vec::new(),
+            code_header_map: None,
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             frame_bytes: 0,
@@ -218,6 +250,8 @@ impl JsNamer {
             (self.line_ends.cleared, self.line_ends.refused),
             (self.receiver_types.cleared, self.receiver_types.refused),
             (self.captured_before.cleared, self.captured_before.refused),
+            (self.code_headers.cleared, self.code_headers.refused),
+            (self.no_code.cleared, self.no_code.refused),
         ];
         LimitsHit {
             cache_evictions: caches.iter().map(|(c, r)| c + r).sum::<u64>()
@@ -298,7 +332,8 @@ impl JsNamer {
         };
         let mut refs = Vec::new();
         let mut seen = Vec::new();
-        self.walk_chain(sample, ip, bp, &slot, &mut seen, &mut refs);
+        let leaf_return = user.get(1).copied();
+        self.walk_chain(sample, (ip, leaf_return), bp, &slot, &mut seen, &mut refs);
         // A return address found in the copy sits right above its callee's saved frame
         // pointer: the caller's frame pointer.
         let words = stack
@@ -326,7 +361,7 @@ impl JsNamer {
                 && returns_to == user.get(k + 1).copied()
                 && !seen.contains(&caller_fp)
             {
-                self.walk_chain(sample, ra, caller_fp, &slot, &mut seen, &mut refs);
+                self.walk_chain(sample, (ra, None), caller_fp, &slot, &mut seen, &mut refs);
             }
         }
         // Leaf first: frames deeper in the stack sit at higher addresses.
@@ -334,11 +369,12 @@ impl JsNamer {
         refs.into_iter().map(|(_, r)| r).collect()
     }
 
-    /// Names the JS frames of the chain from frame pointer `fp`, whose code runs at `pc`.
+    /// Names the JS frames of the chain from frame pointer `fp`, whose code runs at `pc` (with
+    /// the return address a frameless leaf returns to, for the sample's own leaf).
     fn walk_chain(
         &mut self,
         sample: &StackSample,
-        mut pc: u64,
+        (mut pc, leaf_return): (u64, Option<u64>),
         mut fp: u64,
         slot: &impl Fn(Option<u64>) -> Option<u64>,
         seen: &mut Vec<u64>,
@@ -391,16 +427,22 @@ impl JsNamer {
                     bytecode_offset: slot(at(fp_bytecode_offset)),
                     receiver,
                     captured,
+                    pc,
+                    is_return: pc != sample.regs[0],
+                    leaf_return: leaf_return.filter(|_| pc == sample.regs[0]),
                 };
-                if let Some(mut id) = self.name_frame(&slots) {
-                    // A builtin with only native code leafward (the regexp interpreter): the
-                    // regexp it was called with, when it was.
-                    if refs.is_empty()
-                        && let Some(regexp) =
-                            self.builtin_regexp(function, receiver, slot(at(fp_receiver + 8)))
-                    {
-                        id = regexp;
-                    }
+                // Inlined functions first: they run inside this frame.
+                let mut ids = self.name_frame(&slots);
+                // A builtin with only native code leafward (the regexp interpreter): the
+                // regexp it was called with, when it was.
+                if refs.is_empty()
+                    && !ids.is_empty()
+                    && let Some(regexp) =
+                        self.builtin_regexp(function, receiver, slot(at(fp_receiver + 8)))
+                {
+                    ids = vec![regexp];
+                }
+                for id in ids {
                     refs.push((fp, JsFrameRef { pc, id }));
                 }
             }
@@ -415,9 +457,14 @@ impl JsNamer {
         }
     }
 
-    /// Names a frame; `None` unless its function checks out as a `JSFunction` with a
+    /// Names a frame, and the functions inlined into it where its code is optimized, leaf
+    /// first; nothing unless its function checks out as a `JSFunction` with a
     /// `SharedFunctionInfo` whose name can be read.
-    fn name_frame(&mut self, slots: &FrameSlots) -> Option<u32> {
+    fn name_frame(&mut self, slots: &FrameSlots) -> Vec<u32> {
+        self.name_frames(slots).unwrap_or_default()
+    }
+
+    fn name_frames(&mut self, slots: &FrameSlots) -> Option<Vec<u32>> {
         let function = heap_object(slots.function)?;
         let shared = if let Some(captured) = slots.captured {
             // Read when the sample was taken; checked below as a SharedFunctionInfo.
@@ -432,9 +479,23 @@ impl JsNamer {
         };
         let info = self.function_info(shared)?;
         let name = info.name.clone()?;
-        // Exact for an interpreted frame; a compiled one is placed where its function starts,
-        // and says so by having no column.
-        let current = self.bytecode_position(slots);
+        // Exact for optimized code that checks out (with the functions inlined into it) and
+        // for an interpreted frame; another compiled one is placed where its function starts,
+        // and says so by having no column. Optimized code first: code that replaced an
+        // interpreted frame on the stack (OSR) keeps its slots, at the loop it left.
+        let mut ids = Vec::new();
+        let chain = self
+            .optimized_chain(slots.pc, slots.is_return, shared)
+            .or_else(|| self.optimized_chain(slots.leaf_return?, true, shared));
+        let current = match chain.as_ref().and_then(|c| c.split_last()) {
+            Some((own, inlined)) => {
+                for function in inlined {
+                    ids.push(self.name_inlined(function)?);
+                }
+                own.offset
+            }
+            None => self.bytecode_position(slots),
+        };
         let exact = current.is_some();
         let offset = current
             .or(info.start)
@@ -449,6 +510,28 @@ impl JsNamer {
         };
         let mut frame = Frame::js_at(
             display_name(&name, type_name.as_deref()),
+            info.file.clone(),
+            position.map(|(line, column)| (line, exact.then_some(column))),
+        );
+        if let (Some(file), Some((line, column))) = (&info.file, position) {
+            frame.original = self.source_maps.original(file, line, column);
+        }
+        ids.push(self.intern(frame)?);
+        Some(ids)
+    }
+
+    /// A function inlined into an optimized frame, at its position (no receiver is read for
+    /// it: a method inlined goes without its class).
+    fn name_inlined(&mut self, function: &code::Inlined) -> Option<u32> {
+        let info = self.function_info(function.shared)?;
+        let name = info.name.clone()?;
+        let exact = function.offset.is_some();
+        let position = info
+            .script
+            .zip(function.offset.or(info.start))
+            .and_then(|(script, offset)| self.line_column(script, offset));
+        let mut frame = Frame::js_at(
+            display_name(&name, None),
             info.file.clone(),
             position.map(|(line, column)| (line, exact.then_some(column))),
         );

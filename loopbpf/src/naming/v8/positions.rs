@@ -149,7 +149,11 @@ fn line_ends(units: &[u16]) -> Option<Vec<u32>> {
 /// position table: pairs of (code offset delta, position delta) as variable-length numbers.
 /// Code offsets are zig-zag encoded with the sign as the statement bit up to V8 13, unsigned
 /// with two flag bits from V8 14.
-fn position_at(table: &[u8], bytecode_offset: i64, unsigned_code_offsets: bool) -> Option<i64> {
+pub(super) fn position_at(
+    table: &[u8],
+    bytecode_offset: i64,
+    unsigned_code_offsets: bool,
+) -> Option<i64> {
     let mut at = 0;
     let mut code_offset: i64 = -1;
     let mut position: i64 = 0;
