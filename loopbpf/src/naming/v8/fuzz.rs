@@ -107,6 +107,7 @@ fn layout() -> Layout {
             thin_tag: 5,
             one_byte_tag: 8,
         },
+        objects: None,
     }
 }
 

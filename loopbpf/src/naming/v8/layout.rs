@@ -57,6 +57,9 @@ pub struct Layout {
     pub byte_array_data: u64,
     pub scope: ScopeLayout,
     pub strings: StringLayout,
+    /// How objects keep their properties; `None` when the metadata does not say (requests
+    /// are then not read).
+    pub objects: Option<super::object::ObjectLayout>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +254,7 @@ impl Layout {
                 thin_tag: tag(&["ThinStringTag"])?,
                 one_byte_tag: tag(&["OneByteStringTag"])?,
             },
+            objects: super::object::ObjectLayout::from_metadata(values).ok(),
         })
     }
 }
