@@ -7,13 +7,13 @@
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
     process::Command,
     thread,
     time::Duration,
 };
 
-use loopbpf_tests::{Fixture, Loopbpf, fixture, node_of, npm_package, require_root};
+use loopbpf_tests::{Fixture, Loopbpf, fixture, node_of, npm_package, poll_until, require_root};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -229,6 +229,52 @@ fn the_query_string_only_when_asked() {
             "  GET /users/5/report?ms={BLOCK_MS}&token=abc (route /users/:id/report)"
         )),
         "{line}"
+    );
+    loopbpf.stop(TIMEOUT);
+}
+
+/// Prometheus: blocked time by route template (never by URL), for the app's own routes.
+#[test]
+fn blocked_time_by_route_in_prometheus() {
+    require_root();
+    let (node, port) = start(20, "express");
+    let pid = node.pid();
+    let pid_arg = pid.to_string();
+    let metrics_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{metrics_port}");
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid_arg, "--json", "--metrics", &address]);
+    let mut blocked_ms = 0.0;
+    for user in [1, 2] {
+        get(port, &format!("/users/{user}/report?ms={BLOCK_MS}"), false);
+        let block = next_block(&mut loopbpf, pid);
+        assert_eq!(block["request"]["route"], "/users/:id/report", "{block}");
+        blocked_ms += block["duration_ms"].as_f64().unwrap();
+    }
+    let series = format!(
+        "loopbpf_event_loop_blocked_by_route_seconds_total{{pid=\"{pid}\",tid=\"{pid}\",thread=\"main\",comm=\"node\",container=\"\",pod=\"\",route=\"/users/:id/report\"}} "
+    );
+    let mut text = String::new();
+    let found = poll_until(TIMEOUT, || {
+        text = get(metrics_port, "/metrics", false);
+        text.contains(&series)
+    });
+    assert!(found, "no route series {series} in {text}");
+    let seconds: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        (seconds * 1e3 - blocked_ms).abs() < 1.0,
+        "{seconds} s by route, {blocked_ms} ms blocked"
+    );
+    assert!(
+        !text.contains("/users/1/report") && !text.contains("/users/2/report"),
+        "no URL is a label: {text}"
     );
     loopbpf.stop(TIMEOUT);
 }
