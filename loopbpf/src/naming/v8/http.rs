@@ -141,7 +141,7 @@ impl JsNamer {
     }
 
     /// The `traceparent` among a request's `rawHeaders` (names and values, alternating).
-    fn traceparent(&mut self, raw_headers: u64) -> Option<TraceParent> {
+    pub(super) fn traceparent(&mut self, raw_headers: u64) -> Option<TraceParent> {
         let array = heap_object(raw_headers)?;
         let ol = self.layout.objects.clone()?;
         if self.instance_type(array)? != ol.js_array {
