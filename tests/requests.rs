@@ -1,6 +1,6 @@
 //! Which HTTP request blocked the loop, read from outside with no change to the app: a plain
-//! `node:http` server and a real Express app (tests/fixtures/requests.js) whose handlers
-//! block, on several Node majors. The truth is what the test itself sent: method, path, the
+//! `node:http` server, a real Express app and a real Fastify app (tests/fixtures/requests.js)
+//! whose handlers block, on several Node majors. The truth is what the test itself sent: method, path, the
 //! route it was written for, the `traceparent` it carried. A block with no request running
 //! (a timer) names none, a request that waits while another blocks is never named, and the
 //! query string stays out unless `--request-query` asks for it.
@@ -24,8 +24,8 @@ const BLOCK_MS: u64 = 300;
 
 /// requests.js on Node `major`, as a plain `node:http` server or an Express app.
 fn start(major: u32, kind: &str) -> (Fixture, u16) {
-    if kind == "express" {
-        npm_package("express");
+    if kind != "http" {
+        npm_package(kind);
     }
     let mut command = Command::new(node_of(major));
     command.arg(fixture("requests.js")).arg(kind);
@@ -98,7 +98,7 @@ fn requests_are_named(major: u32, kind: &str) {
     let pid = node.pid();
     let pid_arg = pid.to_string();
     let mut loopbpf = Loopbpf::attach(&["--pid", &pid_arg, "--json"]);
-    let express = kind == "express";
+    let framework = kind != "http";
 
     // A handler that blocks synchronously: the request it ran for, whole.
     let body = get(
@@ -114,7 +114,7 @@ fn requests_are_named(major: u32, kind: &str) {
         request["path"], "/users/42/report",
         "the path, without its query: {block}"
     );
-    let route = if express {
+    let route = if framework {
         Value::from("/users/:id/report")
     } else {
         Value::Null
@@ -183,6 +183,11 @@ fn node_20_http() {
 #[test]
 fn node_20_express() {
     requests_are_named(20, "express");
+}
+
+#[test]
+fn node_20_fastify() {
+    requests_are_named(20, "fastify");
 }
 
 #[test]

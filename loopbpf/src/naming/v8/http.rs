@@ -1,7 +1,8 @@
 //! The HTTP request a sample ran for: a Node `IncomingMessage` (Express's requests are ones
-//! too, with Express's prototype) among the receivers and first arguments of the sample's JS
-//! frames, leaf first, and what it says: method, URL, Express's route, the `traceparent`
-//! header (from `rawHeaders`: `headers` is built lazily).
+//! too, with Express's prototype) or a Fastify request (around one) among the receivers and
+//! first arguments of the sample's JS frames, leaf first, and what it says: method, URL, the
+//! route (Express's `req.baseUrl` and `req.route.path`, the URL of Fastify's route config),
+//! the `traceparent` header (from `rawHeaders`: `headers` is built lazily).
 //!
 //! The frame slots are the sample's copy; the objects are read now, while the busy interval
 //! runs. An object is taken as a request only when its map was made by Node's own
@@ -44,6 +45,9 @@ pub(super) enum MapKind {
     IncomingMessage,
     /// An Express `Route` (`req.route`).
     ExpressRoute,
+    /// Fastify's request (its `raw` is the `IncomingMessage`) and route context.
+    FastifyRequest,
+    FastifyContext,
     Other,
 }
 
@@ -95,32 +99,73 @@ impl JsNamer {
         None
     }
 
-    /// The request `tagged` (found in the stack slot at `at`) is, if it is one.
+    /// The request `tagged` (found in the stack slot at `at`) is, if it is one: Node's
+    /// `IncomingMessage`, or Fastify's request around one.
     fn incoming_message(&mut self, tagged: u64, at: u64, keep_query: bool) -> Option<Request> {
         let object = heap_object(tagged)?;
         let map_word = self.memory.word(object + self.layout.map)?;
         let map = heap_object(map_word)?;
-        if self.map_kind(map)? != MapKind::IncomingMessage {
+        let (message, route, outer) = match self.map_kind(map)? {
+            MapKind::IncomingMessage => (object, None, None),
+            MapKind::FastifyRequest => {
+                let outer = self.properties(object, map, FASTIFY_PROPERTIES);
+                let [raw, context] = outer;
+                let route = context.and_then(|c| self.fastify_route(c));
+                (heap_object(raw?)?, route, Some(outer))
+            }
+            _ => return None,
+        };
+        let message_map_word = self.memory.word(message + self.layout.map)?;
+        let message_map = heap_object(message_map_word)?;
+        if self.map_kind(message_map)? != MapKind::IncomingMessage {
             return None;
         }
-        let values = self.properties(object, map, REQUEST_PROPERTIES);
-        let [method, url, original_url, base_url, route, raw_headers] = values;
+        let values = self.properties(message, message_map, REQUEST_PROPERTIES);
+        let [
+            method,
+            url,
+            original_url,
+            base_url,
+            express_route,
+            raw_headers,
+        ] = values;
         let method = self.js_string(method?, MAX_METHOD + 1)?;
         // Express rewrites `url` inside mounted routers; `originalUrl` is the whole one.
         let url = original_url
             .and_then(|u| self.js_string(u, MAX_URL))
             .or_else(|| self.js_string(url?, MAX_URL))?;
-        let route = route.and_then(|r| self.express_route(r, base_url));
+        let route = route.or_else(|| express_route.and_then(|r| self.express_route(r, base_url)));
         let trace = raw_headers.and_then(|h| self.traceparent(h));
-        // Nothing moved while it was read: the frame still holds the object, the object its
-        // map and its values.
+        // Nothing moved while it was read: the frame still holds the object, the objects
+        // their maps and their values.
         let still = self.memory.word(at)? == tagged
             && self.memory.word(object + self.layout.map)? == map_word
-            && self.properties(object, map, REQUEST_PROPERTIES) == values;
+            && outer.is_none_or(|outer| self.properties(object, map, FASTIFY_PROPERTIES) == outer)
+            && self.memory.word(message + self.layout.map)? == message_map_word
+            && self.properties(message, message_map, REQUEST_PROPERTIES) == values;
         if !still {
             return None;
         }
         request::from_parts(&method, &url, route, trace, keep_query)
+    }
+
+    /// Fastify's route template: the URL its route context's config was declared with.
+    fn fastify_route(&mut self, context: u64) -> Option<String> {
+        let context = heap_object(context)?;
+        let map = heap_object(self.memory.word(context + self.layout.map)?)?;
+        if self.map_kind(map)? != MapKind::FastifyContext {
+            return None;
+        }
+        let [config] = self.properties(context, map, ["config"]);
+        let config = heap_object(config?)?;
+        let config_map = heap_object(self.memory.word(config + self.layout.map)?)?;
+        let js_object = self.layout.objects.as_ref()?.js_object;
+        if self.map_type_of(config_map)? != js_object {
+            return None;
+        }
+        let [url] = self.properties(config, config_map, ["url"]);
+        self.js_string(url?, MAX_ROUTE + 1)
+            .filter(|route| route.len() <= MAX_ROUTE)
     }
 
     /// Express's route template: `req.baseUrl` and `req.route.path`.
@@ -237,12 +282,21 @@ impl JsNamer {
     }
 }
 
+/// The properties of a Fastify request read: its `IncomingMessage`, its route context.
+const FASTIFY_PROPERTIES: [&str; 2] = ["raw", "@@fastify.context"];
+
 /// What a constructor's name and script make of its instances.
 fn kind_of(info: &FunctionInfo) -> MapKind {
     match (info.name.as_deref(), info.file.as_deref()) {
         (Some("IncomingMessage"), Some("node:_http_incoming")) => MapKind::IncomingMessage,
         (Some("Route"), Some(file)) if file.ends_with("/express/lib/router/route.js") => {
             MapKind::ExpressRoute
+        }
+        (Some("Request" | "_Request"), Some(file)) if file.ends_with("/fastify/lib/request.js") => {
+            MapKind::FastifyRequest
+        }
+        (Some("Context"), Some(file)) if file.ends_with("/fastify/lib/context.js") => {
+            MapKind::FastifyContext
         }
         _ => MapKind::Other,
     }

@@ -55,6 +55,9 @@ pub struct ObjectLayout {
     pub dictionary_entry_size: u64,
     pub js_object: u16,
     pub js_array: u16,
+    /// Symbols, and where one keeps its description.
+    pub symbol: u16,
+    pub symbol_description: u64,
     pub property_array: u16,
     pub descriptor_arrays: [u16; 2],
 }
@@ -114,6 +117,8 @@ impl ObjectLayout {
             dictionary_entry_size: offset("namedictionaryshape_entry_size")?,
             js_object: tag("type_JSObject__JS_OBJECT_TYPE")?,
             js_array: tag("type_JSArray__JS_ARRAY_TYPE")?,
+            symbol: tag("type_Symbol__SYMBOL_TYPE")?,
+            symbol_description: offset("class_Symbol__name__")?,
             property_array: tag("type_PropertyArray__PROPERTY_ARRAY_TYPE")?,
             descriptor_arrays: [
                 tag("type_DescriptorArray__DESCRIPTOR_ARRAY_TYPE")?,
@@ -333,17 +338,35 @@ impl JsNamer {
         Some(())
     }
 
-    /// Which of `names` a descriptor's key is (a string key of the same length and units).
+    /// Which of `names` a descriptor's key is: a string key of the same length and units, or
+    /// for a name `@@description`, a symbol of that description.
     fn key_among(&mut self, key: u64, names: &[&'static str]) -> Option<&'static str> {
-        let key = heap_object(key)?;
+        let mut key = heap_object(key)?;
+        let mut symbol = false;
+        let symbols = self
+            .layout
+            .objects
+            .as_ref()
+            .map(|ol| (ol.symbol, ol.symbol_description));
+        if let Some((symbol_type, description)) = symbols
+            && self.instance_type(key) == Some(symbol_type)
+        {
+            let description = key + description;
+            key = heap_object(self.memory.word(description)?)?;
+            symbol = true;
+        }
         if !self.is_string(key) {
-            return None; // a symbol, or not a name at all
+            return None; // not a name at all
         }
         let units = self.string_units(key, 0, MAX_KEY + 1)?;
-        names
-            .iter()
-            .copied()
-            .find(|n| n.len() <= MAX_KEY && n.encode_utf16().eq(units.iter().copied()))
+        names.iter().copied().find(|name| {
+            let text = match name.strip_prefix("@@") {
+                Some(description) if symbol => description,
+                None if !symbol => name,
+                _ => return false,
+            };
+            text.len() <= MAX_KEY && text.encode_utf16().eq(units.iter().copied())
+        })
     }
 }
 
