@@ -283,3 +283,31 @@ fn blocked_time_by_route_in_prometheus() {
     );
     loopbpf.stop(TIMEOUT);
 }
+
+/// A loop still stuck in a handler: the ongoing reports name the request already.
+#[test]
+fn an_ongoing_block_names_its_request() {
+    require_root();
+    let (node, port) = start(20, "express");
+    let pid = node.pid();
+    let pid_arg = pid.to_string();
+    let mut loopbpf = Loopbpf::attach(&["--pid", &pid_arg, "--json"]);
+    let client = thread::spawn(move || get(port, "/users/8/report?ms=2500", true));
+    let line = loopbpf
+        .out
+        .wait_for(TIMEOUT, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == "ongoing")
+        })
+        .unwrap_or_else(|| panic!("no ongoing record: {:?}", loopbpf.err.seen));
+    let ongoing: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ongoing["request"]["path"], "/users/8/report", "{ongoing}");
+    assert_eq!(
+        ongoing["request"]["route"], "/users/:id/report",
+        "{ongoing}"
+    );
+    assert_eq!(ongoing["request"]["trace_id"], TRACE_ID, "{ongoing}");
+    assert!(client.join().unwrap().contains("measured_ms"));
+    let block = loopbpf.wait_for_block(pid, TIMEOUT);
+    assert_eq!(block["request"]["path"], "/users/8/report", "{block}");
+    loopbpf.stop(TIMEOUT);
+}
