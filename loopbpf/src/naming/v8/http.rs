@@ -22,8 +22,11 @@ use crate::{
     target::memory::ReadMemory,
 };
 
-/// JS frames whose slots are looked at, leaf first.
-const MAX_FRAMES: usize = 64;
+/// JS frames whose slots are looked at, leaf first (as many as the kernel side captures), and
+/// objects looked at in all: each costs two reads (its map, the map's constructor) when it is
+/// not a request, so a deep stack with none costs a sample at most 128 more.
+const MAX_FRAMES: usize = 32;
+const MAX_CANDIDATES: usize = 64;
 /// Arguments looked at in each frame, after its receiver.
 const MAX_ARGS: u64 = 3;
 /// Longest method, URL and route read; a longer URL is cut there, a longer method or route is
@@ -77,6 +80,7 @@ impl JsNamer {
             Some(u64::from_le_bytes(bytes.try_into().ok()?))
         };
         let (fp_receiver, fp_argc) = (self.layout.fp_receiver, self.layout.fp_function - 8);
+        let mut candidates = 0;
         for &fp in frames.iter().take(MAX_FRAMES) {
             // The argument count (the receiver included), a raw integer below the function.
             let Some(argc) = fp.checked_add_signed(fp_argc).and_then(slot) else {
@@ -90,7 +94,13 @@ impl JsNamer {
                 else {
                     continue;
                 };
-                let Some(tagged) = slot(at) else { continue };
+                let Some(tagged) = slot(at).filter(|&t| heap_object(t).is_some()) else {
+                    continue;
+                };
+                candidates += 1;
+                if candidates > MAX_CANDIDATES {
+                    return None;
+                }
                 if let Some(request) = self.incoming_message(tagged, at, keep_query) {
                     return Some(request);
                 }
