@@ -41,6 +41,15 @@ const MAX_TRACEPARENT: usize = 64;
 /// Maps followed from an object's map back to its constructor.
 const MAX_BACK_POINTERS: usize = 1024;
 
+/// A request read in a busy interval (thread, interval, `--request-query`), by its object
+/// and the values read of it (and of Fastify's request around it).
+pub(super) type RequestKey = (
+    (u32, u64, bool),
+    u64,
+    [Option<u64>; 6],
+    Option<[Option<u64>; 2]>,
+);
+
 /// What an object's map was made by, as far as requests go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MapKind {
@@ -69,6 +78,7 @@ impl JsNamer {
     /// the innermost one when there are several. `keep_query`: the URL's query string too.
     pub fn request(&mut self, sample: &StackSample, keep_query: bool) -> Option<Request> {
         self.layout.objects.as_ref()?;
+        self.reading_for = (sample.of.tid, sample.of.busy_since_ns, keep_query);
         let mut frames = std::mem::take(&mut self.frame_pointers);
         frames.sort_unstable();
         let [_, sp, _] = sample.regs;
@@ -115,13 +125,12 @@ impl JsNamer {
         let object = heap_object(tagged)?;
         let map_word = self.memory.word(object + self.layout.map)?;
         let map = heap_object(map_word)?;
-        let (message, route, outer) = match self.map_kind(map)? {
+        let (message, context, outer) = match self.map_kind(map)? {
             MapKind::IncomingMessage => (object, None, None),
             MapKind::FastifyRequest => {
                 let outer = self.properties(object, map, FASTIFY_PROPERTIES);
                 let [raw, context] = outer;
-                let route = context.and_then(|c| self.fastify_route(c));
-                (heap_object(raw?)?, route, Some(outer))
+                (heap_object(raw?)?, context, Some(outer))
             }
             _ => return None,
         };
@@ -131,6 +140,16 @@ impl JsNamer {
             return None;
         }
         let values = self.properties(message, message_map, REQUEST_PROPERTIES);
+        // Read already in this busy interval, from the same values: strings do not change, and
+        // one the GC moved would have changed the value that points at it.
+        let key = (self.reading_for, message, values, outer);
+        if let Some(known) = self.requests_read.get(&key).cloned() {
+            let still = self.memory.word(at)? == tagged
+                && self.memory.word(object + self.layout.map)? == map_word
+                && self.memory.word(message + self.layout.map)? == message_map_word;
+            return still.then_some(known);
+        }
+        let route = context.and_then(|c| self.fastify_route(c));
         let [
             method,
             url,
@@ -156,7 +175,12 @@ impl JsNamer {
         if !still {
             return None;
         }
-        request::from_parts(&method, &url, route, trace, keep_query)
+        let request = request::from_parts(&method, &url, route, trace, keep_query)?;
+        if self.may_cache() {
+            let bytes = request.path.len() + request.route.as_ref().map_or(0, String::len) + 64;
+            self.requests_read.insert(key, request.clone(), bytes);
+        }
+        Some(request)
     }
 
     /// Fastify's route template: the URL its route context's config was declared with.

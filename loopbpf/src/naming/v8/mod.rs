@@ -137,6 +137,9 @@ pub struct JsNamer {
     /// Where maps keep the properties read of requests, and what made them.
     map_properties: BoundedCache<u64, MapProperties>,
     request_maps: BoundedCache<u64, (u64, MapKind)>,
+    /// Requests read in a busy interval, and the interval being read for.
+    requests_read: BoundedCache<http::RequestKey, crate::naming::request::Request>,
+    reading_for: (u32, u64, bool),
 }
 
 /// Where the limits on naming one process's JS frames left frames unnamed or dropped what was
@@ -214,6 +217,8 @@ impl JsNamer {
             frame_pointers: Vec::new(),
             map_properties: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
             request_maps: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
+            requests_read: BoundedCache::new(4096, 4 << 20),
+            reading_for: (0, 0, false),
         }
     }
 
@@ -228,6 +233,7 @@ impl JsNamer {
             (self.captured_before.cleared, self.captured_before.refused),
             (self.map_properties.cleared, self.map_properties.refused),
             (self.request_maps.cleared, self.request_maps.refused),
+            (self.requests_read.cleared, self.requests_read.refused),
         ];
         LimitsHit {
             cache_evictions: caches.iter().map(|(c, r)| c + r).sum::<u64>()
