@@ -124,6 +124,7 @@ pub enum Mode {
 }
 
 /// The options of every session, with or without `record`: declared once, flattened into both.
+#[expect(clippy::struct_excessive_bools, reason = "each is a command-line flag")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct SessionArgs {
     /// Process to attach to (a running Node.js or other libuv program).
@@ -150,6 +151,11 @@ pub struct SessionArgs {
     /// Do not collect stacks (only durations, ELU and counts).
     #[arg(long)]
     pub no_stacks: bool,
+
+    /// Keep the query string in the URL of the request a block ran for (dropped by default:
+    /// queries carry secrets).
+    #[arg(long)]
+    pub request_query: bool,
 
     /// No notes, warnings or status lines on stderr (errors and lost events are still told).
     #[arg(short, long)]

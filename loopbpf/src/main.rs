@@ -23,7 +23,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    match session::run(&cli::Args::parse()) {
+    let args = cli::Args::parse();
+    naming::request::keep_query(args.resolve().0.session.request_query);
+    match session::run(&args) {
         Ok(code) => code,
         Err(error) => {
             // The error may name what a target wrote (its comm, a path).

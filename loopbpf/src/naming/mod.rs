@@ -92,12 +92,15 @@ impl Naming {
     /// Unwinds a sample and finds its JS frames; its stack copy is dropped with it.
     pub fn unwind(&mut self, sample: &StackSample) -> Sample {
         let user = self.unwinder.unwind(sample);
-        let js = self
-            .js
-            .as_mut()
-            .map(|js| js.js_frames(sample, &user))
-            .unwrap_or_default();
-        Sample::with_frames(sample, user, js)
+        let (js, request) = match self.js.as_mut() {
+            Some(js) => {
+                let frames = js.js_frames(sample, &user);
+                let request = js.request(sample, request::keeps_query());
+                (frames, request)
+            }
+            None => (Vec::new(), None),
+        };
+        Sample::with_frames(sample, user, js, request)
     }
 
     /// Where the limits on naming JS frames left them unnamed so far.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     frame::Frame,
-    request::Request,
+    request::{Request, RequestWeights},
     symbolize::Symbolizer,
     v8::{JsFrameRef, JsNamer},
 };
@@ -29,6 +29,8 @@ pub struct Sample {
     pub kernel: Vec<u64>,
     /// The JS frames among `user`.
     pub js: Vec<JsFrameRef>,
+    /// The HTTP request its JS frames ran for, when one was found.
+    pub request: Option<Request>,
 }
 
 impl Sample {
@@ -39,15 +41,22 @@ impl Sample {
             user: raw.user,
             kernel: raw.kernel,
             js: Vec::new(),
+            request: None,
         }
     }
 
-    pub fn with_frames(raw: &StackSample, user: Vec<u64>, js: Vec<JsFrameRef>) -> Self {
+    pub fn with_frames(
+        raw: &StackSample,
+        user: Vec<u64>,
+        js: Vec<JsFrameRef>,
+        request: Option<Request>,
+    ) -> Self {
         Self {
             of: raw.of,
             user,
             kernel: raw.kernel.clone(),
             js,
+            request,
         }
     }
 }
@@ -69,10 +78,15 @@ pub struct RawStacks {
     pub stacks: HashMap<StackKey, u64>,
     pub on_cpu_samples: u64,
     pub off_cpu_ns: u64,
+    /// The requests the samples ran for.
+    pub requests: RequestWeights,
 }
 
 impl RawStacks {
     pub fn add(&mut self, sample: Sample) {
+        if let Some(request) = sample.request {
+            self.requests.add(request, sample.of.off_cpu_ns);
+        }
         let key = StackKey {
             on_cpu: sample.of.off_cpu_ns.is_none(),
             user: sample.user,
@@ -160,7 +174,7 @@ pub fn profile(
         on_cpu_ns,
         off_cpu_ns,
         stacks,
-        request: None,
+        request: raw.requests.heaviest(on_cpu_ns, raw.on_cpu_samples),
     }
 }
 
@@ -211,6 +225,7 @@ mod tests {
             user: user.to_vec(),
             kernel: Vec::new(),
             js: Vec::new(),
+            request: None,
         }
     }
 

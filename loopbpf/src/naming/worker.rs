@@ -334,6 +334,7 @@ mod tests {
             user: vec![leaf],
             kernel: Vec::new(),
             js: Vec::new(),
+            request: None,
         }
     }
 

@@ -82,7 +82,15 @@ fn profile() -> BlockProfile {
     let mut kernel = native("do_sys_openat2", "[kernel]");
     kernel.kind = FrameKind::Kernel;
     BlockProfile {
-        request: None,
+        request: crate::naming::request::from_parts(
+            "POST",
+            "/login",
+            Some("/login".to_owned()),
+            crate::naming::request::parse_traceparent(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            false,
+        ),
         on_cpu_ns: 150_333_333,
         off_cpu_ns: 26_027_901,
         stacks: vec![

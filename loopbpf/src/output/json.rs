@@ -20,6 +20,7 @@ use crate::{
     aggregate::{BlockEnd, LoopId, LoopSummary, Record, ThreadLabel},
     naming::{
         frame::{self, FrameKind},
+        request::Request,
         stacks::{BlockProfile, NamedStack},
     },
     target::ProcessLabels,
@@ -68,6 +69,8 @@ pub struct Block {
     pub pid: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The HTTP request the block ran for; `null` when none was found.
+    pub request: Option<RequestJson>,
     /// Heaviest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stacks: Option<Vec<Stack>>,
@@ -82,6 +85,34 @@ pub struct Block {
     /// The worker's number, for workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<u32>,
+}
+
+/// The request a block ran for (the one with the most sample weight).
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestJson {
+    pub method: String,
+    /// Other requests on the block's stacks.
+    pub others: u32,
+    /// The caller's span id of its `traceparent`, 16 hex digits.
+    pub parent_span_id: Option<String>,
+    pub path: String,
+    /// The route template the framework matched.
+    pub route: Option<String>,
+    /// The trace id of its `traceparent`, 32 hex digits.
+    pub trace_id: Option<String>,
+}
+
+impl RequestJson {
+    fn new(request: &Request) -> Self {
+        Self {
+            method: request.method.clone(),
+            others: request.others,
+            parent_span_id: request.trace.map(|t| t.parent_span_id_hex()),
+            path: request.path.clone(),
+            route: request.route.clone(),
+            trace_id: request.trace.map(|t| t.trace_id_hex()),
+        }
+    }
 }
 
 /// One stack of a block and the time it took.
@@ -464,6 +495,9 @@ impl Block {
             on_cpu_ms: profile.map(|p| ms(p.on_cpu_ns)),
             pid: who.pid,
             pod: who.pod,
+            request: profile
+                .and_then(|p| p.request.as_ref())
+                .map(RequestJson::new),
             stacks: profile.map(|p| p.stacks.iter().map(Stack::new).collect()),
             naming_timed_out: false,
             start_unix_ms: unix_ms,

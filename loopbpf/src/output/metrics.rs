@@ -114,7 +114,15 @@ struct LoopMetrics {
     /// GC pauses by kind: per bucket of `GC_BUCKETS` (not cumulative), all of them, their
     /// total time.
     gc: std::collections::BTreeMap<GcKind, ([u64; GC_BUCKETS.len()], u64, u64)>,
+    /// Blocked time by the route template of the request it ran for: at most [`MAX_ROUTES`]
+    /// routes, the rest under [`OTHER_ROUTE`].
+    routes: std::collections::BTreeMap<String, u64>,
 }
+
+/// Routes counted per loop thread, and the label of the blocked time of any others: a label
+/// value per route template is bounded by the app's routes, but not one a target chooses.
+const MAX_ROUTES: usize = 50;
+const OTHER_ROUTE: &str = "other";
 
 /// The metrics of every loop thread, and the exposition scrapers get.
 #[derive(Debug)]
@@ -160,6 +168,21 @@ impl Metrics {
         }
         m.blocks += 1;
         m.blocked_ns += duration_ns;
+    }
+
+    /// Counts a block that ran for a request matched to `route` (once its stacks are named).
+    pub fn on_route_block(&mut self, pid: u32, tid: u32, route: &str, duration_ns: u64) {
+        let routes = &mut self.loops.entry((pid, tid)).or_default().routes;
+        // Kept as the label will show it, so that routes cut alike count as one.
+        let route = label_value(route);
+        let key = if routes.contains_key(&route)
+            || routes.keys().filter(|r| *r != OTHER_ROUTE).count() < MAX_ROUTES
+        {
+            route
+        } else {
+            OTHER_ROUTE.to_owned()
+        };
+        *routes.entry(key).or_default() += duration_ns;
     }
 
     /// Counts a GC pause of loop thread `tid` of `pid`.
@@ -401,6 +424,7 @@ fn loop_series(
         MetricType::COUNTER,
         counter(labels(&base), m.blocked_ns as f64 / 1e9),
     );
+    route_series(families, m, &base);
     let ongoing_ns = status
         .busy(now_ns)
         .map(|(_, busy_ns)| busy_ns)
@@ -429,6 +453,20 @@ fn loop_series(
             active_ns as f64 / 1e9,
         ),
     );
+}
+
+/// A loop thread's blocked time by the route of the request it ran for.
+fn route_series(families: &mut Families, m: &LoopMetrics, base: &[(&str, &str)]) {
+    for (route, ns) in &m.routes {
+        let mut pairs = base.to_vec();
+        pairs.push(("route", route));
+        families.add(
+            "loopbpf_event_loop_blocked_by_route_seconds_total",
+            "Time spent in blocked intervals that ended, by the route template of the HTTP request they ran for (at most 50 routes per loop thread; the rest under route=\"other\").",
+            MetricType::COUNTER,
+            counter(labels(&pairs), *ns as f64 / 1e9),
+        );
+    }
 }
 
 /// A loop thread's GC pauses by kind, and for a main thread its process's memory after GC.
@@ -944,5 +982,42 @@ mod tests {
         metrics.refresh(S, &[], &Health::default());
         assert!(!text(&metrics).contains("pid=\"7\""));
         assert!(metrics.loops.is_empty());
+    }
+
+    #[test]
+    fn blocked_time_by_route_keeps_fifty_routes_and_the_rest_as_other() {
+        let mut metrics = Metrics::new(100_000_000);
+        for i in 0..60 {
+            metrics.on_route_block(7, 7, &format!("/r/{i}/:id"), S / 10);
+        }
+        // A known route keeps counting under its own name.
+        metrics.on_route_block(7, 7, "/r/0/:id", S);
+        metrics.on_route_block(7, 7, "/evil\n\x1b", S);
+        let state = ThreadState {
+            pid: 7,
+            role: ROLE_MAIN,
+            ..ThreadState::default()
+        };
+        let process = ProcessLabels::default();
+        metrics.refresh(S, &[view_of(&state, &process)], &Health::default());
+        let text = text(&metrics);
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("loopbpf_event_loop_blocked_by_route_seconds_total{"))
+            .collect();
+        assert_eq!(series.len(), 51, "{text}");
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("route=\"/r/0/:id\"") && l.ends_with(" 1.1")),
+            "{text}"
+        );
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("route=\"other\"") && l.ends_with(" 2")),
+            "{text}"
+        );
+        assert!(!series.iter().any(|l| l.contains("/r/55/")), "{text}");
     }
 }

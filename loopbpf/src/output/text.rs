@@ -64,6 +64,7 @@ impl Text {
     }
 
     /// A record's lines; `now_ns` stamps interval and leak lines.
+    #[expect(clippy::too_many_lines, reason = "one arm per kind of record")]
     pub fn record(
         &mut self,
         named: Named<'_>,
@@ -108,9 +109,10 @@ impl Text {
                     id,
                     "blocked",
                     &format!(
-                        "{prefix}{}{}{suffix}{note}",
+                        "{prefix}{}{}{suffix}{note}{}",
                         human(*duration_ns),
-                        gc_share(*gc_ns, *duration_ns)
+                        gc_share(*gc_ns, *duration_ns),
+                        request_text(named.profile)
                     ),
                 );
                 text += &profile_text(named.profile, named.naming_timed_out);
@@ -133,9 +135,10 @@ impl Text {
                     id,
                     "ongoing",
                     &format!(
-                        "{} and counting{} ({note})",
+                        "{} and counting{} ({note}){}",
                         human(*duration_ns),
-                        gc_share(*gc_ns, *duration_ns)
+                        gc_share(*gc_ns, *duration_ns),
+                        request_text(named.profile)
                     ),
                 );
                 text += &profile_text(named.profile, named.naming_timed_out);
@@ -244,6 +247,32 @@ impl Text {
         }
         text
     }
+}
+
+/// The request a block ran for, after its duration: `  GET /deps/check (route /deps/check)`,
+/// with `, 2 other requests` when more were on its stacks.
+fn request_text(profile: Option<&BlockProfile>) -> String {
+    let Some(request) = profile.and_then(|p| p.request.as_ref()) else {
+        return String::new();
+    };
+    let mut text = format!(
+        "  {} {}",
+        printable(&request.method),
+        printable(&request.path)
+    );
+    let mut notes = Vec::new();
+    if let Some(route) = &request.route {
+        notes.push(format!("route {}", printable(route)));
+    }
+    match request.others {
+        0 => {}
+        1 => notes.push("1 other request".to_owned()),
+        n => notes.push(format!("{n} other requests")),
+    }
+    if !notes.is_empty() {
+        let _ = write!(text, " ({})", notes.join(", "));
+    }
+    text
 }
 
 /// A block's on- and off-CPU time, and what ran as a short tree (see [`tree`]).

@@ -416,6 +416,24 @@ impl Session<'_> {
         {
             self.flame.add(id, profile);
         }
+        if let (
+            Record::Block {
+                id, duration_ns, ..
+            },
+            Some(metrics),
+            Some(route),
+            false,
+        ) = (
+            &waiting.record,
+            self.metrics.as_mut(),
+            waiting
+                .profile
+                .as_ref()
+                .and_then(|p| p.request.as_ref()?.route.as_deref()),
+            waiting.final_only,
+        ) {
+            metrics.on_route_block(id.pid, id.tid, route, *duration_ns);
+        }
         let named = Named {
             record: &waiting.record,
             profile: waiting.profile.as_ref(),

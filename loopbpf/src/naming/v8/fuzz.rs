@@ -12,6 +12,7 @@ use super::{
     FrameSlots, JsNamer,
     code::{CodeLayout, DeoptIndices, SplitCode},
     layout::{Layout, ScopeLayout, StringLayout, Types},
+    object::ObjectLayout,
 };
 use crate::{
     abi::{CapturedFrame, RED_ZONE},
@@ -109,6 +110,7 @@ pub(super) fn layout() -> Layout {
             one_byte_tag: 8,
         },
         code: Some(code_layout()),
+        objects: Some(object_layout()),
     }
 }
 
@@ -144,6 +146,43 @@ fn code_layout() -> CodeLayout {
     }
 }
 
+/// How the made-up V8 keeps objects' properties (as V8 12 does).
+fn object_layout() -> ObjectLayout {
+    ObjectLayout {
+        properties: 8,
+        elements: 16,
+        descriptors: 40,
+        instance_size_words: 8,
+        inobject_start_words: 9,
+        dictionary_map_bit: 21,
+        own_descriptors_mask: 0x000f_fc00,
+        own_descriptors_shift: 10,
+        descriptor_header: 24,
+        descriptor_size: 3,
+        descriptor_key: 0,
+        descriptor_details: 1,
+        descriptor_value: 2,
+        kind_mask: 1,
+        kind_data: 0,
+        location_mask: 32,
+        location_field: 0,
+        location_shift: 5,
+        index_mask: 0x1ff8_0000,
+        index_shift: 19,
+        representation_mask: 0x1c0,
+        representation_shift: 6,
+        representation_double: 2,
+        dictionary_entries: 6,
+        dictionary_entry_size: 3,
+        js_object: 1057,
+        js_array: 2113,
+        symbol: 128,
+        symbol_description: 16,
+        property_array: 259,
+        descriptor_arrays: [236, 237],
+    }
+}
+
 /// Every type tag the layout knows, and the string types: what random words are drawn from.
 fn type_tags(l: &Layout) -> Vec<u16> {
     let t = &l.types;
@@ -162,6 +201,10 @@ fn type_tags(l: &Layout) -> Vec<u16> {
         290,
         300,
     ];
+    if let Some(o) = &l.objects {
+        tags.extend([o.js_object, o.js_array, o.property_array]);
+        tags.extend(o.descriptor_arrays);
+    }
     // Sequential, cons, sliced, thin; one- and two-byte.
     tags.extend([0, 1, 3, 5, 8, 9, 11, 13]);
     tags
@@ -259,6 +302,9 @@ fn random_sample(rng: &mut Rng, frames: usize) -> StackSample {
         words[at + 2] = random_slot(rng); // receiver
         words[at - 1] = random_slot(rng); // context
         words[at - 2] = random_slot(rng); // function
+        words[at - 3] = rng.below(6); // the argument count, receiver included
+        words[at + 3] = random_slot(rng); // the first arguments
+        words[at + 4] = random_slot(rng);
         words[at - 4] = random_slot(rng); // bytecode array
         words[at - 5] = random_slot(rng); // bytecode offset
         if rng.below(2) == 0 {
@@ -319,9 +365,45 @@ fn random_heaps_are_named_within_budget() {
                 let frame = namer.frame(r.id).expect("a ref names a kept frame");
                 assert!(frame.name.chars().count() <= 2 * super::heap::MAX_NAME + 1);
             }
+            // The request the frames ran for, within the same sample's budget.
+            let (request, peak) = measure(|| namer.request(&sample, true));
+            let used = namer.memory_used();
+            assert!(
+                used.sample_reads <= LIMITS.sample_reads,
+                "seed {seed}: {used:?}"
+            );
+            assert!(peak <= MAX_SAMPLE_ALLOCATION, "seed {seed}: {peak} bytes");
+            if let Some(request) = request {
+                assert!(request.method.len() <= 16 && request.path.chars().count() <= 2048);
+            }
         }
     }
     assert!(cases >= 10, "only {cases} cases in 2 s");
+}
+
+/// Properties and headers of random objects, whatever their maps and arrays claim: read
+/// within the sample's budget, never a panic.
+#[test]
+fn random_objects_are_read_within_budget() {
+    for seed in 0..200u64 {
+        let mut namer = JsNamer::with_memory(0, layout(), Box::new(FakeHeap::random(seed)), LIMITS);
+        let mut rng = Rng::new(seed);
+        namer.memory.start_sample(Instant::now());
+        for _ in 0..64 {
+            let object = HEAP + (rng.below(HEAP_SIZE) & !7);
+            let map = HEAP + (rng.below(HEAP_SIZE) & !7);
+            let ((), peak) = measure(|| {
+                namer.properties(object, map, ["method", "url", "rawHeaders"]);
+                namer.traceparent(object + 1);
+            });
+            assert!(peak <= MAX_SAMPLE_ALLOCATION, "seed {seed}: {peak} bytes");
+        }
+        let used = namer.memory_used();
+        assert!(
+            used.sample_reads <= LIMITS.sample_reads,
+            "seed {seed}: {used:?}"
+        );
+    }
 }
 
 /// A heap built object by object.

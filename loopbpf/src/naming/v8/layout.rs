@@ -61,6 +61,9 @@ pub struct Layout {
     pub strings: StringLayout,
     /// Where optimized code keeps what places its frames; `None`: they keep their start line.
     pub code: Option<CodeLayout>,
+    /// How objects keep their properties; `None` when the metadata does not say (requests
+    /// are then not read).
+    pub objects: Option<super::object::ObjectLayout>,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +259,7 @@ impl Layout {
                 one_byte_tag: tag(&["OneByteStringTag"])?,
             },
             code: CodeLayout::from_metadata(values, major),
+            objects: super::object::ObjectLayout::from_metadata(values).ok(),
         })
     }
 }

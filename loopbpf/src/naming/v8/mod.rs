@@ -27,7 +27,9 @@ mod code;
 #[cfg(test)]
 mod fuzz;
 mod heap;
+mod http;
 mod layout;
+mod object;
 mod positions;
 mod regexp;
 mod source_maps;
@@ -53,9 +55,11 @@ use crate::{
 };
 
 use heap::{FunctionInfo, heap_object};
+use http::MapKind;
 #[cfg(test)]
 pub use layout::metadata_of;
 use layout::{Layout, postmortem_metadata};
+use object::MapProperties;
 use positions::LineEnds;
 use regexp::RegExpLayout;
 use source_maps::SourceMaps;
@@ -158,6 +162,14 @@ pub struct JsNamer {
     /// Estimated bytes of `frames` and `frame_ids`.
     frame_bytes: usize,
     limits_hit: LimitsHit,
+    /// The JS frames of the last sample walked, for [`JsNamer::request`].
+    frame_pointers: Vec<u64>,
+    /// Where maps keep the properties read of requests, and what made them.
+    map_properties: BoundedCache<u64, MapProperties>,
+    request_maps: BoundedCache<u64, (u64, MapKind)>,
+    /// Requests read in a busy interval, and the interval being read for.
+    requests_read: BoundedCache<http::RequestKey, crate::naming::request::Request>,
+    reading_for: (u32, u64, bool),
 }
 
 /// Where the limits on naming one process's JS frames left frames unnamed or dropped what was
@@ -238,6 +250,11 @@ impl JsNamer {
             frame_ids: HashMap::new(),
             frame_bytes: 0,
             limits_hit: LimitsHit::default(),
+            frame_pointers: Vec::new(),
+            map_properties: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
+            request_maps: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
+            requests_read: BoundedCache::new(4096, 4 << 20),
+            reading_for: (0, 0, false),
         }
     }
 
@@ -252,6 +269,9 @@ impl JsNamer {
             (self.captured_before.cleared, self.captured_before.refused),
             (self.code_headers.cleared, self.code_headers.refused),
             (self.no_code.cleared, self.no_code.refused),
+            (self.map_properties.cleared, self.map_properties.refused),
+            (self.request_maps.cleared, self.request_maps.refused),
+            (self.requests_read.cleared, self.requests_read.refused),
         ];
         LimitsHit {
             cache_evictions: caches.iter().map(|(c, r)| c + r).sum::<u64>()
@@ -302,6 +322,7 @@ impl JsNamer {
     /// picked up again at `user`, the unwound return addresses.
     pub fn js_frames(&mut self, sample: &StackSample, user: &[u64]) -> Vec<JsFrameRef> {
         self.memory.start_sample(Instant::now());
+        self.frame_pointers.clear();
         let refs = self.js_frames_within_budget(sample, user);
         if self.memory.spent() {
             if self.limits_hit.budget_exceeded == 0 {
@@ -405,6 +426,7 @@ impl JsNamer {
             if let (Some(function), Some(context)) = (slot(at(fp_function)), context)
                 && heap_object(context).is_some()
             {
+                self.frame_pointers.push(fp);
                 let receiver = slot(at(fp_receiver));
                 let mut captured = sample.captured.iter().find(|c| c.fp == fp).copied();
                 // The same frame, with the same slots, read at an earlier sample of this call.

@@ -116,6 +116,29 @@ fn block_html(html: &mut String, block: &Block) {
         },
         number(block.start_unix_ms),
     );
+    if let Some(request) = &block.request {
+        let mut notes = Vec::new();
+        if let Some(route) = &request.route {
+            notes.push(format!("route {}", escape(route)));
+        }
+        if let Some(trace) = &request.trace_id {
+            notes.push(format!("trace {}", escape(trace)));
+        }
+        if request.others > 0 {
+            notes.push(format!("{} other requests on its stacks", request.others));
+        }
+        let _ = writeln!(
+            html,
+            "<div>request <code>{} {}</code>{}</div>",
+            escape(&request.method),
+            escape(&request.path),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join(", "))
+            }
+        );
+    }
     if let Some(stacks) = &block.stacks {
         let _ = writeln!(
             html,
@@ -202,7 +225,7 @@ mod tests {
     use super::*;
     use crate::{
         naming::frame::FrameKind,
-        output::json::{LoopLine, Stack},
+        output::json::{LoopLine, RequestJson, Stack},
     };
 
     fn frame(name: &str, module: &str, file: Option<&str>, line: Option<u32>) -> Frame {
@@ -264,6 +287,7 @@ mod tests {
             on_cpu_ms: Some(250.0),
             pid: 7,
             pod: None,
+            request: None,
             stacks: Some(vec![Stack {
                 frames,
                 on_cpu: true,
@@ -292,6 +316,14 @@ mod tests {
             on_cpu_ms: Some(250.0),
             pid: 7,
             pod: None,
+            request: Some(RequestJson {
+                method: "GET".to_owned(),
+                others: 0,
+                parent_span_id: None,
+                path: "/a<b>".to_owned(),
+                route: Some("/:id".to_owned()),
+                trace_id: None,
+            }),
             stacks: Some(vec![Stack {
                 frames: vec![
                     frame("Map<K,V>.get", "[JIT]", Some("/srv/app.js"), Some(3)),
@@ -354,6 +386,10 @@ mod tests {
         let html = render(&report);
         assert!(html.contains("Map&lt;K,V&gt;.get /srv/app.js:3"), "{html}");
         assert!(html.contains("PKCS5_PBKDF2_HMAC (node)"));
+        assert!(
+            html.contains("request <code>GET /a&lt;b&gt;</code> (route /:id)"),
+            "{html}"
+        );
         assert!(html.contains("blocked 250.5 ms"));
         assert!(html.contains("<td>/tmp/b/core.7</td><td>1024 bytes</td>"));
         assert!(html.contains("src=\"timeline.svg\"") && html.contains("data=\"flamegraph.svg\""));
