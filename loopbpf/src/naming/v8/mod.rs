@@ -105,6 +105,10 @@ struct FrameSlots {
 pub struct JsNamer {
     pid: u32,
     layout: Layout,
+    /// Held while the process is named, so that the cache keeps it for the next process of
+    /// that binary: unheld, every exit pruned it, and under churn each new process read the
+    /// 100 MB node binary's symbols again (most of loopbpf's CPU then).
+    _metadata: Option<std::rc::Rc<Metadata>>,
     /// The process's memory, read within [`NAMING_LIMITS`].
     memory: BudgetedMemory,
     /// Instance type by map address (maps live in old space and seldom move).
@@ -177,12 +181,10 @@ impl JsNamer {
         let memory = process
             .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
-        Ok(Some(Self::with_memory(
-            pid,
-            layout,
-            Box::new(memory),
-            NAMING_LIMITS,
-        )))
+        Ok(Some(Self {
+            _metadata: Some(values),
+            ..Self::with_memory(pid, layout, Box::new(memory), NAMING_LIMITS)
+        }))
     }
 
     /// The namer of `pid`'s V8 laid out as `layout`, reading `memory` within `limits`.
@@ -190,6 +192,7 @@ impl JsNamer {
         Self {
             pid,
             layout,
+            _metadata: None,
             memory: BudgetedMemory::new(memory, limits),
             types: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
             functions: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
