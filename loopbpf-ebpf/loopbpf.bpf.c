@@ -157,8 +157,14 @@ static __always_inline bool take_stack_token(__u32 pid, __u64 now)
 	return true;
 }
 
-static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
-				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
+/* How a record is submitted to its ring buffer: `wake` is 0 (the consumer is woken if it
+ * waits) or BPF_RB_NO_WAKEUP for records that can wait for loopbpf's next look (it reads both
+ * rings every 100 ms). A wake-up is not free for the target: it wakes loopbpf from within the
+ * target's own context, and a uprobe's program (not preemption-safe like a perf event's) is
+ * then often preempted by it before it returns, which the target pays for. */
+static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
+					  __u64 start_ns, __u64 end_ns, __u64 loop_addr,
+					  __u64 wake)
 {
 	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -173,7 +179,22 @@ static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 fla
 	e->start_ns = start_ns;
 	e->end_ns = end_ns;
 	e->loop_addr = loop_addr;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wake);
+}
+
+static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
+				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
+{
+	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr, 0);
+}
+
+/* Stack records never need loopbpf at once (a block's control event wakes it, and it takes
+ * the stacks queued before it): they wake it only once the ring is a quarter full. */
+static __always_inline __u64 stack_wake(void)
+{
+	return bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) > LOOPBPF_STACK_RING_BYTES / 4 ?
+		       BPF_RB_FORCE_WAKEUP :
+		       BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
@@ -529,26 +550,37 @@ static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
 	}
 }
 
-/* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes:
- * near the top of a thread's stack a full copy would fault, so halve until one fits. */
-static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
+_Static_assert(LOOPBPF_YOUNG_STACK_COPY == LOOPBPF_STACK_COPY / 8, "a step of the halving");
+
+/* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes
+ * (LOOPBPF_YOUNG_STACK_COPY for a young interval): near the top of a thread's stack a full copy
+ * would fault, so halve until one fits. */
+static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e, bool young)
 {
 	void *sp = (void *)(e->user_sp - LOOPBPF_RED_ZONE);
 
-	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
-		return LOOPBPF_STACK_COPY;
-	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 2, sp))
-		return LOOPBPF_STACK_COPY / 2;
-	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 4, sp))
-		return LOOPBPF_STACK_COPY / 4;
-	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 8, sp))
-		return LOOPBPF_STACK_COPY / 8;
+	if (!young) {
+		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
+			return LOOPBPF_STACK_COPY;
+		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 2, sp))
+			return LOOPBPF_STACK_COPY / 2;
+		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 4, sp))
+			return LOOPBPF_STACK_COPY / 4;
+	}
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_YOUNG_STACK_COPY, sp))
+		return LOOPBPF_YOUNG_STACK_COPY;
 	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 16, sp))
 		return LOOPBPF_STACK_COPY / 16;
 	return 0;
 }
 
-static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e)
+/* Whether a busy interval that began at `busy_since_ns` is still young at `now`. */
+static __always_inline bool young_interval(__u64 busy_since_ns, __u64 now)
+{
+	return now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR;
+}
+
+static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e, bool young)
 {
 	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	struct pt_regs regs = {};
@@ -564,7 +596,7 @@ static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e
 	e->user_sp = regs.rsp;
 	e->user_bp = regs.rbp;
 	read_js_frames(e);
-	e->stack_len = copy_user_stack(e);
+	e->stack_len = copy_user_stack(e, young);
 }
 
 /* Attached per loop thread to a cpu-clock event: fires only while that thread runs. */
@@ -609,8 +641,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->at_ns = now;
 	e->off_cpu_ns = 0;
 	e->reserved = 0;
-	fill_stacks(ctx, e);
-	bpf_ringbuf_submit(e, 0);
+	fill_stacks(ctx, e, young_interval(t->busy_since_ns, now));
+	bpf_ringbuf_submit(e, stack_wake());
 	return 0;
 }
 
@@ -637,8 +669,8 @@ int gc_epilogue(struct pt_regs *ctx)
 	if (!t || !t->gc_start_ns)
 		return 0;
 	/* Heap::CallGCEpilogueCallbacks(this, GCType, ...): the kind is its second argument. */
-	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
-		 bpf_ktime_get_ns(), t->loop_addr);
+	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
+		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }
@@ -658,8 +690,8 @@ int gc_epilogue_collector(struct pt_regs *ctx)
 
 	if (!t || !t->gc_start_ns || collector > 2)
 		return 0;
-	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
-		 bpf_ktime_get_ns(), t->loop_addr);
+	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
+		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }
@@ -736,7 +768,7 @@ static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy
 	sleep->tid = tid;
 	sleep->busy_since_ns = busy_since_ns;
 	sleep->at_ns = now;
-	fill_stacks(ctx, sleep);
+	fill_stacks(ctx, sleep, young_interval(busy_since_ns, now));
 }
 
 /* The thread of `sleep` runs again. Sleeps come in bursts (a GC waits for its helper threads
@@ -765,7 +797,7 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), sleep);
 	e->off_cpu_ns = slept + pending;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, stack_wake());
 }
 
 /* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving

@@ -51,8 +51,17 @@ pub(super) enum Drained {
 }
 
 impl Session<'_> {
-    /// Every [`super::STATE_POLL`]: execs to look at, the threads' state, ongoing blocks.
-    pub(super) fn poll_state(&mut self, now_ns: u64) -> Result<(), End> {
+    /// Every [`super::STATE_POLL`]: the records the kernel side submits without waking us (GC
+    /// pauses, stack samples until their ring is a quarter full), execs to look at, the
+    /// threads' state, ongoing blocks.
+    pub(super) fn poll_state(
+        &mut self,
+        stacks: &mut RingBuf<MapData>,
+        control: &mut RingBuf<MapData>,
+    ) -> Result<(), End> {
+        self.drain(stacks, Drain::Queued)?;
+        self.drain(control, Drain::All)?;
+        let now_ns = Clock::monotonic_ns();
         self.look_at_execs(now_ns);
         // Exits lost on the way end their threads before anything is said ongoing.
         self.reconcile_threads(now_ns, false)?;
