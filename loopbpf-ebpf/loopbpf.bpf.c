@@ -550,37 +550,28 @@ static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
 	}
 }
 
-_Static_assert(LOOPBPF_YOUNG_STACK_COPY == LOOPBPF_STACK_COPY / 8, "a step of the halving");
-
-/* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes
- * (LOOPBPF_YOUNG_STACK_COPY for a young interval): near the top of a thread's stack a full copy
- * would fault, so halve until one fits. */
-static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e, bool young)
+/* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes:
+ * near the top of a thread's stack a full copy would fault, so halve until one fits. A young
+ * interval's samples get the full copy too: with 4 KiB, unwinding JS frames lost its way in a
+ * tenth of them (tests/stacks.rs). */
+static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
 {
 	void *sp = (void *)(e->user_sp - LOOPBPF_RED_ZONE);
 
-	if (!young) {
-		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
-			return LOOPBPF_STACK_COPY;
-		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 2, sp))
-			return LOOPBPF_STACK_COPY / 2;
-		if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 4, sp))
-			return LOOPBPF_STACK_COPY / 4;
-	}
-	if (!bpf_probe_read_user(e->stack, LOOPBPF_YOUNG_STACK_COPY, sp))
-		return LOOPBPF_YOUNG_STACK_COPY;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY, sp))
+		return LOOPBPF_STACK_COPY;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 2, sp))
+		return LOOPBPF_STACK_COPY / 2;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 4, sp))
+		return LOOPBPF_STACK_COPY / 4;
+	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 8, sp))
+		return LOOPBPF_STACK_COPY / 8;
 	if (!bpf_probe_read_user(e->stack, LOOPBPF_STACK_COPY / 16, sp))
 		return LOOPBPF_STACK_COPY / 16;
 	return 0;
 }
 
-/* Whether a busy interval that began at `busy_since_ns` is still young at `now`. */
-static __always_inline bool young_interval(__u64 busy_since_ns, __u64 now)
-{
-	return now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR;
-}
-
-static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e, bool young)
+static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e)
 {
 	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	struct pt_regs regs = {};
@@ -596,7 +587,7 @@ static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e
 	e->user_sp = regs.rsp;
 	e->user_bp = regs.rbp;
 	read_js_frames(e);
-	e->stack_len = copy_user_stack(e, young);
+	e->stack_len = copy_user_stack(e);
 }
 
 /* Attached per loop thread to a cpu-clock event: fires only while that thread runs. */
@@ -641,7 +632,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->at_ns = now;
 	e->off_cpu_ns = 0;
 	e->reserved = 0;
-	fill_stacks(ctx, e, young_interval(t->busy_since_ns, now));
+	fill_stacks(ctx, e);
 	bpf_ringbuf_submit(e, stack_wake());
 	return 0;
 }
@@ -768,7 +759,7 @@ static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy
 	sleep->tid = tid;
 	sleep->busy_since_ns = busy_since_ns;
 	sleep->at_ns = now;
-	fill_stacks(ctx, sleep, young_interval(busy_since_ns, now));
+	fill_stacks(ctx, sleep);
 }
 
 /* The thread of `sleep` runs again. Sleeps come in bursts (a GC waits for its helper threads

@@ -96,11 +96,8 @@ enum loopbpf_role {
  * stop (hand-written assembly, glibc's syscall wrappers). */
 #define LOOPBPF_STACK_COPY 32768
 /* A busy interval is young until it has run for 1/LOOPBPF_YOUNG_DIVISOR of the threshold: most
- * end before that and are no block. Its samples copy only the stack's first
- * LOOPBPF_YOUNG_STACK_COPY bytes (the leaf frames, where frame pointers are missing; the
- * frame-pointer walk goes on beyond), and loopbpf unwinds them only once the interval is no
- * longer young. */
-#define LOOPBPF_YOUNG_STACK_COPY 4096
+ * end before that and are no block. loopbpf unwinds its samples only once it is no longer
+ * young. */
 #define LOOPBPF_YOUNG_DIVISOR 2
 /* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */

@@ -26,8 +26,7 @@ pub const KERNEL_FRAMES: usize = 32;
 /// (`LOOPBPF_RED_ZONE`).
 pub const STACK_COPY: usize = 32768;
 /// A busy interval is young until it has run for 1/`YOUNG_DIVISOR` of the threshold
-/// (`LOOPBPF_YOUNG_DIVISOR`): its samples carry a shorter stack copy, and are unwound only once
-/// it is no longer young.
+/// (`LOOPBPF_YOUNG_DIVISOR`): its samples are unwound only once it is no longer young.
 pub const YOUNG_DIVISOR: u64 = 2;
 pub const RED_ZONE: u64 = 128;
 /// Frames of the chain whose V8 objects are read at sample time (`LOOPBPF_JS_FRAMES`).
@@ -290,12 +289,8 @@ mod tests {
     }
 
     /// The header's constants (macros and enum values) with no twin here, and why.
-    const HEADER_ONLY: [(&str, &str); 6] = [
+    const HEADER_ONLY: [(&str, &str); 5] = [
         ("LOOPBPF_H", "the include guard"),
-        (
-            "LOOPBPF_YOUNG_STACK_COPY",
-            "the copy of a young interval's sample: userspace reads `stack_len`, whatever it is",
-        ),
         (
             "LOOPBPF_CONTROL_RING_BYTES",
             "the control ring buffer's size: userspace reads it to the end, whatever its size",

@@ -8,8 +8,7 @@
 //!
 //! When a sample is unwound is decided here ([`keep`]): most busy intervals end short of the
 //! threshold, and their samples are dropped unread. A sample is kept raw while its interval is
-//! young (the kernel side took it with a short stack copy, see [`crate::abi::YOUNG_DIVISOR`]),
-//! and the interval's samples are unwound (their JS frames read from the heap) once it has run
+//! young ([`crate::abi::YOUNG_DIVISOR`]), and the interval's samples are unwound (their JS frames read from the heap) once it has run
 //! for half the threshold, or holds [`YOUNG_KEPT`] raw samples: while it still runs, so the heap
 //! still holds what its frames point at.
 
