@@ -278,15 +278,9 @@ fn a_loop_still_stuck_when_stopped_is_in_the_flame_graph() {
     );
 }
 
-/// A block's first tenth still has its stacks (issue 17): samples of a busy interval younger
-/// than half the threshold are taken with a short stack copy and unwound only once it grows
-/// older, and they must still name what ran first.
-#[test]
-fn a_blocks_first_tenth_has_its_stacks() {
-    require_root();
-    // 40 ms in one function, then 360 ms in another: a 400 ms block at the default 100 ms
-    // threshold, whose first tenth is all younger than half the threshold.
-    const SCRIPT: &str = "
+/// 40 ms in one function, then 360 ms in another: a 400 ms block at the default 100 ms
+/// threshold, whose first tenth is all younger than half the threshold.
+const FIRST_TENTH: &str = "
 const spin = (ms) => { const t = performance.now(); while (performance.now() - t < ms); };
 function firstTenth() { spin(40); }
 function theRest() { spin(360); }
@@ -296,8 +290,15 @@ process.stdin.once('data', () => setTimeout(() => {
   setTimeout(() => process.exit(0), 300);
 }, 20));
 ";
+
+/// A block's first tenth still has its stacks (issue 17): samples of a busy interval younger
+/// than half the threshold are kept raw and unwound only once it grows older, and they must
+/// still name what ran first.
+#[test]
+fn a_blocks_first_tenth_has_its_stacks() {
+    require_root();
     let mut node = Command::new(node_bin())
-        .args(["-e", SCRIPT])
+        .args(["-e", FIRST_TENTH])
         .stdin(Stdio::piped())
         .spawn()
         .expect("node");
