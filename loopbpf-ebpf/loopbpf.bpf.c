@@ -188,15 +188,6 @@ static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 fla
 	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr, 0);
 }
 
-/* Stack records never need loopbpf at once (a block's control event wakes it, and it takes
- * the stacks queued before it): they wake it only once the ring is a quarter full. */
-static __always_inline __u64 stack_wake(void)
-{
-	return bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) > LOOPBPF_STACK_RING_BYTES / 4 ?
-		       BPF_RB_FORCE_WAKEUP :
-		       BPF_RB_NO_WAKEUP;
-}
-
 static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
 				 __u64 start_ns, __u64 end_ns)
 {
@@ -633,7 +624,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->off_cpu_ns = 0;
 	e->reserved = 0;
 	fill_stacks(ctx, e);
-	bpf_ringbuf_submit(e, stack_wake());
+	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 
@@ -788,7 +779,7 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), sleep);
 	e->off_cpu_ns = slept + pending;
-	bpf_ringbuf_submit(e, stack_wake());
+	bpf_ringbuf_submit(e, 0);
 }
 
 /* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving

@@ -52,8 +52,7 @@ pub(super) enum Drained {
 
 impl Session<'_> {
     /// Every [`super::STATE_POLL`]: the records the kernel side submits without waking us (GC
-    /// pauses, stack samples until their ring is a quarter full), execs to look at, the
-    /// threads' state, ongoing blocks.
+    /// pauses), execs to look at, the threads' state, ongoing blocks.
     pub(super) fn poll_state(
         &mut self,
         stacks: &mut RingBuf<MapData>,
