@@ -157,8 +157,14 @@ static __always_inline bool take_stack_token(__u32 pid, __u64 now)
 	return true;
 }
 
-static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
-				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
+/* How a record is submitted to its ring buffer: `wake` is 0 (the consumer is woken if it
+ * waits) or BPF_RB_NO_WAKEUP for records that can wait for loopbpf's next look (it reads both
+ * rings every 100 ms). A wake-up is not free for the target: it wakes loopbpf from within the
+ * target's own context, and a uprobe's program (not preemption-safe like a perf event's) is
+ * then often preempted by it before it returns, which the target pays for. */
+static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
+					  __u64 start_ns, __u64 end_ns, __u64 loop_addr,
+					  __u64 wake)
 {
 	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -173,7 +179,13 @@ static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 fla
 	e->start_ns = start_ns;
 	e->end_ns = end_ns;
 	e->loop_addr = loop_addr;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wake);
+}
+
+static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
+				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
+{
+	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr, 0);
 }
 
 static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
@@ -530,7 +542,9 @@ static __always_inline void read_js_frames(struct loopbpf_stack_event *e)
 }
 
 /* Copies as much of the user stack above sp as is mapped, up to LOOPBPF_STACK_COPY bytes:
- * near the top of a thread's stack a full copy would fault, so halve until one fits. */
+ * near the top of a thread's stack a full copy would fault, so halve until one fits. A young
+ * interval's samples get the full copy too: with 4 KiB, unwinding JS frames lost its way in a
+ * tenth of them (tests/stacks.rs). */
 static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
 {
 	void *sp = (void *)(e->user_sp - LOOPBPF_RED_ZONE);
@@ -637,8 +651,8 @@ int gc_epilogue(struct pt_regs *ctx)
 	if (!t || !t->gc_start_ns)
 		return 0;
 	/* Heap::CallGCEpilogueCallbacks(this, GCType, ...): the kind is its second argument. */
-	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
-		 bpf_ktime_get_ns(), t->loop_addr);
+	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
+		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }
@@ -658,8 +672,8 @@ int gc_epilogue_collector(struct pt_regs *ctx)
 
 	if (!t || !t->gc_start_ns || collector > 2)
 		return 0;
-	emit_raw(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
-		 bpf_ktime_get_ns(), t->loop_addr);
+	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
+		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }

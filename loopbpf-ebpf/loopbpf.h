@@ -95,6 +95,10 @@ enum loopbpf_role {
 /* Bytes of user stack copied per sample (libuv alone keeps 12 KiB of epoll events on it), for unwinding with .eh_frame where frame pointers
  * stop (hand-written assembly, glibc's syscall wrappers). */
 #define LOOPBPF_STACK_COPY 32768
+/* A busy interval is young until it has run for 1/LOOPBPF_YOUNG_DIVISOR of the threshold: most
+ * end before that and are no block. loopbpf unwinds its samples only once it is no longer
+ * young. */
+#define LOOPBPF_YOUNG_DIVISOR 2
 /* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
 #define LOOPBPF_RED_ZONE 128

@@ -3,12 +3,12 @@
 
 use std::{
     fs,
-    process::Command,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use loopbpf_tests::{Loopbpf, events, map_keys, node_bin, require_root};
+use loopbpf_tests::{Loopbpf, events, fixture, map_keys, node_bin, require_root};
 
 /// 40 s of cycles: 3000 setImmediate iterations, then a 6 ms spin (a block at a 5 ms
 /// threshold), then a 1 ms timer. About 3,500 blocks and 10 million iterations: an hour of a
@@ -94,5 +94,64 @@ fn thousands_of_blocks_keep_memory_and_maps_flat() {
         late.1 <= early_entries.max(4),
         "threads map grew to {}",
         late.1
+    );
+}
+
+/// Churn compressed (issue 17): `--all` on a host of short-lived node processes (8 at a time,
+/// each living 5 to 20 s, every third with a worker, each blocking 60 ms about once a second)
+/// for 100 s. loopbpf's memory grows by at most 12 MiB after its first 40 s (what it kept per
+/// block and per exited process grew it by tens of MB a minute), and every block of every
+/// process that ended by itself is reported.
+#[test]
+#[ignore = "issue 17, open: under churn a block of about one process in 60 is not reported (base and this build alike); run with --ignored"]
+fn churn_keeps_memory_flat_and_loses_no_block() {
+    require_root();
+    let loopbpf = Loopbpf::watch_all(&["--json", "--threshold", "50ms"]);
+    let churn = Command::new(node_bin())
+        .arg(fixture("churn.js"))
+        .args(["8", "60", "100"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let started = Instant::now();
+    // Past the first processes' attach and the first naming of the node binary.
+    thread::sleep(Duration::from_secs(40));
+    let early_kib = rss_kib(loopbpf.pid());
+    let mut late_kib = early_kib;
+    while started.elapsed() < Duration::from_secs(98) {
+        thread::sleep(Duration::from_secs(4));
+        late_kib = late_kib.max(rss_kib(loopbpf.pid()));
+    }
+    let churned = churn.wait_with_output().expect("churn");
+    assert!(churned.status.success(), "the churn failed");
+    let output = loopbpf.stop(Duration::from_secs(30));
+    let blocks = events(&output, "block");
+    let mut children = 0;
+    for line in String::from_utf8_lossy(&churned.stdout).lines() {
+        let child: serde_json::Value = serde_json::from_str(line).expect("churn line");
+        let Some(pid) = child["pid"].as_u64() else {
+            continue;
+        };
+        children += 1;
+        let made = child["blocks"].as_u64().unwrap();
+        let reported = blocks
+            .iter()
+            .filter(|b| b["pid"].as_u64() == Some(pid) && b["thread"] == "main")
+            .count() as u64;
+        assert!(
+            reported >= made,
+            "pid {pid} made {made} blocks, {reported} reported"
+        );
+    }
+    println!(
+        "churn: {children} processes ended by themselves, {} blocks; loopbpf RSS {early_kib} KiB at 40 s, at most {late_kib} KiB after",
+        blocks.len()
+    );
+    assert!(children >= 20, "{children} processes ended by themselves");
+    // Base grew about 36 MB a minute here; this build 6 MB in the minute measured on a loaded
+    // machine (issue 17's goal, flat from minute 5 of 30, is not reached yet).
+    assert!(
+        late_kib <= early_kib + 12 * 1024,
+        "loopbpf grew from {early_kib} KiB to {late_kib} KiB under churn"
     );
 }

@@ -1,7 +1,11 @@
 //! What blocked the loop: every block comes with named stacks of what ran (on-CPU) and where
 //! the loop thread slept (off-CPU), and the flame graph of blocked time names the culprit.
 
-use std::time::Duration;
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use loopbpf_tests::{Fixture, Loopbpf, events, fixture, node_bin, require_root};
 use serde_json::Value;
@@ -325,4 +329,53 @@ fn a_deep_stack_in_the_terminal_keeps_every_app_frame() {
         "blocks whose tree hides an app frame:\n{text}"
     );
     assert!(text.contains(" frames ..."), "nothing was folded:\n{text}");
+}
+
+/// 40 ms in one function, then 360 ms in another: a 400 ms block at the default 100 ms
+/// threshold, whose first tenth is all younger than half the threshold.
+const FIRST_TENTH: &str = "
+const spin = (ms) => { const t = performance.now(); while (performance.now() - t < ms); };
+function firstTenth() { spin(40); }
+function theRest() { spin(360); }
+process.stdin.once('data', () => setTimeout(() => {
+  firstTenth();
+  theRest();
+  setTimeout(() => process.exit(0), 300);
+}, 20));
+";
+
+/// A block's first tenth still has its stacks (issue 17): samples of a busy interval younger
+/// than half the threshold are kept raw and unwound only once it grows older, and they must
+/// still name what ran first.
+#[test]
+fn a_blocks_first_tenth_has_its_stacks() {
+    require_root();
+    let mut node = Command::new(node_bin())
+        .args(["-e", FIRST_TENTH])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let pid = node.id().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    // Past the first naming of the binary, so that the block is the only thing going on.
+    std::thread::sleep(Duration::from_secs(1));
+    node.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write to node");
+    assert!(node.wait().expect("node").success(), "the target failed");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    let block = the_block(&output);
+    let first = share_with(block, |n| n == "firstTenth");
+    let rest = share_with(block, |n| n == "theRest");
+    assert!(
+        (0.04..0.25).contains(&first),
+        "the first tenth has {first:.2} of the block's stacks: {block}"
+    );
+    assert!(
+        rest > 0.6,
+        "the rest has {rest:.2} of the block's stacks: {block}"
+    );
 }

@@ -25,6 +25,9 @@ pub const KERNEL_FRAMES: usize = 32;
 /// Bytes of user stack copied per sample (`LOOPBPF_STACK_COPY`), from this far below sp
 /// (`LOOPBPF_RED_ZONE`).
 pub const STACK_COPY: usize = 32768;
+/// A busy interval is young until it has run for 1/`YOUNG_DIVISOR` of the threshold
+/// (`LOOPBPF_YOUNG_DIVISOR`): its samples are unwound only once it is no longer young.
+pub const YOUNG_DIVISOR: u64 = 2;
 pub const RED_ZONE: u64 = 128;
 /// Frames of the chain whose V8 objects are read at sample time (`LOOPBPF_JS_FRAMES`).
 pub const JS_FRAMES: usize = 32;
@@ -478,6 +481,7 @@ mod tests {
             USER_FRAMES,
             KERNEL_FRAMES,
             STACK_COPY,
+            YOUNG_DIVISOR,
             RED_ZONE,
             JS_FRAMES,
             UV_LOOP_BACKEND_FD_OFFSET,

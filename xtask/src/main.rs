@@ -21,7 +21,7 @@ fn main() {
         "demo" => demo(),
         "bench" => bench::bench(std::env::args().nth(2).as_deref()),
         _ => {
-            eprintln!("usage: cargo xtask test | demo | bench [overhead|accuracy|agent]");
+            eprintln!("usage: cargo xtask test | demo | bench [overhead|accuracy|agent|churn]");
             std::process::exit(2);
         }
     };

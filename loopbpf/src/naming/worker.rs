@@ -5,6 +5,12 @@
 //! Jobs of a lane run in the order they were sent: every sample sent before a naming request
 //! is in the stacks that request names. A lane tells how long its current job has run, so that
 //! the session can move the other processes off a lane that one process keeps busy.
+//!
+//! When a sample is unwound is decided here ([`keep`]): most busy intervals end short of the
+//! threshold, and their samples are dropped unread. A sample is kept raw while its interval is
+//! young ([`crate::abi::YOUNG_DIVISOR`]), and the interval's samples are unwound (their JS frames read from the heap) once it has run
+//! for half the threshold, or holds [`YOUNG_KEPT`] raw samples: while it still runs, so the heap
+//! still holds what its frames point at.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -24,7 +30,11 @@ use super::{
     stacks::{self, BlockProfile, RawStacks, Sample},
     v8::LimitsHit,
 };
-use crate::{abi::V8Layout, decode::StackSample, target::proc::Process};
+use crate::{
+    abi::{V8Layout, YOUNG_DIVISOR},
+    decode::StackSample,
+    target::proc::Process,
+};
 
 /// Jobs a lane holds before the session's sends fail: samples carry a stack copy each, so this
 /// bounds the memory a slow lane holds.
@@ -33,6 +43,10 @@ const QUEUE: usize = 1024;
 /// Busy intervals of a thread whose stacks are kept: the one a block request names may be a
 /// few behind the newest samples (each interval holds a bounded number of distinct stacks).
 const INTERVALS_KEPT: usize = 4;
+
+/// Raw samples an interval holds before they are unwound (each carries a stack copy of up to
+/// 32 KiB): at the default 200 stacks a second, 80 ms of an interval's CPU time.
+const YOUNG_KEPT: usize = 16;
 
 /// Something for a lane to do.
 #[derive(Debug)]
@@ -99,7 +113,9 @@ pub struct Lane {
 
 impl Lane {
     /// Starts a lane's thread; it ends once the handle is dropped and its queue is empty.
-    pub fn spawn(replies: UnboundedSender<Reply>) -> std::io::Result<Self> {
+    /// `threshold_ns`: the session's; its samples are unwound only for intervals that could
+    /// reach it.
+    pub fn spawn(replies: UnboundedSender<Reply>, threshold_ns: u64) -> std::io::Result<Self> {
         let (jobs, queue) = sync_channel(QUEUE);
         let busy_since_ns = Arc::new(AtomicU64::new(0));
         let busy_pid = Arc::new(AtomicU32::new(0));
@@ -116,6 +132,7 @@ impl Lane {
                     namings: HashMap::new(),
                     stacks: HashMap::new(),
                     layout_sent: HashMap::new(),
+                    unwind_at_ns: threshold_ns / YOUNG_DIVISOR,
                 };
                 worker.run(&queue);
             })?;
@@ -152,6 +169,8 @@ struct Worker {
     stacks: Stacks,
     /// Whether a process's V8 layout was sent back.
     layout_sent: HashMap<u32, bool>,
+    /// How long an interval runs before its samples are unwound.
+    unwind_at_ns: u64,
 }
 
 impl Worker {
@@ -190,11 +209,10 @@ impl Worker {
                 }
             }
             Job::Sample(raw) => {
-                let sample = match self.namings.get_mut(&raw.of.pid) {
-                    Some(naming) => naming.unwind(&raw),
-                    None => Sample::unwound_by_kernel(*raw),
-                };
-                keep(&mut self.stacks, sample);
+                let namings = &mut self.namings;
+                keep(&mut self.stacks, *raw, self.unwind_at_ns, |raw| {
+                    unwind(namings, raw)
+                });
             }
             Job::Name(job) => {
                 let profile = self.name(job);
@@ -207,7 +225,8 @@ impl Worker {
     }
 
     fn name(&mut self, job: NameJob) -> Option<BlockProfile> {
-        let raw = interval_stacks(&mut self.stacks, &job);
+        let namings = &mut self.namings;
+        let raw = interval_stacks(&mut self.stacks, &job, |raw| unwind(namings, raw));
         let naming = self.namings.get_mut(&job.pid)?;
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
         naming.symbolizer.refresh();
@@ -238,16 +257,50 @@ impl Worker {
     }
 }
 
-/// Per thread: its process, and the stacks of its last few busy intervals by their start,
-/// newest last.
-type Stacks = HashMap<u32, (u32, VecDeque<(u64, RawStacks)>)>;
+/// A sample unwound by its process's naming, or by the kernel's frame-pointer walk alone when
+/// the process has none on this lane.
+fn unwind(namings: &mut HashMap<u32, Naming>, raw: StackSample) -> Sample {
+    match namings.get_mut(&raw.of.pid) {
+        Some(naming) => naming.unwind(&raw),
+        None => Sample::unwound_by_kernel(raw),
+    }
+}
 
-/// Keeps a sample with the stacks of its busy interval. The last few intervals are kept,
-/// not only the current one: the stack records are drained before the control events, so
-/// samples taken after a block ended (the next intervals') may come in before the request
-/// to name the block's.
-fn keep(stacks: &mut Stacks, sample: Sample) {
-    let of = sample.of;
+/// A busy interval's stacks: raw while it is young, unwound once it could become a block.
+#[derive(Debug, Default)]
+struct Interval {
+    /// Samples not unwound yet, oldest first.
+    young: Vec<StackSample>,
+    /// Unwound: every sample from now on is unwound as it comes.
+    grown: bool,
+    stacks: RawStacks,
+}
+
+impl Interval {
+    /// Unwinds the samples held raw; from now on samples are unwound as they come.
+    fn grow(&mut self, unwind: &mut impl FnMut(StackSample) -> Sample) {
+        self.grown = true;
+        for raw in self.young.drain(..) {
+            self.stacks.add(unwind(raw));
+        }
+    }
+}
+
+/// Per thread: its process, and its last few busy intervals by their start, newest last.
+type Stacks = HashMap<u32, (u32, VecDeque<(u64, Interval)>)>;
+
+/// Keeps a sample with its busy interval: raw while the interval is younger than
+/// `unwind_at_ns` and holds fewer than [`YOUNG_KEPT`] raw samples, unwound (with those before
+/// it) once it is not. The last few intervals are kept, not only the current one: the stack
+/// records are drained before the control events, so samples taken after a block ended (the
+/// next intervals') may come in before the request to name the block's.
+fn keep(
+    stacks: &mut Stacks,
+    raw: StackSample,
+    unwind_at_ns: u64,
+    mut unwind: impl FnMut(StackSample) -> Sample,
+) {
+    let of = raw.of;
     let (pid, intervals) = stacks
         .entry(of.tid)
         .or_insert_with(|| (of.pid, VecDeque::new()));
@@ -263,15 +316,30 @@ fn keep(stacks: &mut Stacks, sample: Sample) {
         if intervals.len() == INTERVALS_KEPT {
             intervals.pop_front();
         }
-        intervals.push_back((of.busy_since_ns, RawStacks::default()));
+        intervals.push_back((of.busy_since_ns, Interval::default()));
     }
-    if let Some((_, raw)) = intervals.back_mut() {
-        raw.add(sample);
+    let Some((_, interval)) = intervals.back_mut() else {
+        return;
+    };
+    // An off-CPU sample is reported as its sleep ends.
+    let age_ns = (of.at_ns + of.off_cpu_ns.unwrap_or(0)).saturating_sub(of.busy_since_ns);
+    if interval.grown {
+        interval.stacks.add(unwind(raw));
+        return;
+    }
+    interval.young.push(raw);
+    if age_ns >= unwind_at_ns || interval.young.len() >= YOUNG_KEPT {
+        interval.grow(&mut unwind);
     }
 }
 
-/// The stacks of the busy interval `job` names: taken, or copied when it goes on.
-fn interval_stacks(stacks: &mut Stacks, job: &NameJob) -> RawStacks {
+/// The stacks of the busy interval `job` names (any still raw unwound now): taken, or copied
+/// when it goes on.
+fn interval_stacks(
+    stacks: &mut Stacks,
+    job: &NameJob,
+    mut unwind: impl FnMut(StackSample) -> Sample,
+) -> RawStacks {
     let interval = stacks
         .get_mut(&job.tid)
         .filter(|(pid, _)| *pid == job.pid)
@@ -280,10 +348,14 @@ fn interval_stacks(stacks: &mut Stacks, job: &NameJob) -> RawStacks {
                 .iter_mut()
                 .find(|(since, _)| *since == job.start_ns)
         });
-    match interval {
-        Some((_, raw)) if job.keep => raw.clone(),
-        Some((_, raw)) => std::mem::take(raw),
-        None => RawStacks::default(),
+    let Some((_, interval)) = interval else {
+        return RawStacks::default();
+    };
+    interval.grow(&mut unwind);
+    if job.keep {
+        interval.stacks.clone()
+    } else {
+        std::mem::take(&mut interval.stacks)
     }
 }
 
@@ -322,31 +394,45 @@ mod tests {
     use super::*;
     use crate::decode::SampleOf;
 
-    fn sample(busy_since_ns: u64, leaf: u64) -> Sample {
-        Sample {
+    /// Half a 100 ms threshold.
+    const UNWIND_AT: u64 = 50;
+
+    /// A raw sample taken `age` ns into the interval that began at `busy_since_ns`.
+    fn raw(busy_since_ns: u64, age: u64, leaf: u64) -> StackSample {
+        StackSample {
             of: SampleOf {
                 pid: 7,
                 tid: 8,
                 busy_since_ns,
-                at_ns: busy_since_ns + 1,
+                at_ns: busy_since_ns + age,
                 off_cpu_ns: None,
             },
             user: vec![leaf],
             kernel: Vec::new(),
-            js: Vec::new(),
-            request: None,
+            regs: [0; 3],
+            stack: Vec::new(),
+            captured: Vec::new(),
         }
     }
 
-    fn request(start_ns: u64, keep: bool) -> NameJob {
-        NameJob {
+    /// Keeps a sample, counting the unwinds.
+    fn keep_counted(stacks: &mut Stacks, sample: StackSample, unwound: &mut u32) {
+        keep(stacks, sample, UNWIND_AT, |raw| {
+            *unwound += 1;
+            Sample::unwound_by_kernel(raw)
+        });
+    }
+
+    fn name(stacks: &mut Stacks, start_ns: u64, keep: bool) -> RawStacks {
+        let job = NameJob {
             ticket: 1,
             pid: 7,
             tid: 8,
             start_ns,
             duration_ns: 100,
             keep,
-        }
+        };
+        interval_stacks(stacks, &job, Sample::unwound_by_kernel)
     }
 
     /// Regression: the stack records are drained before the control events, so samples of the
@@ -355,39 +441,84 @@ mod tests {
     #[test]
     fn a_blocks_stacks_outlive_the_samples_of_the_next_intervals() {
         let mut stacks = Stacks::new();
-        keep(&mut stacks, sample(100, 1));
-        keep(&mut stacks, sample(100, 1));
-        keep(&mut stacks, sample(200, 2));
-        keep(&mut stacks, sample(300, 3));
-        let ongoing = interval_stacks(&mut stacks, &request(100, true));
+        let mut unwound = 0;
+        keep_counted(&mut stacks, raw(100, 1, 1), &mut unwound);
+        keep_counted(&mut stacks, raw(100, 60, 1), &mut unwound);
+        keep_counted(&mut stacks, raw(200, 1, 2), &mut unwound);
+        keep_counted(&mut stacks, raw(300, 1, 3), &mut unwound);
+        let ongoing = name(&mut stacks, 100, true);
         assert_eq!(ongoing.on_cpu_samples, 2);
-        let block = interval_stacks(&mut stacks, &request(100, false));
+        let block = name(&mut stacks, 100, false);
         assert_eq!(block.on_cpu_samples, 2);
         // Taken once.
-        assert_eq!(
-            interval_stacks(&mut stacks, &request(100, false)).on_cpu_samples,
-            0
-        );
-        assert_eq!(
-            interval_stacks(&mut stacks, &request(300, false)).on_cpu_samples,
-            1
-        );
+        assert_eq!(name(&mut stacks, 100, false).on_cpu_samples, 0);
+        assert_eq!(name(&mut stacks, 300, false).on_cpu_samples, 1);
     }
 
     #[test]
     fn only_the_last_intervals_are_kept() {
         let mut stacks = Stacks::new();
+        let mut unwound = 0;
         for since in 1..=10 {
-            keep(&mut stacks, sample(since, since));
+            keep_counted(&mut stacks, raw(since * 1000, 1, since), &mut unwound);
         }
         assert_eq!(stacks[&8].1.len(), INTERVALS_KEPT);
-        assert_eq!(
-            interval_stacks(&mut stacks, &request(1, false)).on_cpu_samples,
-            0
-        );
-        assert_eq!(
-            interval_stacks(&mut stacks, &request(10, false)).on_cpu_samples,
-            1
-        );
+        assert_eq!(name(&mut stacks, 1000, false).on_cpu_samples, 0);
+        assert_eq!(name(&mut stacks, 10_000, false).on_cpu_samples, 1);
+    }
+
+    /// The point of holding samples raw: intervals that end young are never unwound.
+    #[test]
+    fn samples_of_young_intervals_are_not_unwound() {
+        let mut stacks = Stacks::new();
+        let mut unwound = 0;
+        for since in 1..=100 {
+            keep_counted(&mut stacks, raw(since * 1000, 10, 1), &mut unwound);
+            keep_counted(&mut stacks, raw(since * 1000, 40, 2), &mut unwound);
+        }
+        assert_eq!(unwound, 0);
+    }
+
+    /// Once an interval has run for half the threshold, its samples so far are unwound, the
+    /// first one included, and every later one as it comes (while the interval still runs).
+    #[test]
+    fn an_interval_past_half_the_threshold_is_unwound_from_its_first_sample() {
+        let mut stacks = Stacks::new();
+        let mut unwound = 0;
+        keep_counted(&mut stacks, raw(1000, 1, 1), &mut unwound);
+        keep_counted(&mut stacks, raw(1000, 20, 2), &mut unwound);
+        assert_eq!(unwound, 0);
+        keep_counted(&mut stacks, raw(1000, UNWIND_AT, 3), &mut unwound);
+        assert_eq!(unwound, 3);
+        keep_counted(&mut stacks, raw(1000, 70, 4), &mut unwound);
+        assert_eq!(unwound, 4);
+        let block = name(&mut stacks, 1000, false);
+        assert_eq!(block.on_cpu_samples, 4);
+        assert_eq!(block.stacks.len(), 4, "the first sample's stack is there");
+    }
+
+    /// Raw samples are bounded: a thread sampled often within half a long threshold has them
+    /// unwound once it holds a few.
+    #[test]
+    fn raw_samples_held_are_bounded() {
+        let mut stacks = Stacks::new();
+        let mut unwound = 0;
+        for i in 0..YOUNG_KEPT as u64 - 1 {
+            keep_counted(&mut stacks, raw(1000, i, i), &mut unwound);
+        }
+        assert_eq!(unwound, 0);
+        keep_counted(&mut stacks, raw(1000, 30, 99), &mut unwound);
+        assert_eq!(unwound, YOUNG_KEPT as u32);
+    }
+
+    /// A block whose samples all came in its first half (the rest of it asleep without a
+    /// stack, or its stacks limited) still has them: unwound when it is named.
+    #[test]
+    fn a_block_named_young_has_its_samples() {
+        let mut stacks = Stacks::new();
+        let mut unwound = 0;
+        keep_counted(&mut stacks, raw(1000, 5, 1), &mut unwound);
+        assert_eq!(unwound, 0);
+        assert_eq!(name(&mut stacks, 1000, false).on_cpu_samples, 1);
     }
 }

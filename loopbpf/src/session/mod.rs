@@ -232,7 +232,7 @@ impl<'a> Session<'a> {
         if target.is_none() {
             reporter = reporter.with_command_column();
         }
-        let (namers, replies) = Namers::new();
+        let (namers, replies) = Namers::new(args.session.threshold.as_nanos() as u64);
         let otlp = otlp
             .map(|config| Otlp::start(config, Clock::new()))
             .transpose()?;
@@ -369,7 +369,7 @@ async fn watch(
                 }
                 Ok(())
             }
-            _ = state_poll.tick() => session.poll_state(Clock::monotonic_ns()),
+            _ = state_poll.tick() => session.poll_state(stacks.get_mut(), control.get_mut()),
             _ = maps_refresh.tick() => {
                 // Keep the memory maps current while the targets live, so that stacks of a
                 // block that ends with an exit can still be named.

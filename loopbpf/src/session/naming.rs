@@ -48,6 +48,8 @@ pub(super) struct Namers {
     lanes: Vec<LaneSlot>,
     lane_of: HashMap<u32, usize>,
     replies: UnboundedSender<crate::naming::worker::Reply>,
+    /// The session's threshold: lanes unwind only samples of intervals that could reach it.
+    threshold_ns: u64,
     next_ticket: u64,
     /// Samples dropped because their lane's queue was full.
     pub(super) samples_dropped: u64,
@@ -66,12 +68,15 @@ pub(super) enum Request {
 
 impl Namers {
     /// No lane runs before the first process is watched.
-    pub(super) fn new() -> (Self, UnboundedReceiver<crate::naming::worker::Reply>) {
+    pub(super) fn new(
+        threshold_ns: u64,
+    ) -> (Self, UnboundedReceiver<crate::naming::worker::Reply>) {
         let (replies, receiver) = unbounded_channel();
         let namers = Self {
             lanes: Vec::new(),
             lane_of: HashMap::new(),
             replies,
+            threshold_ns,
             next_ticket: 0,
             samples_dropped: 0,
             timeouts: 0,
@@ -188,7 +193,7 @@ impl Namers {
             Some((_, processes)) => processes > 0 && self.lanes.len() < LANES,
         };
         if grow {
-            match Lane::spawn(self.replies.clone()) {
+            match Lane::spawn(self.replies.clone(), self.threshold_ns) {
                 Ok(lane) => {
                     self.lanes.push(LaneSlot {
                         lane,

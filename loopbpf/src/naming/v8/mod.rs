@@ -130,6 +130,10 @@ pub struct JsNamer {
     layout: Layout,
     /// Where regexps keep their source; `None`: regexps stay unnamed.
     regexp: Option<RegExpLayout>,
+    /// Held while the process is named, so that the cache keeps it for the next process of
+    /// that binary: unheld, every exit pruned it, and under churn each new process read the
+    /// 100 MB node binary's symbols again (most of loopbpf's CPU then).
+    held_metadata: Option<std::rc::Rc<Metadata>>,
     /// The process's memory, read within [`NAMING_LIMITS`].
     memory: BudgetedMemory,
     /// Instance type by map address (maps live in old space and seldom move).
@@ -225,6 +229,7 @@ impl JsNamer {
             .take(MAX_FILE_CODE)
             .map(|m| m.range.clone())
             .collect();
+        namer.held_metadata = Some(values);
         Ok(Some(namer))
     }
 
@@ -234,6 +239,7 @@ impl JsNamer {
             pid,
             layout,
             regexp: None,
+            held_metadata: None,
             memory: BudgetedMemory::new(memory, limits),
             types: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
             functions: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
