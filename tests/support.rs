@@ -17,6 +17,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod otlp_receiver;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -206,15 +206,26 @@ fn stack_text(frames: &[Frame]) -> String {
     text
 }
 
-/// The request's attributes by the HTTP semantic conventions.
+/// The request's attributes by the HTTP semantic conventions: `url.path` is the path alone;
+/// the query string (there only with `--request-query`) is `url.query`, without its `?`.
 fn request_attributes(request: &Request) -> Vec<KeyValue> {
+    let (path, query) = match request.path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (request.path.as_str(), None),
+    };
     let mut attributes = vec![
         KeyValue::new(
             "http.request.method",
             bounded(&request.method, 32).into_owned(),
         ),
-        KeyValue::new("url.path", bounded(&request.path, MAX_NAME).into_owned()),
+        KeyValue::new("url.path", bounded(path, MAX_NAME).into_owned()),
     ];
+    if let Some(query) = query {
+        attributes.push(KeyValue::new(
+            "url.query",
+            bounded(query, MAX_NAME).into_owned(),
+        ));
+    }
     if let Some(route) = &request.route {
         attributes.push(KeyValue::new(
             "http.route",
@@ -415,6 +426,26 @@ mod tests {
         assert_eq!(span.parent_span_id, SpanId::INVALID);
         assert!(attribute(&span, "http.route").is_none());
         assert_eq!(attribute(&span, "url.path").unwrap().to_string(), "/login");
+        assert!(attribute(&span, "url.query").is_none());
+    }
+
+    #[test]
+    fn a_kept_query_string_is_url_query_not_part_of_the_path() {
+        let request = Request {
+            method: "GET".to_owned(),
+            path: "/users/5/report?ms=300&token=abc".to_owned(),
+            ..Request::default()
+        };
+        let (record, profile) = block(Some(request));
+        let named = Named {
+            record: &record,
+            profile: Some(&profile),
+            naming_timed_out: false,
+        };
+        let span = super::span(named, Clock::new()).unwrap();
+        let get = |key| attribute(&span, key).unwrap().to_string();
+        assert_eq!(get("url.path"), "/users/5/report");
+        assert_eq!(get("url.query"), "ms=300&token=abc");
     }
 
     #[test]
