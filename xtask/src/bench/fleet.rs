@@ -260,7 +260,7 @@ fn fleet_round(builds: &[Build], n: u32) -> Result<Vec<Cost>> {
             rss_mb: rss_mb(r.0.0.id())?,
         });
     }
-    // Blocks that ended while every build watched, 1 s before the end (its line's time).
+    // Blocks made while every build watched, ended 1 s before the end (its line's time).
     let last_end = unix_ms() - 1000.0;
     let made: Vec<(u64, f64, f64)> = std::fs::read_to_string(&ends_path)?
         .lines()
@@ -272,7 +272,8 @@ fn fleet_round(builds: &[Build], n: u32) -> Result<Vec<Cost>> {
                 v["measured_ms"].as_f64()?,
             ))
         })
-        .filter(|(_, end, _)| *end > watch_start && *end < last_end)
+        // A block under way at the attach is reported only if it lasts the threshold after it.
+        .filter(|(_, end, measured)| *end - *measured > watch_start && *end < last_end)
         .collect();
     drop(nodes);
     println!(
