@@ -157,9 +157,11 @@ static __always_inline bool take_stack_token(__u32 pid, __u64 now)
 	return true;
 }
 
-/* How a record is submitted to its ring buffer: `wake` is 0 (the consumer is woken if it
- * waits) or BPF_RB_NO_WAKEUP for records that can wait for loopbpf's next look (it reads both
- * rings every 100 ms). A wake-up is not free for the target: it wakes loopbpf from within the
+/* How a record is submitted to its ring buffer: `wake` is BPF_RB_FORCE_WAKEUP (the consumer
+ * is woken if it waits) or BPF_RB_NO_WAKEUP for records that can wait for loopbpf's next look
+ * (it reads both rings every 100 ms). Not 0: the kernel's adaptive wake-up skips a record
+ * submitted while an earlier one is still unread, so a block's end behind an unread GC pause
+ * waited for the 100 ms look (a block's line came a median 50 ms late). A wake-up is not free for the target: it wakes loopbpf from within the
  * target's own context, and a uprobe's program (not preemption-safe like a perf event's) is
  * then often preempted by it before it returns, which the target pays for. */
 static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
@@ -185,7 +187,8 @@ static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u3
 static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
 				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
 {
-	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr, 0);
+	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr,
+		      BPF_RB_FORCE_WAKEUP);
 }
 
 static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,

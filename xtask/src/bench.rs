@@ -11,7 +11,9 @@
 //!   blocked-at, prom-client's default metrics), and with loopbpf without and with stacks;
 //! - accuracy: blocks of known length (100 ms to 5 s, several sources) against the fixture's
 //!   own measure, and the delay from a block's end to its line;
-//! - agent cost: loopbpf's CPU and memory watching 1, 10 and 50 node processes.
+//! - agent cost: loopbpf's CPU and memory watching 1, 10 and 50 node processes;
+//! - fleet (`fleet.rs`): 50 and 200 light node processes under `--all`, and attaching to one,
+//!   with this build and (`LOOPBPF_BASE_BIN`) an older one side by side in the same run.
 
 use std::{
     io::{BufRead, BufReader},
@@ -23,22 +25,29 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace};
 
+mod fleet;
+
 const ROUNDS: usize = 7;
 
-/// Runs the benchmarks: `part` one of `overhead`, `accuracy` and `agent`, or (`None`) all.
+/// Runs the benchmarks: `part` one of `overhead`, `accuracy`, `agent` and `fleet`, or (`None`)
+/// all of them; `churn` (half an hour) only on its own.
 pub fn bench(part: Option<&str>) -> Result<()> {
     run("cargo", &["build", "--release", "--package", "loopbpf"])?;
     match part {
         None => {
             overhead()?;
             accuracy()?;
-            agent_cost()
+            agent_cost()?;
+            fleet::fleet()
         }
         Some("overhead") => overhead(),
         Some("accuracy") => accuracy(),
         Some("agent") => agent_cost(),
         Some("churn") => churn(),
-        Some(other) => bail!("no benchmark `{other}`: overhead, accuracy, agent or churn"),
+        Some("fleet") => fleet::fleet(),
+        Some(other) => {
+            bail!("no benchmark `{other}`: overhead, accuracy, agent, fleet or churn")
+        }
     }
 }
 
@@ -170,9 +179,23 @@ fn attach_with(args: &[&str]) -> Result<Killed> {
 /// Starts loopbpf with `args` and returns once it has said `ready` on stderr, whose rest is
 /// drained so that loopbpf never blocks on it.
 fn start_loopbpf(args: &[&str], ready: &str, stdout: Stdio) -> Result<Killed> {
-    // `LOOPBPF_BIN` measures another build (an older commit, side by side with this one).
-    let binary = std::env::var_os("LOOPBPF_BIN")
-        .map_or_else(|| workspace().join("target/release/loopbpf"), Into::into);
+    start_binary(&loopbpf_binary(), args, ready, stdout)
+}
+
+/// The build measured: `LOOPBPF_BIN` measures another one (an older commit, side by side with
+/// this one), else this workspace's release build.
+fn loopbpf_binary() -> std::path::PathBuf {
+    std::env::var_os("LOOPBPF_BIN")
+        .map_or_else(|| workspace().join("target/release/loopbpf"), Into::into)
+}
+
+/// Starts `binary` (a loopbpf build) with `args`, as [`start_loopbpf`].
+fn start_binary(
+    binary: &std::path::Path,
+    args: &[&str],
+    ready: &str,
+    stdout: Stdio,
+) -> Result<Killed> {
     let mut child = Command::new(binary)
         .args(args)
         .stdout(stdout)
@@ -189,7 +212,20 @@ fn start_loopbpf(args: &[&str], ready: &str, stdout: Stdio) -> Result<Killed> {
             _ => bail!("loopbpf ended before saying: {ready}"),
         }
     }
-    std::thread::spawn(move || lines.for_each(drop));
+    // `LOOPBPF_BENCH_LOGS` (a directory) keeps the rest, as `loopbpf-PID.stderr`.
+    let log = std::env::var_os("LOOPBPF_BENCH_LOGS").and_then(|dir| {
+        let path = std::path::Path::new(&dir).join(format!("loopbpf-{}.stderr", child.0.id()));
+        std::fs::File::create(path).ok()
+    });
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut log = log;
+        for line in lines.map_while(Result::ok) {
+            if let Some(file) = &mut log {
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
     Ok(child)
 }
 
