@@ -334,8 +334,13 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 		t->seen_count = count;
 	polls = count - t->seen_count;
 	if (polls && now - t->seen_ns > LOOPBPF_UNSEEN_NS) {
-		/* Awake that long without a look (no sampler yet): where the interval ended is
-		 * not known, and no block is made up from a guess. */
+		/* Awake that long without a look (no sampler yet, or samples late on a loaded
+		 * host): where the interval ended is not known, and no block is made up from a
+		 * guess. But one already seen going on past the threshold at the last look is a
+		 * block for sure: it ends in the unseen span, placed at its middle, rather than
+		 * being lost (a 60 ms block with a 9 ms gap was, under churn). */
+		if (t->busy_since_ns && t->seen_ns >= t->busy_since_ns + threshold_ns)
+			close_busy(t, tid, t->seen_ns + (now - t->seen_ns) / 2);
 		t->iterations += polls;
 		t->busy_since_ns = now;
 		t->busy_before_attach = 0;
