@@ -336,9 +336,15 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 	if (count < t->seen_count || count - t->seen_count > LOOPBPF_MAX_POLLS_SEEN)
 		t->seen_count = count;
 	polls = count - t->seen_count;
-	if (polls && now - t->seen_ns > LOOPBPF_UNSEEN_NS) {
-		/* Awake that long without a look (no sampler yet): where the interval ended is
-		 * not known, and no block is made up from a guess. */
+	if (polls && now - t->seen_ns > LOOPBPF_UNSEEN_NS && !t->last_sample_ns) {
+		/* Awake that long without a look and no sampler yet: where the interval ended is
+		 * not known, and no block is made up from a guess. But one already seen going on
+		 * past the threshold at the last look is a block for sure: it ends in the unseen
+		 * span, placed at its middle, rather than being lost. (With a sampler, a late look
+		 * on a loaded host is placed at the middle as below: starting the next interval
+		 * at `now` cut a 60 ms block under a 50 ms threshold by the gap, under churn.) */
+		if (t->busy_since_ns && t->seen_ns >= t->busy_since_ns + threshold_ns)
+			close_busy(t, tid, t->seen_ns + (now - t->seen_ns) / 2);
 		t->iterations += polls;
 		t->busy_since_ns = now;
 		t->busy_before_attach = 0;
@@ -604,9 +610,10 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	 * apart, which keeps exactly one of the two streams. */
 	if (now - t->last_sample_ns < LOOPBPF_SAMPLE_PERIOD_NS * 6 / 10)
 		return 0;
-	t->last_sample_ns = now;
+	/* Set after observe(), which tells the first sample (no sampler before it) by a 0. */
 	if (read_count(t, now, &count))
 		observe(t, tid, now, count);
+	t->last_sample_ns = now;
 	t = busy_loop_thread(tid);
 	if (!t || !stack_every)
 		return 0; /* idle in its poll wait: not a stack of a block */

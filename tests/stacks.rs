@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use loopbpf_tests::{Fixture, Loopbpf, events, fixture, node_bin, require_root};
+use loopbpf_tests::{Fixture, Loopbpf, events, fixture, node_bin, node_of, require_root};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -377,5 +377,44 @@ fn a_blocks_first_tenth_has_its_stacks() {
     assert!(
         rest > 0.6,
         "the rest has {rest:.2} of the block's stacks: {block}"
+    );
+}
+
+/// A launched command that blocks in its first second (before the once-a-second refresh of
+/// its mappings): the naming lane looks for its V8 as soon as its loop is found, after the
+/// exec, so the first block's JS frames are named, not `[JS]`.
+#[test]
+fn a_launched_commands_first_block_has_named_js_frames() {
+    require_root();
+    let node = node_of(20);
+    let app = fixture("early-block.js");
+    let loopbpf = Loopbpf::spawn(&[
+        "--json",
+        "--",
+        node.to_str().unwrap(),
+        app.to_str().unwrap(),
+    ]);
+    let (status, output) = loopbpf.finish(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    let block = the_block(&output);
+    let ms = block["duration_ms"].as_f64().unwrap();
+    assert!((480.0..700.0).contains(&ms), "the 500 ms spin: {ms}");
+    let frames = block["stacks"][0]["frames"].as_array().unwrap();
+    let named = |name: &str| {
+        frames
+            .iter()
+            .find(|f| f["kind"] == "js" && f["name"] == name)
+            .unwrap_or_else(|| panic!("no JS frame `{name}`: {:?}", names(&block["stacks"][0])))
+    };
+    let warm = named("warmCaches");
+    assert!(
+        warm["file"].as_str().unwrap().ends_with("early-block.js"),
+        "{warm}"
+    );
+    assert_eq!(warm["line"], 9, "{warm}");
+    assert_eq!(named("Timeout.startUp")["line"], 14);
+    assert!(
+        share_with(block, |n| n == "warmCaches") > 0.8,
+        "most of the block is in warmCaches"
     );
 }

@@ -111,6 +111,15 @@ impl Naming {
             .unwrap_or_default()
     }
 
+    /// The process's loop was found: its V8 is set up now. Its mappings are re-read and its V8
+    /// looked for again, even if found before: a look right after an exec, before V8 was set
+    /// up, can leave the first blocks' JS frames unnamed (`[JS]`).
+    pub fn loop_found(&mut self) {
+        self.js = None;
+        self.js_looked_in = None;
+        self.refresh();
+    }
+
     /// New mappings (a library loaded, a launched command's exec) since the last refresh.
     pub fn refresh(&mut self) {
         self.symbolizer.refresh();

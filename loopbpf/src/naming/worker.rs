@@ -57,6 +57,8 @@ pub enum Job {
     Gone { pid: u32 },
     /// Re-read a process's memory maps (new libraries, an exec) and look for its V8 again.
     Refresh { pid: u32 },
+    /// A loop of the process was found: look for its V8 anew (see [`Naming::loop_found`]).
+    LoopFound { pid: u32 },
     /// Unwind a sample and keep it with the stacks of its busy interval.
     Sample(Box<StackSample>),
     /// Weight and name the stacks of a busy interval.
@@ -67,7 +69,10 @@ impl Job {
     /// The process a job is about.
     pub fn pid(&self) -> u32 {
         match self {
-            Self::Watch { pid } | Self::Gone { pid } | Self::Refresh { pid } => *pid,
+            Self::Watch { pid }
+            | Self::Gone { pid }
+            | Self::Refresh { pid }
+            | Self::LoopFound { pid } => *pid,
             Self::Sample(sample) => sample.of.pid,
             Self::Name(job) => job.pid,
         }
@@ -200,9 +205,13 @@ impl Worker {
                 self.stacks.retain(|_, (of, _)| *of != pid);
                 self.shared.prune();
             }
-            Job::Refresh { pid } => {
+            Job::Refresh { pid } | Job::LoopFound { pid } => {
                 if let Some(naming) = self.namings.get_mut(&pid) {
-                    naming.refresh();
+                    if matches!(job, Job::LoopFound { .. }) {
+                        naming.loop_found();
+                    } else {
+                        naming.refresh();
+                    }
                     let hit = naming.limits_hit();
                     let _ = self.replies.send(Reply::Limits { pid, hit });
                     self.send_layout(pid);

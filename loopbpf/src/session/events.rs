@@ -127,8 +127,13 @@ impl Session<'_> {
     pub(super) fn follow_threads(&mut self, event: &Event) {
         match *event {
             Event::LoopFound { pid, tid, .. } => {
-                if let Some(fleet) = self.fleet.as_mut()
-                    && !self.processes.contains_key(&pid)
+                if self.processes.contains_key(&pid) {
+                    // Watched before its loop ran: a launched command watched before its exec,
+                    // or a process taken in at its exec. Its lane looks for V8 (and re-reads
+                    // its mappings) now, not at the next refresh, so that a block in its first
+                    // second has its JS frames named.
+                    self.namers.look_again(pid);
+                } else if let Some(fleet) = self.fleet.as_mut()
                     && let Ok(target) = discover::find_target(pid, &mut fleet.cache)
                 {
                     self.watch_in_fleet(target, Seed::Nothing);

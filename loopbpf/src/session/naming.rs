@@ -39,7 +39,8 @@ struct LaneSlot {
     lane: Lane,
     pids: BTreeSet<u32>,
     /// Watch and gone jobs that found the queue full, sent first once there is room: they are
-    /// never dropped (at most two per process).
+    /// never dropped (a few per process: its watch, a look when each of its loops is found,
+    /// its end).
     backlog: VecDeque<Job>,
 }
 
@@ -136,6 +137,15 @@ impl Namers {
         }
     }
 
+    /// A process's mappings re-read and its V8 looked for now, ahead of the next refresh (its
+    /// loop was just found). Sent like a watch job: it is never dropped, so it comes before
+    /// the samples of the loop's first block.
+    pub(super) fn look_again(&mut self, pid: u32) {
+        if let Some(&lane) = self.lane_of.get(&pid) {
+            self.send_control(lane, Job::LoopFound { pid });
+        }
+    }
+
     /// Hands a sample to its process's lane; a sample of a process not named is not kept.
     pub(super) fn sample(&mut self, sample: crate::decode::StackSample) {
         let Some(&lane) = self.lane_of.get(&sample.of.pid) else {
@@ -212,6 +222,16 @@ impl Namers {
     /// full; other jobs are then not sent (false), nor while the backlog is not empty, so that
     /// jobs keep their order.
     fn send(&mut self, lane: usize, job: Job) -> bool {
+        let control = matches!(job, Job::Watch { .. } | Job::Gone { .. });
+        self.send_as(lane, job, control)
+    }
+
+    /// Queues a job that is never dropped, as watch and gone jobs are.
+    fn send_control(&mut self, lane: usize, job: Job) {
+        self.send_as(lane, job, true);
+    }
+
+    fn send_as(&mut self, lane: usize, job: Job, control: bool) -> bool {
         let slot = &mut self.lanes[lane];
         while let Some(first) = slot.backlog.pop_front() {
             if let Err(first) = slot.lane.try_send(first) {
@@ -219,7 +239,6 @@ impl Namers {
                 break;
             }
         }
-        let control = matches!(job, Job::Watch { .. } | Job::Gone { .. });
         if slot.backlog.is_empty() {
             match slot.lane.try_send(job) {
                 Ok(()) => return true,
