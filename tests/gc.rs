@@ -64,7 +64,9 @@ fn churn_on(node: &str, full: bool) {
             "{node} {kind}: node {node_count} pauses {node_ms:.1} ms, loopbpf {ours_count} pauses {ours_ms:.1} ms"
         );
         // Kinds with too little time to compare within 10% are only required to be seen.
-        if node_count >= 5 && node_ms >= 10.0 {
+        // (Three pauses are enough: a quiet machine's 4 s of churn on Node 18 made only four
+        // major ones.)
+        if node_count >= 3 && node_ms >= 10.0 {
             let tolerance = node_ms * 0.10 + 1.0;
             assert!(
                 (ours_ms - node_ms).abs() <= tolerance,
