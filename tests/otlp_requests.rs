@@ -67,13 +67,7 @@ fn start_app(major: u32, receiver: &Receiver) -> (Fixture, u16) {
         .env("OTEL_LOGS_EXPORTER", "none")
         .env("OTEL_METRICS_EXPORTER", "none");
     let fixture = Fixture::start_command(command);
-    let ready = fixture
-        .out
-        .seen
-        .iter()
-        .find(|l| l.contains("\"ready\""))
-        .expect("the fixture said it is ready");
-    let ready: Value = serde_json::from_str(ready).unwrap();
+    let ready = fixture.ready();
     let port = u16::try_from(ready["port"].as_u64().expect("a port")).unwrap();
     (fixture, port)
 }

@@ -146,15 +146,7 @@ fn names_the_regex_with(major: u32, redos: &Redos, node_flags: &[&str]) {
 fn run_redos(major: u32, which: &str, size: u32, node_flags: &[&str]) -> (Value, Vec<Value>) {
     let node = node_of(major);
     let mut fixture = Fixture::start_script(node.to_str().unwrap(), "redos.js", node_flags);
-    let ready: Value = serde_json::from_str(
-        fixture
-            .out
-            .seen
-            .iter()
-            .find(|l| l.contains("\"ready\""))
-            .unwrap(),
-    )
-    .unwrap();
+    let ready = fixture.ready();
     let truth = ready["regexps"][which].clone();
     let pid = fixture.pid();
     let mut loopbpf = Loopbpf::attach(&["--pid", &pid.to_string(), "--json"]);

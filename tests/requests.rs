@@ -30,13 +30,7 @@ fn start(major: u32, kind: &str) -> (Fixture, u16) {
     let mut command = Command::new(node_of(major));
     command.arg(fixture("requests.js")).arg(kind);
     let fixture = Fixture::start_command(command);
-    let ready = fixture
-        .out
-        .seen
-        .iter()
-        .find(|l| l.contains("\"ready\""))
-        .expect("the fixture said it is ready");
-    let ready: Value = serde_json::from_str(ready).unwrap();
+    let ready = fixture.ready();
     let port = u16::try_from(ready["port"].as_u64().expect("a port")).unwrap();
     (fixture, port)
 }

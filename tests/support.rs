@@ -191,6 +191,17 @@ impl Fixture {
         self.child.id()
     }
 
+    /// The line the fixture said it was ready with (its ports, its truths), as JSON.
+    pub fn ready(&self) -> Value {
+        let line = self
+            .out
+            .seen
+            .iter()
+            .find(|l| l.contains("\"ready\""))
+            .expect("the fixture said it is ready");
+        serde_json::from_str(line).expect("the fixture's ready line is JSON")
+    }
+
     pub fn send(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().expect("stdin already closed");
         writeln!(stdin, "{command}").unwrap();

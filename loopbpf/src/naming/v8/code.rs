@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use super::{
     JsNamer,
     heap::{heap_object, smi},
+    layout::metadata_value,
     positions::position_at,
 };
 use crate::target::memory::ReadMemory;
@@ -91,17 +92,7 @@ impl CodeLayout {
     /// The layout for V8 `major`, from its metadata; `None` when something needed is missing
     /// (frames keep their start line then).
     pub fn from_metadata(values: &HashMap<String, i64>, major: i64) -> Option<Self> {
-        let get = |name: &str| -> Option<i64> {
-            let prefix = format!("v8dbg_{name}");
-            if name.ends_with("__") {
-                values
-                    .iter()
-                    .find(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, &v)| v)
-            } else {
-                values.get(&prefix).copied()
-            }
-        };
+        let get = |name: &str| metadata_value(values, name);
         let offset = |name: &str| get(name).and_then(|v| u64::try_from(v).ok());
         let tag = |name: &str| get(name).and_then(|v| u16::try_from(v).ok());
         let code_type = tag("type_Code__CODE_TYPE")?;

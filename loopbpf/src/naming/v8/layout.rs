@@ -125,23 +125,10 @@ impl Layout {
     /// be used.
     #[expect(clippy::too_many_lines, reason = "one line per value read")]
     pub fn from_metadata(values: &HashMap<String, i64>) -> Result<Self, String> {
-        // A name ending in `__` is a field whose type suffix changes between versions
-        // (`shared__SharedFunctionInfo`, `shared__Tagged_SharedFunctionInfo_`).
         let get = |names: &[&str]| -> Result<i64, String> {
             names
                 .iter()
-                .find_map(|name| {
-                    if name.ends_with("__") {
-                        let prefix = format!("v8dbg_{name}");
-                        let mut fields = values.iter().filter(|(k, _)| k.starts_with(&prefix));
-                        fields.next().map(|(_, &v)| v)
-                    } else {
-                        values
-                            .get(*name)
-                            .or_else(|| values.get(&format!("v8dbg_{name}")))
-                            .copied()
-                    }
-                })
+                .find_map(|name| metadata_value(values, name))
                 .ok_or_else(|| format!("no v8dbg_{}", names[0]))
         };
         let offset = |names: &[&str]| {
@@ -309,4 +296,22 @@ pub fn metadata_of<'data, R: object::ReadRef<'data>>(data: R) -> Option<HashMap<
         .keys()
         .any(|k| k.starts_with("v8dbg_"))
         .then_some(values)
+}
+
+/// The value of `v8dbg_<name>` (or of `name` itself); a name ending in `__` is a field whose
+/// type suffix changes between versions (`shared__SharedFunctionInfo`,
+/// `shared__Tagged_SharedFunctionInfo_`), found by that prefix.
+pub(super) fn metadata_value(values: &HashMap<String, i64>, name: &str) -> Option<i64> {
+    if name.ends_with("__") {
+        let prefix = format!("v8dbg_{name}");
+        values
+            .iter()
+            .find(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, &v)| v)
+    } else {
+        values
+            .get(name)
+            .or_else(|| values.get(&format!("v8dbg_{name}")))
+            .copied()
+    }
 }

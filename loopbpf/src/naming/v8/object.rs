@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use super::{JsNamer, heap::heap_object, heap::smi};
+use super::{JsNamer, heap::heap_object, heap::smi, layout::metadata_value};
 use crate::target::memory::ReadMemory;
 
 /// V8 keeps at most this many descriptors in a map.
@@ -65,18 +65,8 @@ pub struct ObjectLayout {
 impl ObjectLayout {
     /// The layout from a binary's metadata; what is missing when it cannot be read.
     pub fn from_metadata(values: &HashMap<String, i64>) -> Result<Self, String> {
-        let get = |name: &str| -> Result<i64, String> {
-            let prefix = format!("v8dbg_{name}");
-            if name.ends_with("__") {
-                values
-                    .iter()
-                    .find(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, &v)| v)
-            } else {
-                values.get(&prefix).copied()
-            }
-            .ok_or_else(|| format!("no v8dbg_{name}"))
-        };
+        let get =
+            |name: &str| metadata_value(values, name).ok_or_else(|| format!("no v8dbg_{name}"));
         let offset = |name: &str| {
             get(name).and_then(|v| u64::try_from(v).map_err(|e| format!("{name}: {e}")))
         };
