@@ -13,7 +13,10 @@
 //!   own measure, and the delay from a block's end to its line;
 //! - agent cost: loopbpf's CPU and memory watching 1, 10 and 50 node processes;
 //! - fleet (`fleet.rs`): 50 and 200 light node processes under `--all`, and attaching to one,
-//!   with this build and (`LOOPBPF_BASE_BIN`) an older one side by side in the same run.
+//!   with this build and (`LOOPBPF_BASE_BIN`) an older one side by side in the same run;
+//! - target (`target.rs`): the BPF programs' run time in the target's context (the kernel's
+//!   own statistics) and loopbpf `--pid`'s CPU and wake-ups, on a setImmediate chain, a
+//!   saturated HTTP server and a GC-heavy loop, builds alternating (`LOOPBPF_BASE_BIN`).
 
 use std::{
     io::{BufRead, BufReader},
@@ -26,11 +29,12 @@ use anyhow::{Context, Result, bail};
 use crate::{run, workspace};
 
 mod fleet;
+mod target;
 
 const ROUNDS: usize = 7;
 
-/// Runs the benchmarks: `part` one of `overhead`, `accuracy`, `agent` and `fleet`, or (`None`)
-/// all of them; `churn` (half an hour) only on its own.
+/// Runs the benchmarks: `part` one of `overhead`, `accuracy`, `agent`, `fleet` and `target`,
+/// or (`None`) all of them; `churn` (half an hour) only on its own.
 pub fn bench(part: Option<&str>) -> Result<()> {
     run("cargo", &["build", "--release", "--package", "loopbpf"])?;
     match part {
@@ -38,15 +42,17 @@ pub fn bench(part: Option<&str>) -> Result<()> {
             overhead()?;
             accuracy()?;
             agent_cost()?;
-            fleet::fleet()
+            fleet::fleet()?;
+            target::target()
         }
         Some("overhead") => overhead(),
         Some("accuracy") => accuracy(),
         Some("agent") => agent_cost(),
         Some("churn") => churn(),
         Some("fleet") => fleet::fleet(),
+        Some("target") => target::target(),
         Some(other) => {
-            bail!("no benchmark `{other}`: overhead, accuracy, agent, fleet or churn")
+            bail!("no benchmark `{other}`: overhead, accuracy, agent, fleet, target or churn")
         }
     }
 }

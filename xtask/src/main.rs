@@ -21,7 +21,9 @@ fn main() {
         "demo" => demo(),
         "bench" => bench::bench(std::env::args().nth(2).as_deref()),
         _ => {
-            eprintln!("usage: cargo xtask test | demo | bench [overhead|accuracy|agent|churn]");
+            eprintln!(
+                "usage: cargo xtask test | demo | bench [overhead|accuracy|agent|fleet|target|churn]"
+            );
             std::process::exit(2);
         }
     };
