@@ -12,6 +12,8 @@
 //! - accuracy: blocks of known length (100 ms to 5 s, several sources) against the fixture's
 //!   own measure, and the delay from a block's end to its line;
 //! - agent cost: loopbpf's CPU and memory watching 1, 10 and 50 node processes;
+//! - churn (`churn.rs`): `--all` on a host of short-lived node processes, for half an hour,
+//!   both builds attached at once;
 //! - fleet (`fleet.rs`): 50 and 200 light node processes under `--all`, and attaching to one,
 //!   with this build and (`LOOPBPF_BASE_BIN`) an older one side by side in the same run;
 //! - target (`target.rs`): the BPF programs' run time in the target's context (the kernel's
@@ -28,6 +30,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{run, workspace};
 
+mod churn;
 mod fleet;
 mod target;
 
@@ -48,7 +51,7 @@ pub fn bench(part: Option<&str>) -> Result<()> {
         Some("overhead") => overhead(),
         Some("accuracy") => accuracy(),
         Some("agent") => agent_cost(),
-        Some("churn") => churn(),
+        Some("churn") => churn::churn(),
         Some("fleet") => fleet::fleet(),
         Some("target") => target::target(),
         Some(other) => {
@@ -193,6 +196,31 @@ fn start_loopbpf(args: &[&str], ready: &str, stdout: Stdio) -> Result<Killed> {
 fn loopbpf_binary() -> std::path::PathBuf {
     std::env::var_os("LOOPBPF_BIN")
         .map_or_else(|| workspace().join("target/release/loopbpf"), Into::into)
+}
+
+/// A loopbpf build measured, and its label in the tables.
+struct Build {
+    label: &'static str,
+    binary: std::path::PathBuf,
+}
+
+/// This build (`now`) and, when `LOOPBPF_BASE_BIN` names one, an older one (`base`, first), to
+/// measure side by side in the same run.
+fn builds() -> Vec<Build> {
+    let mut builds = vec![Build {
+        label: "now",
+        binary: loopbpf_binary(),
+    }];
+    if let Some(base) = std::env::var_os("LOOPBPF_BASE_BIN") {
+        builds.insert(
+            0,
+            Build {
+                label: "base",
+                binary: base.into(),
+            },
+        );
+    }
+    builds
 }
 
 /// Starts `binary` (a loopbpf build) with `args`, as [`start_loopbpf`].
@@ -675,88 +703,6 @@ fn unix_ms() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-/// `--all` under churn (issue 17): 15 node processes alive at a time, each living 5 to 20 s,
-/// every third with a worker, each blocking 60 ms about once a second
-/// (`tests/fixtures/churn.js`), for `LOOPBPF_CHURN_MINUTES` (default 30). loopbpf's CPU per new
-/// process, its RSS over time (flat from minute 5 on is the goal), and blocks reported against
-/// those the processes that ended by themselves made. Not part of the default run (half an
-/// hour): `cargo xtask bench churn`.
-pub fn churn() -> Result<()> {
-    let minutes: u64 = std::env::var("LOOPBPF_CHURN_MINUTES")
-        .ok()
-        .map(|m| m.parse())
-        .transpose()
-        .context("LOOPBPF_CHURN_MINUTES: a whole number of minutes")?
-        .unwrap_or(30);
-    let out = std::env::temp_dir().join("loopbpf-churn.json");
-    let loopbpf = start_loopbpf(
-        &["--all", "--json", "--threshold", "50ms"],
-        "watching every libuv process",
-        Stdio::from(std::fs::File::create(&out)?),
-    )?;
-    let pid = loopbpf.0.id();
-    let cpu_start = cpu_ticks(pid)?;
-    let mut churn = Command::new("node")
-        .arg(workspace().join("tests/fixtures/churn.js"))
-        .args(["15", "60", &(minutes * 60).to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the churn")?;
-    let started = Instant::now();
-    let mut rss = Vec::new();
-    while churn.try_wait()?.is_none() {
-        std::thread::sleep(Duration::from_secs(10));
-        rss.push((started.elapsed().as_secs(), rss_mb(pid)?));
-    }
-    let cpu_ms = (cpu_ticks(pid)? - cpu_start) * 10;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut churn.stdout.take().context("churn stdout")?, &mut text)?;
-    drop(loopbpf);
-    let mut made = std::collections::HashMap::new();
-    let mut started_n = 0;
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        if let Some(child) = v["pid"].as_u64() {
-            made.insert(child, v["blocks"].as_u64().unwrap_or(0));
-        } else {
-            started_n = v["started"].as_u64().unwrap_or(0);
-        }
-    }
-    let mut reported = std::collections::HashMap::new();
-    for line in std::fs::read_to_string(&out)?.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["event"] == "block" && v["thread"] == "main" {
-            *reported
-                .entry(v["pid"].as_u64().unwrap_or(0))
-                .or_insert(0u64) += 1;
-        }
-    }
-    let missing: u64 = made
-        .iter()
-        .map(|(child, n)| n.saturating_sub(*reported.get(child).unwrap_or(&0)))
-        .sum();
-    // From minute 5 (a sixth of a shorter run) to the end.
-    let settled = (minutes * 60 / 6).min(300);
-    let at = |secs: u64| rss.iter().find(|(t, _)| *t >= secs).map_or(0.0, |r| r.1);
-    let peak_after = rss
-        .iter()
-        .filter(|(t, _)| *t >= settled)
-        .map(|r| r.1)
-        .fold(0.0, f64::max);
-    println!(
-        "churn, {minutes} min: {started_n} processes started; loopbpf CPU {cpu_ms} ms ({:.1} ms per new process, {:.1}% of a core); RSS {:.0} MB at {settled} s, at most {peak_after:.0} MB after (growth {:+.1} MB); blocks of the {} processes that ended by themselves: {} made, {missing} not reported",
-        cpu_ms as f64 / started_n.max(1) as f64,
-        cpu_ms as f64 / (minutes * 600) as f64,
-        at(settled),
-        peak_after - at(settled),
-        made.len(),
-        made.values().sum::<u64>(),
-    );
-    Ok(())
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {

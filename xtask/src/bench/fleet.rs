@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Killed, cpu_ticks, loopbpf_binary, median, rss_mb, start_binary, unix_ms};
+use super::{Build, Killed, builds, cpu_ticks, median, rss_mb, start_binary, unix_ms};
 use crate::workspace;
 
 /// How long the fleet is watched, after both builds have attached: the first part (setting up
@@ -33,28 +33,6 @@ const SETUP: Duration = Duration::from_secs(20);
 const STEADY: Duration = Duration::from_secs(45);
 /// The function every block of the fixture runs in: a block is named when a stack holds it.
 const BLOCK_FUNCTION: &str = "lightBlock";
-
-struct Build {
-    label: &'static str,
-    binary: PathBuf,
-}
-
-fn builds() -> Vec<Build> {
-    let mut builds = vec![Build {
-        label: "now",
-        binary: loopbpf_binary(),
-    }];
-    if let Some(base) = std::env::var_os("LOOPBPF_BASE_BIN") {
-        builds.insert(
-            0,
-            Build {
-                label: "base",
-                binary: base.into(),
-            },
-        );
-    }
-    builds
-}
 
 pub fn fleet() -> Result<()> {
     let builds = builds();

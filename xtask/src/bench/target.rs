@@ -25,7 +25,6 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
     os::fd::{FromRawFd, OwnedFd},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -36,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Killed, loopbpf_binary, start_binary, wrk};
+use super::{Build, Killed, builds, start_binary, wrk};
 use crate::workspace;
 
 /// Time after loopbpf's `watching pid` line before the window: its probe on every loop
@@ -70,11 +69,6 @@ impl Case {
     }
 }
 
-struct Build {
-    label: &'static str,
-    binary: PathBuf,
-}
-
 /// One BPF program's counters: runs and nanoseconds run.
 #[derive(Default, Clone, Copy)]
 struct Runs {
@@ -106,19 +100,7 @@ pub fn target() -> Result<()> {
         .split(',')
         .map(Case::parse)
         .collect::<Result<Vec<_>>>()?;
-    let mut builds = vec![Build {
-        label: "now",
-        binary: loopbpf_binary(),
-    }];
-    if let Some(base) = std::env::var_os("LOOPBPF_BASE_BIN") {
-        builds.insert(
-            0,
-            Build {
-                label: "base",
-                binary: base.into(),
-            },
-        );
-    }
+    let builds = builds();
     let _stats = BpfStats::enable()?;
     let window = Duration::from_secs(seconds);
     for case in cases {
