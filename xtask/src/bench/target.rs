@@ -314,24 +314,34 @@ fn bpf_programs(pid: u32) -> Result<BTreeMap<u32, Runs>> {
         else {
             continue;
         };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let (Some(id), Some(count), Some(ns)) =
-            (field("prog_id:"), field("run_cnt:"), field("run_time_ns:"))
-        else {
+        let Some((id, runs)) = program_runs(&info) else {
             bail!(
                 "no prog_id, run_cnt or run_time_ns in the fdinfo of a BPF program (Linux 5.1 or newer reports them)"
             );
         };
-        programs.insert(id as u32, Runs { count, ns });
+        programs.insert(id, runs);
     }
     if programs.is_empty() {
         bail!("loopbpf (pid {pid}) holds no BPF program");
     }
     Ok(programs)
+}
+
+/// A BPF program's id and run counters from its fdinfo text.
+fn program_runs(fdinfo: &str) -> Option<(u32, Runs)> {
+    let field = |name: &str| {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((
+        u32::try_from(field("prog_id:")?).ok()?,
+        Runs {
+            count: field("run_cnt:")?,
+            ns: field("run_time_ns:")?,
+        },
+    ))
 }
 
 /// Every loaded BPF program's name by id, and whether it is attached to a tracepoint (run in
@@ -657,4 +667,28 @@ fn enable_stats_fd() -> Option<OwnedFd> {
     };
     // SAFETY: a non-negative result is a new fd that this process owns alone.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_programs_counters_from_its_fdinfo() {
+        // As Linux 6.x writes it for a loopbpf program.
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1039\nprog_type:\t5\nprog_jited:\t1\nprog_tag:\t4490e0fe4fb16215\nmemlock:\t4096\nprog_id:\t37158\nrun_time_ns:\t19958\nrun_cnt:\t92\nrecursion_misses:\t0\nverified_insns:\t104\n";
+        let (id, runs) = program_runs(fdinfo).unwrap();
+        assert_eq!((id, runs.count, runs.ns), (37158, 92, 19958));
+        // Statistics a kernel before 5.1 does not report: no counters, not zeros.
+        assert!(program_runs("prog_type:\t5\nprog_id:\t7\n").is_none());
+    }
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(340_742), "340,742");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
 }
