@@ -495,6 +495,20 @@ fn print_case(
             }
         }
     }
+    for (build, rounds) in builds.iter().zip(results) {
+        // What the target pays in all: its own programs, and on_switch for its own switches.
+        let own = sum_runs(rounds, |_, host| !host);
+        let switch = sum_runs(rounds, |name, host| host && name == "on_switch");
+        let switches: u64 = total(rounds, &|r| r.target_switches);
+        let estimate = switch.ns as f64 / switch.count.max(1) as f64 * switches as f64;
+        let target_cpu: u64 = total(rounds, &|r| r.target_cpu_ns);
+        println!(
+            "| **in the target's context: all of its own, and on_switch's estimate** | {} | | ~{:.1} ms | | **~{:.3}%** |",
+            build.label,
+            (own.ns as f64 + estimate) / 1e6,
+            (own.ns as f64 + estimate) / target_cpu.max(1) as f64 * 100.0
+        );
+    }
     if !idle.is_empty() {
         println!("\nNot run in the window by any build: {}.", idle.join(", "));
     }
