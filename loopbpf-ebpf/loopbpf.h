@@ -97,7 +97,7 @@ enum loopbpf_role {
 #define LOOPBPF_STACK_COPY 32768
 /* A busy interval is young until it has run for 1/LOOPBPF_YOUNG_DIVISOR of the threshold: most
  * end before that and are no block. loopbpf unwinds its samples only once it is no longer
- * young. */
+ * young, and the kernel side submits a young interval's stack records without waking it. */
 #define LOOPBPF_YOUNG_DIVISOR 2
 /* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
