@@ -615,6 +615,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	struct loopbpf_thread *t;
 	struct loopbpf_stack_event *e;
 	__u64 now, count;
+	__u32 every;
 
 	if (!is_target(pid_tgid))
 		return 0;
@@ -633,7 +634,10 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	t = busy_loop_thread(tid);
 	if (!t || !stack_every)
 		return 0; /* idle in its poll wait: not a stack of a block */
-	if (t->samples++ % stack_every)
+	every = stack_every;
+	if (now - t->busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR)
+		every *= LOOPBPF_YOUNG_STACK_SPACING;
+	if (t->samples++ % every)
 		return 0;
 	if (!take_stack_token(pid_tgid >> 32, now))
 		return 0;
@@ -648,7 +652,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->busy_since_ns = t->busy_since_ns;
 	e->at_ns = now;
 	e->off_cpu_ns = 0;
-	e->reserved = 0;
+	e->periods = every;
 	fill_stacks(ctx, e);
 	bpf_ringbuf_submit(e, stack_wake(e->busy_since_ns, now));
 	return 0;
@@ -776,6 +780,7 @@ static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy
 	sleep->tid = tid;
 	sleep->busy_since_ns = busy_since_ns;
 	sleep->at_ns = now;
+	sleep->periods = 0;
 	fill_stacks(ctx, sleep);
 }
 

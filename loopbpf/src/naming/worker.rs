@@ -460,6 +460,7 @@ mod tests {
                 busy_since_ns,
                 at_ns: busy_since_ns + age,
                 off_cpu_ns: None,
+                periods: 1,
             },
             user: vec![leaf],
             kernel: Vec::new(),
