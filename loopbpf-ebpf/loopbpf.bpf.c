@@ -571,6 +571,22 @@ static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
 	return 0;
 }
 
+/* How a stack record of the busy interval begun at `busy_since_ns` is submitted, at `now`.
+ * loopbpf keeps the records of an interval younger than 1/LOOPBPF_YOUNG_DIVISOR of the
+ * threshold raw and does nothing with them until then: they wait for its next look (it reads
+ * the stack ring on every 100 ms state poll, and before every control event, so a block's
+ * end still comes after its stacks) instead of waking it twice a record (its main thread and
+ * its naming thread). Older intervals' records wake it, each: it unwinds them while the
+ * interval runs, and a flood of them must not fill the ring; so does any record that finds
+ * the ring a quarter full, which bounds what waits however many CPUs sample at once. */
+static __always_inline __u64 stack_wake(__u64 busy_since_ns, __u64 now)
+{
+	if (now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR &&
+	    bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) < LOOPBPF_STACK_RING_BYTES / 4)
+		return BPF_RB_NO_WAKEUP;
+	return BPF_RB_FORCE_WAKEUP;
+}
+
 static __always_inline void fill_stacks(void *ctx, struct loopbpf_stack_event *e)
 {
 	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
@@ -599,6 +615,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	struct loopbpf_thread *t;
 	struct loopbpf_stack_event *e;
 	__u64 now, count;
+	__u32 every;
 
 	if (!is_target(pid_tgid))
 		return 0;
@@ -617,7 +634,10 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	t = busy_loop_thread(tid);
 	if (!t || !stack_every)
 		return 0; /* idle in its poll wait: not a stack of a block */
-	if (t->samples++ % stack_every)
+	every = stack_every;
+	if (now - t->busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR)
+		every *= LOOPBPF_YOUNG_STACK_SPACING;
+	if (t->samples++ % every)
 		return 0;
 	if (!take_stack_token(pid_tgid >> 32, now))
 		return 0;
@@ -632,9 +652,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->busy_since_ns = t->busy_since_ns;
 	e->at_ns = now;
 	e->off_cpu_ns = 0;
-	e->reserved = 0;
+	e->periods = every;
 	fill_stacks(ctx, e);
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, stack_wake(e->busy_since_ns, now));
 	return 0;
 }
 
@@ -760,6 +780,7 @@ static __always_inline void off_cpu_begins(void *ctx, __u64 pid_tgid, __u64 busy
 	sleep->tid = tid;
 	sleep->busy_since_ns = busy_since_ns;
 	sleep->at_ns = now;
+	sleep->periods = 0;
 	fill_stacks(ctx, sleep);
 }
 
@@ -789,7 +810,7 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), sleep);
 	e->off_cpu_ns = slept + pending;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, stack_wake(sleep->busy_since_ns, now));
 }
 
 /* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving

@@ -97,8 +97,13 @@ enum loopbpf_role {
 #define LOOPBPF_STACK_COPY 32768
 /* A busy interval is young until it has run for 1/LOOPBPF_YOUNG_DIVISOR of the threshold: most
  * end before that and are no block. loopbpf unwinds its samples only once it is no longer
- * young. */
+ * young, and the kernel side submits a young interval's stack records without waking it. */
 #define LOOPBPF_YOUNG_DIVISOR 2
+/* A young interval's on-CPU stacks are taken every LOOPBPF_YOUNG_STACK_SPACING times as many
+ * samples as an older one's, each record standing for that many more sampling periods (its
+ * `periods`): most busy intervals end young, and a block's young part keeps an unbiased
+ * profile, only coarser. */
+#define LOOPBPF_YOUNG_STACK_SPACING 2
 /* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
 #define LOOPBPF_RED_ZONE 128
@@ -192,7 +197,8 @@ struct loopbpf_stack_event {
 	__u64 at_ns;         /* sample time; OFF_CPU: when the thread went to sleep */
 	__u64 off_cpu_ns;    /* OFF_CPU: how long it slept */
 	__u32 kernel_depth;  /* frames in kernel[], leaf first */
-	__u32 reserved;
+	__u32 periods;       /* ON_CPU: the sampling periods of CPU time it stands for (its share
+	                      * of the interval's on-CPU time); OFF_CPU: 0, it weighs its sleep */
 	__u64 user[LOOPBPF_USER_FRAMES];   /* the kernel's frame-pointer walk */
 	__u64 kernel[LOOPBPF_KERNEL_FRAMES];
 	__u64 user_ip;       /* user registers when the stack was taken */
@@ -233,7 +239,8 @@ struct loopbpf_thread {
 	__u64 busy_hist[LOOPBPF_HIST_SLOTS]; /* log2(us) of busy time per iteration */
 	__u64 gc_start_ns;     /* entry of the GC prologue callbacks, 0 outside a GC pause */
 	__u64 count_addr;      /* where libuv counts this loop's iterations; 0 = not found yet */
-	__u64 samples;         /* cpu-clock samples taken while busy: every stack_every-th has a stack */
+	__u64 samples;         /* cpu-clock samples taken while busy: every stack_every-th has a stack
+	                        * (a young interval's, every LOOPBPF_YOUNG_STACK_SPACING times that) */
 	__u64 last_sample_ns;  /* the last sample kept: a thread sampled twice (its own sampler and
 	                        * one inherited from the thread that created it) keeps one stream */
 	__u64 last_off_cpu_ns; /* the last off-CPU record: short sleeps get at most one per stack period */

@@ -418,3 +418,75 @@ fn a_launched_commands_first_block_has_named_js_frames() {
         "most of the block is in warmCaches"
     );
 }
+
+const CHAIN_THEN_BLOCK: &str = "
+const spin = (ms) => { const t = performance.now(); while (performance.now() - t < ms); };
+function afterTheChain() { spin(300); }
+process.stdin.once('data', () => {
+  const until = Date.now() + 5000;
+  (function tick() {
+    if (Date.now() < until) return setImmediate(tick);
+    afterTheChain();
+    setTimeout(() => process.exit(0), 300);
+  })();
+});
+";
+
+/// Wake-ups of loopbpf's threads so far (each wake-up of a sleeping thread is one).
+fn voluntary_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("loopbpf's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A loop busy all the time in intervals far shorter than the threshold (a setImmediate chain)
+/// costs loopbpf few wake-ups (issue 17): the stack records of young intervals wait for its
+/// 100 ms look instead of waking its main and naming threads for each record (about 290 and
+/// 260 a second before). A block after the chain still has its stacks.
+#[test]
+fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
+    require_root();
+    let mut node = Command::new(node_bin())
+        .args(["-e", CHAIN_THEN_BLOCK])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let pid = node.id().to_string();
+    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
+    std::thread::sleep(Duration::from_secs(1));
+    node.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write to node");
+    // The chain runs for 5 s: 3 s of it, past its start.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = voluntary_switches(loopbpf.child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let per_second = (voluntary_switches(loopbpf.child.id()) - before) / 3;
+    assert!(node.wait().expect("node").success(), "the target failed");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    // Its 100 ms look, its second's refresh, and their naming jobs: about 50 a second.
+    assert!(
+        per_second < 120,
+        "loopbpf woke {per_second} times a second watching a setImmediate chain"
+    );
+    // On a loaded host the chain waits for a CPU now and then, which can make blocks of its
+    // own: the one after the chain is the one with its stacks.
+    let after = events(&output, "block")
+        .into_iter()
+        .map(|block| share_with(block, |n| n == "afterTheChain"))
+        .fold(0.0, f64::max);
+    assert!(
+        after > 0.8,
+        "the block after the chain has {after:.2} of its stacks there: {output:?}"
+    );
+}

@@ -28,6 +28,9 @@ pub const STACK_COPY: usize = 32768;
 /// A busy interval is young until it has run for 1/`YOUNG_DIVISOR` of the threshold
 /// (`LOOPBPF_YOUNG_DIVISOR`): its samples are unwound only once it is no longer young.
 pub const YOUNG_DIVISOR: u64 = 2;
+/// A young interval's on-CPU stacks are taken this many times less often, each standing for
+/// that many more sampling periods (`LOOPBPF_YOUNG_STACK_SPACING`).
+pub const YOUNG_STACK_SPACING: u32 = 2;
 pub const RED_ZONE: u64 = 128;
 /// Frames of the chain whose V8 objects are read at sample time (`LOOPBPF_JS_FRAMES`).
 pub const JS_FRAMES: usize = 32;
@@ -100,7 +103,8 @@ pub struct RawStackEvent {
     pub at_ns: u64,
     pub off_cpu_ns: u64,
     pub kernel_depth: u32,
-    pub reserved: u32,
+    /// On-CPU: the sampling periods of CPU time the record stands for.
+    pub periods: u32,
     pub user: [u64; USER_FRAMES],
     pub kernel: [u64; KERNEL_FRAMES],
     pub user_ip: u64,
@@ -482,6 +486,7 @@ mod tests {
             KERNEL_FRAMES,
             STACK_COPY,
             YOUNG_DIVISOR,
+            YOUNG_STACK_SPACING,
             RED_ZONE,
             JS_FRAMES,
             UV_LOOP_BACKEND_FD_OFFSET,
@@ -582,7 +587,7 @@ mod tests {
             fp_function, fp_receiver, function_shared, enabled,
         });
         layout!(RawStackEvent = "loopbpf_stack_event" {
-            kind, pid, tid, user_depth, busy_since_ns, at_ns, off_cpu_ns, kernel_depth, reserved,
+            kind, pid, tid, user_depth, busy_since_ns, at_ns, off_cpu_ns, kernel_depth, periods,
             user, kernel, user_ip, user_sp, user_bp, stack_len, js_depth, js, stack,
         });
         layout!(StackBudget = "loopbpf_stack_budget" { next_ns, limited });

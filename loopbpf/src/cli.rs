@@ -145,6 +145,7 @@ pub struct SessionArgs {
 
     /// Stack samples per second of a busy loop thread's CPU time (at most 1000, the rate the
     /// loop threads are sampled at; each stack is taken on the nearest whole number of samples).
+    /// A busy interval younger than half the threshold gets half as many, each weighing double.
     #[arg(long, value_name = "HZ", default_value_t = 199, value_parser = clap::value_parser!(u64).range(1..=1_000))]
     pub sample_rate: u64,
 

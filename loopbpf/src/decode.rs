@@ -7,8 +7,13 @@ use crate::abi::{
     BUSY_BEFORE_ATTACH, CapturedFrame, EVENT_BLOCK, EVENT_EXEC, EVENT_GC, EVENT_LOOP_EXIT,
     EVENT_LOOP_FOUND, EVENT_OFF_CPU, EVENT_ON_CPU, GC_INCREMENTAL_MARKING, GC_MARK_SWEEP_COMPACT,
     GC_PROCESS_WEAK_CALLBACKS, JS_FRAMES, KERNEL_FRAMES, RawEvent, RawStackEvent, Record,
-    STACK_COPY, USER_FRAMES,
+    SAMPLE_PERIOD_NS, STACK_COPY, USER_FRAMES, YOUNG_STACK_SPACING,
 };
+
+/// Most sampling periods one stack record stands for (one stack a second, `--sample-rate 1`, in
+/// a young interval): a bad count from the kernel side cannot make one stack outweigh a
+/// block's others.
+const MAX_PERIODS: u32 = (1_000_000_000 / SAMPLE_PERIOD_NS) as u32 * YOUNG_STACK_SPACING;
 
 /// Whose stack a sample is, and when it was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +25,9 @@ pub struct SampleOf {
     pub at_ns: u64,
     /// `None` for an on-CPU sample; how long the thread slept for an off-CPU one.
     pub off_cpu_ns: Option<u64>,
+    /// On-CPU: the sampling periods of CPU time it stands for (at least 1): a young busy
+    /// interval's stacks are taken less often, each standing for more of its time.
+    pub periods: u64,
 }
 
 /// A stack of a busy loop thread, addresses leaf first.
@@ -150,6 +158,7 @@ impl Event {
                         busy_since_ns: raw.busy_since_ns,
                         at_ns: raw.at_ns,
                         off_cpu_ns: (kind == EVENT_OFF_CPU).then_some(raw.off_cpu_ns),
+                        periods: u64::from(raw.periods.clamp(1, MAX_PERIODS)),
                     },
                     user: user.to_vec(),
                     kernel: kernel.to_vec(),

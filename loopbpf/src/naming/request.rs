@@ -172,7 +172,8 @@ impl RequestWeights {
     /// Counts a sample (on-CPU when `off_cpu_ns` is `None`) that ran for `request`. A sample
     /// whose read of the same request missed a part (its route or its `traceparent`, read
     /// while the GC moved it) counts for the request read whole.
-    pub fn add(&mut self, request: Request, off_cpu_ns: Option<u64>) {
+    /// `periods`: the sampling periods an on-CPU sample stands for.
+    pub fn add(&mut self, request: Request, off_cpu_ns: Option<u64>, periods: u64) {
         let same = self
             .weights
             .keys()
@@ -190,7 +191,7 @@ impl RequestWeights {
             None => (request, (0, 0)),
         };
         match off_cpu_ns {
-            None => weight.0 += 1,
+            None => weight.0 += periods,
             Some(ns) => weight.1 += ns,
         }
         self.weights.insert(key, weight);
@@ -264,17 +265,17 @@ mod tests {
         let get = |path: &str| from_parts("GET", path, None, None, false).unwrap();
         let mut weights = RequestWeights::default();
         assert_eq!(weights.heaviest(100, 0), None);
-        weights.add(get("/a"), None);
-        weights.add(get("/b"), None);
-        weights.add(get("/b"), None);
-        weights.add(get("/a"), Some(10));
+        weights.add(get("/a"), None, 1);
+        weights.add(get("/b"), None, 1);
+        weights.add(get("/b"), None, 1);
+        weights.add(get("/a"), Some(10), 1);
         let top = weights.heaviest(100, 3).unwrap();
         assert_eq!((top.path.as_str(), top.others), ("/b", 1));
         // Off-CPU time counts as it was spent.
-        weights.add(get("/a"), Some(1_000));
+        weights.add(get("/a"), Some(1_000), 1);
         assert_eq!(weights.heaviest(100, 3).unwrap().path, "/a");
         for i in 0..200 {
-            weights.add(get(&format!("/many/{i}")), None);
+            weights.add(get(&format!("/many/{i}")), None, 1);
         }
         let top = weights.heaviest(100, 203).unwrap();
         assert_eq!(top.others, 1 + 62 + 200 - 62);
@@ -287,14 +288,14 @@ mod tests {
             from_parts("GET", "/u/1", route.map(str::to_owned), trace, false).unwrap()
         };
         let mut weights = RequestWeights::default();
-        weights.add(read(None, trace), None);
-        weights.add(read(Some("/u/:id"), None), None);
-        weights.add(read(Some("/u/:id"), trace), None);
+        weights.add(read(None, trace), None, 1);
+        weights.add(read(Some("/u/:id"), None), None, 1);
+        weights.add(read(Some("/u/:id"), trace), None, 1);
         let top = weights.heaviest(30, 3).unwrap();
         assert_eq!(top, read(Some("/u/:id"), trace));
         // Another trace is another request.
         let other = parse_traceparent("00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        weights.add(read(None, other), None);
+        weights.add(read(None, other), None, 1);
         assert_eq!(weights.heaviest(40, 4).unwrap().others, 1);
     }
 }

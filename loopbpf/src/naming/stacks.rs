@@ -74,8 +74,9 @@ pub struct StackKey {
 /// The stacks of one busy interval, not yet named.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawStacks {
-    /// Distinct stacks: on-CPU sample count, or off-CPU nanoseconds.
+    /// Distinct stacks: on-CPU sampling periods, or off-CPU nanoseconds.
     pub stacks: HashMap<StackKey, u64>,
+    /// The sampling periods the on-CPU samples stand for, together.
     pub on_cpu_samples: u64,
     pub off_cpu_ns: u64,
     /// The requests the samples ran for.
@@ -84,8 +85,9 @@ pub struct RawStacks {
 
 impl RawStacks {
     pub fn add(&mut self, sample: Sample) {
+        let periods = sample.of.periods.max(1);
         if let Some(request) = sample.request {
-            self.requests.add(request, sample.of.off_cpu_ns);
+            self.requests.add(request, sample.of.off_cpu_ns, periods);
         }
         let key = StackKey {
             on_cpu: sample.of.off_cpu_ns.is_none(),
@@ -95,8 +97,8 @@ impl RawStacks {
         };
         let weight = match sample.of.off_cpu_ns {
             None => {
-                self.on_cpu_samples += 1;
-                1
+                self.on_cpu_samples += periods;
+                periods
             }
             Some(ns) => {
                 self.off_cpu_ns += ns;
@@ -221,6 +223,7 @@ mod tests {
                 busy_since_ns: 1,
                 at_ns: 2,
                 off_cpu_ns,
+                periods: 1,
             },
             user: user.to_vec(),
             kernel: Vec::new(),
@@ -247,6 +250,27 @@ mod tests {
             js: vec![],
         };
         assert_eq!(raw.stacks[&off], 100);
+    }
+
+    #[test]
+    fn a_sample_weighs_the_sampling_periods_it_stands_for() {
+        // A young interval's stack stands for 10 periods, an older one's for 5: the block's
+        // 30 ms on the CPU are shared 2:1, as the time was spent, not as the stacks were taken.
+        let mut raw = RawStacks::default();
+        // Two functions of this test binary, so that the two stacks have two names.
+        let first = above_the_loop as fn(&[Frame]) -> &[Frame] as usize as u64;
+        let second = frame as fn(&str) -> Frame as usize as u64;
+        let mut young = sample(None, &[first]);
+        young.of.periods = 10;
+        raw.add(young);
+        let mut old = sample(None, &[second]);
+        old.of.periods = 5;
+        raw.add(old);
+        assert_eq!(raw.on_cpu_samples, 15);
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let profile = profile(&raw, 30_000_000, &mut symbolizer, None);
+        let weights: Vec<u64> = profile.stacks.iter().map(|s| s.weight_ns).collect();
+        assert_eq!(weights, [20_000_000, 10_000_000]);
     }
 
     #[test]

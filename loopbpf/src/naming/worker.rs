@@ -16,7 +16,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread,
@@ -36,9 +36,12 @@ use crate::{
     target::proc::Process,
 };
 
-/// Jobs a lane holds before the session's sends fail: samples carry a stack copy each, so this
-/// bounds the memory a slow lane holds.
+/// Jobs a lane holds before the session's sends fail.
 const QUEUE: usize = 1024;
+
+/// Samples a lane holds, in all its queued batches, before the session's sends of samples fail:
+/// each carries a stack copy of up to 32 KiB, so this bounds the memory a slow lane holds.
+pub const SAMPLES_QUEUED: usize = 1024;
 
 /// Busy intervals of a thread whose stacks are kept: the one a block request names may be a
 /// few behind the newest samples (each interval holds a bounded number of distinct stacks).
@@ -59,8 +62,10 @@ pub enum Job {
     Refresh { pid: u32 },
     /// A loop of the process was found: look for its V8 anew (see [`Naming::loop_found`]).
     LoopFound { pid: u32 },
-    /// Unwind a sample and keep it with the stacks of its busy interval.
-    Sample(Box<StackSample>),
+    /// Samples of the lane's processes, in the order they were taken: each is unwound (or kept
+    /// raw) with the stacks of its busy interval. Sent in batches, so that a lane is woken once
+    /// per drain of the stack records, not once per record.
+    Samples(Vec<StackSample>),
     /// Weight and name the stacks of a busy interval.
     Name(NameJob),
 }
@@ -73,7 +78,7 @@ impl Job {
             | Self::Gone { pid }
             | Self::Refresh { pid }
             | Self::LoopFound { pid } => *pid,
-            Self::Sample(sample) => sample.of.pid,
+            Self::Samples(batch) => batch.first().map_or(0, |sample| sample.of.pid),
             Self::Name(job) => job.pid,
         }
     }
@@ -114,6 +119,8 @@ pub struct Lane {
     busy_since_ns: Arc<AtomicU64>,
     /// The process of the running job.
     busy_pid: Arc<AtomicU32>,
+    /// Samples in the queued batches (at most [`SAMPLES_QUEUED`]).
+    queued_samples: Arc<AtomicUsize>,
 }
 
 impl Lane {
@@ -124,7 +131,12 @@ impl Lane {
         let (jobs, queue) = sync_channel(QUEUE);
         let busy_since_ns = Arc::new(AtomicU64::new(0));
         let busy_pid = Arc::new(AtomicU32::new(0));
-        let (since, pid) = (busy_since_ns.clone(), busy_pid.clone());
+        let queued_samples = Arc::new(AtomicUsize::new(0));
+        let (since, pid, queued) = (
+            busy_since_ns.clone(),
+            busy_pid.clone(),
+            queued_samples.clone(),
+        );
         thread::Builder::new()
             .name("loopbpf-naming".to_owned())
             .spawn(move || {
@@ -133,6 +145,7 @@ impl Lane {
                     replies,
                     busy_since_ns: since,
                     busy_pid: pid,
+                    queued_samples: queued,
                     shared: SharedFiles::new(),
                     namings: HashMap::new(),
                     stacks: HashMap::new(),
@@ -145,13 +158,28 @@ impl Lane {
             jobs,
             busy_since_ns,
             busy_pid,
+            queued_samples,
         })
     }
 
-    /// Queues a job without waiting; gives it back when the queue is full.
+    /// Queues a job without waiting; gives it back when the queue is full, or when a batch of
+    /// samples would take the samples queued past [`SAMPLES_QUEUED`].
     pub fn try_send(&self, job: Job) -> Result<(), Job> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+        let samples = match &job {
+            Job::Samples(batch) => batch.len(),
+            _ => 0,
+        };
+        if samples > 0
+            && self.queued_samples.fetch_add(samples, Ordering::AcqRel) + samples > SAMPLES_QUEUED
+        {
+            self.queued_samples.fetch_sub(samples, Ordering::AcqRel);
+            return Err(job);
+        }
+        self.jobs.try_send(job).map_err(|e| {
+            self.queued_samples.fetch_sub(samples, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+            }
         })
     }
 
@@ -169,6 +197,7 @@ struct Worker {
     replies: UnboundedSender<Reply>,
     busy_since_ns: Arc<AtomicU64>,
     busy_pid: Arc<AtomicU32>,
+    queued_samples: Arc<AtomicUsize>,
     shared: SharedFiles,
     namings: HashMap<u32, Naming>,
     stacks: Stacks,
@@ -181,12 +210,20 @@ struct Worker {
 impl Worker {
     fn run(mut self, queue: &Receiver<Job>) {
         while let Ok(job) = queue.recv() {
-            self.busy_pid.store(job.pid(), Ordering::Release);
-            self.busy_since_ns.store(now_ns(), Ordering::Release);
-            test_delay(job.pid());
+            // A batch's samples are timed one by one (see `keep_samples`).
+            if !matches!(job, Job::Samples(_)) {
+                self.begin(job.pid());
+            }
             self.work(job);
             self.busy_since_ns.store(0, Ordering::Release);
         }
+    }
+
+    /// A job (or a sample) of process `pid` starts.
+    fn begin(&self, pid: u32) {
+        self.busy_pid.store(pid, Ordering::Release);
+        self.busy_since_ns.store(now_ns(), Ordering::Release);
+        test_delay(pid);
     }
 
     fn work(&mut self, job: Job) {
@@ -217,12 +254,7 @@ impl Worker {
                     self.send_layout(pid);
                 }
             }
-            Job::Sample(raw) => {
-                let namings = &mut self.namings;
-                keep(&mut self.stacks, *raw, self.unwind_at_ns, |raw| {
-                    unwind(namings, raw)
-                });
-            }
+            Job::Samples(batch) => self.keep_samples(batch),
             Job::Name(job) => {
                 let profile = self.name(job);
                 let _ = self.replies.send(Reply::Named {
@@ -230,6 +262,19 @@ impl Worker {
                     profile,
                 });
             }
+        }
+    }
+
+    /// Keeps a batch's samples, each timed as if it were a job of its own process: one slow
+    /// process is told apart from the others of its batch.
+    fn keep_samples(&mut self, batch: Vec<StackSample>) {
+        for raw in batch {
+            self.begin(raw.of.pid);
+            let namings = &mut self.namings;
+            keep(&mut self.stacks, raw, self.unwind_at_ns, |raw| {
+                unwind(namings, raw)
+            });
+            self.queued_samples.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -415,12 +460,42 @@ mod tests {
                 busy_since_ns,
                 at_ns: busy_since_ns + age,
                 off_cpu_ns: None,
+                periods: 1,
             },
             user: vec![leaf],
             kernel: Vec::new(),
             regs: [0; 3],
             stack: Vec::new(),
             captured: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_lane_holds_a_bounded_number_of_samples() {
+        let (replies, _receiver) = tokio::sync::mpsc::unbounded_channel();
+        let lane = Lane::spawn(replies, 100).expect("a lane");
+        let too_many = (0..=SAMPLES_QUEUED as u64).map(|i| raw(1, i, i)).collect();
+        let Err(Job::Samples(back)) = lane.try_send(Job::Samples(too_many)) else {
+            panic!("a batch over the bound was taken");
+        };
+        assert_eq!(
+            back.len(),
+            SAMPLES_QUEUED + 1,
+            "the batch is given back whole"
+        );
+        // The refused batch is not counted as queued: a batch within the bound goes through,
+        // and once its samples are kept the room is there again.
+        for _ in 0..3 {
+            let batch = (0..SAMPLES_QUEUED as u64 / 2)
+                .map(|i| raw(1, i, i))
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut job = Job::Samples(batch);
+            while let Err(back) = lane.try_send(job) {
+                assert!(Instant::now() < deadline, "the lane never made room");
+                thread::sleep(Duration::from_millis(1));
+                job = back;
+            }
         }
     }
 

@@ -116,6 +116,7 @@ impl Session<'_> {
                 Err(e) => status!("skipped a malformed event: {e}"),
             }
         }
+        self.namers.flush_samples();
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }

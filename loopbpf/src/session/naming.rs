@@ -1,8 +1,9 @@
 //! The session's side of naming: which naming lane (see [`crate::naming::worker`]) names which
 //! process, and the records that wait, in order, for their stacks to come back.
 //!
-//! The session never waits on naming: jobs are queued without blocking (a sample that finds its
-//! lane's queue full is dropped and counted), and a record waits for its stacks only so long
+//! The session never waits on naming: jobs are queued without blocking (samples go in batches,
+//! one per drain of the stack records; a batch that finds its lane full is dropped and its
+//! samples counted), and a record waits for its stacks only so long
 //! ([`BLOCK_LIMIT`], [`ONGOING_LIMIT`]); then it is reported without them, said so and counted.
 //! Processes share a lane (and the files it has read), but a process whose job has run for
 //! [`STUCK`] has the lane to itself: the others move to another lane.
@@ -16,6 +17,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::{
     aggregate::Record,
+    decode::StackSample,
     naming::{
         stacks::BlockProfile,
         worker::{Job, Lane, NameJob},
@@ -32,6 +34,9 @@ const MAX_LANES: usize = 4;
 const STUCK: Duration = Duration::from_secs(1);
 /// How long a block waits for its stacks to be named.
 pub(super) const BLOCK_LIMIT: Duration = Duration::from_secs(2);
+/// Samples a lane's batch holds before it is sent: a batch is sent at the latest as a drain of
+/// the stack records ends, or before any other job of its lane (jobs keep their order).
+const BATCH: usize = 64;
 /// How long an ongoing block waits for its stacks to be named (it is reported again).
 pub(super) const ONGOING_LIMIT: Duration = Duration::from_millis(500);
 
@@ -42,6 +47,8 @@ struct LaneSlot {
     /// never dropped (a few per process: its watch, a look when each of its loops is found,
     /// its end).
     backlog: VecDeque<Job>,
+    /// Samples not sent yet, in the order taken.
+    batch: Vec<StackSample>,
 }
 
 /// The naming lanes and who is named where.
@@ -146,13 +153,32 @@ impl Namers {
         }
     }
 
-    /// Hands a sample to its process's lane; a sample of a process not named is not kept.
-    pub(super) fn sample(&mut self, sample: crate::decode::StackSample) {
+    /// Hands a sample to its process's lane, in a batch sent by [`Self::flush_samples`] (or
+    /// once full); a sample of a process not named is not kept.
+    pub(super) fn sample(&mut self, sample: StackSample) {
         let Some(&lane) = self.lane_of.get(&sample.of.pid) else {
             return;
         };
-        if !self.send(lane, Job::Sample(Box::new(sample))) {
-            self.samples_dropped += 1;
+        let batch = &mut self.lanes[lane].batch;
+        batch.push(sample);
+        if batch.len() >= BATCH {
+            self.send_batch(lane);
+        }
+    }
+
+    /// Sends every lane's batch of samples: one job, and one wake-up of the lane, per drain.
+    pub(super) fn flush_samples(&mut self) {
+        for lane in 0..self.lanes.len() {
+            self.send_batch(lane);
+        }
+    }
+
+    /// Sends a lane's batch; its samples are dropped and counted if the lane is full.
+    fn send_batch(&mut self, lane: usize) {
+        let batch = std::mem::take(&mut self.lanes[lane].batch);
+        let samples = batch.len() as u64;
+        if samples > 0 && !self.send_as(lane, Job::Samples(batch), false) {
+            self.samples_dropped += samples;
         }
     }
 
@@ -209,6 +235,7 @@ impl Namers {
                         lane,
                         pids: BTreeSet::new(),
                         backlog: VecDeque::new(),
+                        batch: Vec::new(),
                     });
                     return Some(self.lanes.len() - 1);
                 }
@@ -232,6 +259,10 @@ impl Namers {
     }
 
     fn send_as(&mut self, lane: usize, job: Job, control: bool) -> bool {
+        // The samples taken before this job go first: a naming request names them too.
+        if !matches!(job, Job::Samples(_)) {
+            self.send_batch(lane);
+        }
         let slot = &mut self.lanes[lane];
         while let Some(first) = slot.backlog.pop_front() {
             if let Err(first) = slot.lane.try_send(first) {

@@ -322,6 +322,7 @@ fn random_sample(rng: &mut Rng, frames: usize) -> StackSample {
             busy_since_ns: 0,
             at_ns: 0,
             off_cpu_ns: None,
+            periods: 1,
         },
         user: vec![0x40_0000, 0x40_0001],
         kernel: Vec::new(),
