@@ -4,8 +4,8 @@
 //!
 //! [`ReadMemory`] is what the readers of a target's memory use: a live process's [`Memory`], a
 //! budgeted one ([`super::budget::BudgetedMemory`]) or, in tests, made-up (hostile) memory.
-//! [`Pages`] reads it a page at a time for the span of one sample's naming: each read is a
-//! syscall, and the fields of one object, or of objects next to each other, share a page.
+//! [`Pages`] reads it a kilobyte at a time for the span of one sample's naming: each read is a
+//! syscall, and the fields of one object, or of objects next to each other, share a kilobyte.
 
 use std::{cell::RefCell, fs::File, os::unix::fs::FileExt};
 
@@ -68,30 +68,25 @@ impl ReadMemory for Memory {
     }
 }
 
-/// The unit [`Pages`] reads and keeps: the kernel's page (what is readable is readable a page
-/// at a time).
-const PAGE: u64 = 4096;
-/// Pages kept at most until [`ReadMemory::forget`]: past them, reads go to the source.
+/// The unit [`Pages`] reads and keeps: within one of the kernel's pages (what is readable is
+/// readable a page at a time), and small enough for the allocator's fast path (a 4 KiB page
+/// each time cost more in malloc than the reads it saved).
+const PAGE: u64 = 1024;
+/// Units kept at most until [`ReadMemory::forget`]: past them, reads go to the source.
 const MAX_PAGES: usize = 64;
-/// Page buffers kept for the next sample once forgotten (a sample reads a few pages once the
-/// frames of its interval are named; allocating each anew took malloc's slow path).
-const MAX_SPARE: usize = 8;
 
-type PageBuffer = Box<[u8; PAGE as usize]>;
-/// A page's address and its bytes (`None`: not readable whole).
-type KeptPage = (u64, Option<PageBuffer>);
+/// A unit's address and its bytes (`None`: not readable whole).
+type KeptPage = (u64, Option<Box<[u8; PAGE as usize]>>);
 
-/// Memory read a page at a time: a read within one page reads the whole page once, and later
-/// reads in it are served from the copy until [`ReadMemory::forget`], so that what is read is
-/// what the memory held at one moment (the caller forgets at every sample). A page that cannot
-/// be read whole is not kept: reads in it go to the source, each as asked, so a read succeeds
-/// or fails exactly as it would without the copy.
+/// Memory read a [`PAGE`] (an aligned kilobyte) at a time: a read within one reads it whole
+/// once, and later reads in it are served from the copy until [`ReadMemory::forget`], so that
+/// what is read is what the memory held at one moment (the caller forgets at every sample). One
+/// that cannot be read whole is not kept: reads in it go to the source, each as asked, so a
+/// read succeeds or fails exactly as it would without the copy.
 pub struct Pages {
     source: Box<dyn ReadMemory>,
     /// In the order first read.
     kept: RefCell<Vec<KeptPage>>,
-    /// Buffers of forgotten pages, for the next ones.
-    spare: RefCell<Vec<PageBuffer>>,
 }
 
 impl Pages {
@@ -99,7 +94,6 @@ impl Pages {
         Self {
             source,
             kept: RefCell::new(Vec::new()),
-            spare: RefCell::new(Vec::new()),
         }
     }
 }
@@ -116,18 +110,9 @@ impl ReadMemory for Pages {
         let index = match kept.iter().position(|(at, _)| *at == page) {
             Some(index) => index,
             None if kept.len() < MAX_PAGES => {
-                let mut bytes = self
-                    .spare
-                    .borrow_mut()
-                    .pop()
-                    .unwrap_or_else(|| Box::new([0; PAGE as usize]));
-                let kept_bytes = if self.source.read(page, &mut bytes[..]) {
-                    Some(bytes)
-                } else {
-                    self.spare.borrow_mut().push(bytes);
-                    None
-                };
-                kept.push((page, kept_bytes));
+                let mut bytes = Box::new([0; PAGE as usize]);
+                let readable = self.source.read(page, &mut bytes[..]);
+                kept.push((page, readable.then_some(bytes)));
                 kept.len() - 1
             }
             None => return self.source.read(addr, buf),
@@ -144,15 +129,8 @@ impl ReadMemory for Pages {
     }
 
     fn forget(&self) {
-        let mut spare = self.spare.borrow_mut();
-        for (_, bytes) in self.kept.borrow_mut().drain(..) {
-            // A few kept, the rest freed: a fleet holds one of these per process.
-            if let Some(bytes) = bytes
-                && spare.len() < MAX_SPARE
-            {
-                spare.push(bytes);
-            }
-        }
+        // Freed, not kept for the next sample: a fleet holds one of these per process.
+        *self.kept.borrow_mut() = Vec::new();
         self.source.forget();
     }
 }
@@ -208,17 +186,18 @@ mod tests {
         let source = std::rc::Rc::new(OnePage(std::cell::Cell::new(0)));
         let pages = Pages::new(Box::new(Shared(source.clone())));
         assert_eq!(pages.word(0x1008), Some(0x0f0e_0d0c_0b0a_0908));
-        assert_eq!(pages.u8(0x1fff), Some(0xff));
+        assert_eq!(pages.u8(0x13ff), Some(0xff));
         assert_eq!(pages.i32(0x1100), Some(0x0302_0100));
-        assert_eq!(source.0.get(), 1, "one read of the page for all three");
-        // Across a page's end, and outside what is readable: as the source says, each asked.
+        assert_eq!(source.0.get(), 1, "one read of the kilobyte for all three");
+        // Across a unit's end, and outside what is readable: as the source says, each asked.
         assert_eq!(pages.word(0x1ffc), None);
+        assert_eq!(pages.word(0x13fc), Some(0x0302_0100_fffe_fdfc));
         assert_eq!(pages.word(0x2000), None);
         assert_eq!(pages.word(0x2010), None);
-        assert_eq!(source.0.get(), 1 + 1 + 2 + 1);
+        assert_eq!(source.0.get(), 1 + 1 + 1 + 2 + 1);
         pages.forget();
         assert_eq!(pages.u16(0x1002), Some(0x0302));
-        assert_eq!(source.0.get(), 6, "read again once forgotten");
+        assert_eq!(source.0.get(), 7, "read again once forgotten");
     }
 
     #[test]
