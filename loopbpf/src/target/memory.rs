@@ -4,8 +4,8 @@
 //!
 //! [`ReadMemory`] is what the readers of a target's memory use: a live process's [`Memory`], a
 //! budgeted one ([`super::budget::BudgetedMemory`]) or, in tests, made-up (hostile) memory.
-//! [`Pages`] reads it a kilobyte at a time for the span of one sample's naming: each read is a
-//! syscall, and the fields of one object, or of objects next to each other, share a kilobyte.
+//! [`Pages`] reads it a page at a time for the span of one sample's naming: each read is a
+//! syscall, and the fields of one object, or of objects next to each other, share a page.
 
 use std::{cell::RefCell, fs::File, os::unix::fs::FileExt};
 
@@ -68,21 +68,20 @@ impl ReadMemory for Memory {
     }
 }
 
-/// The unit [`Pages`] reads and keeps: within one of the kernel's pages (what is readable is
-/// readable a page at a time), and small enough for the allocator's fast path (a 4 KiB page
-/// each time cost more in malloc than the reads it saved).
-const PAGE: u64 = 1024;
-/// Units kept at most until [`ReadMemory::forget`]: past them, reads go to the source.
+/// The unit [`Pages`] reads and keeps (the kernel's page: what is readable is readable a page
+/// at a time).
+const PAGE: u64 = 4096;
+/// Pages kept at most until [`ReadMemory::forget`]: past them, reads go to the source.
 const MAX_PAGES: usize = 64;
 
-/// A unit's address and its bytes (`None`: not readable whole).
-type KeptPage = (u64, Option<Box<[u8; PAGE as usize]>>);
+/// A page's address and its bytes (`None`: not readable whole).
+type KeptPage = (u64, Option<Box<[u8]>>);
 
-/// Memory read a [`PAGE`] (an aligned kilobyte) at a time: a read within one reads it whole
-/// once, and later reads in it are served from the copy until [`ReadMemory::forget`], so that
-/// what is read is what the memory held at one moment (the caller forgets at every sample). One
-/// that cannot be read whole is not kept: reads in it go to the source, each as asked, so a
-/// read succeeds or fails exactly as it would without the copy.
+/// Memory read a page at a time: a read within one page reads the whole page once, and later
+/// reads in it are served from the copy until [`ReadMemory::forget`], so that what is read is
+/// what the memory held at one moment (the caller forgets at every sample). A page that cannot
+/// be read whole is not kept: reads in it go to the source, each as asked, so a read succeeds
+/// or fails exactly as it would without the copy.
 pub struct Pages {
     source: Box<dyn ReadMemory>,
     /// In the order first read.
@@ -110,8 +109,8 @@ impl ReadMemory for Pages {
         let index = match kept.iter().position(|(at, _)| *at == page) {
             Some(index) => index,
             None if kept.len() < MAX_PAGES => {
-                let mut bytes = Box::new([0; PAGE as usize]);
-                let readable = self.source.read(page, &mut bytes[..]);
+                let mut bytes = vec![0; PAGE as usize].into_boxed_slice();
+                let readable = self.source.read(page, &mut bytes);
                 kept.push((page, readable.then_some(bytes)));
                 kept.len() - 1
             }
@@ -153,7 +152,7 @@ mod tests {
         assert_eq!(memory.bytes(at, MAX_READ + 1), None);
     }
 
-    /// Memory readable from 0x1000 to 0x2000 holding its offsets' low bytes, that counts the
+    /// Memory of one readable page at 0x1000 holding its offsets' low bytes, that counts the
     /// reads made of it.
     struct OnePage(std::cell::Cell<u32>);
 
@@ -186,18 +185,17 @@ mod tests {
         let source = std::rc::Rc::new(OnePage(std::cell::Cell::new(0)));
         let pages = Pages::new(Box::new(Shared(source.clone())));
         assert_eq!(pages.word(0x1008), Some(0x0f0e_0d0c_0b0a_0908));
-        assert_eq!(pages.u8(0x13ff), Some(0xff));
+        assert_eq!(pages.u8(0x1fff), Some(0xff));
         assert_eq!(pages.i32(0x1100), Some(0x0302_0100));
-        assert_eq!(source.0.get(), 1, "one read of the kilobyte for all three");
-        // Across a unit's end, and outside what is readable: as the source says, each asked.
+        assert_eq!(source.0.get(), 1, "one read of the page for all three");
+        // Across a page's end, and outside what is readable: as the source says, each asked.
         assert_eq!(pages.word(0x1ffc), None);
-        assert_eq!(pages.word(0x13fc), Some(0x0302_0100_fffe_fdfc));
         assert_eq!(pages.word(0x2000), None);
         assert_eq!(pages.word(0x2010), None);
-        assert_eq!(source.0.get(), 1 + 1 + 1 + 2 + 1);
+        assert_eq!(source.0.get(), 1 + 1 + 2 + 1);
         pages.forget();
         assert_eq!(pages.u16(0x1002), Some(0x0302));
-        assert_eq!(source.0.get(), 7, "read again once forgotten");
+        assert_eq!(source.0.get(), 6, "read again once forgotten");
     }
 
     #[test]
