@@ -96,7 +96,6 @@ impl Naming {
             Some(js) => {
                 let frames = js.js_frames(sample, &user);
                 let request = js.request(sample, request::keeps_query());
-                js.sample_done();
                 (frames, request)
             }
             None => (Vec::new(), None),

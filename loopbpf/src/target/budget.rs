@@ -92,12 +92,6 @@ impl BudgetedMemory {
         self.sample_reads.set(0);
         self.sample_bytes.set(0);
         self.spent.set(false);
-        self.source.forget();
-    }
-
-    /// The current sample is named: what was kept of the memory for it is dropped.
-    pub fn end_sample(&self) {
-        self.source.forget();
     }
 
     pub fn limits(&self) -> Limits {
@@ -146,10 +140,6 @@ impl BudgetedMemory {
 impl ReadMemory for BudgetedMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         self.take(buf.len()) && self.source.read(addr, buf)
-    }
-
-    fn forget(&self) {
-        self.source.forget();
     }
 }
 

@@ -49,7 +49,7 @@ use crate::{
         budget::{BoundedCache, BudgetedMemory, Limits, NAMING_LIMITS},
         files::{FileCache, MAX_OBJECT, Weigh},
         maps::executable_files,
-        memory::{Pages, ReadMemory},
+        memory::ReadMemory,
         proc::Process,
     },
 };
@@ -270,8 +270,7 @@ impl JsNamer {
             layout,
             regexp: None,
             held_metadata: None,
-            // Counted as asked, read a page at a time within a sample.
-            memory: BudgetedMemory::new(Box::new(Pages::new(memory)), limits),
+            memory: BudgetedMemory::new(memory, limits),
             types: BoundedCache::new(MAX_CACHE, MAX_CACHE * 64),
             functions: BoundedCache::new(MAX_CACHE, MAX_NAME_CACHE_BYTES),
             positions: BoundedCache::new(MAX_CACHE, MAX_CACHE * 96),
@@ -348,12 +347,6 @@ impl JsNamer {
             },
             _ => V8Layout::default(),
         }
-    }
-
-    /// The sample's naming (its frames and request) is done: the pages of the process's memory
-    /// read for it are dropped, so that no later sample is named from them.
-    pub fn sample_done(&self) {
-        self.memory.end_sample();
     }
 
     /// A named frame by the id a [`JsFrameRef`] carries.
