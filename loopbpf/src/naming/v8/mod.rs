@@ -538,8 +538,14 @@ impl JsNamer {
             return ids.clone();
         }
         let ids = self.name_frame(slots);
-        // Only what was named whole: a frame left unnamed for a spent budget is tried again.
-        if ids.is_empty() || !self.may_cache() {
+        // Only what was named whole and exactly: a frame left unnamed for a spent budget, or
+        // placed at its function's start because its code did not check out this time (code
+        // just installed by OSR), is tried again at the next sample, as before.
+        let exact = |id: &u32| {
+            self.frame(*id)
+                .is_some_and(|f| f.line.is_none() || f.column.is_some())
+        };
+        if ids.is_empty() || !ids.iter().all(exact) || !self.may_cache() {
             return ids;
         }
         if !self.interval_frames.contains_key(&tid)
