@@ -450,7 +450,7 @@ impl Builder {
     }
 
     /// A function whose shared info is named by `name` (a tagged string).
-    fn shared_named(&mut self, name: u64) -> u64 {
+    pub(super) fn shared_named(&mut self, name: u64) -> u64 {
         let shared = self.object(self.layout.types.shared_function_info, 48);
         self.set(shared + self.layout.sfi_name_or_scope_info, name);
         // No script, no function data: Smi 0.
@@ -600,16 +600,7 @@ fn a_spent_budget_leaves_frames_unnamed_and_is_counted() {
             ..LIMITS
         },
     );
-    let mut sample = random_sample(&mut Rng::new(1), 1);
-    sample.captured = vec![CapturedFrame {
-        fp: sample.regs[2],
-        shared: shared + 1,
-        receiver_map: 0,
-    }];
-    // The frame's context must look like a heap object for it to be a JS frame.
-    let fp_at = usize::try_from(sample.regs[2] - (SP - RED_ZONE)).unwrap();
-    sample.stack[fp_at - 8..fp_at].copy_from_slice(&(HEAP + 1).to_le_bytes());
-    sample.stack[fp_at - 16..fp_at - 8].copy_from_slice(&(HEAP + 1).to_le_bytes());
+    let sample = one_frame_sample(shared);
     assert!(namer.js_frames(&sample, &[]).is_empty());
     assert_eq!(namer.limits_hit().budget_exceeded, 1);
     assert!(namer.functions.len() == 0, "nothing read short is cached");
@@ -625,6 +616,21 @@ fn a_spent_budget_leaves_frames_unnamed_and_is_counted() {
         1,
         "counted once per sample"
     );
+}
+
+/// A sample of one JS frame whose shared info the kernel side read as `shared`.
+pub(super) fn one_frame_sample(shared: u64) -> StackSample {
+    let mut sample = random_sample(&mut Rng::new(1), 1);
+    sample.captured = vec![CapturedFrame {
+        fp: sample.regs[2],
+        shared: shared + 1,
+        receiver_map: 0,
+    }];
+    // The frame's context must look like a heap object for it to be a JS frame.
+    let fp_at = usize::try_from(sample.regs[2] - (SP - RED_ZONE)).unwrap();
+    sample.stack[fp_at - 8..fp_at].copy_from_slice(&(HEAP + 1).to_le_bytes());
+    sample.stack[fp_at - 16..fp_at - 8].copy_from_slice(&(HEAP + 1).to_le_bytes());
+    sample
 }
 
 /// A position as V8 writes it: the script offset and the inlining id, each plus one.
@@ -647,7 +653,7 @@ fn vlq(out: &mut Vec<u8>, mut u: u64) {
 
 impl Builder {
     /// A string object holding `name` (one byte a character).
-    fn string(&mut self, name: &str) -> u64 {
+    pub(super) fn string(&mut self, name: &str) -> u64 {
         let string = self.object(8, 16 + name.len() as u64);
         self.set_length(string, i32::try_from(name.len()).unwrap());
         for (i, chunk) in name.as_bytes().chunks(8).enumerate() {

@@ -105,6 +105,30 @@ pub struct JsFrameRef {
     pub id: u32,
 }
 
+/// Frames of one busy interval whose names are kept for its later samples (a loop's stacks
+/// share most of their frames); past them, frames are named anew at every sample.
+const MAX_INTERVAL_FRAMES: usize = 4096;
+/// Threads whose current interval's frames are kept; past them, all are dropped.
+const MAX_INTERVAL_THREADS: usize = 256;
+
+/// A frame as a sample found it: its place, its slots, where its code runs and what the kernel
+/// side read through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FrameKey {
+    fp: u64,
+    function: u64,
+    bytecode_array: Option<u64>,
+    bytecode_offset: Option<u64>,
+    receiver: Option<u64>,
+    captured: Option<CapturedFrame>,
+    pc: u64,
+    is_return: bool,
+    leaf_return: Option<u64>,
+}
+
+/// The frames named in a thread's current busy interval, and the interval (its start).
+type IntervalFrames = (u64, HashMap<FrameKey, Vec<u32>>);
+
 /// The slots of a JS frame as the sample's stack copy holds them.
 struct FrameSlots {
     function: u64,
@@ -161,6 +185,12 @@ pub struct JsNamer {
     file_code: Vec<std::ops::Range<u64>>,
     /// The map of the objects whose instructions follow them, once one was found.
     code_header_map: Option<u64>,
+    /// By thread: what the frames of its current busy interval were named. Within one interval
+    /// a frame is one call, and the GC rewrites its slots when it moves the objects, so a frame
+    /// with the same slots, pc and captured reads is the same call of the same function at the
+    /// same place, named the same (the argument [`JsNamer::captured_before`] rests on); across
+    /// intervals it is not, so a thread's frames are dropped when its next interval starts.
+    interval_frames: HashMap<u32, IntervalFrames>,
     frames: Vec<Frame>,
     frame_ids: HashMap<Frame, u32>,
     /// Estimated bytes of `frames` and `frame_ids`.
@@ -252,6 +282,7 @@ impl JsNamer {
             no_code: BoundedCache::new(MAX_CACHE, MAX_CACHE * 48),
             file_code: Vec::new(),
             code_header_map: None,
+            interval_frames: HashMap::new(),
             frames: Vec::new(),
             frame_ids: HashMap::new(),
             frame_bytes: 0,
@@ -460,7 +491,7 @@ impl JsNamer {
                     leaf_return: leaf_return.filter(|_| pc == sample.regs[0]),
                 };
                 // Inlined functions first: they run inside this frame.
-                let mut ids = self.name_frame(&slots);
+                let mut ids = self.name_frame_once(sample, fp, &slots);
                 // A builtin with only native code leafward (the regexp interpreter): the
                 // regexp it was called with, when it was.
                 if refs.is_empty()
@@ -483,6 +514,54 @@ impl JsNamer {
             }
             (fp, pc) = (caller_fp, ra);
         }
+    }
+
+    /// [`Self::name_frame`], once per busy interval for a frame that stays the same call at the
+    /// same place (see [`Self::interval_frames`]).
+    fn name_frame_once(&mut self, sample: &StackSample, fp: u64, slots: &FrameSlots) -> Vec<u32> {
+        let key = FrameKey {
+            fp,
+            function: slots.function,
+            bytecode_array: slots.bytecode_array,
+            bytecode_offset: slots.bytecode_offset,
+            receiver: slots.receiver,
+            captured: slots.captured,
+            pc: slots.pc,
+            is_return: slots.is_return,
+            leaf_return: slots.leaf_return,
+        };
+        let (tid, since) = (sample.of.tid, sample.of.busy_since_ns);
+        if let Some((at, named)) = self.interval_frames.get(&tid)
+            && *at == since
+            && let Some(ids) = named.get(&key)
+        {
+            return ids.clone();
+        }
+        let ids = self.name_frame(slots);
+        // Only what was named whole and exactly: a frame left unnamed for a spent budget, or
+        // placed at its function's start because its code did not check out this time (code
+        // just installed by OSR), is tried again at the next sample, as before.
+        let exact = |id: &u32| {
+            self.frame(*id)
+                .is_some_and(|f| f.line.is_none() || f.column.is_some())
+        };
+        if ids.is_empty() || !ids.iter().all(exact) || !self.may_cache() {
+            return ids;
+        }
+        if !self.interval_frames.contains_key(&tid)
+            && self.interval_frames.len() >= MAX_INTERVAL_THREADS
+        {
+            self.interval_frames.clear();
+        }
+        let (at, named) = self.interval_frames.entry(tid).or_default();
+        if *at != since {
+            *at = since;
+            named.clear();
+        }
+        if named.len() < MAX_INTERVAL_FRAMES {
+            named.insert(key, ids.clone());
+        }
+        ids
     }
 
     /// Names a frame, and the functions inlined into it where its code is optimized, leaf
@@ -628,5 +707,34 @@ mod tests {
         assert_eq!(display_name("ns.inner", Some("Object")), "ns.inner");
         assert_eq!(display_name("spin", None), "spin");
         assert_eq!(display_name("", None), "<anonymous>");
+    }
+
+    #[test]
+    fn a_frame_is_named_once_per_busy_interval() {
+        let mut b = fuzz::Builder::new();
+        let run = b.string("run");
+        let shared = b.shared_named(run);
+        let mut namer = b.namer();
+        let mut sample = fuzz::one_frame_sample(shared);
+        let mut name_it = |sample: &StackSample| {
+            let refs = namer.js_frames(sample, &[]);
+            let got: Vec<String> = refs
+                .iter()
+                .map(|r| namer.frame(r.id).unwrap().name.clone())
+                .collect();
+            (got, namer.memory_used().sample_reads)
+        };
+        let (got, first_reads) = name_it(&sample);
+        assert_eq!(got, ["run"]);
+        // The same frame again in the same interval: named from the first sample.
+        let (got, reads) = name_it(&sample);
+        assert_eq!(got, ["run"]);
+        assert!(first_reads > 0);
+        assert_eq!(reads, 0, "named without reading the target's memory again");
+        // In the thread's next interval it may be another call: read again.
+        sample.of.busy_since_ns += 1;
+        let (got, next_reads) = name_it(&sample);
+        assert_eq!(got, ["run"]);
+        assert!(next_reads > 0, "checked again in another interval");
     }
 }
