@@ -749,17 +749,18 @@ struct sched_switch_ctx {
  * backend on the loop's epoll fd (spawnSync's nested loop has another). */
 static __always_inline bool asleep_in_loop_poll(const struct loopbpf_thread *t)
 {
-	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	__u64 nr = 0, fd = 0;
+	struct pt_regs *user_regs;
+	__u64 nr;
 
 	if (t->epfd < 0)
 		return false;
-	bpf_probe_read_kernel(&nr, sizeof(nr), &user_regs->orig_rax);
+	/* A BTF pointer: read in place (the verifier makes the loads fault-safe), no helper. */
+	user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	nr = user_regs->orig_rax;
 	if (nr != LOOPBPF_SYS_EPOLL_PWAIT && nr != LOOPBPF_SYS_EPOLL_WAIT &&
 	    nr != LOOPBPF_SYS_EPOLL_PWAIT2)
 		return false;
-	bpf_probe_read_kernel(&fd, sizeof(fd), &user_regs->rdi);
-	return (__s32)fd == t->epfd;
+	return (__s32)user_regs->rdi == t->epfd;
 }
 
 /* A loop thread falls asleep in its poll wait: the busy interval ends, exactly, now. */
@@ -903,15 +904,17 @@ static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u6
 		return;
 	if (!now)
 		now = bpf_ktime_get_ns();
+	/* The count cannot move while the thread is off the CPU. */
+	t->seen_ns = now;
 	if (t->in_poll) {
-		/* Woken in its poll wait: the poll returns, a busy interval begins. */
+		/* Woken in its poll wait: the poll returns, a busy interval begins. It slept
+		 * there, not elsewhere: no off-CPU stack was begun (no asleep lookup). */
 		t->in_poll = 0;
 		t->idle_ns += now - t->poll_enter_ns;
 		t->busy_since_ns = now;
 		t->busy_before_attach = 0;
+		return;
 	}
-	/* The count cannot move while the thread is off the CPU. */
-	t->seen_ns = now;
 
 	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
 	if (!sleep)
