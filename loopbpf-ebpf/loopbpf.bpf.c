@@ -58,6 +58,14 @@ struct {
 } threads SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE); /* userspace sets and clears bits atomically in place */
+	__uint(max_entries, LOOPBPF_LOOP_TID_WORDS);
+	__type(key, __u32);   /* tid / 64 */
+	__type(value, __u64); /* bit tid % 64: threads may hold tid (see loopbpf.h) */
+} loop_tids SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, LOOPBPF_CONTROL_RING_BYTES); /* struct loopbpf_event records */
 } events SEC(".maps");
@@ -123,6 +131,39 @@ static const struct loopbpf_stack_event empty_stack;
 /* Longer than a thread can stay awake between two looks when it is sampled (a sample every
  * period of its CPU time; switches look too). */
 #define LOOPBPF_UNSEEN_NS (4 * LOOPBPF_SAMPLE_PERIOD_NS)
+
+/* Whether the threads map may hold `tid`: false (a clear bit) only where it holds no entry. An
+ * array lookup, which the verifier inlines: the threads lookup it saves is a hash. */
+static __always_inline bool may_be_loop_thread(__u32 tid)
+{
+	__u32 word = tid / 64;
+	__u64 *bits;
+
+	if (word >= LOOPBPF_LOOP_TID_WORDS)
+		return true; /* past any tid Linux gives: look it up */
+	bits = bpf_map_lookup_elem(&loop_tids, &word);
+	return !bits || (*bits >> (tid % 64)) & 1;
+}
+
+/* Before the threads map gets an entry for `tid`. */
+static __always_inline void mark_loop_thread(__u32 tid)
+{
+	__u32 word = tid / 64;
+	__u64 bit = 1ULL << (tid % 64), *bits = bpf_map_lookup_elem(&loop_tids, &word);
+
+	if (bits && !(*bits & bit))
+		__sync_fetch_and_or(bits, bit);
+}
+
+/* Before the threads map's entry for `tid` is deleted. */
+static __always_inline void unmark_loop_thread(__u32 tid)
+{
+	__u32 word = tid / 64;
+	__u64 bits_off = ~(1ULL << (tid % 64)), *bits = bpf_map_lookup_elem(&loop_tids, &word);
+
+	if (bits)
+		__sync_fetch_and_and(bits, bits_off);
+}
 
 static __always_inline void bump(__u32 counter)
 {
@@ -373,6 +414,9 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 
 	if (!is_target(pid_tgid))
 		return;
+	/* Before the entry (this program can be preempted), and again after it: userspace
+	 * forgetting an exited thread of the same tid meanwhile clears the bit. */
+	mark_loop_thread(tid);
 	t = bpf_map_lookup_elem(&threads, &tid);
 	if (!t) {
 		if (bpf_map_update_elem(&threads, &tid, &empty_thread, BPF_NOEXIST) == -E2BIG)
@@ -382,6 +426,7 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 			return;
 		t->epfd = -1;
 	}
+	mark_loop_thread(tid);
 
 	if (t->loop_addr == loop) {
 		if (at_poll && !t->counts_iterations) {
@@ -451,6 +496,7 @@ static __always_inline void loop_thread_ends(__u32 tid)
 	/* A main thread seeded in its poll wait at attach is the main loop even if it
 	 * never named its loop (busy from then until exit). */
 	if (t->role != LOOPBPF_ROLE_MAIN && t->role != LOOPBPF_ROLE_WORKER) {
+		unmark_loop_thread(tid);
 		bpf_map_delete_elem(&threads, &tid);
 		return;
 	}
@@ -723,17 +769,18 @@ struct sched_switch_ctx {
  * backend on the loop's epoll fd (spawnSync's nested loop has another). */
 static __always_inline bool asleep_in_loop_poll(const struct loopbpf_thread *t)
 {
-	struct pt_regs *user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	__u64 nr = 0, fd = 0;
+	struct pt_regs *user_regs;
+	__u64 nr;
 
 	if (t->epfd < 0)
 		return false;
-	bpf_probe_read_kernel(&nr, sizeof(nr), &user_regs->orig_rax);
+	/* A BTF pointer: read in place (the verifier makes the loads fault-safe), no helper. */
+	user_regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	nr = user_regs->orig_rax;
 	if (nr != LOOPBPF_SYS_EPOLL_PWAIT && nr != LOOPBPF_SYS_EPOLL_WAIT &&
 	    nr != LOOPBPF_SYS_EPOLL_PWAIT2)
 		return false;
-	bpf_probe_read_kernel(&fd, sizeof(fd), &user_regs->rdi);
-	return (__s32)fd == t->epfd;
+	return (__s32)user_regs->rdi == t->epfd;
 }
 
 /* A loop thread falls asleep in its poll wait: the busy interval ends, exactly, now. */
@@ -813,54 +860,121 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	bpf_ringbuf_submit(e, stack_wake(sleep->busy_since_ns, now));
 }
 
-/* A loop thread leaving the CPU; one coming back. Off-CPU stacks: a busy loop thread leaving
- * the CPU to sleep elsewhere than its poll wait records where; coming back reports how long. */
-SEC("tracepoint/sched/sched_switch")
-int on_switch(struct sched_switch_ctx *ctx)
+/* sched_switch's task pointers: only the fields read here, placed by CO-RE. */
+struct task_struct {
+	int pid;
+	int tgid;
+	int exit_state;
+} __attribute__((preserve_access_index));
+
+/* The kernel's task states (include/linux/sched.h) that tell a sleep from a preemption. */
+#define TASK_REPORT 0x7f /* running, sleeping, stopped, traced, dead, zombie, parked */
+#define TASK_IDLE 0x402  /* TASK_UNINTERRUPTIBLE | TASK_NOLOAD: reported as idle */
+#define TASK_RTLOCK_WAIT 0x1000
+#define TASK_FROZEN 0x8000
+
+/* Whether the tracepoint record would give prev_state 1 (S) or 2 (D), a sleep, as the
+ * classic tracepoint's __trace_sched_switch_state() computes it from the same arguments: a
+ * preempted thread is waiting for a CPU in the middle of its work, whatever its state. */
+static __always_inline bool switch_sleeps(bool preempt, unsigned int prev_state,
+					  const struct task_struct *prev)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	unsigned int state;
+
+	if (preempt)
+		return false;
+	if (prev_state & (TASK_RTLOCK_WAIT | TASK_FROZEN))
+		return true; /* reported as TASK_UNINTERRUPTIBLE */
+	if ((prev_state & TASK_IDLE) == TASK_IDLE)
+		return false;
+	state = (prev_state | prev->exit_state) & TASK_REPORT;
+	return state && state < 4; /* its highest bit is TASK_INTERRUPTIBLE's or UNINTERRUPTIBLE's */
+}
+
+/* A loop thread leaving the CPU (`prev`, a pid_tgid, when it may be one; `prev_sleeps`: to
+ * sleep rather than preempted); one coming back (`next_tid`, when it may be one). Off-CPU
+ * stacks: a busy loop thread leaving the CPU to sleep elsewhere than its poll wait records
+ * where; coming back reports how long. */
+static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u64 pid_tgid,
+						bool prev_sleeps, bool check_next, __u32 next_tid)
+{
 	__u32 tid = (__u32)pid_tgid;
-	__u32 next_tid = ctx->next_pid;
 	struct loopbpf_stack_event *sleep;
 	struct loopbpf_thread *t = NULL;
 	__u64 now = 0, count;
 
-	if (is_target(pid_tgid))
+	if (check_prev && is_target(pid_tgid))
 		t = bpf_map_lookup_elem(&threads, &tid);
-	/* A sleep is TASK_INTERRUPTIBLE or TASK_UNINTERRUPTIBLE: a preempted thread, which the
-	 * tracepoint reports with another state, is waiting for a CPU in the middle of its
-	 * work. An exited thread still switches out once, after its exit probe. */
+	/* An exited thread still switches out once, after its exit probe. */
 	if (t && !t->exited_ns && t->role != LOOPBPF_ROLE_OTHER) {
 		now = bpf_ktime_get_ns();
-		if ((ctx->prev_state & 3) && asleep_in_loop_poll(t)) {
+		if (prev_sleeps && asleep_in_loop_poll(t)) {
 			poll_sleeps(t, tid, now);
 		} else {
 			if (read_count(t, now, &count))
 				observe(t, tid, now, count);
-			if ((ctx->prev_state & 3) && stack_every && (t = busy_loop_thread(tid)))
+			if (prev_sleeps && stack_every && (t = busy_loop_thread(tid)))
 				off_cpu_begins(ctx, pid_tgid, t->busy_since_ns, now);
 		}
 	}
 
+	if (!check_next)
+		return;
 	t = bpf_map_lookup_elem(&threads, &next_tid);
 	if (!t || t->exited_ns)
-		return 0;
+		return;
 	if (!now)
 		now = bpf_ktime_get_ns();
+	/* The count cannot move while the thread is off the CPU. */
+	t->seen_ns = now;
 	if (t->in_poll) {
-		/* Woken in its poll wait: the poll returns, a busy interval begins. */
+		/* Woken in its poll wait: the poll returns, a busy interval begins. It slept
+		 * there, not elsewhere: no off-CPU stack was begun (no asleep lookup). */
 		t->in_poll = 0;
 		t->idle_ns += now - t->poll_enter_ns;
 		t->busy_since_ns = now;
 		t->busy_before_attach = 0;
+		return;
 	}
-	/* The count cannot move while the thread is off the CPU. */
-	t->seen_ns = now;
 
 	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
 	if (!sleep)
-		return 0;
+		return;
 	off_cpu_ends(t, sleep, now);
 	bpf_map_delete_elem(&asleep, &next_tid);
+}
+
+/* Every context switch of the host runs this: a BTF tracepoint, so the kernel formats no
+ * trace record for it, and it reads the two tasks' tids in place. Almost no switch is a loop
+ * thread's: two bitmap tests, then nothing. Needs sched_switch's prev_state argument (Linux
+ * 5.18); on_switch_record below is for older kernels. */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
+	     unsigned int prev_state)
+{
+	__u32 prev_tid = prev->pid, next_tid = next->pid;
+	bool check_prev = may_be_loop_thread(prev_tid), check_next = may_be_loop_thread(next_tid);
+
+	if (!check_prev && !check_next)
+		return 0;
+	loop_threads_switch(ctx, check_prev, (__u64)prev->tgid << 32 | prev_tid,
+			    check_prev && switch_sleeps(preempt, prev_state, prev), check_next,
+			    next_tid);
+	return 0;
+}
+
+/* The same from the classic tracepoint's record, which the kernel fills for every switch. */
+SEC("tracepoint/sched/sched_switch")
+int on_switch_record(struct sched_switch_ctx *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 next_tid = ctx->next_pid;
+	bool check_prev = may_be_loop_thread((__u32)pid_tgid);
+	bool check_next = may_be_loop_thread(next_tid);
+
+	if (!check_prev && !check_next)
+		return 0;
+	/* prev_state 1 (S) or 2 (D): a sleep; a preempted thread's is another. */
+	loop_threads_switch(ctx, check_prev, pid_tgid, ctx->prev_state & 3, check_next, next_tid);
 	return 0;
 }

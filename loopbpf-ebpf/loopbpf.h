@@ -149,6 +149,13 @@ struct loopbpf_v8_layout {
 #define LOOPBPF_MAX_V8_LAYOUTS 4096
 #define LOOPBPF_MAX_STACK_BUDGETS 4096
 
+/* The loop_tids map: one bit per thread id (PID_MAX_LIMIT, 2^22 on 64-bit, in 64-bit words),
+ * set for every tid the threads map may hold an entry for. sched_switch runs for every context
+ * switch of the host: a clear bit lets it skip the threads lookup. A stale bit costs that
+ * lookup only. Set before an entry is made (by the probes and by userspace's seeds), cleared
+ * before it is deleted. */
+#define LOOPBPF_LOOP_TID_WORDS 65536
+
 /* What the kernel side counts (the counters map, per CPU, indexed by these): nothing it drops
  * goes uncounted. */
 enum loopbpf_counter {

@@ -121,6 +121,14 @@ fn exec_sync_is_off_cpu_in_the_synchronous_process_runner() {
         slept["frames"][0]["kind"], "kernel",
         "the kernel side of the sleep first"
     );
+    let own: Vec<String> = names(slept)
+        .into_iter()
+        .filter(|n| n.starts_with("bpf_prog_") || n.starts_with("bpf_trace_run"))
+        .collect();
+    assert!(
+        own.is_empty(),
+        "loopbpf's own frames in the sleep's stack: {own:?}"
+    );
 }
 
 #[test]

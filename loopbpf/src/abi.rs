@@ -123,6 +123,8 @@ pub const STACK_RING_BYTES: u64 = 8 * 1024 * 1024;
 pub const MAX_THREADS: u32 = 16384;
 pub const MAX_ASLEEP: u32 = 64;
 pub const MAX_V8_LAYOUTS: u32 = 4096;
+/// Words of the `loop_tids` bitmap (`LOOPBPF_LOOP_TID_WORDS`): a bit per possible thread id.
+pub const LOOP_TID_WORDS: u32 = 65536;
 
 /// `enum loopbpf_counter`: the `counters` map's indexes.
 pub const LOST_CONTROL: u32 = 0;
@@ -518,6 +520,7 @@ mod tests {
             MAX_THREADS,
             MAX_ASLEEP,
             MAX_V8_LAYOUTS,
+            LOOP_TID_WORDS,
             LOST_CONTROL,
             LOST_STACK,
             STACKS_LIMITED,

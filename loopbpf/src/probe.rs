@@ -8,10 +8,10 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, TracePoint, UProbe,
+        BtfTracePoint, PerfEvent, TracePoint, UProbe,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -20,6 +20,9 @@ use aya::{
 };
 use thiserror::Error;
 
+mod loop_tids;
+
+use self::loop_tids::LoopTids;
 use crate::{
     abi::{
         BUSY_BEFORE_ATTACH, FULL_ASLEEP, FULL_THREADS, LOST_CONTROL, LOST_STACK, LibuvInfo,
@@ -32,14 +35,18 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
-/// Tracepoint programs and where they attach: thread exits and execs, and context switches
-/// (a loop thread falling asleep in its poll wait, or waking there). No syscall tracepoint:
+/// Tracepoint programs and where they attach: thread exits and execs. No syscall tracepoint:
 /// enabling one sends every syscall of every process on the host down the kernel's slow path.
-const TRACEPOINTS: [(&str, &str, &str); 3] = [
+const TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("thread_exit", "sched", "sched_process_exit"),
     ("process_exec", "sched", "sched_process_exec"),
-    ("on_switch", "sched", "sched_switch"),
 ];
+/// Context switches (a loop thread falling asleep in its poll wait, or waking there): every
+/// switch of the host runs this program, a BTF tracepoint (no trace record is made for it).
+const SWITCH: &str = "on_switch";
+/// The same on the classic tracepoint, for kernels whose `sched_switch` has no `prev_state`
+/// argument (before 5.18).
+const SWITCH_RECORD: &str = "on_switch_record";
 
 /// How long the `uv__io_poll` probe, which traps on every iteration, stays after attaching
 /// to an object whose libuv counts its iterations: loops already running are found there.
@@ -114,6 +121,11 @@ pub enum ProbeError {
     TooManyLibuvs,
     #[error("eBPF map or program `{0}` is missing or of the wrong type")]
     Map(&'static str),
+    #[error("could not map eBPF map `{name}` into memory: {error}")]
+    Mmap {
+        name: &'static str,
+        error: std::io::Error,
+    },
     #[error("reading eBPF map `{name}`: {error}")]
     MapAccess {
         name: &'static str,
@@ -124,7 +136,11 @@ pub enum ProbeError {
 /// The loaded and attached kernel side.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The kernel's types, for the BTF tracepoint; dropped once it is attached.
+    btf: Option<Btf>,
     threads: HashMap<MapData, u32, ThreadState>,
+    /// Which tids `threads` may hold: set before an entry is made, cleared before it goes.
+    loop_tids: LoopTids,
     window: Array<MapData, u64>,
     libuvs: Array<MapData, LibuvInfo>,
     /// Entries of `libuvs` ever used; the next new uprobe cookie unless one was released.
@@ -169,7 +185,9 @@ impl Probes {
             (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u32
         });
         let (stack_interval_ns, stack_burst_ns) = stack_limit(stack_every);
+        let btf = Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
             .override_global("target_tgid", &target_tgid, true)
             .override_global("threshold_ns", &threshold_ns, true)
             .override_global("stack_every", &stack_every, true)
@@ -178,6 +196,13 @@ impl Probes {
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
+        let Some(Map::Array(loop_tids)) = ebpf.take_map("loop_tids") else {
+            return Err(ProbeError::Map("loop_tids"));
+        };
+        let loop_tids = LoopTids::new(loop_tids).map_err(|error| ProbeError::Mmap {
+            name: "loop_tids",
+            error,
+        })?;
         let window = take_map(&mut ebpf, "window")?;
         let libuvs = take_map(&mut ebpf, "libuvs")?;
         let v8_layouts = take_map(&mut ebpf, "v8_layouts")?;
@@ -185,7 +210,9 @@ impl Probes {
         let stack_budgets = take_map(&mut ebpf, "stack_budgets")?;
         Ok(Self {
             ebpf,
+            btf,
             threads,
+            loop_tids,
             window,
             libuvs,
             libuvs_used: 0,
@@ -217,7 +244,31 @@ impl Probes {
         for (program, category, tracepoint) in TRACEPOINTS {
             self.attach_tracepoint(program, category, tracepoint)?;
         }
-        Ok(())
+        let btf = self.btf.take();
+        let by_btf = btf.as_ref().map(|btf| {
+            let program: &mut BtfTracePoint = program(&mut self.ebpf, SWITCH)?;
+            program
+                .load("sched_switch", btf)
+                .map_err(|error| ProbeError::Program {
+                    name: SWITCH,
+                    error,
+                })?;
+            program.attach().map_err(|error| ProbeError::Tracepoint {
+                category: "sched",
+                name: "sched_switch",
+                error,
+            })
+        });
+        if let Some(Ok(_)) = by_btf {
+            return Ok(());
+        }
+        // The kernel's reason is a verifier log: the fallback is what the user needs to know.
+        if let Some(Err(_)) = by_btf {
+            note!(
+                "this kernel's BTF sched_switch tracepoint has no prev_state (Linux 5.18 adds it): context switches are watched through the classic tracepoint, which costs every switch on the host more"
+            );
+        }
+        self.attach_tracepoint(SWITCH_RECORD, "sched", "sched_switch")
     }
 
     /// Marks a thread that sits in epoll fd `epfd` as a loop thread to be named by its next
@@ -275,6 +326,7 @@ impl Probes {
     /// meanwhile: theirs is newer.
     fn seed(&mut self, tid: u32, state: &ThreadState) -> Result<(), ProbeError> {
         const BPF_NOEXIST: u64 = 1;
+        self.loop_tids.mark(tid);
         match self.threads.insert(tid, *state, BPF_NOEXIST) {
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
@@ -575,6 +627,7 @@ impl Probes {
 
     /// Forgets a thread that has exited.
     pub fn forget_thread(&mut self, tid: u32) {
+        self.loop_tids.unmark(tid);
         let _ = self.threads.remove(&tid);
     }
 

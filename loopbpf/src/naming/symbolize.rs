@@ -189,11 +189,19 @@ impl Symbolizer {
     /// Names kernel frames (leaf first, from `bpf_get_stack` without `BPF_F_USER_STACK`), via
     /// /proc/kallsyms. Return addresses are looked up at `addr - 1`, as in [`Self::user`].
     pub fn kernel(&mut self, addrs: &[u64]) -> Vec<Frame> {
-        addrs
+        let mut frames: Vec<Frame> = addrs
             .iter()
             .enumerate()
             .map(|(depth, &addr)| self.kernel_frame(lookup_address(depth, addr)))
-            .collect()
+            .collect();
+        // An off-CPU stack taken by the BTF sched_switch program starts in that program and
+        // the kernel's call of it: loopbpf's own frames, not where the thread sleeps.
+        let own = frames
+            .iter()
+            .take_while(|f| f.name.starts_with("bpf_prog_") || f.name.starts_with("bpf_trace_run"))
+            .count();
+        frames.drain(..own);
+        frames
     }
 
     fn kernel_frame(&mut self, addr: u64) -> Frame {
