@@ -30,6 +30,8 @@ use crate::{
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
+mod batch;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
 /// Tracepoint programs and where they attach: thread exits and execs, and context switches
@@ -444,6 +446,17 @@ impl Probes {
         ended
     }
 
+    /// When the next `uv__io_poll` probe is due to come off, if that is still to come (one kept
+    /// longer for an unnamed loop comes off at a later look).
+    pub fn discovery_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.discovering
+            .values()
+            .map(|(_, since, _)| *since + DISCOVERY)
+            .filter(|due| *due > now)
+            .min()
+    }
+
     /// Attaches the GC pause probes to `libuv`'s object, for process `pid` or (`None`) every
     /// process that runs it; `false` when V8 is not in that object (a libuv program that is not
     /// node, a node linked to a shared libnode). `which` is the object's `libuvs` entry: the
@@ -563,9 +576,12 @@ impl Probes {
         }
     }
 
-    /// Every loop thread's state as the kernel side has it now.
+    /// Every loop thread's state as the kernel side has it now: in one system call per 128
+    /// threads, or (a kernel without batch lookups) two per thread.
     pub fn threads(&self) -> Vec<(u32, ThreadState)> {
-        self.threads.iter().filter_map(Result::ok).collect()
+        use aya::maps::IterableMap;
+        batch::lookup_all(self.threads.map())
+            .unwrap_or_else(|_| self.threads.iter().filter_map(Result::ok).collect())
     }
 
     /// One thread's state.
