@@ -649,7 +649,11 @@ impl Probes {
 
     /// Stack records the per-process limit dropped so far, by process (those with any).
     pub fn stacks_limited(&mut self) -> Vec<(u32, u64)> {
-        for (pid, budget) in self.stack_budgets.iter().filter_map(Result::ok) {
+        use aya::maps::IterableMap;
+        // One system call for every process's budget, not two each, once a tick.
+        let budgets: Vec<(u32, StackBudget)> = batch::lookup_all(self.stack_budgets.map())
+            .unwrap_or_else(|_| self.stack_budgets.iter().filter_map(Result::ok).collect());
+        for (pid, budget) in budgets {
             let (last, total) = self.stacks_limited.entry(pid).or_default();
             // Evicted and made again: it counts from 0.
             *total += budget.limited.checked_sub(*last).unwrap_or(budget.limited);
