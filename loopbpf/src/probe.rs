@@ -33,6 +33,8 @@ use crate::{
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
 
+mod batch;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
 
 /// Tracepoint programs and where they attach: thread exits and execs. No syscall tracepoint:
@@ -496,6 +498,17 @@ impl Probes {
         ended
     }
 
+    /// When the next `uv__io_poll` probe is due to come off, if that is still to come (one kept
+    /// longer for an unnamed loop comes off at a later look).
+    pub fn discovery_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.discovering
+            .values()
+            .map(|(_, since, _)| *since + DISCOVERY)
+            .filter(|due| *due > now)
+            .min()
+    }
+
     /// Attaches the GC pause probes to `libuv`'s object, for process `pid` or (`None`) every
     /// process that runs it; `false` when V8 is not in that object (a libuv program that is not
     /// node, a node linked to a shared libnode). `which` is the object's `libuvs` entry: the
@@ -615,9 +628,12 @@ impl Probes {
         }
     }
 
-    /// Every loop thread's state as the kernel side has it now.
+    /// Every loop thread's state as the kernel side has it now: in one system call per 128
+    /// threads, or (a kernel without batch lookups) two per thread.
     pub fn threads(&self) -> Vec<(u32, ThreadState)> {
-        self.threads.iter().filter_map(Result::ok).collect()
+        use aya::maps::IterableMap;
+        batch::lookup_all(self.threads.map())
+            .unwrap_or_else(|_| self.threads.iter().filter_map(Result::ok).collect())
     }
 
     /// One thread's state.
@@ -686,7 +702,11 @@ impl Probes {
 
     /// Stack records the per-process limit dropped so far, by process (those with any).
     pub fn stacks_limited(&mut self) -> Vec<(u32, u64)> {
-        for (pid, budget) in self.stack_budgets.iter().filter_map(Result::ok) {
+        use aya::maps::IterableMap;
+        // One system call for every process's budget, not two each, once a tick.
+        let budgets: Vec<(u32, StackBudget)> = batch::lookup_all(self.stack_budgets.map())
+            .unwrap_or_else(|_| self.stack_budgets.iter().filter_map(Result::ok).collect());
+        for (pid, budget) in budgets {
             let (last, total) = self.stacks_limited.entry(pid).or_default();
             // Evicted and made again: it counts from 0.
             *total += budget.limited.checked_sub(*last).unwrap_or(budget.limited);

@@ -340,6 +340,16 @@ impl Aggregator {
         records
     }
 
+    /// When [`Aggregator::ongoing`] has an ongoing block to report next, as it last saw the
+    /// threads: none busy, none due.
+    pub fn next_ongoing_ns(&self) -> Option<u64> {
+        self.loops
+            .values()
+            .filter(|t| t.exited_ns.is_none())
+            .filter_map(|t| t.next_ongoing.map(|(_, due)| due))
+            .min()
+    }
+
     /// Every busy interval at or over the threshold that is still going on at `now_ns`, as an
     /// ongoing record, whenever it was last reported.
     pub fn still_blocked(&mut self, now_ns: u64) -> Vec<Record> {
@@ -688,19 +698,24 @@ mod tests {
         let mut s = state(1, 0);
         s.busy_since_ns = 1000 * MS;
         agg.update_state(1, &s);
+        assert_eq!(agg.next_ongoing_ns(), None);
         assert!(agg.ongoing(1500 * MS).is_empty());
+        // The poll that reports it can wait until then.
+        assert_eq!(agg.next_ongoing_ns(), Some(2100 * MS));
         assert!(agg.ongoing(2050 * MS).is_empty());
         let first = agg.ongoing(2120 * MS);
         assert!(
             matches!(first[..], [Record::Ongoing { duration_ns, .. }] if duration_ns == 1120 * MS)
         );
+        assert_eq!(agg.next_ongoing_ns(), Some(3100 * MS));
         assert!(agg.ongoing(2600 * MS).is_empty());
         assert_eq!(agg.ongoing(3130 * MS).len(), 1);
-        // The loop polls again: no more ongoing lines.
+        // The loop polls again: no more ongoing lines, and no poll is needed for them.
         s.busy_since_ns = 0;
         s.in_poll = 1;
         agg.update_state(1, &s);
         assert!(agg.ongoing(9000 * MS).is_empty());
+        assert_eq!(agg.next_ongoing_ns(), None);
     }
 
     #[test]

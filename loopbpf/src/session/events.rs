@@ -14,7 +14,7 @@ use super::{
     process::{Seed, read_v8_objects_in_samples},
 };
 use crate::{
-    abi::{ROLE_OTHER, RawStackEvent, STACK_RING_BYTES},
+    abi::{ROLE_OTHER, RawStackEvent, STACK_RING_BYTES, ThreadState},
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
@@ -52,26 +52,6 @@ pub(super) enum Drained {
 }
 
 impl Session<'_> {
-    /// Every [`super::STATE_POLL`]: the records the kernel side submits without waking us (GC
-    /// pauses), execs to look at, the threads' state, ongoing blocks.
-    pub(super) fn poll_state(
-        &mut self,
-        stacks: &mut RingBuf<MapData>,
-        control: &mut RingBuf<MapData>,
-    ) -> Result<(), End> {
-        self.drain(stacks, Drain::Queued)?;
-        self.drain(control, Drain::All)?;
-        let now_ns = Clock::monotonic_ns();
-        self.look_at_execs(now_ns);
-        // Exits lost on the way end their threads before anything is said ongoing.
-        self.reconcile_threads(now_ns, false)?;
-        self.refresh();
-        let mut records = self.aggregator.ongoing(now_ns);
-        records.extend(self.sample_memory(now_ns));
-        self.report_all(records)?;
-        self.record_tick(now_ns)
-    }
-
     /// Reads queued events, as many as `how` says; an exited loop thread's final state is taken
     /// and the entry freed.
     pub(super) fn drain(
@@ -176,6 +156,7 @@ impl Session<'_> {
         else {
             return None;
         };
+        self.poll.gc_pauses += 1;
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.on_gc(pid, tid, kind, end_ns.saturating_sub(start_ns));
         }
@@ -189,7 +170,7 @@ impl Session<'_> {
     }
 
     /// About once a second, each process's resident memory for the leak rule on its floor.
-    fn sample_memory(&mut self, now_ns: u64) -> Vec<Record> {
+    pub(super) fn sample_memory(&mut self, now_ns: u64) -> Vec<Record> {
         let mut leaks = Vec::new();
         for (&pid, process) in &mut self.processes {
             if process.life.gone_ns.is_some() || !process.leak.wants_sample(now_ns) {
@@ -206,8 +187,15 @@ impl Session<'_> {
     }
 
     pub(super) fn refresh(&mut self) {
+        let threads = self.probes.threads();
+        self.refresh_from(&threads);
+    }
+
+    /// Takes the threads' state as read from the kernel side.
+    pub(super) fn refresh_from(&mut self, threads: &[(u32, ThreadState)]) {
         let mut unnamed = false;
-        for (tid, state) in self.probes.threads() {
+        for (tid, state) in threads {
+            let (tid, state) = (*tid, *state);
             if state.exited_ns == 0 {
                 self.aggregator.update_state(tid, &state);
                 // Seen asleep in a poll wait at attach, its loop not known yet.

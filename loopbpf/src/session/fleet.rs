@@ -4,7 +4,10 @@
 //! pid's start time changed) and forgotten after `--keep-exited`. Those decisions are functions
 //! over the table of watched processes, tested here on a fake `/proc`.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    os::fd::{AsRawFd, OwnedFd},
+};
 
 use super::{
     Session,
@@ -31,6 +34,58 @@ pub(super) struct Fleet {
     /// Processes that exec'd, to look at for libuv.
     execs: Vec<ExecLook>,
     pub(super) attach_failures: u64,
+    exits: Exits,
+}
+
+/// Each watched process's pidfd, readable once it has exited: one `poll` a tick says which
+/// processes to look at, instead of a read of `/proc/PID/stat` for each.
+#[derive(Default)]
+struct Exits {
+    pidfds: HashMap<u32, OwnedFd>,
+}
+
+impl Exits {
+    /// Of the processes `alive` as far as the session knows, those that may be gone: their
+    /// pidfd says they exited, or they have none (new ones, whose pid may have been taken by
+    /// another process before the pidfd was opened, and any whose pidfd could not be opened:
+    /// gone already, or no file descriptor left).
+    fn may_be_gone(&mut self, alive: &HashSet<u32>) -> HashSet<u32> {
+        self.pidfds.retain(|pid, _| alive.contains(pid));
+        let mut maybe = HashSet::new();
+        for &pid in alive {
+            if let Entry::Vacant(entry) = self.pidfds.entry(pid) {
+                if let Ok(fd) = super::wake::pidfd(pid) {
+                    entry.insert(fd);
+                }
+                maybe.insert(pid);
+            }
+        }
+        let (pids, mut polled): (Vec<u32>, Vec<libc::pollfd>) = self
+            .pidfds
+            .iter()
+            .filter(|(pid, _)| !maybe.contains(pid))
+            .map(|(pid, fd)| {
+                let poll = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                (*pid, poll)
+            })
+            .unzip();
+        // SAFETY: `polled` is a valid array of its length; a timeout of 0 does not block.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) };
+        if ready < 0 {
+            return alive.clone(); // every one is looked at, as without pidfds
+        }
+        maybe.extend(
+            pids.iter()
+                .zip(&polled)
+                .filter(|(_, poll)| poll.revents != 0)
+                .map(|(pid, _)| *pid),
+        );
+        maybe
+    }
 }
 
 /// A process that exec'd, to look at for libuv.
@@ -49,6 +104,11 @@ impl Fleet {
             when_ns: at_ns,
             looks_left: 2,
         });
+    }
+
+    /// When the next look at a process that exec'd is due, if one is.
+    pub(super) fn next_exec_ns(&self) -> Option<u64> {
+        self.execs.iter().map(|look| look.when_ns).min()
     }
 
     /// The processes due for a look at `now_ns`; each is kept for its next look, if any.
@@ -212,8 +272,22 @@ impl Session<'_> {
         if self.fleet.is_none() {
             return;
         }
-        let watched = || self.processes.iter().map(|(pid, p)| (*pid, &p.life));
-        for pid in found_gone(watched(), &Proc) {
+        let alive: HashSet<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| p.life.gone_ns.is_none())
+            .map(|(pid, _)| *pid)
+            .collect();
+        let Some(fleet) = self.fleet.as_mut() else {
+            return;
+        };
+        let maybe = fleet.exits.may_be_gone(&alive);
+        let watched = self
+            .processes
+            .iter()
+            .filter(|(pid, _)| maybe.contains(pid))
+            .map(|(pid, p)| (*pid, &p.life));
+        for pid in found_gone(watched, &Proc) {
             self.process_gone(pid, now_ns);
         }
         let keep_ns = self.args.keep_exited.as_nanos() as u64;
@@ -291,6 +365,26 @@ mod tests {
         assert_eq!(expired(iter(), 60 * S, 60 * S), [1]);
         assert_eq!(expired(iter(), 90 * S, 60 * S), [1, 2]);
         assert!(expired(iter(), 59 * S, 60 * S).is_empty());
+    }
+
+    #[test]
+    fn a_process_is_looked_at_when_new_and_once_it_has_exited() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("running sleep");
+        let pid = child.id();
+        let mut exits = Exits::default();
+        let alive = HashSet::from([pid]);
+        // New: looked at once (its pid may be another process's by now).
+        assert_eq!(exits.may_be_gone(&alive), alive);
+        assert!(exits.may_be_gone(&alive).is_empty());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(exits.may_be_gone(&alive), alive);
+        // Found gone: no longer alive, its pidfd is closed.
+        assert!(exits.may_be_gone(&HashSet::new()).is_empty());
+        assert!(exits.pidfds.is_empty());
     }
 
     #[test]

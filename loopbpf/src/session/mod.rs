@@ -11,6 +11,7 @@ mod events;
 mod fleet;
 mod launch;
 mod naming;
+mod poll;
 mod process;
 mod reconcile;
 mod wake;
@@ -53,11 +54,10 @@ use naming::{Namers, Waiting};
 use process::{Process, Seed};
 use wake::{ring_fd, tick, until, watch_exit};
 
-/// How often the per-thread state is read for ongoing blocks.
-const STATE_POLL: Duration = Duration::from_millis(100);
-/// How often the targets' memory maps are re-read for naming stacks, gone processes are
-/// looked for, and metrics are rendered.
-const MAPS_REFRESH: Duration = Duration::from_secs(1);
+/// How often the per-thread state is read, the targets' memory maps are re-read for naming
+/// stacks, gone processes are looked for, and metrics are rendered (`poll`: what is done
+/// between these ticks).
+const TICK: Duration = Duration::from_secs(1);
 
 /// How long a session with one target waits for its naming to be set up before watching.
 const FIRST_NAMING_WAIT: Duration = Duration::from_secs(10);
@@ -210,6 +210,8 @@ struct Session<'a> {
     /// That limit, in stack records a second.
     stack_rate: u64,
     started_ns: u64,
+    /// The periodic work's memory between ticks.
+    poll: poll::Poll,
 }
 
 impl<'a> Session<'a> {
@@ -257,6 +259,7 @@ impl<'a> Session<'a> {
             limited_warned: BTreeMap::new(),
             stack_rate: Probes::stack_rate(stacks_hz).unwrap_or(0),
             started_ns: Clock::monotonic_ns(),
+            poll: poll::Poll::default(),
         };
         if let Some(target) = target {
             let seed = if args.command.is_empty() {
@@ -317,8 +320,7 @@ async fn watch(
         tokio::spawn(metrics::serve(listener, metrics.exposition()));
     }
 
-    let mut state_poll = tokio::time::interval(STATE_POLL);
-    let mut maps_refresh = tokio::time::interval(MAPS_REFRESH);
+    let mut ticks = tokio::time::interval(TICK);
     let mut interval_timer = args
         .interval
         .map(|every| interval_at(Instant::now() + every, every));
@@ -344,6 +346,7 @@ async fn watch(
 
     let end = loop {
         let due = session.next_due();
+        let poll_due = session.next_poll();
         let step = tokio::select! {
             // Control events first: a flood of stacks only delays them, never drops them. The
             // stacks already queued go in before them, so that a block's stacks reach its naming
@@ -369,18 +372,8 @@ async fn watch(
                 }
                 Ok(())
             }
-            _ = state_poll.tick() => session.poll_state(stacks.get_mut(), control.get_mut()),
-            _ = maps_refresh.tick() => {
-                // Keep the memory maps current while the targets live, so that stacks of a
-                // block that ends with an exit can still be named.
-                let now_ns = Clock::monotonic_ns();
-                session.refresh_naming();
-                session.tend_fleet(now_ns);
-                let step = session.reconcile_threads(now_ns, true);
-                session.refresh();
-                session.refresh_metrics(now_ns);
-                step
-            }
+            _ = ticks.tick() => session.poll_state(stacks.get_mut(), control.get_mut(), true),
+            () = until(poll_due) => session.poll_state(stacks.get_mut(), control.get_mut(), false),
             () = tick(&mut interval_timer) => {
                 session.refresh();
                 let records = session.aggregator.interval(Clock::monotonic_ns(), window);

@@ -48,7 +48,7 @@ pub(super) async fn until(due: Option<std::time::Instant>) {
     }
 }
 
-fn pidfd(pid: u32) -> Result<OwnedFd> {
+pub(super) fn pidfd(pid: u32) -> Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.cast_signed(), 0) };
     if fd < 0 {
