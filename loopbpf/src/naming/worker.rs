@@ -204,6 +204,7 @@ impl Worker {
                 self.layout_sent.remove(&pid);
                 self.stacks.retain(|_, (of, _)| *of != pid);
                 self.shared.prune();
+                crate::target::freed_much();
             }
             Job::Refresh { pid } | Job::LoopFound { pid } => {
                 if let Some(naming) = self.namings.get_mut(&pid) {
@@ -216,6 +217,7 @@ impl Worker {
                     let _ = self.replies.send(Reply::Limits { pid, hit });
                     self.send_layout(pid);
                 }
+                crate::target::give_back_freed_memory(false);
             }
             Job::Sample(raw) => {
                 let namings = &mut self.namings;
@@ -238,7 +240,7 @@ impl Worker {
         let raw = interval_stacks(&mut self.stacks, &job, |raw| unwind(namings, raw));
         let naming = self.namings.get_mut(&job.pid)?;
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
-        naming.symbolizer.refresh();
+        naming.refresh_maps();
         // A worker's heap goes with its thread: read after that, memory another isolate reuses
         // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
         let heap_alive = job.tid == job.pid || Process::new(job.pid).has_task(job.tid);
