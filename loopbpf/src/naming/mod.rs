@@ -85,7 +85,7 @@ impl Naming {
         let mut naming = Self {
             pid,
             unwinder: Unwinder::new(pid, &shared.unwind_sections),
-            symbolizer: Symbolizer::sharing(pid, &shared.objects),
+            symbolizer: Symbolizer::unread(pid, &shared.objects),
             js: None,
             js_looked_in: None,
             v8_metadata: shared.v8_metadata.clone(),
@@ -93,6 +93,7 @@ impl Naming {
             unknown_looked_at: None,
         };
         naming.reread_maps();
+        naming.symbolizer.sync_perf_map();
         naming.find_v8();
         naming
     }

@@ -82,8 +82,18 @@ impl Symbolizer {
 
     /// Symbolizer for process `pid` that shares parsed objects with others; reads
     /// /proc/PID/maps now.
+    #[cfg(test)]
     #[must_use]
     pub fn sharing(pid: u32, native: &SharedObjects) -> Self {
+        let mut symbolizer = Self::unread(pid, native);
+        symbolizer.refresh();
+        symbolizer
+    }
+
+    /// Symbolizer for process `pid` that shares parsed objects with others and knows none of
+    /// its mappings yet: its caller gives it the memory map ([`Symbolizer::take_maps`]).
+    #[must_use]
+    pub fn unread(pid: u32, native: &SharedObjects) -> Self {
         let start_ticks = start_time(pid);
         let kernel_source = Source::Kernel(Kernel {
             kallsyms: MaybeDefault::Default,
@@ -98,7 +108,7 @@ impl Symbolizer {
             native.next_user
         };
         let process = Process::new(pid);
-        let mut symbolizer = Self {
+        Self {
             perf_map: PerfMap::new(process.clone(), start_ticks),
             process,
             user,
@@ -110,13 +120,12 @@ impl Symbolizer {
             kernel_cache: HashMap::new(),
             kernel_source,
             own_vdso: OnceCell::new(),
-        };
-        symbolizer.refresh();
-        symbolizer
+        }
     }
 
     /// Re-reads /proc/PID/maps if the process is still alive; keeps the old snapshot when the
     /// process is gone.
+    #[cfg(test)]
     pub fn refresh(&mut self) {
         self.reread_maps();
         self.perf_map.sync(true);
