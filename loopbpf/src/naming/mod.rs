@@ -189,3 +189,35 @@ impl Naming {
         self.symbolizer.sync_perf_map();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::maps::executable_files;
+
+    /// Where this process has `name`'s code, if it maps it.
+    fn code_of(name: &str) -> Option<u64> {
+        let maps = Process::myself().maps().unwrap();
+        executable_files(&maps)
+            .find(|m| m.file_path().ends_with(name))
+            .map(|m| m.range.start + 16)
+    }
+
+    #[test]
+    fn a_library_loaded_after_the_map_was_read_is_found_at_the_next_look() {
+        // libresolv is part of glibc (always there) and not linked into the test binary.
+        let library = "libresolv.so.2";
+        assert!(code_of(library).is_none(), "{library} is mapped already");
+        let mut naming = Naming::new(std::process::id(), &SharedFiles::new());
+        let name = std::ffi::CString::new(library).unwrap();
+        // SAFETY: the name is a valid C string; libresolv's initializers have no effects that
+        // matter to this test, and the handle is never closed (the mapping stays).
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
+        assert!(!handle.is_null(), "dlopen {library} failed");
+        let addr = code_of(library).expect("the library is mapped");
+        assert!(!naming.unwinder.knows(addr), "read before the dlopen");
+        // Mapping it changed the mapped size: the map is read again.
+        naming.refresh_maps();
+        assert!(naming.unwinder.knows(addr), "new mapping not found");
+    }
+}
