@@ -137,6 +137,7 @@ impl Lane {
                     namings: HashMap::new(),
                     stacks: HashMap::new(),
                     layout_sent: HashMap::new(),
+                    limits_sent: HashMap::new(),
                     unwind_at_ns: threshold_ns / YOUNG_DIVISOR,
                 };
                 worker.run(&queue);
@@ -174,6 +175,8 @@ struct Worker {
     stacks: Stacks,
     /// Whether a process's V8 layout was sent back.
     layout_sent: HashMap<u32, bool>,
+    /// What the session was last told of each process's naming limits.
+    limits_sent: HashMap<u32, LimitsHit>,
     /// How long an interval runs before its samples are unwound.
     unwind_at_ns: u64,
 }
@@ -202,6 +205,7 @@ impl Worker {
                     let _ = self.replies.send(Reply::Limits { pid, hit });
                 }
                 self.layout_sent.remove(&pid);
+                self.limits_sent.remove(&pid);
                 self.stacks.retain(|_, (of, _)| *of != pid);
                 self.shared.prune();
                 crate::target::freed_much();
@@ -214,7 +218,10 @@ impl Worker {
                         naming.refresh();
                     }
                     let hit = naming.limits_hit();
-                    let _ = self.replies.send(Reply::Limits { pid, hit });
+                    // Only news: a reply wakes the session.
+                    if self.limits_sent.insert(pid, hit) != Some(hit) {
+                        let _ = self.replies.send(Reply::Limits { pid, hit });
+                    }
                     self.send_layout(pid);
                 }
                 crate::target::give_back_freed_memory(false);
