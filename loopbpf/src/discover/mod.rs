@@ -455,6 +455,7 @@ pub fn find_target(pid: u32, cache: &mut LibuvCache) -> Result<Target, DiscoverE
         };
         if !cache.files.contains_key(&file) {
             cache.files.insert(file.clone(), LibuvFile::scan(&opened));
+            crate::target::freed_much();
         }
         if stripped_libuv.is_none() && matches!(cache.files.get(&file), Some(Scanned::Stripped)) {
             stripped_libuv = Some(mapping.file_path().to_owned());
@@ -500,9 +501,12 @@ pub fn libuv_processes(cache: &mut LibuvCache) -> Vec<Target> {
         .filter(|&pid| pid != own)
         .collect();
     pids.sort_unstable();
-    pids.into_iter()
+    let targets = pids
+        .into_iter()
         .filter_map(|pid| find_target(pid, cache).ok())
-        .collect()
+        .collect();
+    crate::target::give_back_freed_memory(true);
+    targets
 }
 
 /// Finds the libuv a command will run with, before it starts.

@@ -14,7 +14,10 @@ pub mod unwind;
 pub mod v8;
 pub mod worker;
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use crate::{
     decode::StackSample,
@@ -26,7 +29,17 @@ use symbolize::Symbolizer;
 use unwind::{UnwindSections, Unwinder};
 use v8::{JsNamer, LimitsHit, Metadata};
 
+/// A sample with an address outside every mapping known looks at the process's mappings at
+/// most this often (its JIT code space grows; a garbage address must not cost a look each).
+const MIN_MAPS_LOOK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The stages that name stacks: unwinding, JS frames from V8's heap, symbols.
+///
+/// The process's memory map (hundreds of lines to read and parse) is read again only when it
+/// may have changed: when its mapped size ([`Process::mapped_pages`]: `mmap` and `munmap`
+/// change it) differs from when it was last read, looked at before a block is named, once a
+/// second, and when a sample has an address outside every mapping known; and always when a
+/// loop of the process is found (an exec).
 pub struct Naming {
     pub pid: u32,
     pub unwinder: Unwinder,
@@ -37,6 +50,10 @@ pub struct Naming {
     /// The executable `js` was last looked for in: looked for again only when it changes.
     js_looked_in: Option<PathBuf>,
     v8_metadata: FileCache<Metadata>,
+    /// The mapped size when the memory map was last read (`None`: never read, or gone).
+    maps_read_at_pages: Option<u64>,
+    /// When the mapped size was last looked at for an unknown address.
+    unknown_looked_at: Option<Instant>,
 }
 
 /// What the naming stages of every watched process share: each file is read once.
@@ -68,13 +85,39 @@ impl Naming {
         let mut naming = Self {
             pid,
             unwinder: Unwinder::new(pid, &shared.unwind_sections),
-            symbolizer: Symbolizer::sharing(pid, &shared.objects),
+            symbolizer: Symbolizer::unread(pid, &shared.objects),
             js: None,
             js_looked_in: None,
             v8_metadata: shared.v8_metadata.clone(),
+            maps_read_at_pages: None,
+            unknown_looked_at: None,
         };
+        naming.reread_maps();
+        naming.symbolizer.sync_perf_map();
         naming.find_v8();
         naming
+    }
+
+    /// Reads the process's memory map for the unwinder and the symbolizer (one read for both).
+    fn reread_maps(&mut self) {
+        let process = Process::new(self.pid);
+        // Before the read: a change during it is seen at the next look.
+        let pages = process.mapped_pages();
+        let Ok(maps) = process.maps() else {
+            return; // gone: keep what we have
+        };
+        if self.symbolizer.take_maps(&maps) {
+            self.unwinder.add_mappings(&maps);
+            self.maps_read_at_pages = pages;
+        }
+    }
+
+    /// Reads the memory map again if the mapped size changed since it was last read.
+    fn reread_maps_if_changed(&mut self) {
+        let pages = Process::new(self.pid).mapped_pages();
+        if pages.is_none() || pages != self.maps_read_at_pages {
+            self.reread_maps();
+        }
     }
 
     fn find_v8(&mut self) {
@@ -91,6 +134,16 @@ impl Naming {
 
     /// Unwinds a sample and finds its JS frames; its stack copy is dropped with it.
     pub fn unwind(&mut self, sample: &StackSample) -> Sample {
+        let [ip, ..] = sample.regs;
+        let outside = |addr: &u64| *addr != 0 && !self.unwinder.knows(*addr);
+        if (outside(&ip) || sample.user.iter().any(outside))
+            && self
+                .unknown_looked_at
+                .is_none_or(|at| at.elapsed() >= MIN_MAPS_LOOK_INTERVAL)
+        {
+            self.unknown_looked_at = Some(Instant::now());
+            self.reread_maps_if_changed();
+        }
         let user = self.unwinder.unwind(sample);
         let (js, request) = match self.js.as_mut() {
             Some(js) => {
@@ -117,13 +170,54 @@ impl Naming {
     pub fn loop_found(&mut self) {
         self.js = None;
         self.js_looked_in = None;
-        self.refresh();
+        self.reread_maps();
+        self.symbolizer.sync_perf_map();
+        self.find_v8();
     }
 
-    /// New mappings (a library loaded, a launched command's exec) since the last refresh.
+    /// New mappings (a library loaded, a launched command's exec) since the last look, and
+    /// what the perf map gained.
     pub fn refresh(&mut self) {
-        self.symbolizer.refresh();
-        self.unwinder.refresh();
+        self.refresh_maps();
         self.find_v8();
+    }
+
+    /// New mappings since the last look (the memory map read again only if the mapped size
+    /// changed), and what the perf map gained: before a block's stacks are named.
+    pub fn refresh_maps(&mut self) {
+        self.reread_maps_if_changed();
+        self.symbolizer.sync_perf_map();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::maps::executable_files;
+
+    /// Where this process has `name`'s code, if it maps it.
+    fn code_of(name: &str) -> Option<u64> {
+        let maps = Process::myself().maps().unwrap();
+        executable_files(&maps)
+            .find(|m| m.file_path().ends_with(name))
+            .map(|m| m.range.start + 16)
+    }
+
+    #[test]
+    fn a_library_loaded_after_the_map_was_read_is_found_at_the_next_look() {
+        // libresolv is part of glibc (always there) and not linked into the test binary.
+        let library = "libresolv.so.2";
+        assert!(code_of(library).is_none(), "{library} is mapped already");
+        let mut naming = Naming::new(std::process::id(), &SharedFiles::new());
+        let name = std::ffi::CString::new(library).unwrap();
+        // SAFETY: the name is a valid C string; libresolv's initializers have no effects that
+        // matter to this test, and the handle is never closed (the mapping stays).
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
+        assert!(!handle.is_null(), "dlopen {library} failed");
+        let addr = code_of(library).expect("the library is mapped");
+        assert!(!naming.unwinder.knows(addr), "read before the dlopen");
+        // Mapping it changed the mapped size: the map is read again.
+        naming.refresh_maps();
+        assert!(naming.unwinder.knows(addr), "new mapping not found");
     }
 }

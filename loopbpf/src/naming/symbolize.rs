@@ -82,8 +82,18 @@ impl Symbolizer {
 
     /// Symbolizer for process `pid` that shares parsed objects with others; reads
     /// /proc/PID/maps now.
+    #[cfg(test)]
     #[must_use]
     pub fn sharing(pid: u32, native: &SharedObjects) -> Self {
+        let mut symbolizer = Self::unread(pid, native);
+        symbolizer.refresh();
+        symbolizer
+    }
+
+    /// Symbolizer for process `pid` that shares parsed objects with others and knows none of
+    /// its mappings yet: its caller gives it the memory map ([`Symbolizer::take_maps`]).
+    #[must_use]
+    pub fn unread(pid: u32, native: &SharedObjects) -> Self {
         let start_ticks = start_time(pid);
         let kernel_source = Source::Kernel(Kernel {
             kallsyms: MaybeDefault::Default,
@@ -98,7 +108,7 @@ impl Symbolizer {
             native.next_user
         };
         let process = Process::new(pid);
-        let mut symbolizer = Self {
+        Self {
             perf_map: PerfMap::new(process.clone(), start_ticks),
             process,
             user,
@@ -110,15 +120,32 @@ impl Symbolizer {
             kernel_cache: HashMap::new(),
             kernel_source,
             own_vdso: OnceCell::new(),
-        };
-        symbolizer.refresh();
-        symbolizer
+        }
     }
 
-    /// Re-reads /proc/PID/maps if the process is still alive (called every second by the
-    /// caller); keeps the old snapshot when the process is gone.
+    /// Re-reads /proc/PID/maps if the process is still alive; keeps the old snapshot when the
+    /// process is gone.
+    #[cfg(test)]
     pub fn refresh(&mut self) {
         self.reread_maps();
+        self.perf_map.sync(true);
+    }
+
+    /// Names from `maps`, the process's memory map its caller read just now, from now on;
+    /// false (the old snapshot kept) when the process is gone or its pid is another's now.
+    pub fn take_maps(&mut self, maps: &[MapsEntry]) -> bool {
+        self.maps_read_at = Instant::now();
+        // Checked after the read: a map read from a later process with the same pid is not
+        // taken for the target's.
+        if !self.still_the_target() || maps.is_empty() {
+            return false;
+        }
+        self.apply_maps(maps);
+        true
+    }
+
+    /// Reads what the perf map gained.
+    pub fn sync_perf_map(&mut self) {
         self.perf_map.sync(true);
     }
 
@@ -351,9 +378,7 @@ impl Symbolizer {
     /// Replaces the snapshot with the current maps of the target; false if the target is gone.
     fn reread_maps(&mut self) -> bool {
         self.maps_read_at = Instant::now();
-        if self.start_ticks.is_none() || start_time(self.process.pid()) != self.start_ticks {
-            // Gone, or its PID now belongs to another process: keep the last snapshot.
-            self.start_ticks = None;
+        if !self.still_the_target() {
             return false;
         }
         let Ok(maps) = self.process.maps() else {
@@ -364,6 +389,16 @@ impl Symbolizer {
             return false;
         }
         self.apply_maps(&maps);
+        true
+    }
+
+    /// Whether the target still runs under its pid; once it is gone (or its pid is another
+    /// process's), the last snapshot is kept for good.
+    fn still_the_target(&mut self) -> bool {
+        if self.start_ticks.is_none() || start_time(self.process.pid()) != self.start_ticks {
+            self.start_ticks = None;
+            return false;
+        }
         true
     }
 

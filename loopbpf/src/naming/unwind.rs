@@ -57,6 +57,8 @@ pub struct Unwinder {
     cache: CacheX86_64,
     /// Start addresses of the executable mappings already given to framehop.
     known: HashSet<u64>,
+    /// Every mapping of the process when its map was last read, by start.
+    mapped: Vec<Range<u64>>,
     /// The same unwind tables, for leaves framehop cannot unwind.
     eh_frames: Vec<EhFrameTable>,
     /// The cache's entries this process uses: they stay cached while it lives.
@@ -83,27 +85,36 @@ struct EhFrameTable {
 }
 
 impl Unwinder {
+    /// An unwinder that knows no mapping yet: see [`Unwinder::add_mappings`].
     pub fn new(pid: u32, sections: &FileCache<UnwindSections>) -> Self {
-        let mut unwinder = Self {
+        Self {
             process: Process::new(pid),
             sections: sections.clone(),
             framehop: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
             known: HashSet::new(),
+            mapped: Vec::new(),
             eh_frames: Vec::new(),
             in_use: Vec::new(),
             modules_refused: 0,
-        };
-        unwinder.refresh();
-        unwinder
+        }
     }
 
-    /// Loads the unwind tables of executable mappings that appeared since the last call.
-    pub fn refresh(&mut self) {
-        let Ok(maps) = self.process.maps() else {
-            return; // gone: keep what we have
-        };
-        for mapping in executable_files(&maps) {
+    /// Whether `addr` was inside one of the process's mappings when they were last given
+    /// here: a sample with an address outside all of them ran in something mapped since.
+    pub fn knows(&self, addr: u64) -> bool {
+        let after = self.mapped.partition_point(|range| range.start <= addr);
+        after
+            .checked_sub(1)
+            .is_some_and(|i| self.mapped[i].contains(&addr))
+    }
+
+    /// Loads the unwind tables of executable mappings in `maps` (the process's memory map,
+    /// read now) that were not given before.
+    pub fn add_mappings(&mut self, maps: &[MapsEntry]) {
+        self.mapped = maps.iter().map(|entry| entry.range.clone()).collect();
+        self.mapped.sort_unstable_by_key(|range| range.start);
+        for mapping in executable_files(maps) {
             if self.known.len() >= MAX_MODULES {
                 if self.modules_refused == 0 {
                     warning!(

@@ -150,6 +150,7 @@ impl Lane {
                     namings: HashMap::new(),
                     stacks: HashMap::new(),
                     layout_sent: HashMap::new(),
+                    limits_sent: HashMap::new(),
                     unwind_at_ns: threshold_ns / YOUNG_DIVISOR,
                 };
                 worker.run(&queue);
@@ -203,6 +204,8 @@ struct Worker {
     stacks: Stacks,
     /// Whether a process's V8 layout was sent back.
     layout_sent: HashMap<u32, bool>,
+    /// What the session was last told of each process's naming limits.
+    limits_sent: HashMap<u32, LimitsHit>,
     /// How long an interval runs before its samples are unwound.
     unwind_at_ns: u64,
 }
@@ -239,8 +242,10 @@ impl Worker {
                     let _ = self.replies.send(Reply::Limits { pid, hit });
                 }
                 self.layout_sent.remove(&pid);
+                self.limits_sent.remove(&pid);
                 self.stacks.retain(|_, (of, _)| *of != pid);
                 self.shared.prune();
+                crate::target::freed_much();
             }
             Job::Refresh { pid } | Job::LoopFound { pid } => {
                 if let Some(naming) = self.namings.get_mut(&pid) {
@@ -250,9 +255,13 @@ impl Worker {
                         naming.refresh();
                     }
                     let hit = naming.limits_hit();
-                    let _ = self.replies.send(Reply::Limits { pid, hit });
+                    // Only news: a reply wakes the session.
+                    if self.limits_sent.insert(pid, hit) != Some(hit) {
+                        let _ = self.replies.send(Reply::Limits { pid, hit });
+                    }
                     self.send_layout(pid);
                 }
+                crate::target::give_back_freed_memory(false);
             }
             Job::Samples(batch) => self.keep_samples(batch),
             Job::Name(job) => {
@@ -283,7 +292,7 @@ impl Worker {
         let raw = interval_stacks(&mut self.stacks, &job, |raw| unwind(namings, raw));
         let naming = self.namings.get_mut(&job.pid)?;
         // New mappings (a library loaded, a launched command's exec) since the last refresh.
-        naming.symbolizer.refresh();
+        naming.refresh_maps();
         // A worker's heap goes with its thread: read after that, memory another isolate reuses
         // could give a frame a wrong name. Its JS frames stay unnamed ([JS]) instead.
         let heap_alive = job.tid == job.pid || Process::new(job.pid).has_task(job.tid);

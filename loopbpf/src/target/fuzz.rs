@@ -7,7 +7,7 @@ use super::{
     budget::peak::{Rng, measure},
     container::Placement,
     maps::parse_maps,
-    proc::{Stat, Status, TaskSyscall, environ_var, rss_pages},
+    proc::{Stat, Status, TaskSyscall, environ_var, mapped_pages, rss_pages},
 };
 
 /// Bytes that mean something to these parsers.
@@ -87,6 +87,7 @@ fn proc_text_parsers_take_any_text() {
         let _ = Stat::parse(&text);
         let _ = Status::parse(&text);
         let _ = rss_pages(&text);
+        let _ = mapped_pages(&text);
         let _ = TaskSyscall::parse(&text);
         let _ = environ_var(input, "HOSTNAME");
     });

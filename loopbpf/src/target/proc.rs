@@ -93,6 +93,13 @@ impl Process {
         pages.checked_mul(u64::try_from(page).ok()?)
     }
 
+    /// Pages mapped now, all mappings together (`statm`'s first field): any `mmap` or `munmap`
+    /// changes it, so an unchanged count says the mappings' files are most likely the same
+    /// without reading and parsing the whole memory map.
+    pub fn mapped_pages(&self) -> Option<u64> {
+        mapped_pages(&self.read_text("statm", MAX_SMALL_FILE)?)
+    }
+
     /// The command name; one that is not UTF-8 is shown lossily.
     pub fn comm(&self) -> Option<String> {
         let comm = self.read_text("comm", MAX_SMALL_FILE)?;
@@ -300,6 +307,10 @@ impl Status {
 }
 
 /// Resident pages: `/proc/PID/statm`'s second field.
+pub(super) fn mapped_pages(statm: &str) -> Option<u64> {
+    statm.split_whitespace().next()?.parse().ok()
+}
+
 pub(super) fn rss_pages(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
 }
@@ -405,6 +416,9 @@ mod tests {
         assert_eq!(rss_pages("1000"), None);
         assert_eq!(rss_pages("1000 -1"), None);
         assert_eq!(rss_pages("1 99999999999999999999999"), None);
+        assert_eq!(mapped_pages("1000 250 30 1 0 100 0\n"), Some(1000));
+        assert_eq!(mapped_pages(""), None);
+        assert_eq!(mapped_pages("-1 2"), None);
         let environ = b"PATH=/bin\0HOSTNAMEX=no\0HOSTNAME=web-7f\xff\0HOSTNAME=second\0";
         assert_eq!(
             environ_var(environ, "HOSTNAME").as_deref(),
