@@ -115,11 +115,12 @@ struct Floor {
 }
 
 impl LeakWatch {
-    /// Takes the memory after a major GC at `at_ns`; a leak once the run is long enough (then
-    /// the count starts over, so a leak that goes on is reported again). The reading counts
-    /// for the floor rule too, which may fire on it.
-    pub fn after_major_gc(&mut self, at_ns: u64, rss_bytes: u64) -> Option<Leak> {
-        self.floor.major_gcs += 1;
+    /// Takes the memory after the newest of `major_gcs` major GCs (read together), which ended
+    /// at `at_ns`; a leak once the run is long enough (then the count starts over, so a leak
+    /// that goes on is reported again). The reading counts for the floor rule too, which may
+    /// fire on it.
+    pub fn after_major_gc(&mut self, at_ns: u64, rss_bytes: u64, major_gcs: u32) -> Option<Leak> {
+        self.floor.major_gcs = self.floor.major_gcs.saturating_add(major_gcs);
         let by_floor = self.floor.sample(at_ns, rss_bytes);
         self.rss_after_gc = Some(rss_bytes);
         let grew = self
@@ -223,7 +224,7 @@ mod tests {
         let mut leaks = Vec::new();
         // +10 MB per major GC, one GC every 6 s: 100 MB a minute.
         for i in 0..=5 {
-            leaks.extend(watch.after_major_gc(i * 6 * S, 100 * MB + i * 10 * MB));
+            leaks.extend(watch.after_major_gc(i * 6 * S, 100 * MB + i * 10 * MB, 1));
         }
         assert_eq!(leaks.len(), 1, "{leaks:?}");
         assert_eq!(leaks[0].rule, LeakRule::AfterMajorGc);
@@ -240,12 +241,16 @@ mod tests {
         // Grows four times (the heap reaching its working size), then wobbles.
         let rss = [100, 110, 120, 130, 140, 139, 141, 140, 142, 139, 140, 141];
         for (i, mb) in rss.iter().enumerate() {
-            assert_eq!(watch.after_major_gc(i as u64 * S, mb * MB), None, "at {i}");
+            assert_eq!(
+                watch.after_major_gc(i as u64 * S, mb * MB, 1),
+                None,
+                "at {i}"
+            );
         }
         // Growth under the noise floor does not count.
         for i in 0..20 {
             assert_eq!(
-                watch.after_major_gc(100 * S + i * S, 150 * MB + i * 1024),
+                watch.after_major_gc(100 * S + i * S, 150 * MB + i * 1024, 1),
                 None
             );
         }
@@ -263,7 +268,7 @@ mod tests {
         for t in 0..seconds {
             assert!(watch.wants_sample(t * S));
             let leak = if gc_at(t) {
-                watch.after_major_gc(t * S, rss(t))
+                watch.after_major_gc(t * S, rss(t), 1)
             } else {
                 watch.sample(t * S, rss(t))
             };

@@ -1,7 +1,7 @@
 //! The session's work on each wake-up: events drained from the ring buffer, the kernel side's
 //! per-thread state read, blocks' stacks named, records handed to the outputs.
 
-use std::{io, time::Instant};
+use std::{collections::HashMap, io, time::Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -51,6 +51,19 @@ pub(super) enum Drained {
     Some,
 }
 
+/// The main threads' major GCs read in one drain: per process, the newest one's end and how
+/// many there were.
+#[derive(Debug, Default)]
+struct MajorGcs(HashMap<u32, (u64, u32)>);
+
+impl MajorGcs {
+    fn note(&mut self, pid: u32, end_ns: u64) {
+        let (newest, count) = self.0.entry(pid).or_insert((end_ns, 0));
+        *newest = (*newest).max(end_ns);
+        *count += 1;
+    }
+}
+
 impl Session<'_> {
     /// Reads queued events, as many as `how` says; an exited loop thread's final state is taken
     /// and the entry freed.
@@ -67,6 +80,7 @@ impl Session<'_> {
         };
         let mut taken = 0;
         let mut drained = Drained::All;
+        let mut major_gcs = MajorGcs::default();
         loop {
             if taken == most {
                 drained = Drained::Some;
@@ -84,10 +98,8 @@ impl Session<'_> {
                     }
                     // Queued (their stacks asked for) right away: the samples after this event
                     // are of the thread's next busy interval.
-                    if let Event::Gc { .. } = event
-                        && let Some(leak) = self.follow_gc(&event)
-                    {
-                        self.queue(leak);
+                    if let Some((pid, end_ns)) = self.follow_gc(&event) {
+                        major_gcs.note(pid, end_ns);
                     }
                     if let Some(record) = self.aggregator.on_event(&event) {
                         self.queue(record);
@@ -97,6 +109,11 @@ impl Session<'_> {
             }
         }
         self.namers.flush_samples();
+        for (pid, (end_ns, count)) in major_gcs.0 {
+            if let Some(leak) = self.memory_after_major_gc(pid, end_ns, count) {
+                self.queue(leak);
+            }
+        }
         for tid in self.aggregator.take_exited_tids() {
             self.probes.forget_thread(tid);
         }
@@ -143,9 +160,9 @@ impl Session<'_> {
         }
     }
 
-    /// Counts a GC pause for the metrics; after a major GC of a main thread, looks at the
-    /// process's memory for a leak.
-    pub(super) fn follow_gc(&mut self, event: &Event) -> Option<Record> {
+    /// Counts a GC pause for the metrics; says the process and end of a main thread's major GC,
+    /// whose process's memory is then looked at for a leak.
+    pub(super) fn follow_gc(&mut self, event: &Event) -> Option<(u32, u64)> {
         let Event::Gc {
             pid,
             tid,
@@ -160,12 +177,15 @@ impl Session<'_> {
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.on_gc(pid, tid, kind, end_ns.saturating_sub(start_ns));
         }
-        if kind != GcKind::Major || tid != pid {
-            return None;
-        }
+        (kind == GcKind::Major && tid == pid).then_some((pid, end_ns))
+    }
+
+    /// The process's memory after its newest major GC (of `count` read in one drain: GC
+    /// records wait for loopbpf's next look, so one reading of memory stands for them all).
+    fn memory_after_major_gc(&mut self, pid: u32, end_ns: u64, count: u32) -> Option<Record> {
         let process = self.processes.get_mut(&pid)?;
-        let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?)?;
-        let id = self.aggregator.loops().find(|l| l.id.tid == tid)?.id;
+        let leak = process.leak.after_major_gc(end_ns, rss_of(pid)?, count)?;
+        let id = self.aggregator.loops().find(|l| l.id.tid == pid)?.id;
         Some(Record::Leak { id, leak })
     }
 
