@@ -430,7 +430,11 @@ fn loopbpf_program_names() -> Vec<String> {
         .windows(2)
         .filter(|pair| pair[0].starts_with("SEC(\""))
         .filter_map(|pair| {
-            let head = pair[1].split_once('(')?.0;
+            let (head, rest) = pair[1].split_once('(')?;
+            // `int BPF_PROG(name, args...)` declares a BTF program by a macro.
+            if head.ends_with("BPF_PROG") {
+                return Some(rest.split_once(',')?.0.trim().to_owned());
+            }
             Some(head.split_whitespace().last()?.to_owned())
         })
         .collect();
