@@ -352,26 +352,33 @@ process.stdin.once('data', () => setTimeout(() => {
 }, 20));
 ";
 
-/// A block's first tenth still has its stacks (issue 17): samples of a busy interval younger
-/// than half the threshold are kept raw and unwound only once it grows older, and they must
-/// still name what ran first.
-#[test]
-fn a_blocks_first_tenth_has_its_stacks() {
-    require_root();
+/// A node process running `script`, watched by loopbpf (`--pid`, `--json`), told to go once
+/// loopbpf has watched it a second (past the first naming of the binary, so that what the
+/// script does next is the only thing going on).
+fn watched_until_go(script: &str) -> (std::process::Child, Loopbpf) {
     let mut node = Command::new(node_bin())
-        .args(["-e", FIRST_TENTH])
+        .args(["-e", script])
         .stdin(Stdio::piped())
         .spawn()
         .expect("node");
     let pid = node.id().to_string();
     let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
-    // Past the first naming of the binary, so that the block is the only thing going on.
     std::thread::sleep(Duration::from_secs(1));
     node.stdin
         .take()
         .expect("stdin")
         .write_all(b"go\n")
         .expect("write to node");
+    (node, loopbpf)
+}
+
+/// A block's first tenth still has its stacks (issue 17): samples of a busy interval younger
+/// than half the threshold are kept raw and unwound only once it grows older, and they must
+/// still name what ran first.
+#[test]
+fn a_blocks_first_tenth_has_its_stacks() {
+    require_root();
+    let (mut node, loopbpf) = watched_until_go(FIRST_TENTH);
     assert!(node.wait().expect("node").success(), "the target failed");
     let (status, output) = loopbpf.finish(Duration::from_secs(15));
     assert!(status.success(), "loopbpf failed: {status}");
@@ -456,24 +463,12 @@ fn voluntary_switches(pid: u32) -> u64 {
 
 /// A loop busy all the time in intervals far shorter than the threshold (a setImmediate chain)
 /// costs loopbpf few wake-ups (issue 17): the stack records of young intervals wait for its
-/// 100 ms look instead of waking its main and naming threads for each record (about 290 and
+/// next look instead of waking its main and naming threads for each record (about 290 and
 /// 260 a second before). A block after the chain still has its stacks.
 #[test]
 fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
     require_root();
-    let mut node = Command::new(node_bin())
-        .args(["-e", CHAIN_THEN_BLOCK])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("node");
-    let pid = node.id().to_string();
-    let loopbpf = Loopbpf::attach(&["--pid", &pid, "--json"]);
-    std::thread::sleep(Duration::from_secs(1));
-    node.stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("write to node");
+    let (mut node, loopbpf) = watched_until_go(CHAIN_THEN_BLOCK);
     // The chain runs for 5 s: 3 s of it, past its start.
     std::thread::sleep(Duration::from_secs(1));
     let before = voluntary_switches(loopbpf.child.id());
@@ -482,7 +477,7 @@ fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
     assert!(node.wait().expect("node").success(), "the target failed");
     let (status, output) = loopbpf.finish(Duration::from_secs(15));
     assert!(status.success(), "loopbpf failed: {status}");
-    // Its 100 ms look, its second's refresh, and their naming jobs: about 50 a second.
+    // Its looks and their naming jobs: about 16 a second on a quiet machine.
     assert!(
         per_second < 120,
         "loopbpf woke {per_second} times a second watching a setImmediate chain"
