@@ -11,7 +11,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, PerfEvent, TracePoint, UProbe,
+        PerfEvent, UProbe,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
@@ -34,21 +34,9 @@ use crate::{
 };
 
 mod batch;
+mod tracepoints;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopbpf.bpf.o"));
-
-/// Tracepoint programs and where they attach: thread exits and execs. No syscall tracepoint:
-/// enabling one sends every syscall of every process on the host down the kernel's slow path.
-const TRACEPOINTS: [(&str, &str, &str); 2] = [
-    ("thread_exit", "sched", "sched_process_exit"),
-    ("process_exec", "sched", "sched_process_exec"),
-];
-/// Context switches (a loop thread falling asleep in its poll wait, or waking there): every
-/// switch of the host runs this program, a BTF tracepoint (no trace record is made for it).
-const SWITCH: &str = "on_switch";
-/// The same on the classic tracepoint, for kernels whose `sched_switch` has no `prev_state`
-/// argument (before 5.18).
-const SWITCH_RECORD: &str = "on_switch_record";
 
 /// How long the `uv__io_poll` probe, which traps on every iteration, stays after attaching
 /// to an object whose libuv counts its iterations: loops already running are found there.
@@ -239,38 +227,6 @@ impl Probes {
     /// The ring buffer of stack records; call once.
     pub fn stack_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         take_map(&mut self.ebpf, "stacks")
-    }
-
-    /// Attaches the thread-exit, exec and context-switch tracepoints, which only act on targets.
-    pub fn attach_tracepoints(&mut self) -> Result<(), ProbeError> {
-        for (program, category, tracepoint) in TRACEPOINTS {
-            self.attach_tracepoint(program, category, tracepoint)?;
-        }
-        let btf = self.btf.take();
-        let by_btf = btf.as_ref().map(|btf| {
-            let program: &mut BtfTracePoint = program(&mut self.ebpf, SWITCH)?;
-            program
-                .load("sched_switch", btf)
-                .map_err(|error| ProbeError::Program {
-                    name: SWITCH,
-                    error,
-                })?;
-            program.attach().map_err(|error| ProbeError::Tracepoint {
-                category: "sched",
-                name: "sched_switch",
-                error,
-            })
-        });
-        if let Some(Ok(_)) = by_btf {
-            return Ok(());
-        }
-        // The kernel's reason is a verifier log: the fallback is what the user needs to know.
-        if let Some(Err(_)) = by_btf {
-            note!(
-                "this kernel's BTF sched_switch tracepoint has no prev_state (Linux 5.18 adds it): context switches are watched through the classic tracepoint, which costs every switch on the host more"
-            );
-        }
-        self.attach_tracepoint(SWITCH_RECORD, "sched", "sched_switch")
     }
 
     /// Marks a thread that sits in epoll fd `epfd` as a loop thread to be named by its next
@@ -546,26 +502,6 @@ impl Probes {
                 .push((name, link));
         }
         Ok(true)
-    }
-
-    fn attach_tracepoint(
-        &mut self,
-        name: &'static str,
-        category: &'static str,
-        tracepoint: &'static str,
-    ) -> Result<(), ProbeError> {
-        let program: &mut TracePoint = program(&mut self.ebpf, name)?;
-        program
-            .load()
-            .map_err(|error| ProbeError::Program { name, error })?;
-        program
-            .attach(category, tracepoint)
-            .map_err(|error| ProbeError::Tracepoint {
-                category,
-                name: tracepoint,
-                error,
-            })?;
-        Ok(())
     }
 
     /// Samples one loop thread every [`SAMPLE_PERIOD_NS`] of its CPU time: the sampler reads

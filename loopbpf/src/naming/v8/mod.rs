@@ -111,25 +111,12 @@ const MAX_INTERVAL_FRAMES: usize = 4096;
 /// Threads whose current interval's frames are kept; past them, all are dropped.
 const MAX_INTERVAL_THREADS: usize = 256;
 
-/// A frame as a sample found it: its place, its slots, where its code runs and what the kernel
-/// side read through it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FrameKey {
-    fp: u64,
-    function: u64,
-    bytecode_array: Option<u64>,
-    bytecode_offset: Option<u64>,
-    receiver: Option<u64>,
-    captured: Option<CapturedFrame>,
-    pc: u64,
-    is_return: bool,
-    leaf_return: Option<u64>,
-}
-
 /// The frames named in a thread's current busy interval, and the interval (its start).
-type IntervalFrames = (u64, HashMap<FrameKey, Vec<u32>>);
+/// A frame is known by its frame pointer and its slots: the same call at the same place.
+type IntervalFrames = (u64, HashMap<(u64, FrameSlots), Vec<u32>>);
 
 /// The slots of a JS frame as the sample's stack copy holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FrameSlots {
     function: u64,
     /// Interpreted and baseline frames: the `BytecodeArray`.
@@ -519,17 +506,7 @@ impl JsNamer {
     /// [`Self::name_frame`], once per busy interval for a frame that stays the same call at the
     /// same place (see [`Self::interval_frames`]).
     fn name_frame_once(&mut self, sample: &StackSample, fp: u64, slots: &FrameSlots) -> Vec<u32> {
-        let key = FrameKey {
-            fp,
-            function: slots.function,
-            bytecode_array: slots.bytecode_array,
-            bytecode_offset: slots.bytecode_offset,
-            receiver: slots.receiver,
-            captured: slots.captured,
-            pc: slots.pc,
-            is_return: slots.is_return,
-            leaf_return: slots.leaf_return,
-        };
+        let key = (fp, *slots);
         let (tid, since) = (sample.of.tid, sample.of.busy_since_ns);
         if let Some((at, named)) = self.interval_frames.get(&tid)
             && *at == since
