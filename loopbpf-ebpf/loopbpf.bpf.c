@@ -200,9 +200,10 @@ static __always_inline bool take_stack_token(__u32 pid, __u64 now)
 
 /* How a record is submitted to its ring buffer: `wake` is BPF_RB_FORCE_WAKEUP (the consumer
  * is woken if it waits) or BPF_RB_NO_WAKEUP for records that can wait for loopbpf's next look
- * (it reads both rings every 100 ms). Not 0: the kernel's adaptive wake-up skips a record
- * submitted while an earlier one is still unread, so a block's end behind an unread GC pause
- * waited for the 100 ms look (a block's line came a median 50 ms late). A wake-up is not free for the target: it wakes loopbpf from within the
+ * (it reads both rings once a second, and whenever it is woken). Not 0: the kernel's adaptive
+ * wake-up skips a record submitted while an earlier one is still unread, so a block's end
+ * behind an unread GC pause waited for the next look (a block's line came a median 50 ms
+ * late). A wake-up is not free for the target: it wakes loopbpf from within the
  * target's own context, and a uprobe's program (not preemption-safe like a perf event's) is
  * then often preempted by it before it returns, which the target pays for. */
 static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
@@ -617,17 +618,23 @@ static __always_inline __u32 copy_user_stack(struct loopbpf_stack_event *e)
 	return 0;
 }
 
+/* Whether the busy interval begun at `busy_since_ns` is still young at `now`: younger than
+ * 1/LOOPBPF_YOUNG_DIVISOR of the threshold, it is most likely to end short of a block. */
+static __always_inline bool is_young(__u64 busy_since_ns, __u64 now)
+{
+	return now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR;
+}
+
 /* How a stack record of the busy interval begun at `busy_since_ns` is submitted, at `now`.
- * loopbpf keeps the records of an interval younger than 1/LOOPBPF_YOUNG_DIVISOR of the
- * threshold raw and does nothing with them until then: they wait for its next look (it reads
- * the stack ring on every 100 ms state poll, and before every control event, so a block's
- * end still comes after its stacks) instead of waking it twice a record (its main thread and
+ * loopbpf keeps the records of a young interval raw and does nothing with them until it is
+ * older: they wait for its next look (it reads the stack ring once a second, and before every
+ * control event, so a block's end still comes after its stacks) instead of waking it twice a record (its main thread and
  * its naming thread). Older intervals' records wake it, each: it unwinds them while the
  * interval runs, and a flood of them must not fill the ring; so does any record that finds
  * the ring a quarter full, which bounds what waits however many CPUs sample at once. */
 static __always_inline __u64 stack_wake(__u64 busy_since_ns, __u64 now)
 {
-	if (now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR &&
+	if (is_young(busy_since_ns, now) &&
 	    bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) < LOOPBPF_STACK_RING_BYTES / 4)
 		return BPF_RB_NO_WAKEUP;
 	return BPF_RB_FORCE_WAKEUP;
@@ -681,7 +688,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	if (!t || !stack_every)
 		return 0; /* idle in its poll wait: not a stack of a block */
 	every = stack_every;
-	if (now - t->busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR)
+	if (is_young(t->busy_since_ns, now))
 		every *= LOOPBPF_YOUNG_STACK_SPACING;
 	if (t->samples++ % every)
 		return 0;
