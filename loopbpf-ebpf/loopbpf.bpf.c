@@ -39,6 +39,8 @@ const volatile __u32 stack_every = 5;
  * stack_burst_ns of them ahead of time; 0: no limit. */
 const volatile __u64 stack_interval_ns = 0;
 const volatile __u64 stack_burst_ns = 0;
+/* The stack ring's size, as loopbpf made it. */
+const volatile __u64 stack_ring_bytes = LOOPBPF_STACK_RING_MIN_BYTES;
 
 /* The kernel's errno for an insert into a full hash map (the kernel side's alone). */
 #define E2BIG 7
@@ -72,7 +74,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, LOOPBPF_STACK_RING_BYTES); /* each carries a 32 KiB stack copy */
+	__uint(max_entries, LOOPBPF_STACK_RING_MIN_BYTES); /* sized at load; 32 KiB stack copies */
 } stacks SEC(".maps");
 
 struct {
@@ -635,7 +637,7 @@ static __always_inline bool is_young(__u64 busy_since_ns, __u64 now)
 static __always_inline __u64 stack_wake(__u64 busy_since_ns, __u64 now)
 {
 	if (is_young(busy_since_ns, now) &&
-	    bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) < LOOPBPF_STACK_RING_BYTES / 4)
+	    bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) < stack_ring_bytes / 4)
 		return BPF_RB_NO_WAKEUP;
 	return BPF_RB_FORCE_WAKEUP;
 }

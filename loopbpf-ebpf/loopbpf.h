@@ -139,9 +139,15 @@ struct loopbpf_v8_layout {
 
 /* Two ring buffers: the control events (struct loopbpf_event: loops found, blocks, exits, execs,
  * GC pauses), small and drained first, and the stack records (struct loopbpf_stack_event, about
- * 33 KiB each), so that a flood of stacks can never crowd the control events out. */
+ * 33 KiB each), so that a flood of stacks can never crowd the control events out. loopbpf sizes
+ * the stack ring when it loads the object: LOOPBPF_STACK_RING_BYTES_PER_CPU for each possible
+ * CPU (a CPU runs one sampled loop thread at a time; 2 MiB holds about 300 ms of one CPU's
+ * stacks at the default rate), a power of two within the bounds below. Its data pages are mapped
+ * twice into loopbpf, so they count twice in its RSS. */
 #define LOOPBPF_CONTROL_RING_BYTES (1024 * 1024)
-#define LOOPBPF_STACK_RING_BYTES (8 * 1024 * 1024)
+#define LOOPBPF_STACK_RING_BYTES_PER_CPU (2 * 1024 * 1024)
+#define LOOPBPF_STACK_RING_MIN_BYTES (4 * 1024 * 1024)
+#define LOOPBPF_STACK_RING_MAX_BYTES (32 * 1024 * 1024)
 
 /* Entries of the kernel side's hash maps. */
 #define LOOPBPF_MAX_THREADS 16384

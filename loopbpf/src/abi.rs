@@ -116,8 +116,11 @@ pub struct RawStackEvent {
     pub stack: [u8; STACK_COPY],
 }
 
-/// The stack records' ring buffer, in bytes (`LOOPBPF_STACK_RING_BYTES`).
-pub const STACK_RING_BYTES: u64 = 8 * 1024 * 1024;
+/// The stack records' ring buffer, in bytes: this much per possible CPU, a power of two within
+/// the bounds (`LOOPBPF_STACK_RING_*`).
+pub const STACK_RING_BYTES_PER_CPU: u32 = 2 * 1024 * 1024;
+pub const STACK_RING_MIN_BYTES: u32 = 4 * 1024 * 1024;
+pub const STACK_RING_MAX_BYTES: u32 = 32 * 1024 * 1024;
 
 /// Entries of the kernel side's hash maps (`LOOPBPF_MAX_*`).
 pub const MAX_THREADS: u32 = 16384;
@@ -516,7 +519,9 @@ mod tests {
             GC_MARK_SWEEP_COMPACT,
             GC_INCREMENTAL_MARKING,
             GC_PROCESS_WEAK_CALLBACKS,
-            STACK_RING_BYTES,
+            STACK_RING_BYTES_PER_CPU,
+            STACK_RING_MIN_BYTES,
+            STACK_RING_MAX_BYTES,
             MAX_THREADS,
             MAX_ASLEEP,
             MAX_V8_LAYOUTS,

@@ -27,8 +27,8 @@ use crate::{
     abi::{
         BUSY_BEFORE_ATTACH, FULL_ASLEEP, FULL_THREADS, LOST_CONTROL, LOST_STACK, LibuvInfo,
         MAX_ASLEEP, MAX_LIBUVS, MAX_THREADS, MAX_V8_LAYOUTS, ROLE_MAIN, ROLE_UNKNOWN,
-        RawStackEvent, SAMPLE_PERIOD_NS, STACK_RING_BYTES, STACKS_LIMITED, StackBudget,
-        ThreadState, V8Layout,
+        RawStackEvent, SAMPLE_PERIOD_NS, STACK_RING_BYTES_PER_CPU, STACK_RING_MAX_BYTES,
+        STACK_RING_MIN_BYTES, STACKS_LIMITED, StackBudget, ThreadState, V8Layout,
     },
     discover::{IdleThread, Libuv, POLL_SYMBOL},
 };
@@ -126,6 +126,8 @@ pub enum ProbeError {
 /// The loaded and attached kernel side.
 pub struct Probes {
     ebpf: Ebpf,
+    /// The stack ring's size, as made at load.
+    stack_ring_bytes: u32,
     /// The kernel's types, for the BTF tracepoint; dropped once it is attached.
     btf: Option<Btf>,
     threads: HashMap<MapData, u32, ThreadState>,
@@ -174,15 +176,18 @@ impl Probes {
         let stack_every: u32 = stacks_hz.map_or(0, |hz| {
             (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u32
         });
-        let (stack_interval_ns, stack_burst_ns) = stack_limit(stack_every);
+        let ring_bytes = stack_ring_bytes(aya::util::nr_cpus().unwrap_or(1));
+        let (stack_interval_ns, stack_burst_ns) = stack_limit(stack_every, ring_bytes);
         let btf = Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
+            .map_max_entries("stacks", ring_bytes)
             .override_global("target_tgid", &target_tgid, true)
             .override_global("threshold_ns", &threshold_ns, true)
             .override_global("stack_every", &stack_every, true)
             .override_global("stack_interval_ns", &stack_interval_ns, true)
             .override_global("stack_burst_ns", &stack_burst_ns, true)
+            .override_global("stack_ring_bytes", &u64::from(ring_bytes), true)
             .load(OBJECT)
             .map_err(ProbeError::Load)?;
         let threads = take_map(&mut ebpf, "threads")?;
@@ -200,6 +205,7 @@ impl Probes {
         let stack_budgets = take_map(&mut ebpf, "stack_budgets")?;
         Ok(Self {
             ebpf,
+            stack_ring_bytes: ring_bytes,
             btf,
             threads,
             loop_tids,
@@ -655,13 +661,18 @@ impl Probes {
             .collect()
     }
 
+    /// How many stack records the stack ring holds.
+    pub fn stack_ring_records(&self) -> usize {
+        stack_ring_records(self.stack_ring_bytes)
+    }
+
     /// The per-process stack rate the kernel side enforces, in records a second (`None`: no
     /// stacks taken).
     pub fn stack_rate(stacks_hz: Option<u64>) -> Option<u64> {
         let samples_per_s = 1_000_000_000 / SAMPLE_PERIOD_NS;
         let stack_every = stacks_hz
             .map(|hz| (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u64)?;
-        let (interval_ns, _) = stack_limit(u32::try_from(stack_every).ok()?);
+        let (interval_ns, _) = stack_limit(u32::try_from(stack_every).ok()?, STACK_RING_MIN_BYTES);
         (interval_ns > 0).then(|| 1_000_000_000 / interval_ns)
     }
 }
@@ -695,16 +706,32 @@ impl KnownLoop {
 /// The per-process stack limit for stacks on every `stack_every`-th sample: the interval
 /// between records, and how far ahead of it a process may be, in nanoseconds (0, 0: no stacks,
 /// no limit).
-fn stack_limit(stack_every: u32) -> (u64, u64) {
+fn stack_limit(stack_every: u32, ring_bytes: u32) -> (u64, u64) {
     if stack_every == 0 {
         return (0, 0);
     }
     let stack_period_ns = u64::from(stack_every) * SAMPLE_PERIOD_NS;
     let interval_ns = stack_period_ns / STACK_RATE_PER_SAMPLE_RATE;
-    let ring_records = STACK_RING_BYTES / size_of::<RawStackEvent>() as u64;
+    let ring_records = stack_ring_records(ring_bytes) as u64;
     let burst_ns = (interval_ns * (ring_records / STACK_BURST_RING_SHARE))
         .min(STACK_BURST_MAX.as_nanos() as u64);
     (interval_ns, burst_ns)
+}
+
+/// The stack ring's size for `cpus` possible CPUs: at most one sampled loop thread runs on a
+/// CPU at a time, so the records that can come before loopbpf drains them grow with the CPUs.
+/// A power of two (the kernel's rule for ring buffers) within the header's bounds.
+fn stack_ring_bytes(cpus: usize) -> u32 {
+    u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(STACK_RING_BYTES_PER_CPU)
+        .clamp(STACK_RING_MIN_BYTES, STACK_RING_MAX_BYTES)
+        .next_power_of_two()
+}
+
+/// How many stack records a ring of `ring_bytes` holds.
+pub fn stack_ring_records(ring_bytes: u32) -> usize {
+    ring_bytes as usize / size_of::<RawStackEvent>()
 }
 
 /// Whether a map insert failed because the map is full.
@@ -748,21 +775,38 @@ mod tests {
 
     #[test]
     fn each_process_gets_twice_the_sample_rate_and_a_bounded_burst() {
+        let ring = 8 * 1024 * 1024;
         // The default --sample-rate 199: stacks on every 5th sample, 200 a second of a thread's
         // CPU time; a process may send 400 a second, 60 of them (a quarter of the ring) at once.
-        let (interval_ns, burst_ns) = stack_limit(5);
+        let (interval_ns, burst_ns) = stack_limit(5, ring);
         assert_eq!(interval_ns, 2_500_000);
         assert_eq!(burst_ns / interval_ns, 60);
         assert_eq!(Probes::stack_rate(Some(199)), Some(400));
+        // Half the ring, half the burst.
+        let (_, burst_ns) = stack_limit(5, ring / 2);
+        assert_eq!(burst_ns / interval_ns, 30);
         // --sample-rate 1000: 2000 a second; the burst stays a quarter of the ring.
-        let (interval_ns, burst_ns) = stack_limit(1);
+        let (interval_ns, burst_ns) = stack_limit(1, ring);
         assert_eq!(1_000_000_000 / interval_ns, 2000);
         assert_eq!(burst_ns / interval_ns, 60);
         // A low rate: the burst is at most a quarter second.
-        let (interval_ns, burst_ns) = stack_limit(100);
+        let (interval_ns, burst_ns) = stack_limit(100, ring);
         assert_eq!(burst_ns, 250_000_000);
         assert!(burst_ns / interval_ns < 60);
-        assert_eq!(stack_limit(0), (0, 0));
+        assert_eq!(stack_limit(0, ring), (0, 0));
         assert_eq!(Probes::stack_rate(None), None);
+    }
+
+    #[test]
+    fn the_stack_ring_grows_with_the_cpus_as_a_power_of_two_within_bounds() {
+        const MIB: u32 = 1024 * 1024;
+        assert_eq!(stack_ring_bytes(1), 4 * MIB);
+        assert_eq!(stack_ring_bytes(2), 4 * MIB);
+        assert_eq!(stack_ring_bytes(3), 8 * MIB);
+        assert_eq!(stack_ring_bytes(4), 8 * MIB);
+        assert_eq!(stack_ring_bytes(9), 32 * MIB);
+        assert_eq!(stack_ring_bytes(4096), 32 * MIB);
+        // About 34 KiB a record.
+        assert_eq!(stack_ring_records(4 * MIB), 121);
     }
 }

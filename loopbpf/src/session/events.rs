@@ -14,7 +14,7 @@ use super::{
     process::{Seed, read_v8_objects_in_samples},
 };
 use crate::{
-    abi::{ROLE_OTHER, RawStackEvent, STACK_RING_BYTES, ThreadState},
+    abi::{ROLE_OTHER, ThreadState},
     aggregate::Record,
     decode::{Event, GcKind},
     discover,
@@ -75,7 +75,7 @@ impl Session<'_> {
         let most = match how {
             Drain::All => usize::MAX,
             // As many stack records as their ring buffer holds.
-            Drain::Queued => (STACK_RING_BYTES / size_of::<RawStackEvent>() as u64) as usize + 1,
+            Drain::Queued => self.probes.stack_ring_records() + 1,
             Drain::Some => STACKS_PER_TURN,
         };
         let mut taken = 0;
