@@ -140,7 +140,7 @@ struct loopbpf_v8_layout {
 /* Two ring buffers: the control events (struct loopbpf_event: loops found, blocks, exits, execs,
  * GC pauses), small and drained first, and the stack records (struct loopbpf_stack_event, about
  * 33 KiB each), so that a flood of stacks can never crowd the control events out. loopbpf sizes
- * the stack ring when it loads the object: LOOPBPF_STACK_RING_BYTES_PER_CPU for each possible
+ * the stack ring when it loads the object: LOOPBPF_STACK_RING_BYTES_PER_CPU for each online
  * CPU (a CPU runs one sampled loop thread at a time; 2 MiB holds about 300 ms of one CPU's
  * stacks at the default rate), a power of two within the bounds below. Its data pages are mapped
  * twice into loopbpf, so they count twice in its RSS. */

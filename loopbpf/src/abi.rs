@@ -116,7 +116,7 @@ pub struct RawStackEvent {
     pub stack: [u8; STACK_COPY],
 }
 
-/// The stack records' ring buffer, in bytes: this much per possible CPU, a power of two within
+/// The stack records' ring buffer, in bytes: this much per online CPU, a power of two within
 /// the bounds (`LOOPBPF_STACK_RING_*`).
 pub const STACK_RING_BYTES_PER_CPU: u32 = 2 * 1024 * 1024;
 pub const STACK_RING_MIN_BYTES: u32 = 4 * 1024 * 1024;

@@ -176,7 +176,7 @@ impl Probes {
         let stack_every: u32 = stacks_hz.map_or(0, |hz| {
             (samples_per_s as f64 / hz.clamp(1, samples_per_s) as f64).round() as u32
         });
-        let ring_bytes = stack_ring_bytes(aya::util::nr_cpus().unwrap_or(1));
+        let ring_bytes = stack_ring_bytes(aya::util::online_cpus().map_or(1, |cpus| cpus.len()));
         let (stack_interval_ns, stack_burst_ns) = stack_limit(stack_every, ring_bytes);
         let btf = Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
@@ -718,7 +718,7 @@ fn stack_limit(stack_every: u32, ring_bytes: u32) -> (u64, u64) {
     (interval_ns, burst_ns)
 }
 
-/// The stack ring's size for `cpus` possible CPUs: at most one sampled loop thread runs on a
+/// The stack ring's size for `cpus` online CPUs: at most one sampled loop thread runs on a
 /// CPU at a time, so the records that can come before loopbpf drains them grow with the CPUs.
 /// A power of two (the kernel's rule for ring buffers) within the header's bounds.
 fn stack_ring_bytes(cpus: usize) -> u32 {
