@@ -5,6 +5,7 @@
 //! they run on [`worker`] threads, never on the session's.
 
 pub mod frame;
+mod kernel;
 pub mod objects;
 mod perf_map;
 pub mod request;
@@ -176,10 +177,11 @@ impl Naming {
     }
 
     /// New mappings (a library loaded, a launched command's exec) since the last look, and
-    /// what the perf map gained.
+    /// what the perf map gained; what was parsed of files and not needed lately is dropped.
     pub fn refresh(&mut self) {
         self.refresh_maps();
         self.find_v8();
+        self.symbolizer.evict_idle();
     }
 
     /// New mappings since the last look (the memory map read again only if the mapped size

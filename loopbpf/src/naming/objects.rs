@@ -12,25 +12,38 @@
 //! our checks: they are followed only for root's files the target cannot change, of a target
 //! that sees loopbpf's filesystem (a distribution's libc and its `/usr/lib/debug` file). Any
 //! other file with a link is named from its ELF symbols only (no DWARF).
+//!
+//! Named frames are cached here by object and file offset, for every process that maps the
+//! object: a fleet of processes of one binary asks blazesym once per address of the binary,
+//! not once per process. What blazesym parsed of an object (its symbol index, its DWARF, the
+//! file mapped in: 30 MB for node and libc with libc6-dbg) is dropped when no lookup has
+//! needed it for [`PARSED_IDLE`], and parsed again if one does.
 
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
     fs::File,
+    hash::Hash,
     os::fd::AsRawFd,
     path::PathBuf,
     rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
 };
 
 use blazesym::symbolize::{
-    Symbolizer as Blazesym,
+    Input, Symbolized, Symbolizer as Blazesym,
     evict::{Elf as EvictElf, Evict},
+    source::{Elf, Source},
 };
 
 use object::{Object, read::ReadCache};
 
-use super::frame::VDSO;
+use super::{
+    frame::{Frame, FrameKind, VDSO},
+    kernel::KernelSymbols,
+    symbolize::frame_from_sym,
+};
 use crate::target::{
     files::{MAX_OBJECT, MAX_OBJECT_COPY, Refused, sealed_copy},
     maps::MapsEntry,
@@ -43,6 +56,23 @@ use crate::target::{
 /// A library with a large separate debug file costs more once (libc with libc6-dbg: 50 ms).
 pub(super) const NATIVE_LINE_INFO: bool = true;
 
+/// What blazesym parsed of an object (and the kernel's symbols) is dropped when no lookup has
+/// needed it for this long. Parsing again costs about 8 ms for node's symbols and 50 ms for
+/// libc with libc6-dbg; the named frames are cached, so a fleet whose stacks repeat stops
+/// asking within a minute or so, and a new address at most every this often costs 0.2% of a
+/// core at worst.
+pub(super) const PARSED_IDLE: Duration = Duration::from_secs(30);
+
+/// Idle parsed objects are looked for at most this often.
+const EVICT_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Named frames cached, of objects and of the kernel each: a hostile target with endless
+/// distinct addresses costs lookups again, never memory. About 300 bytes each.
+pub(super) const MAX_CACHED_FRAMES: usize = 16_384;
+
+/// The key of a vDSO frame in [`NativeObjects::frames`]: no object has it.
+pub(super) const VDSO_OBJECT: u64 = 0;
+
 /// The object files symbolizers have opened and what blazesym parsed of them, shared by the
 /// symbolizers of one session: processes that run the same binary (fleet mode watches many)
 /// parse its symbols and line tables once, not once each.
@@ -54,6 +84,11 @@ pub(super) struct NativeObjects {
     pub(super) objects: Objects,
     /// The next symbolizer's `user`.
     pub(super) next_user: u64,
+    /// Named frames by object ([`MappedObject::id`], or [`VDSO_OBJECT`]) and file offset.
+    pub(super) frames: HashMap<(u64, u64), Frame>,
+    pub(super) kernel: KernelSymbols,
+    /// When idle parsed objects were last looked for.
+    evict_checked_at: Instant,
 }
 
 impl SharedObjects {
@@ -70,8 +105,101 @@ impl SharedObjects {
                 .build(),
             objects: Objects::default(),
             next_user: 0,
+            frames: HashMap::new(),
+            kernel: KernelSymbols::default(),
+            evict_checked_at: Instant::now(),
         })))
     }
+
+    /// Drops what blazesym parsed of objects (and of the kernel) that no lookup has needed for
+    /// [`PARSED_IDLE`]; looks at most every [`EVICT_CHECK_EVERY`].
+    pub(super) fn evict_idle(&self) {
+        let mut native = self.0.borrow_mut();
+        if native.evict_checked_at.elapsed() < EVICT_CHECK_EVERY {
+            return;
+        }
+        native.evict_checked_at = Instant::now();
+        native.evict_idle_for(PARSED_IDLE);
+    }
+}
+
+impl NativeObjects {
+    /// Drops what blazesym parsed of objects (and of the kernel) that no lookup has needed
+    /// for `idle`.
+    pub(super) fn evict_idle_for(&mut self, idle: Duration) {
+        let NativeObjects {
+            blazesym,
+            objects,
+            kernel,
+            ..
+        } = self;
+        let mut evicted = kernel.evict_idle(idle);
+        for object in &mut objects.list {
+            if object.asked_at.is_some_and(|at| at.elapsed() >= idle) {
+                object.evict(blazesym);
+                evicted = true;
+            }
+        }
+        if evicted {
+            crate::target::freed_much();
+        }
+    }
+
+    /// The frame at `file_offset` of object `index` (an index into [`Objects::list`]); `None`
+    /// when no symbol covers it. Asks blazesym only for an offset not named before.
+    pub(super) fn object_frame(&mut self, index: usize, file_offset: u64) -> Option<Frame> {
+        let object = &mut self.objects.list[index];
+        if let Some(frame) = self.frames.get(&(object.id, file_offset)) {
+            return Some(frame.clone());
+        }
+        object.asked_at = Some(Instant::now());
+        for path in &object.sources {
+            let mut elf = Elf::new(path);
+            elf.debug_syms = object.debug_syms;
+            match self
+                .blazesym
+                .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
+            {
+                Ok(Symbolized::Sym(sym)) => {
+                    let frame = frame_from_sym(sym, &object.module, FrameKind::Native);
+                    remember(&mut self.frames, (object.id, file_offset), frame.clone());
+                    return Some(frame);
+                }
+                Ok(Symbolized::Unknown(_)) => break,
+                // This path cannot be opened or is no ELF file: try the next one.
+                Err(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Caches `frame` as the frame at `file_offset` of object `index` (or of the vDSO).
+    pub(super) fn remember_frame(&mut self, index: Option<usize>, file_offset: u64, frame: Frame) {
+        let id = index.map_or(VDSO_OBJECT, |index| self.objects.list[index].id);
+        remember(&mut self.frames, (id, file_offset), frame);
+    }
+
+    /// The cached frame of the vDSO at `offset`.
+    pub(super) fn vdso_frame(&self, offset: u64) -> Option<Frame> {
+        self.frames.get(&(VDSO_OBJECT, offset)).cloned()
+    }
+
+    /// Closes the objects that only `user` mapped: see [`Objects::release`].
+    pub(super) fn release(&mut self, user: u64) {
+        let closed = self.objects.release(user, &mut self.blazesym);
+        if !closed.is_empty() {
+            self.frames.retain(|(id, _), _| !closed.contains(id));
+        }
+    }
+}
+
+/// Inserts into a cache of at most [`MAX_CACHED_FRAMES`]: a full one starts over.
+pub(super) fn remember<K: Eq + Hash>(cache: &mut HashMap<K, Frame>, key: K, frame: Frame) {
+    if cache.len() >= MAX_CACHED_FRAMES {
+        cache.clear();
+        cache.shrink_to_fit();
+    }
+    cache.insert(key, frame);
 }
 
 /// The executable objects the targets have mapped, each opened once, and closed when the last
@@ -83,10 +211,14 @@ pub(super) struct Objects {
     by_file: HashMap<(String, u64, String), usize>,
     /// Entries of `list` closed, to be used again.
     free: Vec<usize>,
+    /// The last [`MappedObject::id`] given.
+    last_id: u64,
 }
 
 #[derive(Default)]
 pub(super) struct MappedObject {
+    /// Never given to another object, unlike its index in [`Objects::list`]: keys its frames.
+    pub(super) id: u64,
     /// Basename, as frames show it.
     pub(super) module: String,
     /// Paths handed to blazesym, best first.
@@ -98,6 +230,18 @@ pub(super) struct MappedObject {
     /// Symbolizers that mapped it.
     users: HashSet<u64>,
     key: (String, u64, String),
+    /// When blazesym was last asked about it; `None` when nothing parsed of it is held.
+    asked_at: Option<Instant>,
+}
+
+impl MappedObject {
+    /// Drops what blazesym parsed of it.
+    fn evict(&mut self, blazesym: &mut Blazesym) {
+        for path in &self.sources {
+            let _ = blazesym.evict(&Evict::Elf(EvictElf::new(path)));
+        }
+        self.asked_at = None;
+    }
 }
 
 /// What a region of a snapshot maps.
@@ -114,21 +258,22 @@ pub(super) enum Mapping {
 impl Objects {
     /// Closes the objects that only `user` mapped, and what blazesym read of them: in fleet
     /// mode, an upgraded service's old binary must not stay open (its disk space, its symbols
-    /// in memory) once its last process is gone.
-    pub(super) fn release(&mut self, user: u64, blazesym: &mut Blazesym) {
+    /// in memory) once its last process is gone. Returns the ids of those closed.
+    fn release(&mut self, user: u64, blazesym: &mut Blazesym) -> Vec<u64> {
+        let mut closed = Vec::new();
         for (index, object) in self.list.iter_mut().enumerate() {
             if !object.users.remove(&user) || !object.users.is_empty() {
                 continue;
             }
             // Evicted before the file closes: its `/proc/self/fd` path names the next file
             // opened under that descriptor.
-            for path in &object.sources {
-                let _ = blazesym.evict(&Evict::Elf(EvictElf::new(path)));
-            }
+            object.evict(blazesym);
+            closed.push(object.id);
             self.by_file.remove(&object.key);
             *object = MappedObject::default();
             self.free.push(index);
         }
+        closed
     }
 
     /// What `line` of `process`'s maps maps, for symbolizer `user`: an executable file is
@@ -172,13 +317,16 @@ impl Objects {
             .iter()
             .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
             .collect();
+        self.last_id += 1;
         let object = MappedObject {
+            id: self.last_id,
             module: module.to_owned(),
             sources,
             debug_syms,
             _file: file,
             users: HashSet::from([user]),
             key: key.clone(),
+            asked_at: None,
         };
         let index = if let Some(index) = self.free.pop() {
             self.list[index] = object;
@@ -275,5 +423,50 @@ mod tests {
         assert_eq!(shared.0.borrow().objects.list.len(), open);
         let frames = first.user(&[addr + 1], &[]);
         assert!(frames[0].name.contains("objects_test_marker"), "{frames:?}");
+    }
+
+    #[test]
+    fn a_frame_is_named_once_for_every_process_and_the_same_after_its_object_is_evicted() {
+        let addr = objects_test_marker as fn() -> u64 as usize as u64;
+        let shared = SharedObjects::new();
+        let parsed = || {
+            let native = shared.0.borrow();
+            let asked = native.objects.list.iter().filter(|o| o.asked_at.is_some());
+            (asked.count(), native.frames.len())
+        };
+        let mut first = Symbolizer::sharing(std::process::id(), &shared);
+        let mut second = Symbolizer::sharing(std::process::id(), &shared);
+        let named = first.user(&[addr + 1], &[]);
+        assert!(named[0].name.contains("objects_test_marker"), "{named:?}");
+        assert!(named[0].line.is_some(), "{named:?}");
+        assert_eq!(parsed(), (1, 1), "one object asked, one frame named");
+        assert_eq!(second.user(&[addr + 1], &[]), named);
+        assert_eq!(parsed(), (1, 1), "named once for both");
+
+        // Idle: what blazesym parsed is dropped; the named frame stays.
+        shared.0.borrow_mut().evict_idle_for(Duration::ZERO);
+        assert_eq!(parsed(), (0, 1));
+        assert_eq!(second.user(&[addr + 1], &[]), named);
+        assert_eq!(parsed(), (0, 1), "a cached frame asks nothing");
+        // Parsed again: the same frame, file and line.
+        shared.0.borrow_mut().frames.clear();
+        assert_eq!(first.user(&[addr + 1], &[]), named);
+        assert_eq!(parsed(), (1, 1));
+
+        // A closed object's frames go with it.
+        drop((first, second));
+        assert_eq!(parsed(), (0, 0));
+    }
+
+    #[test]
+    fn a_full_frame_cache_starts_over() {
+        let mut cache = HashMap::new();
+        for key in 0..MAX_CACHED_FRAMES {
+            remember(&mut cache, key, Frame::unnamed_js());
+        }
+        assert_eq!(cache.len(), MAX_CACHED_FRAMES);
+        remember(&mut cache, MAX_CACHED_FRAMES, Frame::unnamed_js());
+        assert_eq!(cache.len(), 1);
+        assert!(cache.contains_key(&MAX_CACHED_FRAMES));
     }
 }

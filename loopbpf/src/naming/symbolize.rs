@@ -4,26 +4,27 @@
 //!
 //! Native code is named by blazesym from the ELF objects the target had mapped ([`super::objects`]
 //! opens and keeps them). JIT code is named from the perf map node writes with
-//! `--perf-basic-prof` ([`super::perf_map`]). Kernel frames are named from `/proc/kallsyms`.
+//! `--perf-basic-prof` ([`super::perf_map`]). Kernel frames are named from `/proc/kallsyms`
+//! ([`super::kernel`]). Named native and kernel frames are cached for every process (by object
+//! and file offset, by kernel address): see [`super::objects`].
 
 use std::{
     cell::OnceCell,
-    collections::HashMap,
     rc::Rc,
     time::{Duration, Instant},
 };
 
 use blazesym::{
-    MaybeDefault, Pid,
+    Pid,
     symbolize::{
         Input, Sym, Symbolized,
-        source::{Elf, Kernel, Process as BlazesymProcess, Source},
+        source::{Process as BlazesymProcess, Source},
     },
 };
 
 use super::{
-    frame::{Frame, FrameKind, KERNEL_MODULE, UNKNOWN, VDSO},
-    objects::{Mapping, NativeObjects, SharedObjects},
+    frame::{Frame, FrameKind, UNKNOWN, VDSO},
+    objects::{Mapping, SharedObjects},
     perf_map::PerfMap,
 };
 use crate::target::{maps::MapsEntry, proc::Process, start_time};
@@ -32,7 +33,7 @@ use crate::target::{maps::MapsEntry, proc::Process, start_time};
 /// JIT pages and `dlopen`ed addons appear between the caller's once-a-second refreshes.
 const MIN_MAPS_REREAD_INTERVAL: Duration = Duration::from_millis(100);
 
-fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
+pub(super) fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
     let (file, line) = sym.code_info.map_or((None, None), |info| {
         (Some(info.to_path().display().to_string()), info.line)
     });
@@ -64,10 +65,6 @@ pub struct Symbolizer {
     maps: Vec<Region>,
     maps_read_at: Instant,
     perf_map: PerfMap,
-    /// Named frames of file-backed and vDSO addresses, by lookup address.
-    native_cache: HashMap<u64, Frame>,
-    kernel_cache: HashMap<u64, Frame>,
-    kernel_source: Source<'static>,
     /// Start and size of this process's own vDSO, which is the target's too (same kernel).
     own_vdso: OnceCell<Option<(u64, u64)>>,
 }
@@ -95,13 +92,6 @@ impl Symbolizer {
     #[must_use]
     pub fn unread(pid: u32, native: &SharedObjects) -> Self {
         let start_ticks = start_time(pid);
-        let kernel_source = Source::Kernel(Kernel {
-            kallsyms: MaybeDefault::Default,
-            vmlinux: MaybeDefault::None,
-            kaslr_offset: None,
-            debug_syms: false,
-            ..Kernel::default()
-        });
         let user = {
             let mut native = native.0.borrow_mut();
             native.next_user += 1;
@@ -116,9 +106,6 @@ impl Symbolizer {
             native: native.clone(),
             maps: Vec::new(),
             maps_read_at: Instant::now(),
-            native_cache: HashMap::new(),
-            kernel_cache: HashMap::new(),
-            kernel_source,
             own_vdso: OnceCell::new(),
         }
     }
@@ -232,28 +219,16 @@ impl Symbolizer {
     }
 
     fn kernel_frame(&mut self, addr: u64) -> Frame {
-        if let Some(frame) = self.kernel_cache.get(&addr) {
-            return frame.clone();
-        }
-        let frame = match self
-            .native
-            .0
-            .borrow()
-            .blazesym
-            .symbolize_single(&self.kernel_source, Input::AbsAddr(addr))
-        {
-            Ok(Symbolized::Sym(sym)) => frame_from_sym(sym, KERNEL_MODULE, FrameKind::Kernel),
-            Ok(Symbolized::Unknown(_)) | Err(_) => Frame::unknown(KERNEL_MODULE, FrameKind::Kernel),
-        };
-        self.kernel_cache.insert(addr, frame.clone());
-        frame
+        self.native.0.borrow_mut().kernel.frame(addr)
+    }
+
+    /// Drops what was parsed of objects and of the kernel that no lookup needed lately.
+    pub fn evict_idle(&self) {
+        self.native.evict_idle();
     }
 
     /// The frame at `addr`, and whether `addr` points at code at all.
     fn user_frame(&mut self, addr: u64) -> (Frame, bool) {
-        if let Some(frame) = self.native_cache.get(&addr) {
-            return (frame.clone(), true);
-        }
         let mut place = self.place(addr);
         if matches!(place, Place::Outside | Place::AnonymousData) && self.reread_maps_if_stale() {
             place = self.place(addr);
@@ -263,7 +238,7 @@ impl Symbolizer {
                 object,
                 file_offset,
             } => (self.object_frame(object, file_offset, addr), true),
-            Place::Vdso { offset, size } => (self.vdso_frame(addr, offset, size), true),
+            Place::Vdso { offset, size } => (self.vdso_frame(offset, size), true),
             Place::AnonymousCode => (self.js_frame(addr).unwrap_or_else(Frame::unnamed_js), true),
             Place::AnonymousData | Place::Outside => match self.js_frame(addr) {
                 Some(frame) => (frame, true),
@@ -303,40 +278,26 @@ impl Symbolizer {
     }
 
     fn object_frame(&mut self, object: usize, file_offset: u64, addr: u64) -> Frame {
-        let native = Rc::clone(&self.native.0);
-        let native = native.borrow();
-        let object = &native.objects.list[object];
-        let (module, sources) = (object.module.clone(), object.sources.clone());
-        let debug_syms = object.debug_syms;
-        for path in &sources {
-            let mut elf = Elf::new(path);
-            elf.debug_syms = debug_syms;
-            match native
-                .blazesym
-                .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
-            {
-                Ok(Symbolized::Sym(sym)) => {
-                    let frame = frame_from_sym(sym, &module, FrameKind::Native);
-                    self.native_cache.insert(addr, frame.clone());
-                    return frame;
-                }
-                Ok(Symbolized::Unknown(_)) => break,
-                // This path cannot be opened or is no ELF file: try the next one.
-                Err(_) => {}
-            }
+        let named = self.native.0.borrow_mut().object_frame(object, file_offset);
+        if let Some(frame) = named {
+            return frame;
         }
         // Not an ELF symbol: JIT code in a file-backed mapping (a memfd) may still be in the
         // perf map. That answer can change as the perf map grows, so it is not cached.
         if let Some(frame) = self.js_frame(addr) {
             return frame;
         }
-        let frame = Frame::unknown(&module, FrameKind::Native);
-        self.native_cache.insert(addr, frame.clone());
+        let mut native = self.native.0.borrow_mut();
+        let frame = Frame::unknown(&native.objects.list[object].module, FrameKind::Native);
+        native.remember_frame(Some(object), file_offset, frame.clone());
         frame
     }
 
     /// The vDSO is the same image in every 64-bit process: name the address in our own copy.
-    fn vdso_frame(&mut self, addr: u64, offset: u64, size: u64) -> Frame {
+    fn vdso_frame(&mut self, offset: u64, size: u64) -> Frame {
+        if let Some(frame) = self.native.0.borrow().vdso_frame(offset) {
+            return frame;
+        }
         let own_vdso = *self.own_vdso.get_or_init(find_own_vdso);
         let mut frame = Frame {
             name: VDSO.to_owned(),
@@ -360,7 +321,8 @@ impl Symbolizer {
                 frame = frame_from_sym(sym, VDSO, FrameKind::Native);
             }
         }
-        self.native_cache.insert(addr, frame.clone());
+        let mut native = self.native.0.borrow_mut();
+        native.remember_frame(None, offset, frame.clone());
         frame
     }
 
@@ -416,11 +378,6 @@ impl Symbolizer {
             })
             .collect();
         regions.sort_by_key(|region| region.start);
-        // Cached names are by address: they stay right as long as the same objects stay at the
-        // same places.
-        if file_layout(&regions) != file_layout(&self.maps) {
-            self.native_cache.clear();
-        }
         self.maps = regions;
     }
 }
@@ -471,23 +428,9 @@ struct Region {
     mapping: Mapping,
 }
 
-fn file_layout(regions: &[Region]) -> Vec<(u64, u64, u64, usize)> {
-    regions
-        .iter()
-        .filter_map(|region| match region.mapping {
-            Mapping::Object(object) => Some((region.start, region.end, region.offset, object)),
-            _ => None,
-        })
-        .collect()
-}
-
 impl Drop for Symbolizer {
     fn drop(&mut self) {
-        let mut native = self.native.0.borrow_mut();
-        let NativeObjects {
-            blazesym, objects, ..
-        } = &mut *native;
-        objects.release(self.user, blazesym);
+        self.native.0.borrow_mut().release(self.user);
     }
 }
 

@@ -5,9 +5,20 @@
 //! tables; framehop walks it by its frame pointers, which V8 keeps. A leaf whose canonical frame
 //! address is a DWARF expression (OpenSSL's SHA-2 assembly realigns its stack) is unwound here
 //! with gimli, then framehop goes on from its caller.
+//!
+//! The unwind tables of a file only root can change, in loopbpf's own filesystem (node, the
+//! system's libraries), are read where the file is mapped: only the pages a lookup touches are
+//! resident (node's tables are 4 MB). Any other file could be truncated under the mapping,
+//! which would kill loopbpf with SIGBUS: its tables are copied.
 
 use std::{
-    collections::HashSet, fs::File, mem::size_of, ops::Range, path::Path, rc::Rc, sync::Arc,
+    collections::HashSet,
+    fs::File,
+    mem::size_of,
+    ops::{Deref, Range},
+    path::Path,
+    rc::Rc,
+    sync::Arc,
 };
 
 use framehop::{
@@ -18,7 +29,8 @@ use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EvaluationResult, LittleEndian, Location,
     RegisterRule, UnwindContext, UnwindSection, Value, X86_64,
 };
-use object::{Object, ObjectSection, read::ReadCache};
+use memmap2::Mmap;
+use object::{CompressionFormat, Object, ObjectSection, read::ReadCache};
 
 use crate::{
     abi::RED_ZONE,
@@ -44,8 +56,45 @@ pub struct UnwindSections {
     segments: Vec<Segment>,
     text_svma: Option<Range<u64>>,
     eh_frame_svma: Range<u64>,
-    eh_frame: Arc<[u8]>,
-    eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
+    eh_frame: SectionBytes,
+    eh_frame_hdr: Option<(Range<u64>, SectionBytes)>,
+}
+
+/// The bytes of an unwind section: where its file is mapped, or a copy.
+#[derive(Clone)]
+pub enum SectionBytes {
+    Copied(Arc<[u8]>),
+    /// A range of a mapped file only root can change (see the module docs).
+    Mapped(Arc<Mmap>, Range<usize>),
+}
+
+impl SectionBytes {
+    /// What it holds on the heap.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Copied(bytes) => bytes.len(),
+            Self::Mapped(..) => 0,
+        }
+    }
+}
+
+/// No bytes (framehop's sections this module does not give).
+impl Default for SectionBytes {
+    fn default() -> Self {
+        Self::Copied(Arc::from([]))
+    }
+}
+
+impl Deref for SectionBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Copied(bytes) => bytes,
+            // In bounds: checked when the range was taken.
+            Self::Mapped(map, range) => &map[range.clone()],
+        }
+    }
 }
 
 /// Unwinds the stacks of one process.
@@ -53,7 +102,7 @@ pub struct Unwinder {
     process: Process,
     /// Sections by file, shared with the unwinders of other processes.
     sections: FileCache<UnwindSections>,
-    framehop: UnwinderX86_64<Arc<[u8]>>,
+    framehop: UnwinderX86_64<SectionBytes>,
     cache: CacheX86_64,
     /// Start addresses of the executable mappings already given to framehop.
     known: HashSet<u64>,
@@ -70,8 +119,11 @@ pub struct Unwinder {
 impl Weigh for UnwindSections {
     fn heap_bytes(&self) -> usize {
         self.segments.len() * size_of::<Segment>()
-            + self.eh_frame.len()
-            + self.eh_frame_hdr.as_ref().map_or(0, |(_, d)| d.len())
+            + self.eh_frame.heap_bytes()
+            + self
+                .eh_frame_hdr
+                .as_ref()
+                .map_or(0, |(_, d)| d.heap_bytes())
     }
 }
 
@@ -80,8 +132,8 @@ struct EhFrameTable {
     range: Range<u64>,
     bias: u64,
     eh_frame_svma: u64,
-    eh_frame: Arc<[u8]>,
-    eh_frame_hdr: Option<(u64, Arc<[u8]>)>,
+    eh_frame: SectionBytes,
+    eh_frame_hdr: Option<(u64, SectionBytes)>,
 }
 
 impl Unwinder {
@@ -134,7 +186,16 @@ impl Unwinder {
                 &mapping.file(),
                 Path::new(mapping.file_path()),
                 || self.process.open_mapped(mapping, MAX_OBJECT).ok(),
-                read_sections,
+                |file| {
+                    // Root's file in loopbpf's filesystem, which the target cannot change:
+                    // only root can truncate it, and root can kill loopbpf anyway.
+                    let only_root_changes = file.metadata().is_ok_and(|meta| {
+                        self.process
+                            .writer()
+                            .is_some_and(|writer| writer.trusts_links(&meta))
+                    });
+                    read_sections(file, only_root_changes)
+                },
             ) else {
                 continue;
             };
@@ -243,7 +304,7 @@ fn unwind_expression_leaf(
     bp: u64,
     read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
 ) -> Option<(u64, u64, u64)> {
-    let eh_frame = EhFrame::new(&table.eh_frame, LittleEndian);
+    let eh_frame = EhFrame::new(&table.eh_frame[..], LittleEndian);
     let (hdr_svma, hdr) = table.eh_frame_hdr.as_ref()?;
     let bases = BaseAddresses::default()
         .set_eh_frame(table.eh_frame_svma)
@@ -301,12 +362,26 @@ fn unwind_expression_leaf(
 }
 
 /// The unwind tables of one mapped object, placed where the process mapped it.
-fn read_sections(file: File) -> Option<UnwindSections> {
-    sections_of(&ReadCache::new(file))
+/// The unwind tables of `file`, read where it is mapped if `mappable` (only root can change
+/// it), else copied.
+fn read_sections(file: File, mappable: bool) -> Option<UnwindSections> {
+    if mappable {
+        // SAFETY: only root can change the file (see the module docs), so it is not truncated
+        // under the mapping; the mapping is read-only and read only as bytes.
+        if let Ok(map) = unsafe { Mmap::map(&file) } {
+            let map = Arc::new(map);
+            return sections_of(&map[..], Some(&map));
+        }
+    }
+    sections_of(&ReadCache::new(file), None)
 }
 
-/// The unwind tables of an object file's data (the target's: any bytes at all).
-fn sections_of<'data, R: object::ReadRef<'data>>(data: R) -> Option<UnwindSections> {
+/// The unwind tables of an object file's data (the target's: any bytes at all); `mapped`: the
+/// same data mapped, for sections stored uncompressed to be used in place.
+fn sections_of<'data, R: object::ReadRef<'data>>(
+    data: R,
+    mapped: Option<&Arc<Mmap>>,
+) -> Option<UnwindSections> {
     let elf = object::File::parse(data).ok()?;
     let section = |name: &str| {
         elf.section_by_name(name).and_then(|s| {
@@ -315,7 +390,21 @@ fn sections_of<'data, R: object::ReadRef<'data>>(data: R) -> Option<UnwindSectio
             if s.size() > MAX_SECTION || compressed.uncompressed_size > MAX_SECTION {
                 return None;
             }
-            let data: Arc<[u8]> = s.uncompressed_data().ok()?.into_owned().into();
+            let in_place = mapped.and_then(|map| {
+                if compressed.format != CompressionFormat::None
+                    || compressed.compressed_size != s.size()
+                {
+                    return None;
+                }
+                let start = usize::try_from(compressed.offset).ok()?;
+                let end = start.checked_add(usize::try_from(s.size()).ok()?)?;
+                map.get(start..end)?;
+                Some(SectionBytes::Mapped(Arc::clone(map), start..end))
+            });
+            let data = match in_place {
+                Some(data) => data,
+                None => SectionBytes::Copied(s.uncompressed_data().ok()?.into_owned().into()),
+            };
             Some((s.address()..s.address() + s.size(), data))
         })
     };
@@ -336,25 +425,25 @@ fn place_module(
     path: &Path,
     mapping: &MapsEntry,
     sections: &UnwindSections,
-) -> Option<(Module<Arc<[u8]>>, EhFrameTable)> {
+) -> Option<(Module<SectionBytes>, EhFrameTable)> {
     let bias = bias_of(&sections.segments, mapping.range.start, mapping.offset)?;
     let table = EhFrameTable {
         range: mapping.range.clone(),
         bias,
         eh_frame_svma: sections.eh_frame_svma.start,
-        eh_frame: Arc::clone(&sections.eh_frame),
+        eh_frame: sections.eh_frame.clone(),
         eh_frame_hdr: sections
             .eh_frame_hdr
             .as_ref()
-            .map(|(r, d)| (r.start, Arc::clone(d))),
+            .map(|(r, d)| (r.start, d.clone())),
     };
     let info = ExplicitModuleSectionInfo {
         base_svma: 0,
         text_svma: sections.text_svma.clone(),
         eh_frame_svma: Some(sections.eh_frame_svma.clone()),
-        eh_frame: Some(Arc::clone(&sections.eh_frame)),
+        eh_frame: Some(sections.eh_frame.clone()),
         eh_frame_hdr_svma: sections.eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
-        eh_frame_hdr: sections.eh_frame_hdr.as_ref().map(|(_, d)| Arc::clone(d)),
+        eh_frame_hdr: sections.eh_frame_hdr.as_ref().map(|(_, d)| d.clone()),
         ..Default::default()
     };
     let module = Module::new(
@@ -382,11 +471,28 @@ mod tests {
     }
 
     #[test]
+    fn a_file_only_root_changes_is_read_in_place_with_the_same_tables() {
+        let open = || File::open("/bin/true").expect("/bin/true");
+        let mapped = read_sections(open(), true).expect("unwind tables");
+        let copied = read_sections(open(), false).expect("unwind tables");
+        assert!(matches!(mapped.eh_frame, SectionBytes::Mapped(..)));
+        assert!(matches!(copied.eh_frame, SectionBytes::Copied(_)));
+        assert!(!copied.eh_frame.is_empty());
+        assert_eq!(mapped.eh_frame[..], copied.eh_frame[..]);
+        let hdr = |sections: &UnwindSections| {
+            let (svma, bytes) = sections.eh_frame_hdr.clone().expect(".eh_frame_hdr");
+            (svma, bytes.to_vec())
+        };
+        assert_eq!(hdr(&mapped), hdr(&copied));
+        assert!(mapped.heap_bytes() + copied.eh_frame.len() <= copied.heap_bytes());
+    }
+
+    #[test]
     fn elf_files_of_any_bytes_are_read_within_bounds() {
         use crate::{naming::v8::metadata_of, target::fuzz::fuzz};
         let real = std::fs::read("/bin/true").expect("/bin/true");
         assert!(
-            sections_of(&*real).is_some(),
+            sections_of(&*real, None).is_some(),
             "a real ELF has unwind tables"
         );
         // Mutations near the headers, where the sizes and offsets are.
@@ -396,7 +502,7 @@ mod tests {
             2_000,
             2 * MAX_SECTION as usize + (1 << 20),
             |input| {
-                if let Some(sections) = sections_of(input) {
+                if let Some(sections) = sections_of(input, None) {
                     assert!(sections.eh_frame.len() as u64 <= MAX_SECTION);
                 }
                 let _ = metadata_of(input);
