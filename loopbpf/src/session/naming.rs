@@ -7,6 +7,12 @@
 //! ([`BLOCK_LIMIT`], [`ONGOING_LIMIT`]); then it is reported without them, said so and counted.
 //! Processes share a lane (and the files it has read), but a process whose job has run for
 //! [`STUCK`] has the lane to itself: the others move to another lane.
+//!
+//! Every lane holds its own copy of what its processes' files gave (a node binary's symbols,
+//! the kernel's, unwind tables: tens of MB), so a lane started for a stuck one ends once its
+//! last process is gone, and new processes go to the first lane that is not stuck, so that the
+//! extra lanes empty: kept, under churn they were fed new processes for good and each held its
+//! copies (a loaded host's naming got stuck now and then, and loopbpf grew by 50 MB a lane).
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -53,7 +59,8 @@ struct LaneSlot {
 
 /// The naming lanes and who is named where.
 pub(super) struct Namers {
-    lanes: Vec<LaneSlot>,
+    /// By index (`lane_of`'s): `None` where a lane was ended (see [`Namers::end_if_unused`]).
+    lanes: Vec<Option<LaneSlot>>,
     lane_of: HashMap<u32, usize>,
     replies: UnboundedSender<crate::naming::worker::Reply>,
     /// The session's threshold: lanes unwind only samples of intervals that could reach it.
@@ -92,7 +99,7 @@ impl Namers {
         (namers, receiver)
     }
 
-    /// Names a process's stacks from now on, on the least busy lane that is not stuck.
+    /// Names a process's stacks from now on, on the first lane that is not stuck.
     pub(super) fn watch(&mut self, pid: u32) {
         if self.lane_of.contains_key(&pid) {
             return;
@@ -101,16 +108,54 @@ impl Namers {
             warning!("stacks of pid {pid} stay unnamed: no naming thread could be started");
             return;
         };
-        self.lane_of.insert(pid, lane);
-        self.lanes[lane].pids.insert(pid);
+        self.place(pid, lane);
         self.send(lane, Job::Watch { pid });
     }
 
     pub(super) fn gone(&mut self, pid: u32) {
         if let Some(lane) = self.lane_of.remove(&pid) {
-            self.lanes[lane].pids.remove(&pid);
+            if let Some(slot) = self.slot(lane) {
+                slot.pids.remove(&pid);
+            }
             self.send(lane, Job::Gone { pid });
+            self.end_if_unused(lane);
         }
+    }
+
+    /// Lanes running now.
+    fn lanes_running(&self) -> usize {
+        self.lanes.iter().flatten().count()
+    }
+
+    fn slot(&mut self, lane: usize) -> Option<&mut LaneSlot> {
+        self.lanes.get_mut(lane).and_then(Option::as_mut)
+    }
+
+    /// Process `pid` is named on `lane` from now on.
+    fn place(&mut self, pid: u32, lane: usize) {
+        if let Some(slot) = self.slot(lane) {
+            slot.pids.insert(pid);
+            self.lane_of.insert(pid, lane);
+        }
+    }
+
+    /// Ends a lane started for a stuck one once it names no process and every job it was
+    /// given is queued: dropping its handle lets its thread finish those jobs (their replies
+    /// still come), then end, freeing what it read. The first [`LANES`] lanes stay.
+    fn end_if_unused(&mut self, lane: usize) {
+        if lane < LANES {
+            return;
+        }
+        let Some(slot) = self.slot(lane) else {
+            return;
+        };
+        slot.send_backlog();
+        if !slot.pids.is_empty() || !slot.backlog.is_empty() {
+            return;
+        }
+        // Samples of its processes taken before they were gone are of no use now.
+        self.lanes[lane] = None;
+        crate::target::freed_much();
     }
 
     /// Once a second: every process's maps re-read on its lane; the other processes of a stuck
@@ -121,10 +166,13 @@ impl Namers {
             self.send(lane, Job::Refresh { pid });
         }
         for stuck in 0..self.lanes.len() {
-            let Some(slow) = self.lanes[stuck].lane.stuck_on(STUCK) else {
+            let Some(stuck_slot) = self.slot(stuck) else {
                 continue;
             };
-            let others: Vec<u32> = self.lanes[stuck]
+            let Some(slow) = stuck_slot.lane.stuck_on(STUCK) else {
+                continue;
+            };
+            let others: Vec<u32> = stuck_slot
                 .pids
                 .iter()
                 .copied()
@@ -135,12 +183,17 @@ impl Namers {
                     break;
                 };
                 status!("naming of pid {slow} is slow: pid {pid} is named on another thread");
-                self.lanes[stuck].pids.remove(&pid);
+                if let Some(slot) = self.slot(stuck) {
+                    slot.pids.remove(&pid);
+                }
                 self.send(stuck, Job::Gone { pid });
-                self.lane_of.insert(pid, to);
-                self.lanes[to].pids.insert(pid);
+                self.place(pid, to);
                 self.send(to, Job::Watch { pid });
             }
+        }
+        // A lane whose gone jobs waited in its backlog.
+        for lane in 0..self.lanes.len() {
+            self.end_if_unused(lane);
         }
     }
 
@@ -159,9 +212,11 @@ impl Namers {
         let Some(&lane) = self.lane_of.get(&sample.of.pid) else {
             return;
         };
-        let batch = &mut self.lanes[lane].batch;
-        batch.push(sample);
-        if batch.len() >= BATCH {
+        let Some(slot) = self.slot(lane) else {
+            return;
+        };
+        slot.batch.push(sample);
+        if slot.batch.len() >= BATCH {
             self.send_batch(lane);
         }
     }
@@ -175,7 +230,10 @@ impl Namers {
 
     /// Sends a lane's batch; its samples are dropped and counted if the lane is full.
     fn send_batch(&mut self, lane: usize) {
-        let batch = std::mem::take(&mut self.lanes[lane].batch);
+        let Some(slot) = self.slot(lane) else {
+            return;
+        };
+        let batch = std::mem::take(&mut slot.batch);
         let samples = batch.len() as u64;
         if samples > 0 && !self.send_as(lane, Job::Samples(batch), false) {
             self.samples_dropped += samples;
@@ -211,38 +269,40 @@ impl Namers {
         }
     }
 
-    /// A lane for a process: the one with the fewest processes among those not stuck (and not
-    /// `except`), or a new one.
+    /// A lane for a process: the first that is not stuck (and not `except`), so that lanes
+    /// started for stuck ones empty and end; or a new one.
     fn free_lane(&mut self, except: Option<usize>) -> Option<usize> {
-        let usable =
-            |i: usize, slot: &LaneSlot| Some(i) != except && slot.lane.stuck_on(STUCK).is_none();
-        let least = self
-            .lanes
-            .iter()
-            .enumerate()
-            .filter(|(i, slot)| usable(*i, slot))
-            .min_by_key(|(_, slot)| slot.pids.len())
-            .map(|(i, slot)| (i, slot.pids.len()));
-        let grow = match least {
-            // Every lane is stuck (or there is none yet).
-            None => self.lanes.len() < MAX_LANES,
-            Some((_, processes)) => processes > 0 && self.lanes.len() < LANES,
+        let first = self.lanes.iter().enumerate().find_map(|(i, slot)| {
+            let slot = slot.as_ref()?;
+            (Some(i) != except && slot.lane.stuck_on(STUCK).is_none()).then_some(i)
+        });
+        let running = self.lanes_running();
+        // Every lane is stuck (or there is none yet), or fewer than `LANES` run.
+        let grow = match first {
+            None => running < MAX_LANES,
+            Some(_) => running < LANES,
         };
         if grow {
             match Lane::spawn(self.replies.clone(), self.threshold_ns) {
                 Ok(lane) => {
-                    self.lanes.push(LaneSlot {
+                    let slot = LaneSlot {
                         lane,
                         pids: BTreeSet::new(),
                         backlog: VecDeque::new(),
                         batch: Vec::new(),
-                    });
+                    };
+                    // In the place of an ended lane, so that indexes stay few.
+                    if let Some(index) = self.lanes.iter().position(Option::is_none) {
+                        self.lanes[index] = Some(slot);
+                        return Some(index);
+                    }
+                    self.lanes.push(Some(slot));
                     return Some(self.lanes.len() - 1);
                 }
                 Err(e) => warning!("could not start a naming thread: {e}"),
             }
         }
-        least.map(|(i, _)| i)
+        first
     }
 
     /// Queues a job without waiting. Watch and gone jobs wait in a backlog when the queue is
@@ -263,13 +323,10 @@ impl Namers {
         if !matches!(job, Job::Samples(_)) {
             self.send_batch(lane);
         }
-        let slot = &mut self.lanes[lane];
-        while let Some(first) = slot.backlog.pop_front() {
-            if let Err(first) = slot.lane.try_send(first) {
-                slot.backlog.push_front(first);
-                break;
-            }
-        }
+        let Some(slot) = self.slot(lane) else {
+            return false;
+        };
+        slot.send_backlog();
         if slot.backlog.is_empty() {
             match slot.lane.try_send(job) {
                 Ok(()) => return true,
@@ -282,6 +339,18 @@ impl Namers {
             return false;
         }
         true
+    }
+}
+
+impl LaneSlot {
+    /// Sends the jobs of the backlog that the lane's queue has room for, in order.
+    fn send_backlog(&mut self) {
+        while let Some(first) = self.backlog.pop_front() {
+            if let Err(first) = self.lane.try_send(first) {
+                self.backlog.push_front(first);
+                break;
+            }
+        }
     }
 }
 
@@ -299,4 +368,69 @@ pub(super) struct Waiting {
     pub(super) timed_out: bool,
     /// A block still going on at the end: for the bundle and the flame graph only.
     pub(super) final_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naming::worker::Reply;
+
+    /// Pids no process has (over the kernel's `pid_max` limit of 2^22): their naming reads
+    /// nothing.
+    const A: u32 = 4_200_001;
+    const B: u32 = 4_200_002;
+    const C: u32 = 4_200_003;
+    const D: u32 = 4_200_004;
+
+    /// A lane started as one is when another gets stuck.
+    fn start_extra_lane(namers: &mut Namers) -> usize {
+        let lane = Lane::spawn(namers.replies.clone(), namers.threshold_ns).expect("a lane");
+        namers.lanes.push(Some(LaneSlot {
+            lane,
+            pids: BTreeSet::new(),
+            backlog: VecDeque::new(),
+            batch: Vec::new(),
+        }));
+        namers.lanes.len() - 1
+    }
+
+    /// Under churn the lanes started for stuck ones were given new processes for good, each
+    /// holding its own copy of the node binary's symbols, the kernel's and the unwind tables.
+    #[test]
+    fn a_lane_started_for_a_stuck_one_ends_with_its_last_process() {
+        let (mut namers, mut replies) = Namers::new(50_000_000);
+        namers.watch(A);
+        namers.watch(D);
+        assert_eq!((namers.lane_of[&A], namers.lane_of[&D]), (0, 0));
+        let extra = start_extra_lane(&mut namers);
+        namers.place(B, extra);
+        namers.send(extra, Job::Watch { pid: B });
+        assert_eq!(namers.lanes_running(), 2);
+
+        // A new process goes to the first lane that is not stuck, not to the emptier one
+        // (which would never empty).
+        namers.watch(C);
+        assert_eq!(namers.lane_of[&C], 0);
+
+        // A request sent before the last process of the extra lane is gone still gets its reply.
+        let Request::Sent(ticket) = namers.request(B, B, 1, 60_000_000, false) else {
+            panic!("the request was not sent");
+        };
+        namers.gone(B);
+        assert!(namers.lanes[extra].is_none(), "the extra lane still runs");
+        assert_eq!(namers.lanes_running(), 1);
+        let named = std::iter::from_fn(|| replies.blocking_recv())
+            .find(|reply| matches!(reply, Reply::Named { .. }));
+        assert!(
+            matches!(named, Some(Reply::Named { ticket: t, .. }) if t == ticket),
+            "{named:?}"
+        );
+
+        // The first lane stays, even with no process.
+        for pid in [A, C, D] {
+            namers.gone(pid);
+        }
+        namers.refresh();
+        assert_eq!(namers.lanes_running(), 1);
+    }
 }
