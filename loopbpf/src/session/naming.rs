@@ -9,10 +9,11 @@
 //! [`STUCK`] has the lane to itself: the others move to another lane.
 //!
 //! Every lane holds its own copy of what its processes' files gave (a node binary's symbols,
-//! the kernel's, unwind tables: tens of MB), so a lane started for a stuck one ends once its
-//! last process is gone, and new processes go to the first lane that is not stuck, so that the
-//! extra lanes empty: kept, under churn they were fed new processes for good and each held its
-//! copies (a loaded host's naming got stuck now and then, and loopbpf grew by 50 MB a lane).
+//! the kernel's, unwind tables: tens of MB), so a lane started for a stuck one ends once it
+//! has named no process for [`IDLE_LANE_ENDS`], and new processes go to the first lane that is
+//! not stuck, so that the extra lanes empty: kept, under churn they were fed new processes for
+//! good and each held its copies (a loaded host's naming got stuck now and then, and loopbpf
+//! grew by 40-50 MB a lane).
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -45,6 +46,9 @@ pub(super) const BLOCK_LIMIT: Duration = Duration::from_secs(2);
 const BATCH: usize = 64;
 /// How long an ongoing block waits for its stacks to be named (it is reported again).
 pub(super) const ONGOING_LIMIT: Duration = Duration::from_millis(500);
+/// How long a lane started for a stuck one names no process before it ends: a lane ended and
+/// started again at once would read every file again (and the allocator keeps some of it).
+const IDLE_LANE_ENDS: Duration = Duration::from_secs(30);
 
 struct LaneSlot {
     lane: Lane,
@@ -55,11 +59,13 @@ struct LaneSlot {
     backlog: VecDeque<Job>,
     /// Samples not sent yet, in the order taken.
     batch: Vec<StackSample>,
+    /// Since when it names no process.
+    idle_since: Option<Instant>,
 }
 
 /// The naming lanes and who is named where.
 pub(super) struct Namers {
-    /// By index (`lane_of`'s): `None` where a lane was ended (see [`Namers::end_if_unused`]).
+    /// By index (`lane_of`'s): `None` where a lane was ended (see [`Namers::end_idle_lanes`]).
     lanes: Vec<Option<LaneSlot>>,
     lane_of: HashMap<u32, usize>,
     replies: UnboundedSender<crate::naming::worker::Reply>,
@@ -114,11 +120,8 @@ impl Namers {
 
     pub(super) fn gone(&mut self, pid: u32) {
         if let Some(lane) = self.lane_of.remove(&pid) {
-            if let Some(slot) = self.slot(lane) {
-                slot.pids.remove(&pid);
-            }
+            self.unplace(pid, lane);
             self.send(lane, Job::Gone { pid });
-            self.end_if_unused(lane);
         }
     }
 
@@ -135,27 +138,40 @@ impl Namers {
     fn place(&mut self, pid: u32, lane: usize) {
         if let Some(slot) = self.slot(lane) {
             slot.pids.insert(pid);
+            slot.idle_since = None;
             self.lane_of.insert(pid, lane);
         }
     }
 
-    /// Ends a lane started for a stuck one once it names no process and every job it was
-    /// given is queued: dropping its handle lets its thread finish those jobs (their replies
-    /// still come), then end, freeing what it read. The first [`LANES`] lanes stay.
-    fn end_if_unused(&mut self, lane: usize) {
-        if lane < LANES {
-            return;
+    /// Process `pid` is named on `lane` no more.
+    fn unplace(&mut self, pid: u32, lane: usize) {
+        if let Some(slot) = self.slot(lane)
+            && slot.pids.remove(&pid)
+            && slot.pids.is_empty()
+        {
+            slot.idle_since = Some(Instant::now());
         }
-        let Some(slot) = self.slot(lane) else {
-            return;
-        };
-        slot.send_backlog();
-        if !slot.pids.is_empty() || !slot.backlog.is_empty() {
-            return;
+    }
+
+    /// Ends the lanes started for stuck ones that have named no process for
+    /// [`IDLE_LANE_ENDS`] and whose every job is queued: dropping a lane's handle lets its
+    /// thread finish those jobs (their replies still come), then end, freeing what it read.
+    /// The first [`LANES`] lanes stay.
+    fn end_idle_lanes(&mut self, now: Instant) {
+        for lane in LANES..self.lanes.len() {
+            let Some(slot) = self.slot(lane) else {
+                continue;
+            };
+            slot.send_backlog();
+            let idle = slot
+                .idle_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= IDLE_LANE_ENDS);
+            if idle && slot.pids.is_empty() && slot.backlog.is_empty() {
+                // Samples of its processes taken before they were gone are of no use now.
+                self.lanes[lane] = None;
+                crate::target::freed_much();
+            }
         }
-        // Samples of its processes taken before they were gone are of no use now.
-        self.lanes[lane] = None;
-        crate::target::freed_much();
     }
 
     /// Once a second: every process's maps re-read on its lane; the other processes of a stuck
@@ -183,18 +199,13 @@ impl Namers {
                     break;
                 };
                 status!("naming of pid {slow} is slow: pid {pid} is named on another thread");
-                if let Some(slot) = self.slot(stuck) {
-                    slot.pids.remove(&pid);
-                }
+                self.unplace(pid, stuck);
                 self.send(stuck, Job::Gone { pid });
                 self.place(pid, to);
                 self.send(to, Job::Watch { pid });
             }
         }
-        // A lane whose gone jobs waited in its backlog.
-        for lane in 0..self.lanes.len() {
-            self.end_if_unused(lane);
-        }
+        self.end_idle_lanes(Instant::now());
     }
 
     /// A process's mappings re-read and its V8 looked for now, ahead of the next refresh (its
@@ -290,6 +301,7 @@ impl Namers {
                         pids: BTreeSet::new(),
                         backlog: VecDeque::new(),
                         batch: Vec::new(),
+                        idle_since: Some(Instant::now()),
                     };
                     // In the place of an ended lane, so that indexes stay few.
                     if let Some(index) = self.lanes.iter().position(Option::is_none) {
@@ -390,6 +402,7 @@ mod tests {
             pids: BTreeSet::new(),
             backlog: VecDeque::new(),
             batch: Vec::new(),
+            idle_since: None,
         }));
         namers.lanes.len() - 1
     }
@@ -417,6 +430,11 @@ mod tests {
             panic!("the request was not sent");
         };
         namers.gone(B);
+        let idle = Instant::now();
+        // Not at once: it may be needed again soon.
+        namers.end_idle_lanes(idle + IDLE_LANE_ENDS / 2);
+        assert_eq!(namers.lanes_running(), 2);
+        namers.end_idle_lanes(idle + IDLE_LANE_ENDS);
         assert!(namers.lanes[extra].is_none(), "the extra lane still runs");
         assert_eq!(namers.lanes_running(), 1);
         let named = std::iter::from_fn(|| replies.blocking_recv())
@@ -430,7 +448,7 @@ mod tests {
         for pid in [A, C, D] {
             namers.gone(pid);
         }
-        namers.refresh();
+        namers.end_idle_lanes(Instant::now() + IDLE_LANE_ENDS * 2);
         assert_eq!(namers.lanes_running(), 1);
     }
 }
