@@ -9,11 +9,8 @@
 //! [`STUCK`] has the lane to itself: the others move to another lane.
 //!
 //! Every lane holds its own copy of what its processes' files gave (a node binary's symbols,
-//! the kernel's, unwind tables: tens of MB), so a lane started for a stuck one ends once it
-//! has named no process for [`IDLE_LANE_ENDS`], and new processes go to the first lane that is
-//! not stuck, so that the extra lanes empty: kept, under churn they were fed new processes for
-//! good and each held its copies (a loaded host's naming got stuck now and then, and loopbpf
-//! grew by 40-50 MB a lane).
+//! the kernel's, unwind tables: 40-50 MB for a node binary), so a lane started for a stuck one
+//! ends once it has named no process for [`IDLE_LANE_ENDS`].
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -105,7 +102,7 @@ impl Namers {
         (namers, receiver)
     }
 
-    /// Names a process's stacks from now on, on the first lane that is not stuck.
+    /// Names a process's stacks from now on, on the least busy lane that is not stuck.
     pub(super) fn watch(&mut self, pid: u32) {
         if self.lane_of.contains_key(&pid) {
             return;
@@ -280,18 +277,22 @@ impl Namers {
         }
     }
 
-    /// A lane for a process: the first that is not stuck (and not `except`), so that lanes
-    /// started for stuck ones empty and end; or a new one.
+    /// A lane for a process: the one with the fewest processes among those not stuck (and not
+    /// `except`), or a new one.
     fn free_lane(&mut self, except: Option<usize>) -> Option<usize> {
-        let first = self.lanes.iter().enumerate().find_map(|(i, slot)| {
-            let slot = slot.as_ref()?;
-            (Some(i) != except && slot.lane.stuck_on(STUCK).is_none()).then_some(i)
-        });
+        let least = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| Some((i, slot.as_ref()?)))
+            .filter(|(i, slot)| Some(*i) != except && slot.lane.stuck_on(STUCK).is_none())
+            .min_by_key(|(_, slot)| slot.pids.len())
+            .map(|(i, slot)| (i, slot.pids.len()));
         let running = self.lanes_running();
-        // Every lane is stuck (or there is none yet), or fewer than `LANES` run.
-        let grow = match first {
+        let grow = match least {
+            // Every lane is stuck (or there is none yet).
             None => running < MAX_LANES,
-            Some(_) => running < LANES,
+            Some((_, processes)) => processes > 0 && running < LANES,
         };
         if grow {
             match Lane::spawn(self.replies.clone(), self.threshold_ns) {
@@ -314,7 +315,7 @@ impl Namers {
                 Err(e) => warning!("could not start a naming thread: {e}"),
             }
         }
-        first
+        least.map(|(i, _)| i)
     }
 
     /// Queues a job without waiting. Watch and gone jobs wait in a backlog when the queue is
@@ -407,10 +408,10 @@ mod tests {
         namers.lanes.len() - 1
     }
 
-    /// Under churn the lanes started for stuck ones were given new processes for good, each
-    /// holding its own copy of the node binary's symbols, the kernel's and the unwind tables.
+    /// A lane started for a stuck one holds its own copy of the node binary's symbols, the
+    /// kernel's and the unwind tables: kept for good, they were tens of MB each.
     #[test]
-    fn a_lane_started_for_a_stuck_one_ends_with_its_last_process() {
+    fn a_lane_started_for_a_stuck_one_ends_once_idle() {
         let (mut namers, mut replies) = Namers::new(50_000_000);
         namers.watch(A);
         namers.watch(D);
@@ -420,10 +421,9 @@ mod tests {
         namers.send(extra, Job::Watch { pid: B });
         assert_eq!(namers.lanes_running(), 2);
 
-        // A new process goes to the first lane that is not stuck, not to the emptier one
-        // (which would never empty).
         namers.watch(C);
-        assert_eq!(namers.lane_of[&C], 0);
+        assert_eq!(namers.lane_of[&C], extra, "the least busy lane");
+        namers.gone(C);
 
         // A request sent before the last process of the extra lane is gone still gets its reply.
         let Request::Sent(ticket) = namers.request(B, B, 1, 60_000_000, false) else {
@@ -445,7 +445,7 @@ mod tests {
         );
 
         // The first lane stays, even with no process.
-        for pid in [A, C, D] {
+        for pid in [A, D] {
             namers.gone(pid);
         }
         namers.end_idle_lanes(Instant::now() + IDLE_LANE_ENDS * 2);
