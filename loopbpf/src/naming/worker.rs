@@ -220,7 +220,7 @@ impl Worker {
             self.work(job);
             self.busy_since_ns.store(0, Ordering::Release);
         }
-        // The lane ended (see `Namers::end_if_unused`): what it read goes back to the system.
+        // The lane ended (see `Namers::end_idle_lanes`): what it read goes back to the system.
         drop(self);
         crate::target::freed_much();
     }
