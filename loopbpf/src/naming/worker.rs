@@ -220,6 +220,9 @@ impl Worker {
             self.work(job);
             self.busy_since_ns.store(0, Ordering::Release);
         }
+        // The lane ended (see `Namers::end_idle_lanes`): what it read goes back to the system.
+        drop(self);
+        crate::target::freed_much();
     }
 
     /// A job (or a sample) of process `pid` starts.

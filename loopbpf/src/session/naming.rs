@@ -7,6 +7,10 @@
 //! ([`BLOCK_LIMIT`], [`ONGOING_LIMIT`]); then it is reported without them, said so and counted.
 //! Processes share a lane (and the files it has read), but a process whose job has run for
 //! [`STUCK`] has the lane to itself: the others move to another lane.
+//!
+//! Every lane holds its own copy of what its processes' files gave (a node binary's symbols,
+//! the kernel's, unwind tables: 40-50 MB for a node binary), so a lane started for a stuck one
+//! ends once it has named no process for [`IDLE_LANE_ENDS`].
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
@@ -39,6 +43,9 @@ pub(super) const BLOCK_LIMIT: Duration = Duration::from_secs(2);
 const BATCH: usize = 64;
 /// How long an ongoing block waits for its stacks to be named (it is reported again).
 pub(super) const ONGOING_LIMIT: Duration = Duration::from_millis(500);
+/// How long a lane started for a stuck one names no process before it ends: a lane ended and
+/// started again at once would read every file again (and the allocator keeps some of it).
+const IDLE_LANE_ENDS: Duration = Duration::from_secs(30);
 
 struct LaneSlot {
     lane: Lane,
@@ -49,11 +56,14 @@ struct LaneSlot {
     backlog: VecDeque<Job>,
     /// Samples not sent yet, in the order taken.
     batch: Vec<StackSample>,
+    /// Since when it names no process.
+    idle_since: Option<Instant>,
 }
 
 /// The naming lanes and who is named where.
 pub(super) struct Namers {
-    lanes: Vec<LaneSlot>,
+    /// By index (`lane_of`'s): `None` where a lane was ended (see [`Namers::end_idle_lanes`]).
+    lanes: Vec<Option<LaneSlot>>,
     lane_of: HashMap<u32, usize>,
     replies: UnboundedSender<crate::naming::worker::Reply>,
     /// The session's threshold: lanes unwind only samples of intervals that could reach it.
@@ -101,15 +111,63 @@ impl Namers {
             warning!("stacks of pid {pid} stay unnamed: no naming thread could be started");
             return;
         };
-        self.lane_of.insert(pid, lane);
-        self.lanes[lane].pids.insert(pid);
+        self.place(pid, lane);
         self.send(lane, Job::Watch { pid });
     }
 
     pub(super) fn gone(&mut self, pid: u32) {
         if let Some(lane) = self.lane_of.remove(&pid) {
-            self.lanes[lane].pids.remove(&pid);
+            self.unplace(pid, lane);
             self.send(lane, Job::Gone { pid });
+        }
+    }
+
+    /// Lanes running now.
+    fn lanes_running(&self) -> usize {
+        self.lanes.iter().flatten().count()
+    }
+
+    fn slot(&mut self, lane: usize) -> Option<&mut LaneSlot> {
+        self.lanes.get_mut(lane).and_then(Option::as_mut)
+    }
+
+    /// Process `pid` is named on `lane` from now on.
+    fn place(&mut self, pid: u32, lane: usize) {
+        if let Some(slot) = self.slot(lane) {
+            slot.pids.insert(pid);
+            slot.idle_since = None;
+            self.lane_of.insert(pid, lane);
+        }
+    }
+
+    /// Process `pid` is named on `lane` no more.
+    fn unplace(&mut self, pid: u32, lane: usize) {
+        if let Some(slot) = self.slot(lane)
+            && slot.pids.remove(&pid)
+            && slot.pids.is_empty()
+        {
+            slot.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Ends the lanes started for stuck ones that have named no process for
+    /// [`IDLE_LANE_ENDS`] and whose every job is queued: dropping a lane's handle lets its
+    /// thread finish those jobs (their replies still come), then end, freeing what it read.
+    /// The first [`LANES`] lanes stay.
+    fn end_idle_lanes(&mut self, now: Instant) {
+        for lane in LANES..self.lanes.len() {
+            let Some(slot) = self.slot(lane) else {
+                continue;
+            };
+            slot.send_backlog();
+            let idle = slot
+                .idle_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= IDLE_LANE_ENDS);
+            if idle && slot.pids.is_empty() && slot.backlog.is_empty() {
+                // Samples of its processes taken before they were gone are of no use now.
+                self.lanes[lane] = None;
+                crate::target::freed_much();
+            }
         }
     }
 
@@ -121,10 +179,13 @@ impl Namers {
             self.send(lane, Job::Refresh { pid });
         }
         for stuck in 0..self.lanes.len() {
-            let Some(slow) = self.lanes[stuck].lane.stuck_on(STUCK) else {
+            let Some(stuck_slot) = self.slot(stuck) else {
                 continue;
             };
-            let others: Vec<u32> = self.lanes[stuck]
+            let Some(slow) = stuck_slot.lane.stuck_on(STUCK) else {
+                continue;
+            };
+            let others: Vec<u32> = stuck_slot
                 .pids
                 .iter()
                 .copied()
@@ -135,13 +196,13 @@ impl Namers {
                     break;
                 };
                 status!("naming of pid {slow} is slow: pid {pid} is named on another thread");
-                self.lanes[stuck].pids.remove(&pid);
+                self.unplace(pid, stuck);
                 self.send(stuck, Job::Gone { pid });
-                self.lane_of.insert(pid, to);
-                self.lanes[to].pids.insert(pid);
+                self.place(pid, to);
                 self.send(to, Job::Watch { pid });
             }
         }
+        self.end_idle_lanes(Instant::now());
     }
 
     /// A process's mappings re-read and its V8 looked for now, ahead of the next refresh (its
@@ -159,9 +220,11 @@ impl Namers {
         let Some(&lane) = self.lane_of.get(&sample.of.pid) else {
             return;
         };
-        let batch = &mut self.lanes[lane].batch;
-        batch.push(sample);
-        if batch.len() >= BATCH {
+        let Some(slot) = self.slot(lane) else {
+            return;
+        };
+        slot.batch.push(sample);
+        if slot.batch.len() >= BATCH {
             self.send_batch(lane);
         }
     }
@@ -175,7 +238,10 @@ impl Namers {
 
     /// Sends a lane's batch; its samples are dropped and counted if the lane is full.
     fn send_batch(&mut self, lane: usize) {
-        let batch = std::mem::take(&mut self.lanes[lane].batch);
+        let Some(slot) = self.slot(lane) else {
+            return;
+        };
+        let batch = std::mem::take(&mut slot.batch);
         let samples = batch.len() as u64;
         if samples > 0 && !self.send_as(lane, Job::Samples(batch), false) {
             self.samples_dropped += samples;
@@ -214,29 +280,36 @@ impl Namers {
     /// A lane for a process: the one with the fewest processes among those not stuck (and not
     /// `except`), or a new one.
     fn free_lane(&mut self, except: Option<usize>) -> Option<usize> {
-        let usable =
-            |i: usize, slot: &LaneSlot| Some(i) != except && slot.lane.stuck_on(STUCK).is_none();
         let least = self
             .lanes
             .iter()
             .enumerate()
-            .filter(|(i, slot)| usable(*i, slot))
+            .filter_map(|(i, slot)| Some((i, slot.as_ref()?)))
+            .filter(|(i, slot)| Some(*i) != except && slot.lane.stuck_on(STUCK).is_none())
             .min_by_key(|(_, slot)| slot.pids.len())
             .map(|(i, slot)| (i, slot.pids.len()));
+        let running = self.lanes_running();
         let grow = match least {
             // Every lane is stuck (or there is none yet).
-            None => self.lanes.len() < MAX_LANES,
-            Some((_, processes)) => processes > 0 && self.lanes.len() < LANES,
+            None => running < MAX_LANES,
+            Some((_, processes)) => processes > 0 && running < LANES,
         };
         if grow {
             match Lane::spawn(self.replies.clone(), self.threshold_ns) {
                 Ok(lane) => {
-                    self.lanes.push(LaneSlot {
+                    let slot = LaneSlot {
                         lane,
                         pids: BTreeSet::new(),
                         backlog: VecDeque::new(),
                         batch: Vec::new(),
-                    });
+                        idle_since: Some(Instant::now()),
+                    };
+                    // In the place of an ended lane, so that indexes stay few.
+                    if let Some(index) = self.lanes.iter().position(Option::is_none) {
+                        self.lanes[index] = Some(slot);
+                        return Some(index);
+                    }
+                    self.lanes.push(Some(slot));
                     return Some(self.lanes.len() - 1);
                 }
                 Err(e) => warning!("could not start a naming thread: {e}"),
@@ -263,13 +336,10 @@ impl Namers {
         if !matches!(job, Job::Samples(_)) {
             self.send_batch(lane);
         }
-        let slot = &mut self.lanes[lane];
-        while let Some(first) = slot.backlog.pop_front() {
-            if let Err(first) = slot.lane.try_send(first) {
-                slot.backlog.push_front(first);
-                break;
-            }
-        }
+        let Some(slot) = self.slot(lane) else {
+            return false;
+        };
+        slot.send_backlog();
         if slot.backlog.is_empty() {
             match slot.lane.try_send(job) {
                 Ok(()) => return true,
@@ -282,6 +352,18 @@ impl Namers {
             return false;
         }
         true
+    }
+}
+
+impl LaneSlot {
+    /// Sends the jobs of the backlog that the lane's queue has room for, in order.
+    fn send_backlog(&mut self) {
+        while let Some(first) = self.backlog.pop_front() {
+            if let Err(first) = self.lane.try_send(first) {
+                self.backlog.push_front(first);
+                break;
+            }
+        }
     }
 }
 
@@ -299,4 +381,74 @@ pub(super) struct Waiting {
     pub(super) timed_out: bool,
     /// A block still going on at the end: for the bundle and the flame graph only.
     pub(super) final_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naming::worker::Reply;
+
+    /// Pids no process has (over the kernel's `pid_max` limit of 2^22): their naming reads
+    /// nothing.
+    const A: u32 = 4_200_001;
+    const B: u32 = 4_200_002;
+    const C: u32 = 4_200_003;
+    const D: u32 = 4_200_004;
+
+    /// A lane started as one is when another gets stuck.
+    fn start_extra_lane(namers: &mut Namers) -> usize {
+        let lane = Lane::spawn(namers.replies.clone(), namers.threshold_ns).expect("a lane");
+        namers.lanes.push(Some(LaneSlot {
+            lane,
+            pids: BTreeSet::new(),
+            backlog: VecDeque::new(),
+            batch: Vec::new(),
+            idle_since: None,
+        }));
+        namers.lanes.len() - 1
+    }
+
+    /// A lane started for a stuck one holds its own copy of the node binary's symbols, the
+    /// kernel's and the unwind tables: kept for good, they were tens of MB each.
+    #[test]
+    fn a_lane_started_for_a_stuck_one_ends_once_idle() {
+        let (mut namers, mut replies) = Namers::new(50_000_000);
+        namers.watch(A);
+        namers.watch(D);
+        assert_eq!((namers.lane_of[&A], namers.lane_of[&D]), (0, 0));
+        let extra = start_extra_lane(&mut namers);
+        namers.place(B, extra);
+        namers.send(extra, Job::Watch { pid: B });
+        assert_eq!(namers.lanes_running(), 2);
+
+        namers.watch(C);
+        assert_eq!(namers.lane_of[&C], extra, "the least busy lane");
+        namers.gone(C);
+
+        // A request sent before the last process of the extra lane is gone still gets its reply.
+        let Request::Sent(ticket) = namers.request(B, B, 1, 60_000_000, false) else {
+            panic!("the request was not sent");
+        };
+        namers.gone(B);
+        let idle = Instant::now();
+        // Not at once: it may be needed again soon.
+        namers.end_idle_lanes(idle + IDLE_LANE_ENDS / 2);
+        assert_eq!(namers.lanes_running(), 2);
+        namers.end_idle_lanes(idle + IDLE_LANE_ENDS);
+        assert!(namers.lanes[extra].is_none(), "the extra lane still runs");
+        assert_eq!(namers.lanes_running(), 1);
+        let named = std::iter::from_fn(|| replies.blocking_recv())
+            .find(|reply| matches!(reply, Reply::Named { .. }));
+        assert!(
+            matches!(named, Some(Reply::Named { ticket: t, .. }) if t == ticket),
+            "{named:?}"
+        );
+
+        // The first lane stays, even with no process.
+        for pid in [A, D] {
+            namers.gone(pid);
+        }
+        namers.end_idle_lanes(Instant::now() + IDLE_LANE_ENDS * 2);
+        assert_eq!(namers.lanes_running(), 1);
+    }
 }

@@ -44,7 +44,12 @@ pub fn churn() -> Result<()> {
     );
     let mut watchers = Vec::new();
     for build in builds() {
-        let out = std::env::temp_dir().join(format!("loopbpf-churn-{}.json", build.label));
+        // With this bench's pid: two benches on one host must not write each other's output.
+        let out = std::env::temp_dir().join(format!(
+            "loopbpf-churn-{}-{}.json",
+            build.label,
+            std::process::id()
+        ));
         let loopbpf = start_binary(
             &build.binary,
             &["--all", "--json", "--threshold", "50ms"],
