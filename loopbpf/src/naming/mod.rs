@@ -207,16 +207,29 @@ mod tests {
 
     #[test]
     fn a_library_loaded_after_the_map_was_read_is_found_at_the_next_look() {
-        // libresolv is part of glibc (always there) and not linked into the test binary.
-        let library = "libresolv.so.2";
-        assert!(code_of(library).is_none(), "{library} is mapped already");
+        // A copy of libresolv (part of glibc, so always there) under a name of this test's
+        // own: other tests of this binary may load libresolv itself at any moment (a name
+        // lookup does), and a copy is a file of its own to the dynamic loader.
+        let libc = Process::myself()
+            .maps()
+            .unwrap()
+            .iter()
+            .map(|m| m.file_path().to_owned())
+            .find(|path| path.ends_with("/libc.so.6"))
+            .expect("libc is mapped");
+        let resolv = std::path::Path::new(&libc).with_file_name("libresolv.so.2");
+        let library = format!("libloopbpf-test-{}.so", std::process::id());
+        let copy = std::env::temp_dir().join(&library);
+        std::fs::copy(&resolv, &copy).expect("copy libresolv");
+        assert!(code_of(&library).is_none(), "{library} is mapped already");
         let mut naming = Naming::new(std::process::id(), &SharedFiles::new());
-        let name = std::ffi::CString::new(library).unwrap();
+        let name = std::ffi::CString::new(copy.to_str().unwrap()).unwrap();
         // SAFETY: the name is a valid C string; libresolv's initializers have no effects that
         // matter to this test, and the handle is never closed (the mapping stays).
         let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
-        assert!(!handle.is_null(), "dlopen {library} failed");
-        let addr = code_of(library).expect("the library is mapped");
+        let _ = std::fs::remove_file(&copy);
+        assert!(!handle.is_null(), "dlopen {} failed", copy.display());
+        let addr = code_of(&library).expect("the library is mapped");
         assert!(!naming.unwinder.knows(addr), "read before the dlopen");
         // Mapping it changed the mapped size: the map is read again.
         naming.refresh_maps();
