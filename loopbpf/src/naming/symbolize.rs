@@ -6,7 +6,7 @@
 //! opens and keeps them). JIT code is named from the perf map node writes with
 //! `--perf-basic-prof` ([`super::perf_map`]). Kernel frames are named from `/proc/kallsyms`
 //! ([`super::kernel`]). Named native and kernel frames are cached for every process (by object
-//! and file offset, by kernel address): see [`super::objects`].
+//! and file offset, by kernel function): see [`super::objects`] and [`super::kernel`].
 
 use std::{
     cell::OnceCell,

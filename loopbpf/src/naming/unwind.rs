@@ -361,7 +361,6 @@ fn unwind_expression_leaf(
     Some((ra, cfa, caller_bp))
 }
 
-/// The unwind tables of one mapped object, placed where the process mapped it.
 /// The unwind tables of `file`, read where it is mapped if `mappable` (only root can change
 /// it), else copied.
 fn read_sections(file: File, mappable: bool) -> Option<UnwindSections> {
