@@ -3,7 +3,7 @@
 //! - **After major GC**: a process's resident memory right after each major GC, when the heap
 //!   has just been cleaned; it grew over several major GCs in a row (memwatch's heuristic:
 //!   five). This catches slow leaks, given time for five major GCs.
-//! - **Floor over time**: the lowest resident memory of each [`FLOOR_WINDOW`] (sampled about
+//! - **Floor over time**: the lowest resident memory of each [`FLOOR_WINDOW_NS`] (sampled about
 //!   once a second, and after every major GC) rose by a large margin window after window, and
 //!   never fell back: a fast leak, whose heap V8 grows instead of collecting, may see two major
 //!   GCs in a minute while it takes a gigabyte. The floor ignores young-generation churn (memory
