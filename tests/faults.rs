@@ -565,8 +565,10 @@ fn a_target_that_execs_another_program_ends_its_loop_and_loopbpf_with_it() {
     let blocks = events(&output, "block");
     assert_eq!(blocks.len(), 1, "{output:?}");
     let ms = blocks[0]["duration_ms"].as_f64().unwrap();
-    // Date.now() counts whole milliseconds: a 300 ms spin by it lasts at least 299 ms.
-    assert!((299.0..330.0).contains(&ms), "{ms} ms");
+    // Date.now() counts whole milliseconds: a 300 ms spin by it lasts at least 299 ms. A busy
+    // interval that begins without a sleep (the timer already due at the poll) begins at the
+    // sampler's look, within half a sampling period (0.5 ms) of the truth, as the README says.
+    assert!((298.5..330.0).contains(&ms), "{ms} ms");
     // The exec ended the loop: the summary says so, and nothing runs on as a block.
     let summary = events(&output, "summary");
     let main = &summary[0]["loops"][0];
