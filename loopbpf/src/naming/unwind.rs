@@ -161,6 +161,12 @@ impl Unwinder {
             .is_some_and(|i| self.mapped[i].contains(&addr))
     }
 
+    /// Whether the unwind tables of a mapping that holds `addr` were loaded.
+    #[cfg(test)]
+    pub fn has_table_at(&self, addr: u64) -> bool {
+        self.eh_frames.iter().any(|t| t.range.contains(&addr))
+    }
+
     /// Loads the unwind tables of executable mappings in `maps` (the process's memory map,
     /// read now) that were not given before.
     pub fn add_mappings(&mut self, maps: &[MapsEntry]) {
