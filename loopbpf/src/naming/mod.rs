@@ -232,10 +232,16 @@ mod tests {
         let addr = code_of(&library).expect("the library is mapped");
         // Not `knows`: the library may reuse addresses another test thread unmapped after
         // the map was read, which the old map still shows as mapped.
-        assert!(!naming.unwinder.has_table_at(addr), "read before the dlopen");
+        assert!(
+            !naming.unwinder.has_table_at(addr),
+            "read before the dlopen"
+        );
         // Mapping it changed the mapped size: the map is read again.
         naming.refresh_maps();
         assert!(naming.unwinder.knows(addr), "new mapping not found");
-        assert!(naming.unwinder.has_table_at(addr), "its unwind tables not loaded");
+        assert!(
+            naming.unwinder.has_table_at(addr),
+            "its unwind tables not loaded"
+        );
     }
 }
