@@ -24,7 +24,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    naming::request::keep_query(args.resolve().0.session.request_query);
     match session::run(&args) {
         Ok(code) => code,
         Err(error) => {

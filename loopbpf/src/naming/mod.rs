@@ -43,6 +43,8 @@ const MIN_MAPS_LOOK_INTERVAL: Duration = Duration::from_millis(100);
 /// loop of the process is found (an exec).
 pub struct Naming {
     pub pid: u32,
+    /// Request paths keep their query strings (`--request-query`).
+    keep_query: bool,
     pub unwinder: Unwinder,
     pub symbolizer: Symbolizer,
     /// `None` while the process has no V8 we can read (a launched command before its exec, a
@@ -82,9 +84,11 @@ impl SharedFiles {
 }
 
 impl Naming {
-    pub fn new(pid: u32, shared: &SharedFiles) -> Self {
+    /// `keep_query`: request paths keep their query strings (`--request-query`).
+    pub fn new(pid: u32, shared: &SharedFiles, keep_query: bool) -> Self {
         let mut naming = Self {
             pid,
+            keep_query,
             unwinder: Unwinder::new(pid, &shared.unwind_sections),
             symbolizer: Symbolizer::unread(pid, &shared.objects),
             js: None,
@@ -149,7 +153,7 @@ impl Naming {
         let (js, request) = match self.js.as_mut() {
             Some(js) => {
                 let frames = js.js_frames(sample, &user);
-                let request = js.request(sample, request::keeps_query());
+                let request = js.request(sample, self.keep_query);
                 (frames, request)
             }
             None => (Vec::new(), None),
@@ -222,7 +226,7 @@ mod tests {
         let copy = std::env::temp_dir().join(&library);
         std::fs::copy(&resolv, &copy).expect("copy libresolv");
         assert!(code_of(&library).is_none(), "{library} is mapped already");
-        let mut naming = Naming::new(std::process::id(), &SharedFiles::new());
+        let mut naming = Naming::new(std::process::id(), &SharedFiles::new(), false);
         let name = std::ffi::CString::new(copy.to_str().unwrap()).unwrap();
         // SAFETY: the name is a valid C string; libresolv's initializers have no effects that
         // matter to this test, and the handle is never closed (the mapping stays).

@@ -1,10 +1,7 @@
 //! The HTTP request a block ran for, as read from V8's heap (a Node `IncomingMessage` among
 //! the JS frames' receivers and arguments).
 
-use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::collections::HashMap;
 
 use serde::Serialize;
 
@@ -29,20 +26,6 @@ pub struct TraceParent {
     pub trace_id: [u8; 16],
     pub parent_span_id: [u8; 8],
     pub flags: u8,
-}
-
-/// `--request-query`: paths keep their query strings. Set once at startup, read by the naming
-/// threads.
-static KEEP_QUERY: AtomicBool = AtomicBool::new(false);
-
-/// Keep the query strings of request URLs (`--request-query`).
-pub fn keep_query(keep: bool) {
-    KEEP_QUERY.store(keep, Ordering::Relaxed);
-}
-
-/// Whether request URLs keep their query strings.
-pub fn keeps_query() -> bool {
-    KEEP_QUERY.load(Ordering::Relaxed)
 }
 
 /// Longest method kept (the longest registered HTTP method is 17 letters; the common ones 7).

@@ -123,11 +123,18 @@ pub struct Lane {
     queued_samples: Arc<AtomicUsize>,
 }
 
+/// What every lane of a session names by.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneOptions {
+    /// The session's threshold: samples are unwound only for intervals that could reach it.
+    pub threshold_ns: u64,
+    /// Request paths keep their query strings (`--request-query`).
+    pub keep_query: bool,
+}
+
 impl Lane {
     /// Starts a lane's thread; it ends once the handle is dropped and its queue is empty.
-    /// `threshold_ns`: the session's; its samples are unwound only for intervals that could
-    /// reach it.
-    pub fn spawn(replies: UnboundedSender<Reply>, threshold_ns: u64) -> std::io::Result<Self> {
+    pub fn spawn(replies: UnboundedSender<Reply>, options: LaneOptions) -> std::io::Result<Self> {
         let (jobs, queue) = sync_channel(QUEUE);
         let busy_since_ns = Arc::new(AtomicU64::new(0));
         let busy_pid = Arc::new(AtomicU32::new(0));
@@ -151,7 +158,8 @@ impl Lane {
                     stacks: HashMap::new(),
                     layout_sent: HashMap::new(),
                     limits_sent: HashMap::new(),
-                    unwind_at_ns: threshold_ns / YOUNG_DIVISOR,
+                    unwind_at_ns: options.threshold_ns / YOUNG_DIVISOR,
+                    keep_query: options.keep_query,
                 };
                 worker.run(&queue);
             })?;
@@ -208,6 +216,8 @@ struct Worker {
     limits_sent: HashMap<u32, LimitsHit>,
     /// How long an interval runs before its samples are unwound.
     unwind_at_ns: u64,
+    /// `--request-query`.
+    keep_query: bool,
 }
 
 impl Worker {
@@ -235,7 +245,8 @@ impl Worker {
     fn work(&mut self, job: Job) {
         match job {
             Job::Watch { pid } => {
-                self.namings.insert(pid, Naming::new(pid, &self.shared));
+                self.namings
+                    .insert(pid, Naming::new(pid, &self.shared, self.keep_query));
                 self.send_layout(pid);
                 let _ = self.replies.send(Reply::Watched { pid });
             }
@@ -485,7 +496,11 @@ mod tests {
     #[test]
     fn a_lane_holds_a_bounded_number_of_samples() {
         let (replies, _receiver) = tokio::sync::mpsc::unbounded_channel();
-        let lane = Lane::spawn(replies, 100).expect("a lane");
+        let options = LaneOptions {
+            threshold_ns: 100,
+            keep_query: false,
+        };
+        let lane = Lane::spawn(replies, options).expect("a lane");
         let too_many = (0..=SAMPLES_QUEUED as u64).map(|i| raw(1, i, i)).collect();
         let Err(Job::Samples(back)) = lane.try_send(Job::Samples(too_many)) else {
             panic!("a batch over the bound was taken");

@@ -35,7 +35,7 @@ use crate::{
     aggregate::Aggregator,
     cli::{Args, RecordArgs},
     discover::{self, Target},
-    naming::worker::Reply,
+    naming::worker::{LaneOptions, Reply},
     output::{
         clock::{Clock, human},
         flame::Flame,
@@ -234,7 +234,10 @@ impl<'a> Session<'a> {
         if target.is_none() {
             reporter = reporter.with_command_column();
         }
-        let (namers, replies) = Namers::new(args.session.threshold.as_nanos() as u64);
+        let (namers, replies) = Namers::new(LaneOptions {
+            threshold_ns: args.session.threshold.as_nanos() as u64,
+            keep_query: args.session.request_query,
+        });
         let otlp = otlp
             .map(|config| Otlp::start(config, Clock::new()))
             .transpose()?;

@@ -24,7 +24,7 @@ use crate::{
     decode::StackSample,
     naming::{
         stacks::BlockProfile,
-        worker::{Job, Lane, NameJob},
+        worker::{Job, Lane, LaneOptions, NameJob},
     },
 };
 
@@ -67,7 +67,7 @@ pub(super) struct Namers {
     lane_of: HashMap<u32, usize>,
     replies: UnboundedSender<crate::naming::worker::Reply>,
     /// The session's threshold: lanes unwind only samples of intervals that could reach it.
-    threshold_ns: u64,
+    options: LaneOptions,
     next_ticket: u64,
     /// Samples dropped because their lane's queue was full.
     pub(super) samples_dropped: u64,
@@ -87,14 +87,14 @@ pub(super) enum Request {
 impl Namers {
     /// No lane runs before the first process is watched.
     pub(super) fn new(
-        threshold_ns: u64,
+        options: LaneOptions,
     ) -> (Self, UnboundedReceiver<crate::naming::worker::Reply>) {
         let (replies, receiver) = unbounded_channel();
         let namers = Self {
             lanes: Vec::new(),
             lane_of: HashMap::new(),
             replies,
-            threshold_ns,
+            options,
             next_ticket: 0,
             samples_dropped: 0,
             timeouts: 0,
@@ -295,7 +295,7 @@ impl Namers {
             Some((_, processes)) => processes > 0 && running < LANES,
         };
         if grow {
-            match Lane::spawn(self.replies.clone(), self.threshold_ns) {
+            match Lane::spawn(self.replies.clone(), self.options) {
                 Ok(lane) => {
                     let slot = LaneSlot {
                         lane,
@@ -397,7 +397,7 @@ mod tests {
 
     /// A lane started as one is when another gets stuck.
     fn start_extra_lane(namers: &mut Namers) -> usize {
-        let lane = Lane::spawn(namers.replies.clone(), namers.threshold_ns).expect("a lane");
+        let lane = Lane::spawn(namers.replies.clone(), namers.options).expect("a lane");
         namers.lanes.push(Some(LaneSlot {
             lane,
             pids: BTreeSet::new(),
@@ -412,7 +412,10 @@ mod tests {
     /// kernel's and the unwind tables: kept for good, they were tens of MB each.
     #[test]
     fn a_lane_started_for_a_stuck_one_ends_once_idle() {
-        let (mut namers, mut replies) = Namers::new(50_000_000);
+        let (mut namers, mut replies) = Namers::new(LaneOptions {
+            threshold_ns: 50_000_000,
+            keep_query: false,
+        });
         namers.watch(A);
         namers.watch(D);
         assert_eq!((namers.lane_of[&A], namers.lane_of[&D]), (0, 0));
