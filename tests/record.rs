@@ -217,7 +217,9 @@ fn the_core_trigger_dumps_the_process_while_it_runs_the_blocking_code() {
         &dir,
         &["--on-block", "core", "--on-block-min", "500ms"],
     );
-    node.send("block timer crypto 3000");
+    // gcore starts gdb before it stops the target: on a loaded machine that has taken over
+    // 2.5 s, and a core taken after the block shows the loop after it.
+    node.send("block timer crypto 6000");
     node.done("block", TIMEOUT);
     loopbpf.stop(TIMEOUT);
 
