@@ -363,10 +363,11 @@ impl Objects {
 }
 
 /// Where the frames of `file` (mapped at `path` in `process`) are named from, and the files
-/// to keep open for that: for a file whose debug links loopbpf follows (`trusts_links`), the
-/// symbol table of its separate debug file when one is installed by its build ID, without the
-/// debug file's DWARF (see the module doc), then the file itself (without DWARF when it links
-/// a debug file); else the file itself, with its own DWARF only when it links no other file.
+/// to keep open for that: for a file whose debug links loopbpf follows (`trusts_links`) and
+/// that has no DWARF of its own, the symbol table of its separate debug file when one is
+/// installed by its build ID, without the debug file's DWARF (see the module doc), then the
+/// file itself (without DWARF when it links a debug file); else the file itself, with DWARF
+/// when it links no other file or its links are trusted.
 fn symbol_sources(
     process: &Process,
     path: &str,
@@ -378,7 +379,9 @@ fn symbol_sources(
         let cache = ReadCache::new(&file);
         match object::File::parse(&cache) {
             Ok(elf) => {
-                let debug_file = if trusts_links {
+                // An object with DWARF of its own (node's: libuv's lines) keeps its lines.
+                let own_dwarf = elf.section_by_name(".debug_info").is_some();
+                let debug_file = if trusts_links && !own_dwarf {
                     crate::discover::debug_file(&elf).map(|debug| (debug, segments(&elf)))
                 } else {
                     None
