@@ -616,6 +616,20 @@ mod tests {
                 assert_eq!((&frame.file, frame.line), (&None, None), "{frame:?}");
             }
         }
+        // Every function of libc is named, none with a symbol version (many of its symbols have
+        // one: `pthread_cond_wait@@GLIBC_2.3.2`) or a file and line.
+        for (function, (start, _)) in &symbols {
+            // A leaf: looked up at the address itself, not the one before it.
+            let frame = &symbolizer.user(&[base + start], &[])[0];
+            assert!(
+                frame.module == "libc.so.6"
+                    && !frame.name.contains('@')
+                    && frame.name != super::super::frame::UNKNOWN
+                    && frame.line.is_none(),
+                "{function} at {start:#x}: {frame:?}"
+            );
+        }
+        assert!(symbols.len() > 1000, "{} functions", symbols.len());
         // Named from the debug file first, libc itself only as a fallback, neither with DWARF.
         let native = shared.0.borrow();
         let libc = native
@@ -627,6 +641,24 @@ mod tests {
         assert_eq!(libc.sources.len(), 2);
         assert!(libc.sources.iter().all(|source| !source.debug_syms));
         assert!(libc.sources[0].segments.is_some());
+    }
+
+    #[test]
+    fn file_offsets_become_link_time_addresses_by_the_objects_segments() {
+        // A non-PIE executable's text (file offset 0x1000 at 0x401000) and data.
+        let segments = [
+            (0, 0x800, 0x400_000),
+            (0x1000, 0x500, 0x401_000),
+            (0x2000, 0x100, 0x403_000),
+        ];
+        assert_eq!(virt_offset(&segments, 0x1010), Some(0x401_010));
+        assert_eq!(virt_offset(&segments, 0x2000), Some(0x403_000));
+        assert_eq!(virt_offset(&segments, 0x0fff), None, "between segments");
+        assert_eq!(virt_offset(&segments, 0x1500), None, "past the text's end");
+        assert_eq!(
+            virt_offset(&[(u64::MAX - 1, 0x10, 0)], u64::MAX - 1),
+            Some(0)
+        );
     }
 
     #[test]
