@@ -1,9 +1,9 @@
 #!/bin/sh
 # Installs what building and testing loopbpf needs on Debian/Ubuntu (run as root):
 # clang-19 and libbpf headers for the eBPF programs, bpftool and binutils for the tests,
-# Node.js and npm when there are none, the Node majors the tests run on, Prometheus and
-# kubernetes-validate for the deploy/ tests, and an OTLP receiver for tests/otlp.rs. Rust
-# (1.95 or newer, from rustup) must already be there.
+# Node.js and npm when there are none, the Node majors the tests run on, libc6-dbg for libc's
+# symbols, Prometheus and kubernetes-validate for the deploy/ tests, and an OTLP receiver for
+# tests/otlp.rs. Rust (1.95 or newer, from rustup) must already be there.
 set -eu
 
 missing=""
@@ -22,6 +22,9 @@ command -v promtool >/dev/null || missing="$missing prometheus"
 command -v gcore >/dev/null || missing="$missing gdb"
 # A plain libuv program built against Debian's shared (stripped) libuv and its static one.
 [ -f /usr/include/uv.h ] || missing="$missing libuv1-dev"
+# libc's separate debug file (its full symbol table, under /usr/lib/debug/.build-id): libc
+# frames are named from it, and the naming unit tests fail without it.
+dpkg-query -W -f='${Status}' libc6-dbg 2>/dev/null | grep -q 'ok installed' || missing="$missing libc6-dbg"
 # kubernetes-validate is installed into a venv below.
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$missing python3 python3-venv"
 

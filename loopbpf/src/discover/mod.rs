@@ -28,6 +28,7 @@ use thiserror::Error;
 
 mod stripped;
 
+pub(crate) use stripped::debug_file;
 use stripped::{stripped_libuv_error, stripped_note};
 
 /// The libuv function whose entry marks every loop iteration.

@@ -17,8 +17,9 @@ use crate::target::files::{MAX_OBJECT, open_magic_link};
 /// Where distributions install debug files by build ID.
 const BUILD_ID_DIR: &str = "/usr/lib/debug/.build-id";
 
-/// The debug file of `elf` by its build ID, when one is installed.
-pub(super) fn debug_file<'data, R: object::ReadRef<'data>>(
+/// The debug file of `elf` by its build ID, when one is installed. Naming reads its symbols
+/// too, for the native frames of the object.
+pub(crate) fn debug_file<'data, R: object::ReadRef<'data>>(
     elf: &object::File<'data, R>,
 ) -> Option<File> {
     let id = elf.build_id().ok()??;

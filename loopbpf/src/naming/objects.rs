@@ -10,14 +10,28 @@
 //! cannot kill loopbpf with SIGBUS. Debug links (`.gnu_debuglink`, `.gnu_debugaltlink`,
 //! `.debug_sup`) name files blazesym looks for in loopbpf's own filesystem, opened without
 //! our checks: they are followed only for root's files the target cannot change, of a target
-//! that sees loopbpf's filesystem (a distribution's libc and its `/usr/lib/debug` file). Any
-//! other file with a link is named from its ELF symbols only (no DWARF).
+//! that sees loopbpf's filesystem. Any other file with a link is named from its ELF symbols
+//! only (no DWARF).
+//!
+//! A trusted object whose separate debug file is installed by its build ID under
+//! `/usr/lib/debug/.build-id` (a distribution's libc with libc6-dbg, a stripped libuv with
+//! libuv1-dbgsym) is named from that debug file's ELF symbol table only, never its DWARF, and
+//! from the object's own symbols where the debug file has none: its frames get the full
+//! symbol table's names (`_int_malloc`, `__GI___libc_malloc`) but no file and line. libc's
+//! DWARF cost far more than its lines are worth to a user, who cannot change libc: with it, a
+//! fleet of 50 node processes held 10 MB of decompressed DWARF and the 4 MB debug file
+//! mapped, and naming every 37th byte of libc's code took 156 ms and 47 MB of heap, against
+//! 18 ms and 4.5 MB from the symbol table (blazesym 0.2.7), which named every address DWARF
+//! did. An object with DWARF inside itself (node's binary: libuv's lines) keeps it. The debug
+//! file's own program headers give no file offsets (`objcopy --only-keep-debug` empties its
+//! segments), so the object's file offsets are turned into link-time addresses from the
+//! object's own segments first.
 //!
 //! Named frames are cached here by object and file offset, for every process that maps the
 //! object: a fleet of processes of one binary asks blazesym once per address of the binary,
 //! not once per process. What blazesym parsed of an object (its symbol index, its DWARF, the
-//! file mapped in: 30 MB for node and libc with libc6-dbg) is dropped when no lookup has
-//! needed it for [`PARSED_IDLE`], and parsed again if one does.
+//! file mapped in) is dropped when no lookup has needed it for [`PARSED_IDLE`], and parsed
+//! again if one does.
 
 use std::{
     cell::RefCell,
@@ -45,22 +59,23 @@ use super::{
     symbolize::frame_from_sym,
 };
 use crate::target::{
-    files::{MAX_OBJECT, MAX_OBJECT_COPY, Refused, sealed_copy},
+    files::{MAX_OBJECT, MAX_OBJECT_COPY, Refused, Segment, sealed_copy, segments},
     maps::MapsEntry,
     proc::Process,
 };
 
-/// Whether DWARF is consulted for the file and line of native frames. Measured on node 20's
-/// 100 MB binary (DWARF for libuv and a few more): the first lookup, which parses the ELF symbols,
-/// takes about 8 ms in release (300 ms in debug) with or without it, so lines are worth having.
-/// A library with a large separate debug file costs more once (libc with libc6-dbg: 50 ms).
+/// Whether DWARF is consulted for the file and line of native frames, of objects that carry it
+/// themselves (a separate debug file is read for its symbols only: see the module doc).
+/// Measured on node 20's 100 MB binary (DWARF for libuv and a few more): the first lookup,
+/// which parses the ELF symbols, takes about 8 ms in release (300 ms in debug) with or without
+/// it, so lines are worth having. libc's DWARF from libc6-dbg cost 50 ms once and 10 MB kept.
 pub(super) const NATIVE_LINE_INFO: bool = true;
 
 /// What blazesym parsed of an object (and the kernel's symbols) is dropped when no lookup has
-/// needed it for this long. Parsing again costs about 8 ms for node's symbols and 50 ms for
-/// libc with libc6-dbg; the named frames are cached, so a fleet whose stacks repeat stops
-/// asking within a minute or so, and a new address at most every this often costs 0.2% of a
-/// core at worst.
+/// needed it for this long. Parsing again costs about 8 ms for node's symbols and under 20 ms
+/// for libc's debug symbols (libc6-dbg); the named frames are cached, so a fleet whose stacks
+/// repeat stops asking within a minute or so, and a new address at most every this often costs
+/// 0.2% of a core at worst.
 pub(super) const PARSED_IDLE: Duration = Duration::from_secs(30);
 
 /// Idle parsed objects are looked for at most this often.
@@ -153,21 +168,25 @@ impl NativeObjects {
             return Some(frame.clone());
         }
         object.asked_at = Some(Instant::now());
-        for path in &object.sources {
-            let mut elf = Elf::new(path);
-            elf.debug_syms = object.debug_syms;
-            match self
-                .blazesym
-                .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
-            {
+        for source in &object.sources {
+            let input = match &source.segments {
+                None => Input::FileOffset(file_offset),
+                Some(segments) => match virt_offset(segments, file_offset) {
+                    Some(offset) => Input::VirtOffset(offset),
+                    None => continue,
+                },
+            };
+            let mut elf = Elf::new(&source.path);
+            elf.debug_syms = source.debug_syms;
+            match self.blazesym.symbolize_single(&Source::Elf(elf), input) {
                 Ok(Symbolized::Sym(sym)) => {
                     let frame = frame_from_sym(sym, &object.module, FrameKind::Native);
                     remember(&mut self.frames, (object.id, file_offset), frame.clone());
                     return Some(frame);
                 }
-                Ok(Symbolized::Unknown(_)) => break,
-                // This path cannot be opened or is no ELF file: try the next one.
-                Err(_) => {}
+                // Not in this source's symbols (or it cannot be opened, or is no ELF file):
+                // the next one may know it.
+                Ok(Symbolized::Unknown(_)) | Err(_) => {}
             }
         }
         None
@@ -221,12 +240,11 @@ pub(super) struct MappedObject {
     pub(super) id: u64,
     /// Basename, as frames show it.
     pub(super) module: String,
-    /// Paths handed to blazesym, best first.
-    pub(super) sources: Vec<PathBuf>,
-    /// Whether blazesym may read DWARF of it: it links no other file.
-    pub(super) debug_syms: bool,
-    /// Keeps the object reachable through `/proc/self/fd` after the target exits.
-    _file: Option<File>,
+    /// Where blazesym names it from, best first: its separate debug file, then the file itself.
+    pub(super) sources: Vec<SymbolSource>,
+    /// Keep the object and its debug file reachable through `/proc/self/fd` after the target
+    /// exits.
+    _files: Vec<File>,
     /// Symbolizers that mapped it.
     users: HashSet<u64>,
     key: (String, u64, String),
@@ -234,11 +252,31 @@ pub(super) struct MappedObject {
     asked_at: Option<Instant>,
 }
 
+/// A file blazesym names an object's frames from.
+pub(super) struct SymbolSource {
+    /// `/proc/self/fd/N`.
+    pub(super) path: PathBuf,
+    /// Whether blazesym may read its DWARF (and follow its debug links).
+    pub(super) debug_syms: bool,
+    /// For a separate debug file: the object's own loadable segments, which turn the object's
+    /// file offsets into the link-time addresses the debug file's symbols have (its own program
+    /// headers give no such file offsets: `objcopy --only-keep-debug` empties its segments).
+    pub(super) segments: Option<Vec<Segment>>,
+}
+
+/// The link-time address at `file_offset` of an object with these loadable segments.
+fn virt_offset(segments: &[Segment], file_offset: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|(offset, size, _)| (*offset..offset.saturating_add(*size)).contains(&file_offset))
+        .map(|(offset, _, address)| address.wrapping_add(file_offset - offset))
+}
+
 impl MappedObject {
     /// Drops what blazesym parsed of it.
     fn evict(&mut self, blazesym: &mut Blazesym) {
-        for path in &self.sources {
-            let _ = blazesym.evict(&Evict::Elf(EvictElf::new(path)));
+        for source in &self.sources {
+            let _ = blazesym.evict(&Evict::Elf(EvictElf::new(&source.path)));
         }
         self.asked_at = None;
     }
@@ -298,32 +336,16 @@ impl Objects {
             self.list[object].users.insert(user);
             return Mapping::Object(object);
         }
-        let (file, trusts_links) = open_mapped_file(process, line).unzip();
-        let debug_syms = NATIVE_LINE_INFO
-            && match &file {
-                Some(_) if trusts_links == Some(true) => true,
-                Some(file) if links_no_file(file) => true,
-                Some(_) => {
-                    DEBUG_LINKS_NOT_FOLLOWED.fetch_add(1, Ordering::Relaxed);
-                    note!(
-                        "{path} of pid {}: its debug link is not followed (the target could plant the file it names); its frames are named without file and line",
-                        process.pid()
-                    );
-                    false
-                }
-                None => false,
-            };
-        let sources = file
-            .iter()
-            .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
-            .collect();
+        let (sources, files) = match open_mapped_file(process, line) {
+            Some((file, trusts_links)) => symbol_sources(process, path, file, trusts_links),
+            None => (Vec::new(), Vec::new()),
+        };
         self.last_id += 1;
         let object = MappedObject {
             id: self.last_id,
             module: module.to_owned(),
             sources,
-            debug_syms,
-            _file: file,
+            _files: files,
             users: HashSet::from([user]),
             key: key.clone(),
             asked_at: None,
@@ -338,6 +360,67 @@ impl Objects {
         self.by_file.insert(key, index);
         Mapping::Object(index)
     }
+}
+
+/// Where the frames of `file` (mapped at `path` in `process`) are named from, and the files
+/// to keep open for that: for a file whose debug links loopbpf follows (`trusts_links`) and
+/// that has no DWARF of its own, the symbol table of its separate debug file when one is
+/// installed by its build ID, without the debug file's DWARF (see the module doc), then the
+/// file itself (without DWARF when it links a debug file); else the file itself, with DWARF
+/// when it links no other file or its links are trusted.
+fn symbol_sources(
+    process: &Process,
+    path: &str,
+    file: File,
+    trusts_links: bool,
+) -> (Vec<SymbolSource>, Vec<File>) {
+    let fd_path = |file: &File| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let (debug_file, links_no_file) = {
+        let cache = ReadCache::new(&file);
+        match object::File::parse(&cache) {
+            Ok(elf) => {
+                // An object with DWARF of its own (node's: libuv's lines) keeps its lines.
+                let own_dwarf = elf.section_by_name(".debug_info").is_some();
+                let debug_file = if trusts_links && !own_dwarf {
+                    crate::discover::debug_file(&elf).map(|debug| (debug, segments(&elf)))
+                } else {
+                    None
+                };
+                (debug_file, links_no_file(&elf))
+            }
+            Err(_) => (None, false),
+        }
+    };
+    let debug_syms = NATIVE_LINE_INFO
+        && if links_no_file || (trusts_links && debug_file.is_none()) {
+            true
+        } else {
+            if !trusts_links {
+                DEBUG_LINKS_NOT_FOLLOWED.fetch_add(1, Ordering::Relaxed);
+                note!(
+                    "{path} of pid {}: its debug link is not followed (the target could plant the file it names); its frames are named without file and line",
+                    process.pid()
+                );
+            }
+            false
+        };
+    let mut sources = Vec::with_capacity(2);
+    let mut files = Vec::with_capacity(2);
+    if let Some((debug, segments)) = debug_file {
+        sources.push(SymbolSource {
+            path: fd_path(&debug),
+            debug_syms: false,
+            segments: Some(segments),
+        });
+        files.push(debug);
+    }
+    sources.push(SymbolSource {
+        path: fd_path(&file),
+        debug_syms,
+        segments: None,
+    });
+    files.push(file);
+    (sources, files)
 }
 
 /// Opens the file behind a mapping for blazesym to map: the file itself when the target cannot
@@ -380,11 +463,9 @@ pub fn debug_links_not_followed() -> u64 {
 }
 
 /// Whether an ELF file names no other file for blazesym to read debug information from.
-fn links_no_file(file: &File) -> bool {
+fn links_no_file<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>) -> bool {
     const LINKS: [&str; 3] = [".gnu_debuglink", ".gnu_debugaltlink", ".debug_sup"];
-    let cache = ReadCache::new(file);
-    object::File::parse(&cache)
-        .is_ok_and(|elf| LINKS.iter().all(|name| elf.section_by_name(name).is_none()))
+    LINKS.iter().all(|name| elf.section_by_name(name).is_none())
 }
 
 #[cfg(test)]
@@ -456,6 +537,128 @@ mod tests {
         // A closed object's frames go with it.
         drop((first, second));
         assert_eq!(parsed(), (0, 0));
+    }
+
+    /// Where libc is mapped in this process, its file, and its debug file's symbols by name
+    /// (versioned names under their plain name too).
+    fn libc_and_its_debug_symbols() -> (u64, String, HashMap<String, (u64, u64)>) {
+        let malloc_addr = libc::malloc as *const () as usize as u64;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let libc_path = maps
+            .lines()
+            .find_map(|line| {
+                let (range, rest) = line.split_once(' ')?;
+                let (start, end) = range.split_once('-')?;
+                let start = u64::from_str_radix(start, 16).ok()?;
+                let end = u64::from_str_radix(end, 16).ok()?;
+                let path = rest.split_whitespace().nth(4)?;
+                (start..end).contains(&malloc_addr).then(|| path.to_owned())
+            })
+            .expect("malloc is in a mapped file");
+        let data = std::fs::read(&libc_path).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let debug = crate::discover::debug_file(&elf).unwrap_or_else(|| {
+            panic!("no debug file of {libc_path} under /usr/lib/debug/.build-id: install libc6-dbg (scripts/install-deps.sh does)")
+        });
+        let debug = std::fs::read(
+            std::fs::read_link(format!("/proc/self/fd/{}", debug.as_raw_fd())).unwrap(),
+        )
+        .unwrap();
+        let debug = object::File::parse(&*debug).unwrap();
+        let mut symbols = HashMap::new();
+        for sym in object::Object::symbols(&debug) {
+            use object::ObjectSymbol;
+            let Ok(name) = sym.name() else { continue };
+            if sym.kind() != object::SymbolKind::Text || sym.size() == 0 {
+                continue;
+            }
+            let plain = name.split('@').next().unwrap_or(name);
+            symbols
+                .entry(plain.to_owned())
+                .or_insert((sym.address(), sym.size()));
+        }
+        let base = malloc_addr - symbols["malloc"].0;
+        (base, libc_path, symbols)
+    }
+
+    #[test]
+    fn libc_frames_are_named_from_its_debug_files_symbols_without_dwarf() {
+        let (base, libc_path, symbols) = libc_and_its_debug_symbols();
+        let shared = SharedObjects::new();
+        let mut symbolizer = Symbolizer::sharing(std::process::id(), &shared);
+        for function in [
+            "malloc",
+            "epoll_wait",
+            "read",
+            "pthread_cond_wait",
+            "_int_malloc",
+        ] {
+            let &(start, size) = symbols
+                .get(function)
+                .unwrap_or_else(|| panic!("{function} is not in libc's debug symbols"));
+            let addrs: Vec<u64> = [1, size / 2, size - 1]
+                .iter()
+                .map(|inside| base + start + inside)
+                .collect();
+            let frames = symbolizer.user(&addrs, &[]);
+            let names: HashSet<&str> = frames.iter().map(|f| f.name.as_str()).collect();
+            assert_eq!(names.len(), 1, "{function}: one name, {frames:?}");
+            let name = frames[0].name.as_str();
+            assert!(
+                name.contains(function)
+                    && !name.contains('@')
+                    && name != super::super::frame::UNKNOWN,
+                "{function} named {name}"
+            );
+            for frame in &frames {
+                assert_eq!(frame.module, "libc.so.6", "{frame:?}");
+                // No DWARF of libc was read: its frames carry no file and line.
+                assert_eq!((&frame.file, frame.line), (&None, None), "{frame:?}");
+            }
+        }
+        // Every function of libc is named, none with a symbol version (many of its symbols have
+        // one: `pthread_cond_wait@@GLIBC_2.3.2`) or a file and line.
+        for (function, (start, _)) in &symbols {
+            // A leaf: looked up at the address itself, not the one before it.
+            let frame = &symbolizer.user(&[base + start], &[])[0];
+            assert!(
+                frame.module == "libc.so.6"
+                    && !frame.name.contains('@')
+                    && frame.name != super::super::frame::UNKNOWN
+                    && frame.line.is_none(),
+                "{function} at {start:#x}: {frame:?}"
+            );
+        }
+        assert!(symbols.len() > 1000, "{} functions", symbols.len());
+        // Named from the debug file first, libc itself only as a fallback, neither with DWARF.
+        let native = shared.0.borrow();
+        let libc = native
+            .objects
+            .list
+            .iter()
+            .find(|o| o.key.2 == libc_path)
+            .expect("libc is open");
+        assert_eq!(libc.sources.len(), 2);
+        assert!(libc.sources.iter().all(|source| !source.debug_syms));
+        assert!(libc.sources[0].segments.is_some());
+    }
+
+    #[test]
+    fn file_offsets_become_link_time_addresses_by_the_objects_segments() {
+        // A non-PIE executable's text (file offset 0x1000 at 0x401000) and data.
+        let segments = [
+            (0, 0x800, 0x400_000),
+            (0x1000, 0x500, 0x401_000),
+            (0x2000, 0x100, 0x403_000),
+        ];
+        assert_eq!(virt_offset(&segments, 0x1010), Some(0x401_010));
+        assert_eq!(virt_offset(&segments, 0x2000), Some(0x403_000));
+        assert_eq!(virt_offset(&segments, 0x0fff), None, "between segments");
+        assert_eq!(virt_offset(&segments, 0x1500), None, "past the text's end");
+        assert_eq!(
+            virt_offset(&[(u64::MAX - 1, 0x10, 0)], u64::MAX - 1),
+            Some(0)
+        );
     }
 
     #[test]

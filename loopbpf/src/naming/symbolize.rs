@@ -39,6 +39,8 @@ pub(super) fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Fra
     });
     let name = if sym.name.is_empty() {
         UNKNOWN.to_owned()
+    } else if kind == FrameKind::Native {
+        without_symbol_version(&sym.name).to_owned()
     } else {
         sym.name.into_owned()
     };
@@ -50,6 +52,26 @@ pub(super) fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Fra
         column: None,
         original: None,
         kind,
+    }
+}
+
+/// `name` without the symbol version an ELF symbol table may append (`@@GLIBC_2.34`,
+/// `@GLIBC_2.2.5`, the vDSO's `@LINUX_2.6`): it names which version of an interface the
+/// symbol defines, not the function. Compiler clones (`.part.0`, `.constprop.0`) keep their
+/// suffix: they are code of their own, and perf shows them too.
+fn without_symbol_version(name: &str) -> &str {
+    match name.split_once('@') {
+        Some((function, version))
+            if !function.is_empty()
+                && !version.trim_start_matches('@').is_empty()
+                && version
+                    .trim_start_matches('@')
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') =>
+        {
+            function
+        }
+        _ => name,
     }
 }
 
@@ -454,6 +476,24 @@ mod tests {
     };
 
     use crate::{naming::perf_map::parse_perf_map_line, target::maps::parse_maps};
+
+    #[test]
+    fn symbol_versions_are_not_part_of_a_name() {
+        for (symbol, name) in [
+            ("pthread_mutex_trylock@@GLIBC_2.34", "pthread_mutex_trylock"),
+            ("memcpy@GLIBC_2.2.5", "memcpy"),
+            ("__vdso_clock_gettime@@LINUX_2.6", "__vdso_clock_gettime"),
+            ("__malloc_info.part.0", "__malloc_info.part.0"),
+            ("_int_free.isra.0", "_int_free.isra.0"),
+            ("uv__io_poll", "uv__io_poll"),
+            ("odd@", "odd@"),
+            ("@GLIBC_2.2.5", "@GLIBC_2.2.5"),
+            ("std::terminate()@@GLIBCXX_3.4", "std::terminate()"),
+            ("a@b c", "a@b c"),
+        ] {
+            assert_eq!(without_symbol_version(symbol), name, "{symbol}");
+        }
+    }
 
     /// A node process killed when the test ends, pass or fail.
     struct Node {
