@@ -13,7 +13,6 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead, BufReader, Read},
-    ops::Range,
     time::{Duration, Instant},
 };
 
@@ -73,7 +72,9 @@ impl KernelSymbols {
     pub(super) fn evict_idle(&mut self, idle: Duration) -> bool {
         let idle = self.asked_at.is_some_and(|at| at.elapsed() >= idle);
         if idle {
-            self.table = None;
+            if self.table.take().is_some() {
+                crate::target::freed_much();
+            }
             self.asked_at = None;
         }
         idle
@@ -176,8 +177,11 @@ pub(super) struct KallsymsTable {
 /// One line of kallsyms as read: its address, whether it is code, and its name in the arena.
 struct RawSymbol {
     addr: u64,
+    /// Where the name starts in the arena of the read.
+    name_start: u32,
+    /// The name's length, at most [`MAX_NAME_BYTES`] (16 bytes a symbol while reading).
+    name_len: u16,
     text: bool,
-    name: Range<u32>,
 }
 
 impl KallsymsTable {
@@ -241,7 +245,10 @@ impl KallsymsTable {
             let why = format!("/proc/kallsyms is over {MAX_KALLSYMS_BYTES} bytes");
             return (Self::empty(), Some(why));
         }
-        (Self::from_raw(raw, &arena), None)
+        let table = Self::from_raw(raw, &arena);
+        // The read's symbols and names (about 5 MB) are freed now.
+        crate::target::freed_much();
+        (table, None)
     }
 
     /// Sorts `raw`, keeps the first symbol at each address (blazesym's choice) and one bound of
@@ -251,7 +258,8 @@ impl KallsymsTable {
         raw.sort_by_key(|symbol| (symbol.addr, !symbol.text));
         let name_of = |symbol: &RawSymbol| {
             raw_arena
-                .get(symbol.name.start as usize..symbol.name.end as usize)
+                .get(symbol.name_start as usize..)
+                .and_then(|name| name.get(..usize::from(symbol.name_len)))
                 .unwrap_or_default()
         };
         let mut addrs = Vec::new();
@@ -352,15 +360,17 @@ fn parse_line(line: &[u8], arena: &mut String) -> Option<RawSymbol> {
     }
     // `t`/`T` text, `w`/`W` weak text.
     let text = matches!(kind, "t" | "T" | "w" | "W") && name.len() <= MAX_NAME_BYTES;
-    let start = u32::try_from(arena.len()).ok()?;
+    let name_start = u32::try_from(arena.len()).ok()?;
+    let mut name_len = 0;
     if text {
         arena.push_str(name);
+        name_len = u16::try_from(name.len()).ok()?;
     }
-    let end = u32::try_from(arena.len()).ok()?;
     Some(RawSymbol {
         addr,
+        name_start,
+        name_len,
         text,
-        name: start..end,
     })
 }
 
