@@ -601,6 +601,9 @@ mod tests {
             debug_syms: false,
             ..Kernel::default()
         });
+        let started = Instant::now();
+        let _ = blazesym.symbolize_single(&source, Input::AbsAddr(0));
+        eprintln!("blazesym's first lookup: {:?}", started.elapsed());
         let mut bounds = Vec::new();
         let mut addrs = Vec::new();
         let mut text = std::collections::HashSet::new();
