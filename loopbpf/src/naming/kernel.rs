@@ -1,6 +1,6 @@
 //! Kernel frames, named from `/proc/kallsyms` once for every watched process: the kernel is the
 //! same for all of them. A compact table of the kernel's functions ([`KallsymsTable`], about
-//! 2.4 MB for 120,000 of them, where blazesym's took about 6 MB) is built at the first lookup
+//! 2.6 MB for 120,000 of them, where blazesym's took about 7.5 MB) is built at the first lookup
 //! and dropped when no lookup has needed it for [`super::objects::PARSED_IDLE`]: the named
 //! frames stay cached, and a kernel's stacks repeat.
 //!
@@ -95,12 +95,15 @@ const MAX_KALLSYMS_LINES: usize = 4_000_000;
 const MAX_LINE_BYTES: usize = 1024;
 /// The longest symbol name kept: a longer one leaves its address unnamed, not misnamed.
 const MAX_NAME_BYTES: usize = 512;
-/// Marks, in [`KallsymsTable::names`], a symbol that is not code: addresses from it to the
+/// Marks, in [`KallsymsTable::lens`], a symbol that is not code: addresses from it to the
 /// next symbol are unnamed.
-const NOT_TEXT: u32 = 1 << 31;
-/// Marks, in [`KallsymsTable::names`], a symbol named `__pfx_` and the next symbol's name (the
-/// padding before a function), stored once: half of the kernel's names are such.
-const PREFIX_OF_NEXT: u32 = 1 << 30;
+const NOT_TEXT: u16 = 1 << 15;
+/// Marks, in [`KallsymsTable::lens`], a name that is [`PFX`] and the name stored (the padding
+/// before a function, named after it): half of the kernel's names are such, and the name is
+/// stored once for both when the function's line follows its padding's.
+const PREFIXED: u16 = 1 << 14;
+/// The length bits in [`KallsymsTable::lens`].
+const LEN: u16 = PREFIXED - 1;
 /// The prefix of the padding symbols before functions.
 const PFX: &str = "__pfx_";
 
@@ -156,8 +159,8 @@ impl Addresses {
     }
 }
 
-/// The kernel's text symbols, sorted by address, in about 2.5 MB for 120,000: one read of
-/// /proc/kallsyms, bounded in bytes, lines and name length.
+/// The kernel's text symbols, sorted by address, in about 2.6 MB for 120,000 (8.5 MB at most
+/// while building it): one read of /proc/kallsyms, bounded in bytes, lines and name length.
 ///
 /// An address is named as blazesym names it from kallsyms (after the symbol at or closest below
 /// it, the first listed of those at one address), with one difference: a symbol that is not
@@ -168,9 +171,11 @@ impl Addresses {
 /// first alias listed: here, the first, as everywhere.)
 pub(super) struct KallsymsTable {
     addrs: Addresses,
-    /// Per symbol, where its name starts in `arena`, with the [`NOT_TEXT`] and
-    /// [`PREFIX_OF_NEXT`] flags; one more than the symbols, so a name ends where the next starts.
-    names: Box<[u32]>,
+    /// Per symbol, where its name starts in `arena`.
+    starts: Box<[u32]>,
+    /// Per symbol, its name's length, with the [`NOT_TEXT`] and [`PREFIXED`] flags.
+    lens: Box<[u16]>,
+    /// The names, in kallsyms' order.
     arena: Box<str>,
 }
 
@@ -179,7 +184,8 @@ struct RawSymbol {
     addr: u64,
     /// Where the name starts in the arena of the read.
     name_start: u32,
-    /// The name's length, at most [`MAX_NAME_BYTES`] (16 bytes a symbol while reading).
+    /// The name's length, at most [`MAX_NAME_BYTES`], and [`PREFIXED`] (16 bytes a symbol
+    /// while reading).
     name_len: u16,
     text: bool,
 }
@@ -199,7 +205,8 @@ impl KallsymsTable {
     fn empty() -> Self {
         Self {
             addrs: Addresses::Absolute(Box::new([])),
-            names: Box::new([0]),
+            starts: Box::new([]),
+            lens: Box::new([]),
             arena: Box::from(""),
         }
     }
@@ -237,7 +244,7 @@ impl KallsymsTable {
                 }
                 continue;
             }
-            if let Some(symbol) = parse_line(&line, &mut arena) {
+            if let Some(symbol) = parse_line(&line, raw.last(), &mut arena) {
                 raw.push(symbol);
             }
         }
@@ -245,53 +252,38 @@ impl KallsymsTable {
             let why = format!("/proc/kallsyms is over {MAX_KALLSYMS_BYTES} bytes");
             return (Self::empty(), Some(why));
         }
-        let table = Self::from_raw(raw, &arena);
-        // The read's symbols and names (about 5 MB) are freed now.
+        let table = Self::from_raw(raw, arena);
+        // The read's symbols (about 2 MB) are freed now.
         crate::target::freed_much();
         (table, None)
     }
 
     /// Sorts `raw`, keeps the first symbol at each address (blazesym's choice) and one bound of
-    /// each run of symbols that are not code, and stores the names again in address order.
-    fn from_raw(mut raw: Vec<RawSymbol>, raw_arena: &str) -> Self {
+    /// each run of symbols that are not code.
+    fn from_raw(mut raw: Vec<RawSymbol>, arena: String) -> Self {
         // Stable: of the symbols at one address, code first, then in kallsyms' order.
         raw.sort_by_key(|symbol| (symbol.addr, !symbol.text));
-        let name_of = |symbol: &RawSymbol| {
-            raw_arena
-                .get(symbol.name_start as usize..)
-                .and_then(|name| name.get(..usize::from(symbol.name_len)))
-                .unwrap_or_default()
-        };
         let mut addrs = Vec::new();
-        let mut names = Vec::new();
-        let mut arena = String::new();
+        let mut starts = Vec::new();
+        let mut lens = Vec::new();
         let mut last_text = None;
-        for (index, symbol) in raw.iter().enumerate() {
+        for symbol in &raw {
             if addrs.last() == Some(&symbol.addr) || (!symbol.text && last_text == Some(false)) {
                 continue;
             }
-            let start = u32::try_from(arena.len()).unwrap_or(u32::MAX);
-            let name = name_of(symbol);
-            let next = raw[index..]
-                .iter()
-                .find(|next| next.addr != symbol.addr)
-                .filter(|next| next.text);
-            let flag = if !symbol.text {
-                NOT_TEXT
-            } else if next.is_some_and(|next| name.strip_prefix(PFX) == Some(name_of(next))) {
-                PREFIX_OF_NEXT
-            } else {
-                arena.push_str(name);
-                0
-            };
             addrs.push(symbol.addr);
-            names.push(start | flag);
+            starts.push(symbol.name_start);
+            lens.push(if symbol.text {
+                symbol.name_len
+            } else {
+                NOT_TEXT
+            });
             last_text = Some(symbol.text);
         }
-        names.push(u32::try_from(arena.len()).unwrap_or(u32::MAX));
         Self {
             addrs: Addresses::new(addrs),
-            names: names.into_boxed_slice(),
+            starts: starts.into_boxed_slice(),
+            lens: lens.into_boxed_slice(),
             arena: arena.into_boxed_str(),
         }
     }
@@ -305,29 +297,32 @@ impl KallsymsTable {
     }
 
     fn name(&self, index: usize) -> Option<String> {
-        let flagged = *self.names.get(index)?;
-        if flagged & NOT_TEXT != 0 {
+        let len = *self.lens.get(index)?;
+        if len & NOT_TEXT != 0 {
             return None;
         }
-        if flagged & PREFIX_OF_NEXT != 0 {
-            return Some(format!("{PFX}{}", self.name(index + 1)?));
-        }
-        let end = *self.names.get(index + 1)? & !(NOT_TEXT | PREFIX_OF_NEXT);
-        self.arena
-            .get(flagged as usize..end as usize)
-            .map(str::to_owned)
+        let start = *self.starts.get(index)? as usize;
+        let name = self.arena.get(start..)?.get(..usize::from(len & LEN))?;
+        Some(if len & PREFIXED == 0 {
+            name.to_owned()
+        } else {
+            format!("{PFX}{name}")
+        })
     }
 
     /// Bytes the table holds.
     #[cfg(test)]
     fn bytes(&self) -> usize {
-        self.addrs.bytes() + size_of_val(&*self.names) + self.arena.len()
+        self.addrs.bytes()
+            + size_of_val(&*self.starts)
+            + size_of_val(&*self.lens)
+            + self.arena.len()
     }
 
     /// How many symbols (and bounds) the table holds.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.names.len() - 1
+        self.lens.len()
     }
 }
 
@@ -348,8 +343,9 @@ fn skip_line(input: &mut impl BufRead) -> std::io::Result<()> {
 }
 
 /// The symbol on one line of kallsyms (`ADDRESS TYPE NAME [MODULE]`), its name appended to
-/// `arena`; `None` for a line blazesym skips too.
-fn parse_line(line: &[u8], arena: &mut String) -> Option<RawSymbol> {
+/// `arena` (or found there: a function's name right after its padding's, the line before);
+/// `None` for a line blazesym skips too.
+fn parse_line(line: &[u8], before: Option<&RawSymbol>, arena: &mut String) -> Option<RawSymbol> {
     let line = std::str::from_utf8(line).ok()?;
     let mut fields = line.split_ascii_whitespace();
     let addr = u64::from_str_radix(fields.next()?, 16).ok()?;
@@ -360,18 +356,29 @@ fn parse_line(line: &[u8], arena: &mut String) -> Option<RawSymbol> {
     }
     // `t`/`T` text, `w`/`W` weak text.
     let text = matches!(kind, "t" | "T" | "w" | "W") && name.len() <= MAX_NAME_BYTES;
-    let name_start = u32::try_from(arena.len()).ok()?;
-    let mut name_len = 0;
-    if text {
-        arena.push_str(name);
-        name_len = u16::try_from(name.len()).ok()?;
-    }
-    Some(RawSymbol {
+    let mut symbol = RawSymbol {
         addr,
-        name_start,
-        name_len,
+        name_start: u32::try_from(arena.len()).ok()?,
+        name_len: 0,
         text,
-    })
+    };
+    if !text {
+        return Some(symbol);
+    }
+    let (stored, prefixed) = name
+        .strip_prefix(PFX)
+        .map_or((name, 0), |stored| (stored, PREFIXED));
+    let padding = before.filter(|before| before.text && before.name_len & PREFIXED != 0);
+    if let Some(padding) = padding
+        && prefixed == 0
+        && arena.get(padding.name_start as usize..) == Some(name)
+    {
+        symbol.name_start = padding.name_start;
+    } else {
+        arena.push_str(stored);
+    }
+    symbol.name_len = u16::try_from(stored.len()).ok()? | prefixed;
+    Some(symbol)
 }
 
 /// `name` demangled as blazesym demangles a kernel symbol's (Rust, else C++), else as it is.
