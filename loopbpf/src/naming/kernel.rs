@@ -46,7 +46,7 @@ impl KernelSymbols {
             let (table, why) = KallsymsTable::read();
             if let Some(why) = why {
                 // Once per read (at most every idle period): kernel frames are unnamed.
-                eprintln!("loopbpf: kernel frames are left unnamed: {why}");
+                loss!("kernel frames are left unnamed: {why}");
             }
             table
         });
