@@ -104,8 +104,9 @@ fn thousands_of_blocks_keep_memory_and_maps_flat() {
 /// process that ended by itself is reported. (Blocks were lost mid-life, about one process in
 /// 60, when a sample came late on the loaded host: the kernel side started the next interval at
 /// the late look, cutting the 60 ms spins under the 50 ms threshold.) The threshold is 40 ms:
-/// on a quiet host, about one 60 ms spin in 700 is still measured 10 to 17 ms short, by this
-/// build and by the builds before it alike (an accuracy bug under churn, not found yet); this
+/// on a quiet host, about one 60 ms spin in 700 is still measured over 10 ms short (a few more
+/// by 3 to 9 ms), by this build and by the one before it alike (an accuracy bug under churn,
+/// not found yet); this
 /// test is about blocks lost, and `cargo xtask bench churn` keeps the 50 ms threshold.
 #[test]
 fn churn_keeps_memory_flat_and_loses_no_block() {
