@@ -159,7 +159,10 @@ fn a_bundle_holds_every_file_and_they_agree() {
             "report.txt shows {shown} ms for the {ms} ms block:\n{text}"
         );
     }
-    assert!(text.to_lowercase().contains("pbkdf2") && text.contains("Summary:"));
+    assert!(
+        text.to_lowercase().contains("pbkdf2") && text.contains("Summary:"),
+        "report.txt does not name pbkdf2, or has no summary:\n{text}"
+    );
 
     let flame = valid_svg(&dir.join("flamegraph.svg"));
     assert!(flame.contains("Object.spin") && flame.contains("PBKDF2"));
