@@ -58,7 +58,8 @@ impl Drop for Scratch {
     }
 }
 
-/// A FIFO, removed when dropped (even when the test fails).
+/// A file the test made (a FIFO, a planted perf map), removed when dropped (even when the test
+/// fails).
 struct Fifo(PathBuf);
 
 impl Drop for Fifo {
@@ -68,6 +69,8 @@ impl Drop for Fifo {
 }
 
 fn mkfifo(path: &Path) -> Fifo {
+    // A perf map left by an earlier process with this pid (pids are reused) is stale.
+    let _ = fs::remove_file(path);
     let c_path = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a NUL-terminated path.
     assert_eq!(
