@@ -123,6 +123,19 @@ struct {
 	__type(value, struct user_stack); /* scratch for classify_loop() */
 } role_stack SEC(".maps");
 
+/* The kernel's task (sched_switch's pointers, the current task): only the fields read here,
+ * placed by CO-RE. */
+struct sched_entity {
+	__u64 sum_exec_runtime; /* the task's CPU time, brought up to date as it leaves a CPU */
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	int pid;
+	int tgid;
+	int exit_state;
+	struct sched_entity se;
+} __attribute__((preserve_access_index));
+
 static const struct loopbpf_thread empty_thread;
 static const struct loopbpf_stack_event empty_stack;
 
@@ -405,6 +418,71 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 	t->seen_ns = now;
 }
 
+static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbpf_stack_event *sleep,
+					 __u64 now);
+
+/* The thread of `t` runs again from `now`: the poll wait it slept in returns (a busy interval
+ * begins), or the sleep elsewhere whose stack was taken ends. */
+static __always_inline void switched_in(struct loopbpf_thread *t, __u32 tid, __u64 now)
+{
+	struct loopbpf_stack_event *sleep;
+	bool slept = t->off_cpu == LOOPBPF_OFF_CPU_ASLEEP;
+
+	t->off_cpu = LOOPBPF_ON_CPU;
+	/* The count cannot move while the thread is off the CPU. */
+	t->seen_ns = now;
+	if (t->in_poll) {
+		/* Woken in its poll wait: the poll returns, a busy interval begins. It slept
+		 * there, not elsewhere: no off-CPU stack was begun (no asleep lookup). */
+		t->in_poll = 0;
+		t->idle_ns += now - t->poll_enter_ns;
+		t->busy_since_ns = now;
+		t->busy_before_attach = 0;
+		return;
+	}
+	if (!slept)
+		return; /* back from a preemption: no off-CPU stack was begun */
+	sleep = bpf_map_lookup_elem(&asleep, &tid);
+	if (!sleep)
+		return;
+	off_cpu_ends(t, sleep, now);
+	bpf_map_delete_elem(&asleep, &tid);
+}
+
+/* Whether the thread, found running, was last seen leaving the CPU (or seeded asleep in its
+ * poll wait at attach) with no switch back seen since. */
+static __always_inline bool back_unseen(const struct loopbpf_thread *t)
+{
+	return t->off_cpu != LOOPBPF_ON_CPU || t->in_poll;
+}
+
+/* The thread is running, but no sched_switch to it was seen since it left the CPU: some kernels
+ * do not always trace one when an idle CPU switches to a woken thread. It came back `ran_ns`
+ * before `now` (what its CPU time says), not before it left. Without this, a block that began
+ * with such a wake was not seen until the thread's next preemption, or not at all. */
+static __always_inline void switched_in_unseen(struct loopbpf_thread *t, __u32 tid, __u64 now,
+					       __u64 ran_ns)
+{
+	__u64 left = t->in_poll ? t->poll_enter_ns : t->left_cpu_ns;
+	__u64 back = now > ran_ns ? now - ran_ns : 0;
+
+	switched_in(t, tid, back > left ? back : left);
+}
+
+/* How long the running thread has run since it left the CPU, for switched_in_unseen, from a
+ * probe that fires while it runs (a sample, a uprobe). Its CPU time is brought up to date only
+ * now and then (each tick), so it is a lower bound; its sampler fires within one period of CPU
+ * time after the switch back, so no less than half a period is taken (within 0.5 ms). */
+static __always_inline __u64 ran_since_left(const struct loopbpf_thread *t)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 runtime = task->se.sum_exec_runtime;
+	__u64 ran = t->left_runtime_ns && runtime > t->left_runtime_ns ?
+			    runtime - t->left_runtime_ns : 0;
+
+	return ran > LOOPBPF_SAMPLE_PERIOD_NS / 2 ? ran : LOOPBPF_SAMPLE_PERIOD_NS / 2;
+}
+
 /* Makes `loop` the thread's loop when it is the first, or replaces one that was closed; and
  * for libuv before 1.45, where this probe stays on uv__io_poll, ends each iteration. */
 static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_poll)
@@ -433,6 +511,8 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 
 	if (t->loop_addr == loop) {
 		if (at_poll && !t->counts_iterations) {
+			if (back_unseen(t))
+				switched_in_unseen(t, tid, now, ran_since_left(t));
 			/* The poll's entry ends the busy interval; the poll returning at once
 			 * starts the next, a sleep in it (sched_switch) makes it idle. */
 			t->iterations += 1;
@@ -682,6 +762,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	 * apart, which keeps exactly one of the two streams. */
 	if (now - t->last_sample_ns < LOOPBPF_SAMPLE_PERIOD_NS * 6 / 10)
 		return 0;
+	if (back_unseen(t))
+		switched_in_unseen(t, tid, now, ran_since_left(t));
 	/* Set after observe(), which tells the first sample (no sampler before it) by a 0. */
 	if (read_count(t, now, &count))
 		observe(t, tid, now, count);
@@ -869,13 +951,6 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	bpf_ringbuf_submit(e, stack_wake(sleep->busy_since_ns, now));
 }
 
-/* sched_switch's task pointers: only the fields read here, placed by CO-RE. */
-struct task_struct {
-	int pid;
-	int tgid;
-	int exit_state;
-} __attribute__((preserve_access_index));
-
 /* The kernel's task states (include/linux/sched.h) that tell a sleep from a preemption. */
 #define TASK_REPORT 0x7f /* running, sleeping, stopped, traced, dead, zombie, parked */
 #define TASK_IDLE 0x402  /* TASK_UNINTERRUPTIBLE | TASK_NOLOAD: reported as idle */
@@ -905,10 +980,10 @@ static __always_inline bool switch_sleeps(bool preempt, unsigned int prev_state,
  * stacks: a busy loop thread leaving the CPU to sleep elsewhere than its poll wait records
  * where; coming back reports how long. */
 static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u64 pid_tgid,
-						bool prev_sleeps, bool check_next, __u32 next_tid)
+						bool prev_sleeps, __u64 prev_runtime,
+						bool check_next, __u32 next_tid)
 {
 	__u32 tid = (__u32)pid_tgid;
-	struct loopbpf_stack_event *sleep;
 	struct loopbpf_thread *t = NULL;
 	__u64 now = 0, count;
 
@@ -917,6 +992,14 @@ static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u6
 	/* An exited thread still switches out once, after its exit probe. */
 	if (t && !t->exited_ns && t->role != LOOPBPF_ROLE_OTHER) {
 		now = bpf_ktime_get_ns();
+		/* Its CPU time is exact here (brought up to date as it leaves). */
+		if (back_unseen(t))
+			switched_in_unseen(t, tid, now,
+					   t->left_runtime_ns && prev_runtime > t->left_runtime_ns ?
+						   prev_runtime - t->left_runtime_ns : 0);
+		t->off_cpu = prev_sleeps ? LOOPBPF_OFF_CPU_ASLEEP : LOOPBPF_OFF_CPU_PREEMPTED;
+		t->left_cpu_ns = now;
+		t->left_runtime_ns = prev_runtime;
 		if (prev_sleeps && asleep_in_loop_poll(t)) {
 			poll_sleeps(t, tid, now);
 		} else {
@@ -932,25 +1015,7 @@ static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u6
 	t = bpf_map_lookup_elem(&threads, &next_tid);
 	if (!t || t->exited_ns)
 		return;
-	if (!now)
-		now = bpf_ktime_get_ns();
-	/* The count cannot move while the thread is off the CPU. */
-	t->seen_ns = now;
-	if (t->in_poll) {
-		/* Woken in its poll wait: the poll returns, a busy interval begins. It slept
-		 * there, not elsewhere: no off-CPU stack was begun (no asleep lookup). */
-		t->in_poll = 0;
-		t->idle_ns += now - t->poll_enter_ns;
-		t->busy_since_ns = now;
-		t->busy_before_attach = 0;
-		return;
-	}
-
-	sleep = bpf_map_lookup_elem(&asleep, &next_tid);
-	if (!sleep)
-		return;
-	off_cpu_ends(t, sleep, now);
-	bpf_map_delete_elem(&asleep, &next_tid);
+	switched_in(t, next_tid, now ? now : bpf_ktime_get_ns());
 }
 
 /* Every context switch of the host runs this: a BTF tracepoint, so the kernel formats no
@@ -967,8 +1032,8 @@ int BPF_PROG(on_switch, bool preempt, struct task_struct *prev, struct task_stru
 	if (!check_prev && !check_next)
 		return 0;
 	loop_threads_switch(ctx, check_prev, (__u64)prev->tgid << 32 | prev_tid,
-			    check_prev && switch_sleeps(preempt, prev_state, prev), check_next,
-			    next_tid);
+			    check_prev && switch_sleeps(preempt, prev_state, prev),
+			    prev->se.sum_exec_runtime, check_next, next_tid);
 	return 0;
 }
 
@@ -984,6 +1049,7 @@ int on_switch_record(struct sched_switch_ctx *ctx)
 	if (!check_prev && !check_next)
 		return 0;
 	/* prev_state 1 (S) or 2 (D): a sleep; a preempted thread's is another. */
-	loop_threads_switch(ctx, check_prev, pid_tgid, ctx->prev_state & 3, check_next, next_tid);
+	loop_threads_switch(ctx, check_prev, pid_tgid, ctx->prev_state & 3,
+			    bpf_get_current_task_btf()->se.sum_exec_runtime, check_next, next_tid);
 	return 0;
 }

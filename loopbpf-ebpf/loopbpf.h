@@ -89,6 +89,16 @@ enum loopbpf_role {
 	LOOPBPF_ROLE_OTHER = 3,   /* a runtime-internal loop (Node's delayed-task scheduler): not reported */
 };
 
+/* How a loop thread left the CPU, until sched_switch or its own sampler sees it back. Some
+ * kernels do not always trace sched_switch when an idle CPU switches to a woken thread (6.18
+ * on our VMs): the probes then find the thread running while it is marked asleep, and place
+ * the wake they did not see (see switched_in_unseen). */
+enum loopbpf_off_cpu {
+	LOOPBPF_ON_CPU = 0,
+	LOOPBPF_OFF_CPU_PREEMPTED = 1,
+	LOOPBPF_OFF_CPU_ASLEEP = 2,
+};
+
 /* Frames kept per stack sample. */
 #define LOOPBPF_USER_FRAMES 96
 #define LOOPBPF_KERNEL_FRAMES 32
@@ -258,6 +268,10 @@ struct loopbpf_thread {
 	                        * one inherited from the thread that created it) keeps one stream */
 	__u64 last_off_cpu_ns; /* the last off-CPU record: short sleeps get at most one per stack period */
 	__u64 off_cpu_pending_ns; /* the other short sleeps' time, added to the next record */
+	__u64 left_cpu_ns;     /* when it last left the CPU (sched_switch) */
+	__u64 left_runtime_ns; /* its CPU time then (the scheduler's se.sum_exec_runtime) */
+	__u32 off_cpu;         /* enum loopbpf_off_cpu: how it left, until it is seen back */
+	__u32 reserved;
 };
 
 #endif /* LOOPBPF_H */

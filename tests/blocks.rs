@@ -435,3 +435,63 @@ fn a_node_binary_deleted_under_the_running_process_is_still_probed() {
             .is_some_and(|s| !s.is_empty())
     );
 }
+
+/// Hundreds of short blocks, each begun by a wake from the loop's poll wait: none is lost or cut
+/// short. Some kernels (6.18 on our machines) trace no `sched_switch` for some switches of an
+/// idle CPU to the woken thread; the probes then find the thread running while it is marked
+/// asleep. Before they placed that unseen wake, this test failed in 4 of 6 runs: a block lost,
+/// or begun at the thread's next preemption, mid-spin.
+///
+/// A block may hold more than the fixture's callback (the loop's whole busy stretch, and the
+/// time it waits for a CPU before its next poll on a loaded machine), so only the typical
+/// excess is bounded.
+#[test]
+fn every_block_begun_by_a_wake_is_measured_whole() {
+    const BLOCKS: usize = 200;
+    let commands = vec![("block timer spin 10", "block"); BLOCKS];
+    let (answers, output, _) = run(&["--threshold", "5ms"], &commands);
+    let blocks = events(&output, "block");
+    let mut wrong = Vec::new();
+    let mut excess = Vec::new();
+    for answer in &answers {
+        let start = answer["start_unix_ms"].as_f64().unwrap();
+        let truth = answer["measured_ms"].as_f64().unwrap();
+        let over: Vec<_> = blocks
+            .iter()
+            .filter(|b| {
+                let b_start = b["start_unix_ms"].as_f64().unwrap();
+                b_start < start + truth && b_start + b["duration_ms"].as_f64().unwrap() > start
+            })
+            .collect();
+        // The longest block over the fixture's own span of the callback.
+        let reported = over
+            .iter()
+            .map(|b| b["duration_ms"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        excess.push(reported - truth);
+        if reported < truth - (truth * 0.02).max(2.0) {
+            let over: Vec<_> = over
+                .iter()
+                .map(|b| {
+                    let offset = b["start_unix_ms"].as_f64().unwrap() - start;
+                    format!(
+                        "{:.2} ms from {offset:+.2} ms (GC {}, off-CPU {})",
+                        b["duration_ms"], b["gc_ms"], b["off_cpu_ms"]
+                    )
+                })
+                .collect();
+            wrong.push(format!("{truth:.2} ms at {start:.1}: {over:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {BLOCKS} blocks lost or measured short by over max(2 ms, 2%): {wrong:?}",
+        wrong.len()
+    );
+    excess.sort_by(f64::total_cmp);
+    let median = excess[excess.len() / 2];
+    assert!(
+        median.abs() < 1.0,
+        "the typical block is {median:.2} ms off the fixture's callback"
+    );
+}

@@ -178,6 +178,10 @@ pub struct ThreadState {
     pub last_sample_ns: u64,
     pub last_off_cpu_ns: u64,
     pub off_cpu_pending_ns: u64,
+    pub left_cpu_ns: u64,
+    pub left_runtime_ns: u64,
+    pub off_cpu: u32,
+    pub reserved: u32,
 }
 
 // SAFETY: repr(C) of u64, u32, i32 fields and a u64 array that tile the struct (no padding:
@@ -298,7 +302,7 @@ mod tests {
     }
 
     /// The header's constants (macros and enum values) with no twin here, and why.
-    const HEADER_ONLY: [(&str, &str); 5] = [
+    const HEADER_ONLY: [(&str, &str); 8] = [
         ("LOOPBPF_H", "the include guard"),
         (
             "LOOPBPF_CONTROL_RING_BYTES",
@@ -316,7 +320,11 @@ mod tests {
             "LOOPBPF_ROLE_STACK_DEPTH",
             "how deep the kernel side looks for the worker entry; userspace never sees that stack",
         ),
+        ("LOOPBPF_ON_CPU", OFF_CPU),
+        ("LOOPBPF_OFF_CPU_PREEMPTED", OFF_CPU),
+        ("LOOPBPF_OFF_CPU_ASLEEP", OFF_CPU),
     ];
+    const OFF_CPU: &str = "the probes' own note of how a thread left the CPU, until it is back";
 
     /// A field's type as the layout probe program names it, so a sign or element type that
     /// changes with the size kept is drift too.
@@ -603,7 +611,8 @@ mod tests {
             loop_addr, epfd, pid, discovered_ns, busy_since_ns, poll_enter_ns, in_poll,
             counts_iterations, role, busy_before_attach, idle_ns, iterations, seen_ns, seen_count,
             max_busy_ns, window_max_busy_ns, window, blocks, exited_ns, busy_hist, gc_start_ns,
-            count_addr, samples, last_sample_ns, last_off_cpu_ns, off_cpu_pending_ns,
+            count_addr, samples, last_sample_ns, last_off_cpu_ns, off_cpu_pending_ns, left_cpu_ns,
+            left_runtime_ns, off_cpu, reserved,
         });
         program.push_str("return 0;\n}\n");
 
