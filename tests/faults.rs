@@ -87,10 +87,19 @@ fn no_such_pid() {
         .trim()
         .parse()
         .unwrap();
-    let pid = (1..pid_max)
-        .rev()
-        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+    let last: u32 = fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
         .unwrap();
+    // A free pid that the kernel hands out again only after every pid past its last one: not
+    // the highest free pid, which loopbpf itself was given once, pids having wrapped around.
+    let free = |p: &u32| !Path::new(&format!("/proc/{p}")).exists();
+    let pid = (300..last.saturating_sub(100))
+        .rev()
+        .find(free)
+        .or_else(|| (last.saturating_add(1000)..pid_max).find(free))
+        .expect("a free pid");
     let output = loopbpf_output(&[], &["--pid", &pid.to_string()]);
     assert_one_line_error(&output, &format!("no process with pid {pid}"));
 }
