@@ -103,15 +103,14 @@ fn thousands_of_blocks_keep_memory_and_maps_flat() {
 /// block and per exited process grew it by tens of MB a minute), and every block of every
 /// process that ended by itself is reported. (Blocks were lost mid-life, about one process in
 /// 60, when a sample came late on the loaded host: the kernel side started the next interval at
-/// the late look, cutting the 60 ms spins under the 50 ms threshold.) The threshold is 40 ms:
-/// on a quiet host, about one 60 ms spin in 700 is still measured over 10 ms short (a few more
-/// by 3 to 9 ms), by this build and by the one before it alike (an accuracy bug under churn,
-/// not found yet); this
-/// test is about blocks lost, and `cargo xtask bench churn` keeps the 50 ms threshold.
+/// the late look, cutting the 60 ms spins under the 50 ms threshold. Later, about one spin in
+/// 700 still began at the thread's next preemption, mid-spin: the kernel had not traced its
+/// wake from an idle CPU, and this test failed in 3 of 6 runs. With that wake placed from the
+/// thread's CPU time it passed 5 of 5.)
 #[test]
 fn churn_keeps_memory_flat_and_loses_no_block() {
     require_root();
-    let loopbpf = Loopbpf::watch_all(&["--json", "--threshold", "40ms"]);
+    let loopbpf = Loopbpf::watch_all(&["--json", "--threshold", "50ms"]);
     let churn = Command::new(node_bin())
         .arg(fixture("churn.js"))
         .args(["8", "60", "100"])
