@@ -457,8 +457,18 @@ fn node_copy(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-/// Starts one target per cell of the matrix not in [`plant_traps`], each with its trap.
-fn plant_more_traps(scratch: &Scratch, secret: &Path, decoy: &Path) -> Vec<Cell> {
+/// The perf map of process `pid`, planted by `plant` in place of a stale one (an earlier process
+/// with this pid), and removed when dropped.
+fn planted_perf_map(pid: u32, plant: impl FnOnce(&Path)) -> Fifo {
+    let path = PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    let _ = fs::remove_file(&path);
+    plant(&path);
+    Fifo(path)
+}
+
+/// Starts one target per cell of the matrix not in [`plant_traps`], each with its trap; and the
+/// perf maps planted in /tmp, to hold until the test ends.
+fn plant_more_traps(scratch: &Scratch, secret: &Path, decoy: &Path) -> (Vec<Cell>, Vec<Fifo>) {
     let dir = &scratch.0;
     let in_decoy_ns = decoy_namespace(secret, decoy);
     let canary = secret.join("canary.map");
@@ -474,14 +484,19 @@ fn plant_more_traps(scratch: &Scratch, secret: &Path, decoy: &Path) -> Vec<Cell>
     };
 
     // The perf map as a symlink out of the target's root, as /dev/zero, as a huge sparse file.
+    let mut perf_maps = Vec::new();
     let target = spinning(&in_decoy_ns, &scratch.app("perf-escape", ""), quiet, &[]);
-    symlink(&canary, format!("/tmp/perf-{}.map", target.pid())).unwrap();
+    perf_maps.push(planted_perf_map(target.pid(), |path| {
+        symlink(&canary, path).unwrap()
+    }));
     cell("perf map: symlink to a host file", target, None, None);
     let target = spinning(&[], &scratch.app("perf-zero", ""), quiet, &[]);
-    symlink("/dev/zero", format!("/tmp/perf-{}.map", target.pid())).unwrap();
+    perf_maps.push(planted_perf_map(target.pid(), |path| {
+        symlink("/dev/zero", path).unwrap()
+    }));
     cell("perf map: /dev/zero", target, Some("a device"), None);
     let target = spinning(&[], &scratch.app("perf-huge", ""), quiet, &[]);
-    sparse(Path::new(&format!("/tmp/perf-{}.map", target.pid())));
+    perf_maps.push(planted_perf_map(target.pid(), sparse));
     cell("perf map: 64 GiB sparse", target, Some("MiB cap"), None);
 
     // The script itself, replaced on disk once node has loaded it: loopbpf reads it for its
@@ -556,7 +571,7 @@ fn plant_more_traps(scratch: &Scratch, secret: &Path, decoy: &Path) -> Vec<Cell>
     fs::remove_file(&node).unwrap();
     std::mem::forget(mkfifo(&node));
     cell("executable: replaced by a FIFO", target, None, None);
-    cells
+    (cells, perf_maps)
 }
 
 /// A target whose blocking function's `SharedFunctionInfo` the test overwrites with garbage
@@ -672,7 +687,8 @@ fn every_trap_at_every_read_leaves_loopbpf_working_for_everyone_else() {
         OpenWatch::new(&secret.join("canary.map")),
         OpenWatch::new(&secret.join("debug-canary")),
     ];
-    let cells = plant_more_traps(&scratch, &secret, &decoy);
+    // Held to the end: dropping them removes the planted perf maps.
+    let (cells, _perf_maps) = plant_more_traps(&scratch, &secret, &decoy);
     let (mut garbled, shared) = garbled_target();
     let mut benign = Fixture::start();
 
