@@ -442,9 +442,9 @@ fn a_node_binary_deleted_under_the_running_process_is_still_probed() {
 /// asleep. Before they placed that unseen wake, this test failed in 4 of 6 runs: a block lost,
 /// or begun at the thread's next preemption, mid-spin.
 ///
-/// A block may hold more than the fixture's callback (the loop's whole busy stretch, and the
-/// time it waits for a CPU before its next poll on a loaded machine), so only the typical
-/// excess is bounded.
+/// A block may hold more than the fixture's callback: the loop's whole busy stretch, such as a
+/// page fault that sleeps for milliseconds after the poll returns (seen in about one block in
+/// 200 here), or the wait for a CPU before the next poll. So only the typical excess is bounded.
 #[test]
 fn every_block_begun_by_a_wake_is_measured_whole() {
     const BLOCKS: usize = 200;
