@@ -707,18 +707,21 @@ static __always_inline bool is_young(__u64 busy_since_ns, __u64 now)
 	return now - busy_since_ns < threshold_ns / LOOPBPF_YOUNG_DIVISOR;
 }
 
-/* How a stack record of the busy interval begun at `busy_since_ns` is submitted, at `now`.
- * loopbpf keeps the records of a young interval raw and does nothing with them until it is
- * older: they wait for its next look (it reads the stack ring once a second, and before every
- * control event, so a block's end still comes after its stacks) instead of waking it twice a record (its main thread and
- * its naming thread). Older intervals' records wake it, each: it unwinds them while the
- * interval runs, and a flood of them must not fill the ring; so does any record that finds
- * the ring a quarter full, which bounds what waits however many CPUs sample at once. */
-static __always_inline __u64 stack_wake(__u64 busy_since_ns, __u64 now)
+/* How thread `t`'s stack record of the busy interval begun at `busy_since_ns` is submitted, at
+ * `now`. loopbpf keeps the records of a young interval raw and does nothing with them until it
+ * is older: they wait for its next look (it reads the stack ring once a second, and before
+ * every control event, so a block's end still comes after its stacks) instead of waking it
+ * twice a record (its main thread and its naming thread). Older intervals' records wake it
+ * every LOOPBPF_STACK_WAKE_SPACING_NS: it unwinds them while the interval runs, a few at a
+ * time. Any record that finds the ring a quarter full wakes it too, which bounds what waits
+ * however many CPUs sample at once. */
+static __always_inline __u64 stack_wake(struct loopbpf_thread *t, __u64 busy_since_ns, __u64 now)
 {
-	if (is_young(busy_since_ns, now) &&
-	    bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) < stack_ring_bytes / 4)
+	if (bpf_ringbuf_query(&stacks, BPF_RB_AVAIL_DATA) >= stack_ring_bytes / 4)
+		return BPF_RB_FORCE_WAKEUP;
+	if (is_young(busy_since_ns, now) || now - t->stack_woke_ns < LOOPBPF_STACK_WAKE_SPACING_NS)
 		return BPF_RB_NO_WAKEUP;
+	t->stack_woke_ns = now;
 	return BPF_RB_FORCE_WAKEUP;
 }
 
@@ -791,7 +794,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
 	e->off_cpu_ns = 0;
 	e->periods = every;
 	fill_stacks(ctx, e);
-	bpf_ringbuf_submit(e, stack_wake(e->busy_since_ns, now));
+	bpf_ringbuf_submit(e, stack_wake(t, e->busy_since_ns, now));
 	return 0;
 }
 
@@ -948,7 +951,7 @@ static __always_inline void off_cpu_ends(struct loopbpf_thread *t, struct loopbp
 	}
 	bpf_probe_read_kernel(e, sizeof(*e), sleep);
 	e->off_cpu_ns = slept + pending;
-	bpf_ringbuf_submit(e, stack_wake(sleep->busy_since_ns, now));
+	bpf_ringbuf_submit(e, stack_wake(t, sleep->busy_since_ns, now));
 }
 
 /* The kernel's task states (include/linux/sched.h) that tell a sleep from a preemption. */

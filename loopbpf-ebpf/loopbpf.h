@@ -114,6 +114,9 @@ enum loopbpf_off_cpu {
  * `periods`): most busy intervals end young, and a block's young part keeps an unbiased
  * profile, only coarser. */
 #define LOOPBPF_YOUNG_STACK_SPACING 2
+/* An older interval's stack records wake loopbpf at most this often per thread (the others wait
+ * for the next wake-up, or for the interval's end): it unwinds a few at a time, not one. */
+#define LOOPBPF_STACK_WAKE_SPACING_NS 20000000
 /* The copy starts this far below sp: the x86-64 red zone, where leaf code may keep values its
  * unwind rules read (OpenSSL's SHA-2 assembly saves its caller's stack pointer there). */
 #define LOOPBPF_RED_ZONE 128
@@ -270,6 +273,7 @@ struct loopbpf_thread {
 	__u64 off_cpu_pending_ns; /* the other short sleeps' time, added to the next record */
 	__u64 left_cpu_ns;     /* when it last left the CPU (sched_switch) */
 	__u64 left_runtime_ns; /* its CPU time then (the scheduler's se.sum_exec_runtime) */
+	__u64 stack_woke_ns;   /* when its last stack record woke loopbpf */
 	__u32 off_cpu;         /* enum loopbpf_off_cpu: how it left, until it is seen back */
 	__u32 reserved;
 };

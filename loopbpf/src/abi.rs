@@ -180,6 +180,7 @@ pub struct ThreadState {
     pub off_cpu_pending_ns: u64,
     pub left_cpu_ns: u64,
     pub left_runtime_ns: u64,
+    pub stack_woke_ns: u64,
     pub off_cpu: u32,
     pub reserved: u32,
 }
@@ -302,7 +303,7 @@ mod tests {
     }
 
     /// The header's constants (macros and enum values) with no twin here, and why.
-    const HEADER_ONLY: [(&str, &str); 8] = [
+    const HEADER_ONLY: [(&str, &str); 9] = [
         ("LOOPBPF_H", "the include guard"),
         (
             "LOOPBPF_CONTROL_RING_BYTES",
@@ -319,6 +320,10 @@ mod tests {
         (
             "LOOPBPF_ROLE_STACK_DEPTH",
             "how deep the kernel side looks for the worker entry; userspace never sees that stack",
+        ),
+        (
+            "LOOPBPF_STACK_WAKE_SPACING_NS",
+            "how often the kernel side wakes loopbpf for stacks; userspace drains what it finds",
         ),
         ("LOOPBPF_ON_CPU", OFF_CPU),
         ("LOOPBPF_OFF_CPU_PREEMPTED", OFF_CPU),
@@ -612,7 +617,7 @@ mod tests {
             counts_iterations, role, busy_before_attach, idle_ns, iterations, seen_ns, seen_count,
             max_busy_ns, window_max_busy_ns, window, blocks, exited_ns, busy_hist, gc_start_ns,
             count_addr, samples, last_sample_ns, last_off_cpu_ns, off_cpu_pending_ns, left_cpu_ns,
-            left_runtime_ns, off_cpu, reserved,
+            left_runtime_ns, stack_woke_ns, off_cpu, reserved,
         });
         program.push_str("return 0;\n}\n");
 
