@@ -487,12 +487,12 @@ fn plant_more_traps(scratch: &Scratch, secret: &Path, decoy: &Path) -> (Vec<Cell
     let mut perf_maps = Vec::new();
     let target = spinning(&in_decoy_ns, &scratch.app("perf-escape", ""), quiet, &[]);
     perf_maps.push(planted_perf_map(target.pid(), |path| {
-        symlink(&canary, path).unwrap()
+        symlink(&canary, path).unwrap();
     }));
     cell("perf map: symlink to a host file", target, None, None);
     let target = spinning(&[], &scratch.app("perf-zero", ""), quiet, &[]);
     perf_maps.push(planted_perf_map(target.pid(), |path| {
-        symlink("/dev/zero", path).unwrap()
+        symlink("/dev/zero", path).unwrap();
     }));
     cell("perf map: /dev/zero", target, Some("a device"), None);
     let target = spinning(&[], &scratch.app("perf-huge", ""), quiet, &[]);
