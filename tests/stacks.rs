@@ -493,3 +493,43 @@ fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
         "the block after the chain has {after:.2} of its stacks there: {output:?}"
     );
 }
+
+const LONG_BLOCK: &str = "
+const spin = (ms) => { const t = performance.now(); while (performance.now() - t < ms); };
+function longSpin() { spin(4000); }
+process.stdin.once('data', () => {
+  longSpin();
+  setTimeout(() => process.exit(0), 300);
+});
+";
+
+/// A long block costs loopbpf few wake-ups while it runs (issue 17): its stack records (one
+/// every 5 ms) wake loopbpf at most every 20 ms, not one by one (each of those was a wake-up of
+/// its main thread and of a naming thread: about 400 a second). The block still has its stacks.
+#[test]
+fn a_long_blocks_stacks_wake_loopbpf_a_few_at_a_time() {
+    require_root();
+    let (mut node, loopbpf) = watched_until_go(LONG_BLOCK);
+    // The spin runs for 4 s: 2 s of it, past its first second.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = voluntary_switches(loopbpf.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let per_second = (voluntary_switches(loopbpf.child.id()) - before) / 2;
+    eprintln!("loopbpf woke {per_second} times a second during the block");
+    assert!(node.wait().expect("node").success(), "the target failed");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    // At most 50 record wake-ups a second, each waking two threads, and the ongoing lines.
+    assert!(
+        per_second < 150,
+        "loopbpf woke {per_second} times a second during a 4 s block"
+    );
+    let block = events(&output, "block")
+        .into_iter()
+        .map(|block| share_with(block, |n| n == "longSpin"))
+        .fold(0.0, f64::max);
+    assert!(
+        block > 0.8,
+        "the long block has {block:.2} of its stacks in longSpin: {output:?}"
+    );
+}
