@@ -469,16 +469,20 @@ static __always_inline void switched_in_unseen(struct loopbpf_thread *t, __u32 t
 	switched_in(t, tid, back > left ? back : left);
 }
 
+/* The thread's CPU time since it last left the CPU, from `runtime` (its se.sum_exec_runtime
+ * now); 0 where it was not seen leaving. */
+static __always_inline __u64 ran_since(const struct loopbpf_thread *t, __u64 runtime)
+{
+	return t->left_runtime_ns && runtime > t->left_runtime_ns ? runtime - t->left_runtime_ns : 0;
+}
+
 /* How long the running thread has run since it left the CPU, for switched_in_unseen, from a
  * probe that fires while it runs (a sample, a uprobe). Its CPU time is brought up to date only
  * now and then (each tick), so it is a lower bound; its sampler fires within one period of CPU
  * time after the switch back, so no less than half a period is taken (within 0.5 ms). */
 static __always_inline __u64 ran_since_left(const struct loopbpf_thread *t)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	__u64 runtime = task->se.sum_exec_runtime;
-	__u64 ran = t->left_runtime_ns && runtime > t->left_runtime_ns ?
-			    runtime - t->left_runtime_ns : 0;
+	__u64 ran = ran_since(t, bpf_get_current_task_btf()->se.sum_exec_runtime);
 
 	return ran > LOOPBPF_SAMPLE_PERIOD_NS / 2 ? ran : LOOPBPF_SAMPLE_PERIOD_NS / 2;
 }
@@ -997,9 +1001,7 @@ static __always_inline void loop_threads_switch(void *ctx, bool check_prev, __u6
 		now = bpf_ktime_get_ns();
 		/* Its CPU time is exact here (brought up to date as it leaves). */
 		if (back_unseen(t))
-			switched_in_unseen(t, tid, now,
-					   t->left_runtime_ns && prev_runtime > t->left_runtime_ns ?
-						   prev_runtime - t->left_runtime_ns : 0);
+			switched_in_unseen(t, tid, now, ran_since(t, prev_runtime));
 		t->off_cpu = prev_sleeps ? LOOPBPF_OFF_CPU_ASLEEP : LOOPBPF_OFF_CPU_PREEMPTED;
 		t->left_cpu_ns = now;
 		t->left_runtime_ns = prev_runtime;

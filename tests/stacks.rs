@@ -468,15 +468,8 @@ fn voluntary_switches(pid: u32) -> u64 {
 #[test]
 fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
     require_root();
-    let (mut node, loopbpf) = watched_until_go(CHAIN_THEN_BLOCK);
     // The chain runs for 5 s: 3 s of it, past its start.
-    std::thread::sleep(Duration::from_secs(1));
-    let before = voluntary_switches(loopbpf.child.id());
-    std::thread::sleep(Duration::from_secs(3));
-    let per_second = (voluntary_switches(loopbpf.child.id()) - before) / 3;
-    assert!(node.wait().expect("node").success(), "the target failed");
-    let (status, output) = loopbpf.finish(Duration::from_secs(15));
-    assert!(status.success(), "loopbpf failed: {status}");
+    let (per_second, after) = wakeups_then_share(CHAIN_THEN_BLOCK, 3, "afterTheChain");
     // Its looks and their naming jobs: about 16 a second on a quiet machine.
     assert!(
         per_second < 120,
@@ -484,14 +477,29 @@ fn stacks_of_short_busy_intervals_wake_loopbpf_only_on_its_look() {
     );
     // On a loaded host the chain waits for a CPU now and then, which can make blocks of its
     // own: the one after the chain is the one with its stacks.
-    let after = events(&output, "block")
-        .into_iter()
-        .map(|block| share_with(block, |n| n == "afterTheChain"))
-        .fold(0.0, f64::max);
     assert!(
         after > 0.8,
-        "the block after the chain has {after:.2} of its stacks there: {output:?}"
+        "the block after the chain has {after:.2} of its stacks there"
     );
+}
+
+/// Runs `script` under `--pid` until it exits: loopbpf's wake-ups a second over `seconds`
+/// from the script's first second on, and the largest share of a block's stacks in `function`.
+fn wakeups_then_share(script: &str, seconds: u64, function: &str) -> (u64, f64) {
+    let (mut node, loopbpf) = watched_until_go(script);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = voluntary_switches(loopbpf.child.id());
+    std::thread::sleep(Duration::from_secs(seconds));
+    let per_second = (voluntary_switches(loopbpf.child.id()) - before) / seconds;
+    eprintln!("loopbpf woke {per_second} times a second");
+    assert!(node.wait().expect("node").success(), "the target failed");
+    let (status, output) = loopbpf.finish(Duration::from_secs(15));
+    assert!(status.success(), "loopbpf failed: {status}");
+    let share = events(&output, "block")
+        .into_iter()
+        .map(|block| share_with(block, |n| n == function))
+        .fold(0.0, f64::max);
+    (per_second, share)
 }
 
 const LONG_BLOCK: &str = "
@@ -509,27 +517,15 @@ process.stdin.once('data', () => {
 #[test]
 fn a_long_blocks_stacks_wake_loopbpf_a_few_at_a_time() {
     require_root();
-    let (mut node, loopbpf) = watched_until_go(LONG_BLOCK);
     // The spin runs for 4 s: 2 s of it, past its first second.
-    std::thread::sleep(Duration::from_secs(1));
-    let before = voluntary_switches(loopbpf.child.id());
-    std::thread::sleep(Duration::from_secs(2));
-    let per_second = (voluntary_switches(loopbpf.child.id()) - before) / 2;
-    eprintln!("loopbpf woke {per_second} times a second during the block");
-    assert!(node.wait().expect("node").success(), "the target failed");
-    let (status, output) = loopbpf.finish(Duration::from_secs(15));
-    assert!(status.success(), "loopbpf failed: {status}");
+    let (per_second, block) = wakeups_then_share(LONG_BLOCK, 2, "longSpin");
     // At most 50 record wake-ups a second, each waking two threads, and the ongoing lines.
     assert!(
         per_second < 150,
         "loopbpf woke {per_second} times a second during a 4 s block"
     );
-    let block = events(&output, "block")
-        .into_iter()
-        .map(|block| share_with(block, |n| n == "longSpin"))
-        .fold(0.0, f64::max);
     assert!(
         block > 0.8,
-        "the long block has {block:.2} of its stacks in longSpin: {output:?}"
+        "the long block has {block:.2} of its stacks in longSpin"
     );
 }
