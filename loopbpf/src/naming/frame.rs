@@ -1,5 +1,7 @@
 //! A named frame of a stack: what every output shows, whichever stage named it.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 /// Name of a JS frame that the perf map does not name (consecutive ones collapse into one).
@@ -11,6 +13,18 @@ pub(crate) const KERNEL_MODULE: &str = "[kernel]";
 pub(crate) const VDSO: &str = "[vdso]";
 /// How the name of a regular expression's frame starts (`RegExp /<source>/<flags>`).
 pub(crate) const REGEXP_PREFIX: &str = "RegExp /";
+
+/// A constant as the `Arc<str>` of a frame's name or module, made once. A frame's texts are
+/// `Arc`s because frames are cloned from the caches that name them into every sample and every
+/// line, and cloning an `Arc` copies no bytes.
+macro_rules! shared {
+    ($text:expr) => {{
+        static TEXT: std::sync::LazyLock<std::sync::Arc<str>> =
+            std::sync::LazyLock::new(|| std::sync::Arc::from($text));
+        std::sync::Arc::clone(&TEXT)
+    }};
+}
+pub(crate) use shared;
 
 /// Where a position of transpiled JS came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -36,12 +50,12 @@ pub struct Frame {
     /// map keep their prefix (`Builtin:JsonStringify`) and are kind `Js`: they run in V8's code
     /// space on behalf of JS. The same builtins reached in node's own text are named by ELF
     /// (`Builtins_JsonStringify`) and are kind `Native`.
-    pub name: String,
+    pub name: Arc<str>,
     /// Basename of the object (`node`, `libc.so.6`); `[kernel]` for kernel frames; `[JIT]` for
     /// JS/JIT code.
-    pub module: String,
+    pub module: Arc<str>,
     /// Source file when known (DWARF line info, or the script of a perf-map JS entry).
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     /// Column of a JS frame's position, as Node prints it (from 1).
     pub column: Option<u32>,
@@ -53,22 +67,22 @@ pub struct Frame {
 
 impl Frame {
     pub(crate) fn unnamed_js() -> Self {
-        Self::js(UNNAMED_JS.to_owned(), None, None)
+        Self::js(shared!(UNNAMED_JS), None, None)
     }
 
-    pub(crate) fn js(name: String, file: Option<String>, line: Option<u32>) -> Self {
+    pub(crate) fn js(name: impl Into<Arc<str>>, file: Option<Arc<str>>, line: Option<u32>) -> Self {
         Self::js_at(name, file, line.map(|line| (line, None)))
     }
 
     /// A JS frame at a script position (line, and column when known).
     pub(crate) fn js_at(
-        name: String,
-        file: Option<String>,
+        name: impl Into<Arc<str>>,
+        file: Option<Arc<str>>,
         position: Option<(u32, Option<u32>)>,
     ) -> Self {
         Self {
-            name,
-            module: JIT_MODULE.to_owned(),
+            name: name.into(),
+            module: shared!(JIT_MODULE),
             file,
             line: position.map(|(line, _)| line),
             column: position.and_then(|(_, column)| column),
@@ -77,10 +91,10 @@ impl Frame {
         }
     }
 
-    pub(crate) fn unknown(module: &str, kind: FrameKind) -> Self {
+    pub(crate) fn unknown(module: Arc<str>, kind: FrameKind) -> Self {
         Self {
-            name: UNKNOWN.to_owned(),
-            module: module.to_owned(),
+            name: shared!(UNKNOWN),
+            module,
             file: None,
             line: None,
             column: None,
@@ -96,6 +110,6 @@ impl Frame {
     }
 
     pub(crate) fn is_unnamed_js(&self) -> bool {
-        self.kind == FrameKind::Js && self.name == UNNAMED_JS
+        self.kind == FrameKind::Js && &*self.name == UNNAMED_JS
     }
 }

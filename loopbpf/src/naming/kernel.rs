@@ -17,7 +17,7 @@ use std::{
 };
 
 use super::{
-    frame::{Frame, FrameKind, KERNEL_MODULE},
+    frame::{Frame, FrameKind, KERNEL_MODULE, shared},
     objects::MAX_CACHED_FRAMES,
 };
 
@@ -54,11 +54,14 @@ impl KernelSymbols {
             Some((start, name)) => (
                 start,
                 Frame {
-                    name: demangled(name),
-                    ..Frame::unknown(KERNEL_MODULE, FrameKind::Kernel)
+                    name: demangled(name).into(),
+                    ..Frame::unknown(shared!(KERNEL_MODULE), FrameKind::Kernel)
                 },
             ),
-            None => (addr, Frame::unknown(KERNEL_MODULE, FrameKind::Kernel)),
+            None => (
+                addr,
+                Frame::unknown(shared!(KERNEL_MODULE), FrameKind::Kernel),
+            ),
         };
         if self.frames.len() >= MAX_CACHED_FRAMES {
             self.frames.clear();
@@ -428,8 +431,8 @@ mod tests {
         let addr = kallsyms_address("schedule");
         let mut kernel = KernelSymbols::default();
         let frame = kernel.frame(addr);
-        assert_eq!(frame.name, "schedule", "{frame:?}");
-        assert_eq!(frame.module, KERNEL_MODULE);
+        assert_eq!(&*frame.name, "schedule", "{frame:?}");
+        assert_eq!(&*frame.module, KERNEL_MODULE);
         assert!(kernel.is_parsed());
         assert!(
             !kernel.evict_idle(Duration::from_hours(1)),
@@ -450,7 +453,7 @@ mod tests {
         let schedule = kallsyms_address("schedule");
         let mut kernel = KernelSymbols::default();
         let frame = kernel.frame(schedule + 8);
-        assert_eq!(frame.name, "schedule");
+        assert_eq!(&*frame.name, "schedule");
         assert_eq!(kernel.frame(schedule + 2), frame);
         assert_eq!(kernel.frames.len(), 1, "one range for the function");
         kernel.evict_idle(Duration::ZERO);
@@ -466,7 +469,7 @@ mod tests {
         assert!(kernel.is_parsed());
         assert_eq!(next, frame, "schedule is longer than 9 bytes");
         // Below the symbol's start: another symbol's.
-        assert_ne!(kernel.frame(schedule - 1).name, "schedule");
+        assert_ne!(&*kernel.frame(schedule - 1).name, "schedule");
     }
 
     #[test]
@@ -486,8 +489,10 @@ mod tests {
             .chain((0..16_384_u32).step_by(5).rev());
         for addr in addrs.map(|offset| start + u64::from(offset)) {
             let expected = match uncached.symbolize_single(&source, Input::AbsAddr(addr)) {
-                Ok(Symbolized::Sym(sym)) => frame_from_sym(sym, KERNEL_MODULE, FrameKind::Kernel),
-                _ => Frame::unknown(KERNEL_MODULE, FrameKind::Kernel),
+                Ok(Symbolized::Sym(sym)) => {
+                    frame_from_sym(sym, &shared!(KERNEL_MODULE), FrameKind::Kernel)
+                }
+                _ => Frame::unknown(shared!(KERNEL_MODULE), FrameKind::Kernel),
             };
             assert_eq!(kernel.frame(addr), expected, "at {addr:#x}");
         }

@@ -41,7 +41,10 @@ use std::{
     os::fd::AsRawFd,
     path::PathBuf,
     rc::Rc,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -239,7 +242,7 @@ pub(super) struct MappedObject {
     /// Never given to another object, unlike its index in [`Objects::list`]: keys its frames.
     pub(super) id: u64,
     /// Basename, as frames show it.
-    pub(super) module: String,
+    pub(super) module: Arc<str>,
     /// Where blazesym names it from, best first: its separate debug file, then the file itself.
     pub(super) sources: Vec<SymbolSource>,
     /// Keep the object and its debug file reachable through `/proc/self/fd` after the target
@@ -290,7 +293,7 @@ pub(super) enum Mapping {
     /// No path, or `[anon:...]`: V8's code space and heap.
     Anonymous,
     /// Anything else (`[stack]`, `[heap]`, data-only file mappings): never code. Its module name.
-    Other(Rc<str>),
+    Other(Arc<str>),
 }
 
 impl Objects {
@@ -343,7 +346,7 @@ impl Objects {
         self.last_id += 1;
         let object = MappedObject {
             id: self.last_id,
-            module: module.to_owned(),
+            module: module.into(),
             sources,
             _files: files,
             users: HashSet::from([user]),
@@ -601,9 +604,9 @@ mod tests {
                 .map(|inside| base + start + inside)
                 .collect();
             let frames = symbolizer.user(&addrs, &[]);
-            let names: HashSet<&str> = frames.iter().map(|f| f.name.as_str()).collect();
+            let names: HashSet<&str> = frames.iter().map(|f| f.name.as_ref()).collect();
             assert_eq!(names.len(), 1, "{function}: one name, {frames:?}");
-            let name = frames[0].name.as_str();
+            let name = frames[0].name.as_ref();
             assert!(
                 name.contains(function)
                     && !name.contains('@')
@@ -611,7 +614,7 @@ mod tests {
                 "{function} named {name}"
             );
             for frame in &frames {
-                assert_eq!(frame.module, "libc.so.6", "{frame:?}");
+                assert_eq!(&*frame.module, "libc.so.6", "{frame:?}");
                 // No DWARF of libc was read: its frames carry no file and line.
                 assert_eq!((&frame.file, frame.line), (&None, None), "{frame:?}");
             }
@@ -622,9 +625,9 @@ mod tests {
             // A leaf: looked up at the address itself, not the one before it.
             let frame = &symbolizer.user(&[base + start], &[])[0];
             assert!(
-                frame.module == "libc.so.6"
+                &*frame.module == "libc.so.6"
                     && !frame.name.contains('@')
-                    && frame.name != super::super::frame::UNKNOWN
+                    && &*frame.name != super::super::frame::UNKNOWN
                     && frame.line.is_none(),
                 "{function} at {start:#x}: {frame:?}"
             );

@@ -10,6 +10,7 @@ use std::{
     io::{Read, Seek, SeekFrom},
     mem::size_of,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -265,18 +266,18 @@ pub(super) fn parse_perf_map_line(line: &str) -> Option<(u64, u64, &str)> {
 /// Turns a V8 perf map name into a frame: `JS:*fib /app.js:3:13` is `fib` at `/app.js` line 3.
 fn js_frame_from_perf_map(entry: &str) -> Frame {
     let Some((kind, rest)) = entry.split_once(':') else {
-        return Frame::js(entry.to_owned(), None, None);
+        return Frame::js(entry, None, None);
     };
     if !matches!(kind, "JS" | "LazyCompile" | "Function" | "Script" | "Eval") {
         // Builtin:, BytecodeHandler:, Stub:, RegExp:, ...: the whole entry is the name.
-        return Frame::js(entry.to_owned(), None, None);
+        return Frame::js(entry, None, None);
     }
     // The tier: ~ interpreted, ^ baseline, + Maglev, * optimized.
     let rest = rest.strip_prefix(['~', '^', '+', '*']).unwrap_or(rest);
     let (name, script) = split_name_and_script(rest);
     let name = if name.is_empty() { "<anonymous>" } else { name };
     let (file, line) = script.map_or((None, None), parse_script_location);
-    Frame::js(name.to_owned(), file, line)
+    Frame::js(name, file.map(Arc::from), line)
 }
 
 /// Splits `NAME SCRIPT:LINE:COL`, where the name may be empty or hold spaces (`get x`).
@@ -404,11 +405,11 @@ mod tests {
         ];
         for (entry, name, file, line) in cases {
             let frame = js_frame_from_perf_map(entry);
-            assert_eq!(frame.name, name, "{entry}");
+            assert_eq!(&*frame.name, name, "{entry}");
             assert_eq!(frame.file.as_deref(), file, "{entry}");
             assert_eq!(frame.line, line, "{entry}");
             assert_eq!(
-                (frame.kind, frame.module.as_str()),
+                (frame.kind, frame.module.as_ref()),
                 (FrameKind::Js, "[JIT]"),
                 "{entry}"
             );
@@ -434,7 +435,7 @@ mod tests {
         add(0x1f0, 0x300, "tail");
         add(0x80, 0x110, "head");
         add(0x400, 0x410, "old");
-        let name_at = |addr| perf_map.lookup(addr).map(|frame| frame.name.as_str());
+        let name_at = |addr| perf_map.lookup(addr).map(|frame| frame.name.as_ref());
         assert_eq!(name_at(0x7f), None);
         assert_eq!(name_at(0x80), Some("head"));
         assert_eq!(name_at(0x110), Some("old"));

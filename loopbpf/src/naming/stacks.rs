@@ -187,7 +187,7 @@ pub fn profile(
 /// of what blocked, even when the stack is too deep to reach the outer loop.
 pub fn above_the_loop(frames: &[Frame]) -> &[Frame] {
     let is_loop = |i: usize| {
-        frames[i].name == "uv_run"
+        &*frames[i].name == "uv_run"
             && !frames
                 .get(i + 1)
                 .is_some_and(|caller| caller.name.contains("SyncProcessRunner"))
@@ -205,8 +205,8 @@ mod tests {
 
     fn frame(name: &str) -> Frame {
         Frame {
-            name: name.to_owned(),
-            module: "node".to_owned(),
+            name: name.into(),
+            module: "node".into(),
             file: None,
             line: None,
             column: None,
@@ -288,7 +288,7 @@ mod tests {
         .to_vec();
         let names: Vec<&str> = above_the_loop(&stack)
             .iter()
-            .map(|f| f.name.as_str())
+            .map(|f| f.name.as_ref())
             .collect();
         assert_eq!(
             names,

@@ -11,6 +11,7 @@
 use std::{
     cell::OnceCell,
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,7 +24,7 @@ use blazesym::{
 };
 
 use super::{
-    frame::{Frame, FrameKind, UNKNOWN, VDSO},
+    frame::{Frame, FrameKind, UNKNOWN, VDSO, shared},
     objects::{Mapping, SharedObjects},
     perf_map::PerfMap,
 };
@@ -33,20 +34,20 @@ use crate::target::{maps::MapsEntry, proc::Process, start_time};
 /// JIT pages and `dlopen`ed addons appear between the caller's once-a-second refreshes.
 const MIN_MAPS_REREAD_INTERVAL: Duration = Duration::from_millis(100);
 
-pub(super) fn frame_from_sym(sym: Sym<'_>, module: &str, kind: FrameKind) -> Frame {
+pub(super) fn frame_from_sym(sym: Sym<'_>, module: &Arc<str>, kind: FrameKind) -> Frame {
     let (file, line) = sym.code_info.map_or((None, None), |info| {
-        (Some(info.to_path().display().to_string()), info.line)
+        (Some(info.to_path().display().to_string().into()), info.line)
     });
     let name = if sym.name.is_empty() {
-        UNKNOWN.to_owned()
+        shared!(UNKNOWN)
     } else if kind == FrameKind::Native {
-        without_symbol_version(&sym.name).to_owned()
+        without_symbol_version(&sym.name).into()
     } else {
-        sym.name.into_owned()
+        sym.name.as_ref().into()
     };
     Frame {
         name,
-        module: module.to_owned(),
+        module: Arc::clone(module),
         file,
         line,
         column: None,
@@ -264,10 +265,10 @@ impl Symbolizer {
             Place::AnonymousCode => (self.js_frame(addr).unwrap_or_else(Frame::unnamed_js), true),
             Place::AnonymousData | Place::Outside => match self.js_frame(addr) {
                 Some(frame) => (frame, true),
-                None => (Frame::unknown(UNKNOWN, FrameKind::Native), false),
+                None => (Frame::unknown(shared!(UNKNOWN), FrameKind::Native), false),
             },
             Place::Other { module, executable } => {
-                (Frame::unknown(&module, FrameKind::Native), executable)
+                (Frame::unknown(module, FrameKind::Native), executable)
             }
         }
     }
@@ -293,7 +294,7 @@ impl Symbolizer {
             Mapping::Anonymous if region.executable => Place::AnonymousCode,
             Mapping::Anonymous => Place::AnonymousData,
             Mapping::Other(module) => Place::Other {
-                module: Rc::clone(module),
+                module: Arc::clone(module),
                 executable: region.executable,
             },
         }
@@ -310,7 +311,8 @@ impl Symbolizer {
             return frame;
         }
         let mut native = self.native.0.borrow_mut();
-        let frame = Frame::unknown(&native.objects.list[object].module, FrameKind::Native);
+        let module = Arc::clone(&native.objects.list[object].module);
+        let frame = Frame::unknown(module, FrameKind::Native);
         native.remember_frame(Some(object), file_offset, frame.clone());
         frame
     }
@@ -322,8 +324,8 @@ impl Symbolizer {
         }
         let own_vdso = *self.own_vdso.get_or_init(find_own_vdso);
         let mut frame = Frame {
-            name: VDSO.to_owned(),
-            ..Frame::unknown(VDSO, FrameKind::Native)
+            name: shared!(VDSO),
+            ..Frame::unknown(shared!(VDSO), FrameKind::Native)
         };
         if let Some((own_start, own_size)) = own_vdso
             && own_size == size
@@ -340,7 +342,7 @@ impl Symbolizer {
                 .blazesym
                 .symbolize_single(&source, Input::AbsAddr(own_start + offset))
             {
-                frame = frame_from_sym(sym, VDSO, FrameKind::Native);
+                frame = frame_from_sym(sym, &shared!(VDSO), FrameKind::Native);
             }
         }
         let mut native = self.native.0.borrow_mut();
@@ -436,7 +438,7 @@ enum Place {
     AnonymousData,
     /// A named region that is no object file of code: `[stack]`, `[heap]`, `[vsyscall]`, data.
     Other {
-        module: Rc<str>,
+        module: Arc<str>,
         executable: bool,
     },
     Outside,
@@ -664,27 +666,27 @@ mod tests {
             crate::naming::objects::NATIVE_LINE_INFO,
         );
         assert_eq!(
-            start_frames[0].name, "node::Start(int, char**)",
+            &*start_frames[0].name, "node::Start(int, char**)",
             "{start_frames:?}"
         );
         assert_eq!(uv_frames, cached_frames);
-        assert_eq!(uv_frames[0].name, "uv_run", "{uv_frames:?}");
+        assert_eq!(&*uv_frames[0].name, "uv_run", "{uv_frames:?}");
         for frame in [&start_frames[0], &uv_frames[0]] {
-            assert_eq!(frame.module, "node", "{frame:?}");
+            assert_eq!(&*frame.module, "node", "{frame:?}");
             assert_eq!(frame.kind, FrameKind::Native);
         }
 
         let vdso_start = vdso_range(node.pid()).0;
         let frames = symbolizer.user(&[vdso_start + vdso_symbol_offset("clock_gettime")], &[]);
         assert!(frames[0].name.contains("clock_gettime"), "{frames:?}");
-        assert_eq!(frames[0].module, "[vdso]");
+        assert_eq!(&*frames[0].module, "[vdso]");
 
         // The target is gone: its snapshot and the opened binary still name new addresses.
         node.kill();
         symbolizer.refresh();
         let frames = symbolizer.user(&[0, uv_loop_init + 1], &[]);
-        assert_eq!(frames[1].name, "uv_loop_init", "{frames:?}");
-        assert_eq!(frames[1].module, "node");
+        assert_eq!(&*frames[1].name, "uv_loop_init", "{frames:?}");
+        assert_eq!(&*frames[1].module, "node");
     }
 
     #[test]
@@ -715,9 +717,9 @@ mod tests {
         let frames = symbolizer.user(&[start + 1], &[]);
         assert_eq!(frames.len(), 1);
         let frame = &frames[0];
-        assert_eq!(frame.name, "hotLoopForTest", "{frame:?}");
+        assert_eq!(&*frame.name, "hotLoopForTest", "{frame:?}");
         assert_eq!(frame.kind, FrameKind::Js);
-        assert_eq!(frame.module, "[JIT]");
+        assert_eq!(&*frame.module, "[JIT]");
         assert!(
             frame
                 .file
@@ -755,9 +757,9 @@ mod tests {
         let mut symbolizer = Symbolizer::new(std::process::id());
         let frames = symbolizer.kernel(&[addr, addr + 1]);
         for frame in &frames {
-            assert_eq!(frame.name, "schedule", "{frame:?}");
+            assert_eq!(&*frame.name, "schedule", "{frame:?}");
             assert_eq!(frame.kind, FrameKind::Kernel);
-            assert_eq!(frame.module, "[kernel]");
+            assert_eq!(&*frame.module, "[kernel]");
         }
     }
 
@@ -791,14 +793,14 @@ mod tests {
         symbolizer.start_ticks = None; // keep these maps
         let native = symbolize_test_marker as fn() -> u64 as usize as u64;
         let frames = symbolizer.user(&[0x1100, 0x1f00, 0x2100, native + 1, 0x2200, 0x3100], &[]);
-        let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_str()).collect();
+        let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_ref()).collect();
         assert_eq!(names.len(), 4, "{frames:?}");
         assert_eq!(frames[0], Frame::unnamed_js());
         assert!(names[1].contains("symbolize_test_marker"), "{frames:?}");
         assert_eq!(frames[2], Frame::unnamed_js());
         assert_eq!(
             frames[3],
-            Frame::unknown(UNKNOWN, FrameKind::Native),
+            Frame::unknown(UNKNOWN.into(), FrameKind::Native),
             "heap is not code"
         );
     }
@@ -817,14 +819,14 @@ mod tests {
         // A frameless leaf: framehop took a word at its stack pointer (a number, a stack address)
         // for the return address, then found the frame-pointer chain again.
         let frames = symbolizer.user(&[native, 0x5f, 0x3100, 0x1100, native + 1, 0x20, 0x30], &[]);
-        let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_str()).collect();
+        let names: Vec<&str> = frames.iter().map(|frame| frame.name.as_ref()).collect();
         assert_eq!(names.len(), 4, "{frames:?}");
         assert!(names[0].contains("symbolize_test_marker"), "{frames:?}");
         assert_eq!(frames[1], Frame::unnamed_js());
         assert!(names[2].contains("symbolize_test_marker"), "{frames:?}");
         assert_eq!(
             frames[3],
-            Frame::unknown(UNKNOWN, FrameKind::Native),
+            Frame::unknown(UNKNOWN.into(), FrameKind::Native),
             "lost at the end"
         );
     }
@@ -845,7 +847,7 @@ mod tests {
             ];
             let frames = symbolizer.user(&garbage, &[]);
             assert!(!frames.is_empty() && frames.len() <= garbage.len());
-            assert_eq!(frames[0], Frame::unknown(UNKNOWN, FrameKind::Native));
+            assert_eq!(frames[0], Frame::unknown(UNKNOWN.into(), FrameKind::Native));
             assert_eq!(symbolizer.kernel(&garbage).len(), garbage.len());
             symbolizer.refresh();
         }

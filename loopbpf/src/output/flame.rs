@@ -113,8 +113,8 @@ mod tests {
 
     fn frame(name: &str, kind: FrameKind) -> Frame {
         Frame {
-            name: name.to_owned(),
-            module: "node".to_owned(),
+            name: name.into(),
+            module: "node".into(),
             file: None,
             line: None,
             column: None,

@@ -58,8 +58,8 @@ pub(crate) fn processes() -> Vec<(u32, ProcessLabels)> {
 
 fn native(name: &str, module: &str) -> Frame {
     Frame {
-        name: name.to_owned(),
-        module: module.to_owned(),
+        name: name.into(),
+        module: module.into(),
         file: None,
         line: None,
         column: None,
@@ -71,7 +71,7 @@ fn native(name: &str, module: &str) -> Frame {
 fn profile() -> BlockProfile {
     let mut transpiled = Frame::js_at(
         "Checkout.priceAll".to_owned(),
-        Some("/srv/dist/checkout.js".to_owned()),
+        Some("/srv/dist/checkout.js".into()),
         Some((120, Some(7))),
     );
     transpiled.original = Some(Original {
@@ -104,7 +104,7 @@ fn profile() -> BlockProfile {
                     ),
                     Frame::js(
                         "hashPassword".to_owned(),
-                        Some("/srv/login.js".to_owned()),
+                        Some("/srv/login.js".into()),
                         Some(12),
                     ),
                     transpiled,
@@ -118,7 +118,7 @@ fn profile() -> BlockProfile {
                 frames: vec![
                     kernel,
                     native("__open64", "libc.so.6"),
-                    Frame::js("readFileSync".to_owned(), Some("node:fs".to_owned()), None),
+                    Frame::js("readFileSync", Some("node:fs".into()), None),
                 ],
             },
         ],

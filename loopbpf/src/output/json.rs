@@ -8,7 +8,10 @@
 //! have is skipped when absent; one that is always there is `null` when unknown. README.md
 //! ("JSON lines") documents the fields.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -128,11 +131,11 @@ pub struct Stack {
 #[derive(Debug, Clone, Serialize)]
 pub struct Frame {
     pub column: Option<u32>,
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub kind: FrameKind,
     pub line: Option<u32>,
-    pub module: String,
-    pub name: String,
+    pub module: Arc<str>,
+    pub name: Arc<str>,
     /// Where the position comes from in the source the script was built from (a source map).
     pub original: Option<Original>,
 }

@@ -192,8 +192,8 @@ mod tests {
             gc_ns: 0,
         };
         let mut profile = profile();
-        profile.stacks[0].frames[1].name = name.to_owned();
-        profile.stacks[0].frames[1].file = Some(file.to_owned());
+        profile.stacks[0].frames[1].name = name.into();
+        profile.stacks[0].frames[1].file = Some(file.into());
         let named = Named {
             record: &record,
             profile: Some(&profile),
@@ -256,9 +256,9 @@ mod tests {
 
     fn profile() -> BlockProfile {
         let frame = |name: &str, module: &str, kind, file: Option<&str>, line| Frame {
-            name: name.to_owned(),
-            module: module.to_owned(),
-            file: file.map(str::to_owned),
+            name: name.into(),
+            module: module.into(),
+            file: file.map(Into::into),
             line,
             column: None,
             original: None,

@@ -238,13 +238,13 @@ mod tests {
     use crate::naming::stacks::NamedStack;
 
     fn js(name: &str, file: &str, line: u32) -> Frame {
-        Frame::js(name.to_owned(), Some(file.to_owned()), Some(line))
+        Frame::js(name, Some(file.into()), Some(line))
     }
 
     fn native(name: &str) -> Frame {
         Frame {
-            name: name.to_owned(),
-            module: "node".to_owned(),
+            name: name.into(),
+            module: "node".into(),
             file: None,
             line: None,
             column: None,

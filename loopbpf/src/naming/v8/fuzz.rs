@@ -486,7 +486,7 @@ fn name_with(namer: &mut JsNamer, shared: u64) -> (Option<String>, u64, u64) {
     let name = ids
         .last()
         .and_then(|&id| namer.frame(id))
-        .map(|f| f.name.clone());
+        .map(|f| f.name.to_string());
     (name, used.sample_reads, used.sample_bytes)
 }
 
@@ -756,7 +756,7 @@ fn names_at(namer: &mut JsNamer, shared: u64, pc: u64) -> Vec<String> {
     };
     let ids = namer.name_frame(&slots);
     ids.iter()
-        .map(|&id| namer.frame(id).unwrap().name.clone())
+        .map(|&id| namer.frame(id).unwrap().name.to_string())
         .collect()
 }
 

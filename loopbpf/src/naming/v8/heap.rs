@@ -2,6 +2,8 @@
 //! `SharedFunctionInfo` says of its function (name, script, start) and the class of a method
 //! call's receiver. No pointer is followed before the type of what it points at is checked.
 
+use std::sync::Arc;
+
 use super::{JsNamer, layout};
 use crate::target::memory::ReadMemory;
 
@@ -25,9 +27,9 @@ pub(super) struct FunctionInfo {
     /// function at this address, they differ and it is read again.
     pub(super) read_from: (u64, u64),
     /// V8's debug name (own name, else the inferred one); `None` when it cannot be read.
-    pub(super) name: Option<String>,
+    pub(super) name: Option<Arc<str>>,
     pub(super) script: Option<u64>,
-    pub(super) file: Option<String>,
+    pub(super) file: Option<Arc<str>>,
     /// Where the function starts in its script (UTF-16 units).
     pub(super) start: Option<u32>,
 }
@@ -97,14 +99,14 @@ impl JsNamer {
         });
         let info = FunctionInfo {
             read_from,
-            name,
+            name: name.map(Arc::from),
             script,
-            file,
+            file: file.map(Arc::from),
             start,
         };
         if self.may_cache() {
-            let bytes = info.name.as_ref().map_or(0, String::len)
-                + info.file.as_ref().map_or(0, String::len);
+            let bytes = info.name.as_ref().map_or(0, |name| name.len())
+                + info.file.as_ref().map_or(0, |file| file.len());
             self.functions.insert(shared, info.clone(), bytes);
         }
         Some(info)
@@ -239,7 +241,7 @@ impl JsNamer {
 
     /// The class name of a method call's receiver, as `Error.stack` prints it before the
     /// method; `None` for a plain call (undefined, null, the global proxy) or a primitive.
-    pub(super) fn receiver_type(&mut self, tagged: u64, map: u64) -> Option<String> {
+    pub(super) fn receiver_type(&mut self, tagged: u64, map: u64) -> Option<Arc<str>> {
         let receiver = heap_object(tagged)?;
         let t = self.map_type(map)?;
         let types = &self.layout.types;
@@ -275,7 +277,7 @@ impl JsNamer {
     }
 
     /// The name of the constructor a map was made by (following back pointers to it).
-    fn constructor_name(&mut self, mut map: u64) -> Option<String> {
+    fn constructor_name(&mut self, mut map: u64) -> Option<Arc<str>> {
         for _ in 0..MAX_BACK_POINTERS {
             let next = heap_object(self.memory.word(map + self.layout.map_constructor)?)?;
             if next == map {

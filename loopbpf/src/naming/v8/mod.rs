@@ -38,13 +38,14 @@ use std::{
     collections::HashMap,
     mem::size_of,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Instant,
 };
 
 use crate::{
     abi::{CapturedFrame, RED_ZONE, V8Layout},
     decode::StackSample,
-    naming::frame::Frame,
+    naming::frame::{Frame, shared},
     target::{
         budget::{BoundedCache, BudgetedMemory, Limits, NAMING_LIMITS},
         files::{FileCache, MAX_OBJECT, Weigh},
@@ -161,7 +162,7 @@ pub struct JsNamer {
     /// left (a worker's message handler named as the bootstrap's, its frames at the same place).
     captured_before: BoundedCache<(u32, u64, u64, u64, u64), CapturedFrame>,
     /// Class name of receivers by their map, with the constructor word it was read from.
-    receiver_types: BoundedCache<u64, (u64, String)>,
+    receiver_types: BoundedCache<u64, (u64, Arc<str>)>,
     source_maps: SourceMaps,
     /// Where the header of the code holding a pc was found (checked again on every use).
     code_headers: BoundedCache<u64, u64>,
@@ -649,18 +650,18 @@ impl JsNamer {
 fn frame_heap_bytes(frame: &Frame) -> usize {
     frame.name.len()
         + frame.module.len()
-        + frame.file.as_ref().map_or(0, String::len)
+        + frame.file.as_ref().map_or(0, |file| file.len())
         + frame.original.as_ref().map_or(0, |o| o.file.len())
 }
 
 /// A frame's name as `Error.stack` prints it: `Class.method` for a method call whose name is
 /// an identifier other than the class's own, `<anonymous>` for a function without one.
-fn display_name(name: &str, receiver_type: Option<&str>) -> String {
+fn display_name(name: &Arc<str>, receiver_type: Option<&str>) -> Arc<str> {
     match receiver_type {
-        Some(class) if name.is_empty() => format!("{class}.<anonymous>"),
-        Some(class) if is_identifier(name) && name != class => format!("{class}.{name}"),
-        _ if name.is_empty() => "<anonymous>".to_owned(),
-        _ => name.to_owned(),
+        Some(class) if name.is_empty() => format!("{class}.<anonymous>").into(),
+        Some(class) if is_identifier(name) && **name != *class => format!("{class}.{name}").into(),
+        _ if name.is_empty() => shared!("<anonymous>"),
+        _ => Arc::clone(name),
     }
 }
 
@@ -678,12 +679,13 @@ mod tests {
 
     #[test]
     fn names_read_like_node_prints_them() {
-        assert_eq!(display_name("crunch", Some("Worker")), "Worker.crunch");
-        assert_eq!(display_name("", Some("Object")), "Object.<anonymous>");
-        assert_eq!(display_name("Worker", Some("Worker")), "Worker");
-        assert_eq!(display_name("ns.inner", Some("Object")), "ns.inner");
-        assert_eq!(display_name("spin", None), "spin");
-        assert_eq!(display_name("", None), "<anonymous>");
+        let shown = |name: &str, class| display_name(&name.into(), class).to_string();
+        assert_eq!(shown("crunch", Some("Worker")), "Worker.crunch");
+        assert_eq!(shown("", Some("Object")), "Object.<anonymous>");
+        assert_eq!(shown("Worker", Some("Worker")), "Worker");
+        assert_eq!(shown("ns.inner", Some("Object")), "ns.inner");
+        assert_eq!(shown("spin", None), "spin");
+        assert_eq!(shown("", None), "<anonymous>");
     }
 
     #[test]
@@ -697,7 +699,7 @@ mod tests {
             let refs = namer.js_frames(sample, &[]);
             let got: Vec<String> = refs
                 .iter()
-                .map(|r| namer.frame(r.id).unwrap().name.clone())
+                .map(|r| namer.frame(r.id).unwrap().name.to_string())
                 .collect();
             (got, namer.memory_used().sample_reads)
         };

@@ -246,7 +246,7 @@ mod tests {
 
     fn name_of(namer: &mut JsNamer, tagged: u64) -> Option<String> {
         let id = namer.regexp_frame(tagged)?;
-        Some(namer.frame(id)?.name.clone())
+        Some(namer.frame(id)?.name.to_string())
     }
 
     #[test]

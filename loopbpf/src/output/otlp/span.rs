@@ -265,14 +265,14 @@ mod tests {
 
     fn frame(name: &str, kind: FrameKind, file: Option<&str>, line: Option<u32>) -> Frame {
         Frame {
-            name: name.to_owned(),
+            name: name.into(),
             module: if kind == FrameKind::Js {
                 "[JIT]"
             } else {
                 "node"
             }
-            .to_owned(),
-            file: file.map(str::to_owned),
+            .into(),
+            file: file.map(Into::into),
             line,
             column: line.map(|_| 7),
             original: None,
@@ -469,8 +469,8 @@ mod tests {
         let (record, mut profile) = block(None);
         let huge = "é".repeat(100_000);
         for frame in &mut profile.stacks[0].frames {
-            frame.name.clone_from(&huge);
-            frame.file = frame.file.as_ref().map(|_| huge.clone());
+            frame.name = huge.as_str().into();
+            frame.file = frame.file.as_ref().map(|_| huge.as_str().into());
         }
         profile.stacks[0].frames = (0..1_000)
             .flat_map(|_| profile.stacks[0].frames.clone())

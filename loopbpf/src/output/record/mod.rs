@@ -710,7 +710,7 @@ fn culprit(profile: Option<&BlockProfile>) -> Option<String> {
         .find(|f| !f.file.as_deref().unwrap_or_default().starts_with("node:"))
         .or_else(|| frames.iter().find(js))
         .or_else(|| frames.first())
-        .map(|f| f.name.clone())
+        .map(|f| f.name.to_string())
 }
 
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {
@@ -857,7 +857,7 @@ mod tests {
             })
             .expect("a block of the main thread with stacks");
         let mut profile = profile.unwrap();
-        profile.stacks[0].frames[0].name = NAME.to_owned();
+        profile.stacks[0].frames[0].name = NAME.into();
         recorder.take(
             Named {
                 record: &record,

@@ -231,11 +231,11 @@ mod tests {
     fn frame(name: &str, module: &str, file: Option<&str>, line: Option<u32>) -> Frame {
         Frame {
             column: None,
-            file: file.map(str::to_owned),
+            file: file.map(Into::into),
             kind: FrameKind::Js,
             line,
-            module: module.to_owned(),
-            name: name.to_owned(),
+            module: module.into(),
+            name: name.into(),
             original: None,
         }
     }
