@@ -63,7 +63,7 @@ use super::{
 };
 use crate::target::{
     files::{MAX_OBJECT, MAX_OBJECT_COPY, Refused, Segment, sealed_copy, segments},
-    maps::MapsEntry,
+    maps::{Device, MapsEntry},
     proc::Process,
 };
 
@@ -230,7 +230,7 @@ pub(super) fn remember<K: Eq + Hash>(cache: &mut HashMap<K, Frame>, key: K, fram
 pub(super) struct Objects {
     pub(super) list: Vec<MappedObject>,
     /// By device, inode and path: the same path in two containers may be two files.
-    by_file: HashMap<(String, u64, String), usize>,
+    by_file: HashMap<(Device, u64), usize>,
     /// Entries of `list` closed, to be used again.
     free: Vec<usize>,
     /// The last [`MappedObject::id`] given.
@@ -250,7 +250,7 @@ pub(super) struct MappedObject {
     _files: Vec<File>,
     /// Symbolizers that mapped it.
     users: HashSet<u64>,
-    key: (String, u64, String),
+    key: (Device, u64),
     /// When blazesym was last asked about it; `None` when nothing parsed of it is held.
     asked_at: Option<Instant>,
 }
@@ -334,7 +334,9 @@ impl Objects {
         if !line.perms.execute {
             return Mapping::Other(module.into());
         }
-        let key = (line.dev.clone(), line.inode, path.to_owned());
+        // An inode is not reused while the object holds its file open: a later file with
+        // this key is this file.
+        let key = (line.dev, line.inode);
         if let Some(&object) = self.by_file.get(&key) {
             self.list[object].users.insert(user);
             return Mapping::Object(object);
@@ -350,7 +352,7 @@ impl Objects {
             sources,
             _files: files,
             users: HashSet::from([user]),
-            key: key.clone(),
+            key,
             asked_at: None,
         };
         let index = if let Some(index) = self.free.pop() {
@@ -639,7 +641,7 @@ mod tests {
             .objects
             .list
             .iter()
-            .find(|o| o.key.2 == libc_path)
+            .find(|o| libc_path.ends_with(&format!("/{}", o.module)))
             .expect("libc is open");
         assert_eq!(libc.sources.len(), 2);
         assert!(libc.sources.iter().all(|source| !source.debug_syms));

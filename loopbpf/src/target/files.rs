@@ -32,12 +32,14 @@ use std::{
 
 use object::{Object, read::ReadCache};
 
+use super::maps::Device;
+
 /// A file as `/proc/PID/maps` names it across mount namespaces: device and inode, and, once
 /// the file was opened, its [`FileStamp`]: an inode number freed and given to a new file is
 /// then another identity, and nothing read of the old file is taken for the new one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct FileId {
-    pub dev: String,
+    pub dev: Device,
     pub inode: u64,
     /// `None` until the file is opened ([`FileId::stamped`]).
     pub stamp: Option<FileStamp>,
@@ -522,7 +524,7 @@ mod tests {
         std::fs::write(&path, b"old").unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
         let id = FileId {
-            dev: "00:00".into(),
+            dev: Device { major: 0, minor: 0 },
             inode,
             stamp: None,
         };
@@ -571,7 +573,7 @@ mod tests {
     fn a_file_cache_stays_within_its_bytes() {
         let cache = FileCache::<Vec<u8>>::with_max_bytes(10_000);
         let id = |inode| FileId {
-            dev: "08:01".into(),
+            dev: Device { major: 8, minor: 1 },
             inode,
             stamp: None,
         };

@@ -46,6 +46,35 @@ impl Perms {
     }
 }
 
+/// The device of a mapped file, `major:minor` as the kernel prints it in hex.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Device {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Device {
+    /// `hh:hh`, in hex; `None` for anything else.
+    fn parse(text: &str) -> Option<Self> {
+        let (major, minor) = text.split_once(':')?;
+        let number = |n: &str| {
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(n, 16).ok())
+                .flatten()
+        };
+        Some(Self {
+            major: number(major)?,
+            minor: number(minor)?,
+        })
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x}:{:02x}", self.major, self.minor)
+    }
+}
+
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapsEntry {
@@ -54,8 +83,8 @@ pub struct MapsEntry {
     pub perms: Perms,
     /// Where in the file the mapping starts.
     pub offset: u64,
-    /// `major:minor` of the file's device, as the kernel prints it.
-    pub dev: String,
+    /// The file's device.
+    pub dev: Device,
     pub inode: u64,
     /// As the kernel prints it: a file path (maybe with ` (deleted)`), `[vdso]`, `[stack]`,
     /// `[anon:NAME]`, or empty for anonymous memory.
@@ -70,17 +99,17 @@ impl MapsEntry {
         let (start, end) = fields.next()?.split_once('-')?;
         let perms = Perms::parse(fields.next()?)?;
         let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-        let dev = fields.next()?;
+        let dev = Device::parse(fields.next()?)?;
         let inode = fields.next()?.parse().ok()?;
         let range = u64::from_str_radix(start, 16).ok()?..u64::from_str_radix(end, 16).ok()?;
-        if range.is_empty() || !is_device(dev) {
+        if range.is_empty() {
             return None;
         }
         Some(Self {
             range,
             perms,
             offset,
-            dev: dev.to_owned(),
+            dev,
             inode,
             path: fields.next().unwrap_or("").trim_start().to_owned(),
         })
@@ -99,20 +128,11 @@ impl MapsEntry {
     /// The mapped file across mount namespaces.
     pub fn file(&self) -> FileId {
         FileId {
-            dev: self.dev.clone(),
+            dev: self.dev,
             inode: self.inode,
             stamp: None,
         }
     }
-}
-
-/// `hh:hh`, in hex.
-fn is_device(text: &str) -> bool {
-    text.split_once(':').is_some_and(|(major, minor)| {
-        [major, minor]
-            .iter()
-            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()))
-    })
 }
 
 /// The entries of maps text, in map order; lines that do not parse are left out.
@@ -148,7 +168,7 @@ mod tests {
             (0xb7_2000..0x25f_e000, 0x77_2000, 247_584)
         );
         assert!(line.perms.execute && line.perms.read && !line.perms.write && !line.perms.shared);
-        assert_eq!(line.dev, "fe:00");
+        assert_eq!(line.dev.to_string(), "fe:00");
         assert_eq!(line.file_path(), "/usr/bin/node");
         assert!(line.is_file());
         let anon = MapsEntry::parse("7f91f1fc3000-7f91f1fff000 rw-p 00000000 00:00 0 ").unwrap();
