@@ -109,7 +109,7 @@ pub(super) fn layout() -> Layout {
             thin_tag: 5,
             one_byte_tag: 8,
         },
-        code: Some(code_layout()),
+        code: Some(std::rc::Rc::new(code_layout())),
         objects: Some(object_layout()),
     }
 }

@@ -1,7 +1,7 @@
 //! Where V8 keeps what we read: the postmortem metadata of the binary (`v8dbg_*`), and what it
 //! does not describe, by V8 version.
 
-use std::{collections::HashMap, fs::File};
+use std::{collections::HashMap, fs::File, rc::Rc};
 
 use object::{Object, ObjectSection, ObjectSymbol, read::ReadCache};
 
@@ -60,7 +60,8 @@ pub struct Layout {
     pub scope: ScopeLayout,
     pub strings: StringLayout,
     /// Where optimized code keeps what places its frames; `None`: they keep their start line.
-    pub code: Option<CodeLayout>,
+    /// Shared: the code walk takes a copy of it for every frame.
+    pub code: Option<Rc<CodeLayout>>,
     /// How objects keep their properties; `None` when the metadata does not say (requests
     /// are then not read).
     pub objects: Option<super::object::ObjectLayout>,
@@ -245,7 +246,7 @@ impl Layout {
                 thin_tag: tag(&["ThinStringTag"])?,
                 one_byte_tag: tag(&["OneByteStringTag"])?,
             },
-            code: CodeLayout::from_metadata(values, major),
+            code: CodeLayout::from_metadata(values, major).map(Rc::new),
             objects: super::object::ObjectLayout::from_metadata(values).ok(),
         })
     }

@@ -65,14 +65,36 @@ use positions::LineEnds;
 use regexp::RegExpLayout;
 use source_maps::SourceMaps;
 
-/// The `v8dbg_*` values of a node binary, by name.
-pub type Metadata = HashMap<String, i64>;
+/// What the `v8dbg_*` values of a node binary say: read once per binary, for every process
+/// that runs it.
+pub struct Metadata {
+    /// The values, by name.
+    values: HashMap<String, i64>,
+    /// The layout of its heap objects and frames; what is missing when it cannot be used.
+    layout: Result<Layout, String>,
+    regexp: Option<RegExpLayout>,
+}
+
+impl Metadata {
+    fn read(file: std::fs::File) -> Option<Self> {
+        let values = postmortem_metadata(file)?;
+        Some(Self {
+            layout: Layout::from_metadata(&values),
+            regexp: RegExpLayout::from_metadata(&values),
+            values,
+        })
+    }
+}
 
 impl Weigh for Metadata {
     fn heap_bytes(&self) -> usize {
-        self.keys()
+        // The layouts: a few hundred bytes.
+        let layouts = 1024;
+        self.values
+            .keys()
             .map(|k| k.len() + size_of::<(String, i64)>() + 8)
-            .sum()
+            .sum::<usize>()
+            + layouts
     }
 }
 
@@ -227,27 +249,29 @@ impl JsNamer {
                 &mapping.file(),
                 Path::new(mapping.file_path()),
                 || process.open_mapped(mapping, MAX_OBJECT).ok(),
-                postmortem_metadata,
+                Metadata::read,
             ) {
                 found = Some((PathBuf::from(path), values));
                 break;
             }
         }
-        let Some((path, values)) = found else {
+        let Some((path, metadata)) = found else {
             return Ok(None);
         };
-        let layout = Layout::from_metadata(&values)
+        let layout = metadata
+            .layout
+            .clone()
             .map_err(|why| format!("{}: V8 metadata not usable: {why}", path.display()))?;
         let memory = process
             .memory()
             .map_err(|e| format!("cannot read the target's memory: {e}"))?;
         let mut namer = Self::with_memory(pid, layout, Box::new(memory), NAMING_LIMITS);
-        namer.regexp = RegExpLayout::from_metadata(&values);
+        namer.regexp.clone_from(&metadata.regexp);
         namer.file_code = executable_files(&maps)
             .take(MAX_FILE_CODE)
             .map(|m| m.range.clone())
             .collect();
-        namer.held_metadata = Some(values);
+        namer.held_metadata = Some(metadata);
         Ok(Some(namer))
     }
 
