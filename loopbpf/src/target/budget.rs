@@ -92,6 +92,7 @@ impl BudgetedMemory {
         self.sample_reads.set(0);
         self.sample_bytes.set(0);
         self.spent.set(false);
+        self.source.forget_snapshot();
     }
 
     pub fn limits(&self) -> Limits {
@@ -140,6 +141,10 @@ impl BudgetedMemory {
 impl ReadMemory for BudgetedMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         self.take(buf.len()) && self.source.read(addr, buf)
+    }
+
+    fn forget_snapshot(&self) {
+        self.source.forget_snapshot();
     }
 }
 

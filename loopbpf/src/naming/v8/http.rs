@@ -144,6 +144,7 @@ impl JsNamer {
         // one the GC moved would have changed the value that points at it.
         let key = (self.reading_for, message, values, outer);
         if let Some(known) = self.requests_read.get(&key).cloned() {
+            self.memory.forget_snapshot();
             let still = self.memory.word(at)? == tagged
                 && self.memory.word(object + self.layout.map)? == map_word
                 && self.memory.word(message + self.layout.map)? == message_map_word;
@@ -166,7 +167,8 @@ impl JsNamer {
         let route = route.or_else(|| express_route.and_then(|r| self.express_route(r, base_url)));
         let trace = raw_headers.and_then(|h| self.traceparent(h));
         // Nothing moved while it was read: the frame still holds the object, the objects
-        // their maps and their values.
+        // their maps and their values, as they are now.
+        self.memory.forget_snapshot();
         let still = self.memory.word(at)? == tagged
             && self.memory.word(object + self.layout.map)? == map_word
             && outer.is_none_or(|outer| self.properties(object, map, FASTIFY_PROPERTIES) == outer)
