@@ -177,6 +177,10 @@ pub struct Aggregator {
     threshold_ns: u64,
     loops: BTreeMap<u32, LoopThread>,
     workers_per_pid: BTreeMap<u32, u32>,
+    /// Loop threads whose exit was read since the last [`Self::take_exited_tids`]: not found by
+    /// a walk of every loop at every drain, which exited processes kept for `--keep-exited` made
+    /// long.
+    exited: Vec<u32>,
 }
 
 impl Aggregator {
@@ -185,6 +189,7 @@ impl Aggregator {
             threshold_ns,
             loops: BTreeMap::new(),
             workers_per_pid: BTreeMap::new(),
+            exited: Vec::new(),
         }
     }
 
@@ -237,6 +242,8 @@ impl Aggregator {
                     return None;
                 }
                 let threshold_ns = self.threshold_ns;
+                // Not exited before (that returned above): its entry is freed at the next drain.
+                self.exited.push(tid);
                 let thread = self.loop_thread(pid, tid, at_ns);
                 thread.exited_ns = Some(at_ns);
                 let start_ns = busy_since_ns?;
@@ -296,14 +303,17 @@ impl Aggregator {
     /// Loop threads that exited since the last call (their final state has been taken): the
     /// kernel side's entries to free, once each.
     pub fn take_exited_tids(&mut self) -> Vec<u32> {
-        self.loops
-            .values_mut()
-            .filter(|t| t.exited_ns.is_some() && !t.forgotten)
-            .map(|t| {
-                t.forgotten = true;
-                t.id.tid
-            })
-            .collect()
+        let mut tids = std::mem::take(&mut self.exited);
+        tids.retain(|tid| {
+            self.loops
+                .get_mut(tid)
+                .filter(|t| t.exited_ns.is_some() && !t.forgotten)
+                .is_some_and(|t| {
+                    t.forgotten = true;
+                    true
+                })
+        });
+        tids
     }
 
     /// Busy intervals over the threshold that have not ended yet, once a second each.
@@ -633,6 +643,7 @@ mod tests {
             before_attach: false,
         });
         assert_eq!(agg.take_exited_tids(), [7]);
+        assert!(agg.take_exited_tids().is_empty(), "once each");
         agg.on_event(&found(7, 7));
         assert!(agg.loops[&7].exited_ns.is_none());
         // Another process gets tid 8.
