@@ -66,10 +66,8 @@ use regexp::RegExpLayout;
 use source_maps::SourceMaps;
 
 /// What the `v8dbg_*` values of a node binary say: read once per binary, for every process
-/// that runs it.
+/// that runs it (the values themselves are dropped once read).
 pub struct Metadata {
-    /// The values, by name.
-    values: HashMap<String, i64>,
     /// The layout of its heap objects and frames; what is missing when it cannot be used.
     layout: Result<Layout, String>,
     regexp: Option<RegExpLayout>,
@@ -81,20 +79,14 @@ impl Metadata {
         Some(Self {
             layout: Layout::from_metadata(&values),
             regexp: RegExpLayout::from_metadata(&values),
-            values,
         })
     }
 }
 
 impl Weigh for Metadata {
     fn heap_bytes(&self) -> usize {
-        // The layouts: a few hundred bytes.
-        let layouts = 1024;
-        self.values
-            .keys()
-            .map(|k| k.len() + size_of::<(String, i64)>() + 8)
-            .sum::<usize>()
-            + layouts
+        // The layouts' few vectors of type tags, and a reason why not.
+        1024
     }
 }
 
