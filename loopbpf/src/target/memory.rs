@@ -95,9 +95,8 @@ impl Memory {
 impl ReadMemory for Memory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         let page = addr & !(PAGE as u64 - 1);
-        let within_page = addr
-            .checked_add(buf.len() as u64)
-            .is_some_and(|end| end <= page + PAGE as u64);
+        // Any address, the last page's too: no sum that could overflow.
+        let within_page = addr - page + buf.len() as u64 <= PAGE as u64;
         if buf.len() > SNAPSHOT_READ || !within_page {
             return self.read_direct(addr, buf);
         }
@@ -228,5 +227,11 @@ mod tests {
             assert_eq!(memory.word(across), Some(u64::from_le_bytes([7; 8])));
         }
         assert_eq!(memory.word(8), None);
+        assert_eq!(
+            memory.word(u64::MAX - 4095),
+            None,
+            "the last page of the address space"
+        );
+        assert_eq!(memory.word(u64::MAX - 7), None);
     }
 }
