@@ -304,14 +304,12 @@ impl Aggregator {
     /// kernel side's entries to free, once each.
     pub fn take_exited_tids(&mut self) -> Vec<u32> {
         let mut tids = std::mem::take(&mut self.exited);
-        tids.retain(|tid| {
-            self.loops
-                .get_mut(tid)
-                .filter(|t| t.exited_ns.is_some() && !t.forgotten)
-                .is_some_and(|t| {
-                    t.forgotten = true;
-                    true
-                })
+        tids.retain(|tid| match self.loops.get_mut(tid) {
+            Some(thread) if thread.exited_ns.is_some() && !thread.forgotten => {
+                thread.forgotten = true;
+                true
+            }
+            _ => false, // forgotten as gone since, or a new loop on its tid
         });
         tids
     }

@@ -334,8 +334,9 @@ impl Objects {
         if !line.perms.execute {
             return Mapping::Other(module.into());
         }
-        // An inode is not reused while the object holds its file open: a later file with
-        // this key is this file.
+        // An inode is not reused while the object holds its file open, so a later file with
+        // this key is this file. (An object whose file could not be opened holds nothing and
+        // names nothing: a later file on its inode stays unnamed until its users are gone.)
         let key = (line.dev, line.inode);
         if let Some(&object) = self.by_file.get(&key) {
             self.list[object].users.insert(user);
