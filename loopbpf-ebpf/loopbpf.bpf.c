@@ -223,7 +223,7 @@ static __always_inline bool take_stack_token(__u32 pid, __u64 now)
  * then often preempted by it before it returns, which the target pays for. */
 static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
 					  __u64 start_ns, __u64 end_ns, __u64 loop_addr,
-					  __u64 wake)
+					  __u64 waited_ns, __u64 wake)
 {
 	struct loopbpf_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 
@@ -238,20 +238,22 @@ static __always_inline void emit_raw_wake(__u32 kind, __u32 pid, __u32 tid, __u3
 	e->start_ns = start_ns;
 	e->end_ns = end_ns;
 	e->loop_addr = loop_addr;
+	e->waited_ns = waited_ns;
 	bpf_ringbuf_submit(e, wake);
 }
 
 static __always_inline void emit_raw(__u32 kind, __u32 pid, __u32 tid, __u32 flags,
 				     __u64 start_ns, __u64 end_ns, __u64 loop_addr)
 {
-	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr,
+	emit_raw_wake(kind, pid, tid, flags, start_ns, end_ns, loop_addr, 0,
 		      BPF_RB_FORCE_WAKEUP);
 }
 
 static __always_inline void emit(__u32 kind, __u32 tid, const struct loopbpf_thread *t,
 				 __u64 start_ns, __u64 end_ns)
 {
-	emit_raw(kind, t->pid, tid, t->busy_before_attach, start_ns, end_ns, t->loop_addr);
+	emit_raw_wake(kind, t->pid, tid, t->busy_before_attach, start_ns, end_ns, t->loop_addr,
+		      t->waited_ns, BPF_RB_FORCE_WAKEUP);
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -325,6 +327,14 @@ static __always_inline void count_busy(struct loopbpf_thread *t, __u64 busy_ns, 
 	if (slot >= LOOPBPF_HIST_SLOTS)
 		slot = LOOPBPF_HIST_SLOTS - 1;
 	t->busy_hist[slot] += n;
+}
+
+/* A busy interval begins at `at`. */
+static __always_inline void begin_busy(struct loopbpf_thread *t, __u64 at)
+{
+	t->busy_since_ns = at;
+	t->busy_before_attach = 0;
+	t->waited_ns = 0;
 }
 
 /* The busy interval under way ends at `end`: the entry of the loop's next poll. */
@@ -403,8 +413,7 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 		if (t->busy_since_ns && t->seen_ns >= t->busy_since_ns + threshold_ns)
 			close_busy(t, tid, t->seen_ns + (now - t->seen_ns) / 2);
 		t->iterations += polls;
-		t->busy_since_ns = now;
-		t->busy_before_attach = 0;
+		begin_busy(t, now);
 		t->seen_count = count;
 	} else if (polls) {
 		mid = t->seen_ns + (now - t->seen_ns) / 2;
@@ -412,7 +421,7 @@ static __always_inline void observe(struct loopbpf_thread *t, __u32 tid, __u64 n
 		close_busy(t, tid, mid);
 		if (polls > 1) /* the iterations in between, each shorter than the span */
 			count_busy(t, (now - t->seen_ns) / polls, polls - 1);
-		t->busy_since_ns = mid;
+		begin_busy(t, mid);
 		t->seen_count = count;
 	}
 	t->seen_ns = now;
@@ -427,6 +436,7 @@ static __always_inline void switched_in(struct loopbpf_thread *t, __u32 tid, __u
 {
 	struct loopbpf_stack_event *sleep;
 	bool slept = t->off_cpu == LOOPBPF_OFF_CPU_ASLEEP;
+	bool preempted = t->off_cpu == LOOPBPF_OFF_CPU_PREEMPTED;
 
 	t->off_cpu = LOOPBPF_ON_CPU;
 	/* The count cannot move while the thread is off the CPU. */
@@ -436,12 +446,19 @@ static __always_inline void switched_in(struct loopbpf_thread *t, __u32 tid, __u
 		 * there, not elsewhere: no off-CPU stack was begun (no asleep lookup). */
 		t->in_poll = 0;
 		t->idle_ns += now - t->poll_enter_ns;
-		t->busy_since_ns = now;
-		t->busy_before_attach = 0;
+		begin_busy(t, now);
 		return;
 	}
+	if (preempted && t->busy_since_ns) {
+		/* Back from a preemption (no off-CPU stack was begun): it was ready to run all
+		 * along, and waited for a CPU. */
+		__u64 since = t->left_cpu_ns > t->busy_since_ns ? t->left_cpu_ns : t->busy_since_ns;
+
+		if (now > since)
+			t->waited_ns += now - since;
+	}
 	if (!slept)
-		return; /* back from a preemption: no off-CPU stack was begun */
+		return;
 	sleep = bpf_map_lookup_elem(&asleep, &tid);
 	if (!sleep)
 		return;
@@ -521,7 +538,7 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 			 * starts the next, a sleep in it (sched_switch) makes it idle. */
 			t->iterations += 1;
 			close_busy(t, tid, now);
-			t->busy_since_ns = now;
+			begin_busy(t, now);
 		}
 		return;
 	}
@@ -547,7 +564,7 @@ static __always_inline void adopt_loop(struct pt_regs *ctx, __u64 loop, bool at_
 		t->discovered_ns = now;
 	t->in_poll = 0;
 	if (!t->busy_since_ns)
-		t->busy_since_ns = now;
+		begin_busy(t, now);
 	t->counts_iterations = uv ? uv->counts_iterations : 0;
 	t->count_addr = 0;
 	find_count(t, now);
@@ -826,7 +843,7 @@ int gc_epilogue(struct pt_regs *ctx)
 		return 0;
 	/* Heap::CallGCEpilogueCallbacks(this, GCType, ...): the kind is its second argument. */
 	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, (__u32)PT_REGS_PARM2(ctx), t->gc_start_ns,
-		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
+		      bpf_ktime_get_ns(), t->loop_addr, 0, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }
@@ -847,7 +864,7 @@ int gc_epilogue_collector(struct pt_regs *ctx)
 	if (!t || !t->gc_start_ns || collector > 2)
 		return 0;
 	emit_raw_wake(LOOPBPF_EVENT_GC, t->pid, tid, gc_types[collector], t->gc_start_ns,
-		      bpf_ktime_get_ns(), t->loop_addr, BPF_RB_NO_WAKEUP);
+		      bpf_ktime_get_ns(), t->loop_addr, 0, BPF_RB_NO_WAKEUP);
 	t->gc_start_ns = 0;
 	return 0;
 }

@@ -209,6 +209,8 @@ struct loopbpf_event {
 	__u64 end_ns;   /* CLOCK_MONOTONIC: when it happened (a block's end, the loop found, the
 	                 * exit, the exec, the pause's end) */
 	__u64 loop_addr;/* the thread's uv_loop_t* in the target; 0 for an exec */
+	__u64 waited_ns;/* BLOCK, LOOP_EXIT: of the busy interval, the time the thread was ready
+	                 * to run but waited for a CPU (preempted, or throttled by a CPU limit) */
 };
 
 /* A stack of a busy loop thread: a ring-buffer record, and the asleep map's value while the
@@ -274,6 +276,8 @@ struct loopbpf_thread {
 	__u64 left_cpu_ns;     /* when it last left the CPU (sched_switch) */
 	__u64 left_runtime_ns; /* its CPU time then (the scheduler's se.sum_exec_runtime) */
 	__u64 stack_woke_ns;   /* when its last stack record woke loopbpf */
+	__u64 waited_ns;       /* of the current busy interval, the time it waited for a CPU:
+	                        * from a preemption to its switch back in */
 	__u32 off_cpu;         /* enum loopbpf_off_cpu: how it left, until it is seen back */
 	__u32 reserved;
 };

@@ -22,6 +22,7 @@ const PLAIN_METRICS: &[&str] = &[
     "loopbpf_event_loop_utilization_ratio",
     "loopbpf_event_loop_iterations_total",
     "loopbpf_event_loop_blocked_seconds_total",
+    "loopbpf_event_loop_blocked_cpu_wait_seconds_total",
     "loopbpf_event_loop_ongoing_block_seconds",
     "loopbpf_memory_after_major_gc_bytes",
     "loopbpf_leak_warnings_total",

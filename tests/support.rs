@@ -433,14 +433,54 @@ pub fn events<'a>(values: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 /// A block loopbpf reported (JSON) against the fixture's own timing of its work. The fixture
 /// times only its work; loopbpf the whole busy interval, which may also hold a scavenge before
-/// or after it (a young process still has garbage to collect). loopbpf says how much GC the
-/// block had: up to that much more is right.
+/// or after it (a young process still has garbage to collect), or a wait for a CPU there (a
+/// preemption on a loaded host, which the fixture's clock cannot see outside its work).
+/// loopbpf says how much GC and how much waiting the block had: up to that much more is right.
 pub fn assert_block_close(block: &Value, fixture_ms: f64, what: &str) {
     let reported = block["duration_ms"].as_f64().unwrap();
     let gc = block["gc_ms"].as_f64().unwrap_or(0.0);
-    eprintln!("{what}: loopbpf {reported} ms with {gc} ms of GC");
-    let outside_the_work = gc.min(reported - fixture_ms).max(0.0);
+    let cpu_wait = block["cpu_wait_ms"].as_f64().unwrap();
+    eprintln!(
+        "{what}: loopbpf {reported} ms with {gc} ms of GC, {cpu_wait} ms waiting for a CPU, {} ms \
+         off the CPU",
+        block["off_cpu_ms"]
+    );
+    let outside_the_work = (gc + cpu_wait).min(reported - fixture_ms).max(0.0);
+    if (reported - outside_the_work - fixture_ms).abs() > 1.0 {
+        eprintln!("{what}: where its time went:\n{}", stacks_summary(block));
+    }
     assert_duration_close(reported - outside_the_work, fixture_ms, what);
+}
+
+/// A block's stacks, heaviest first, a line each: weight, on or off the CPU, leaf frames.
+pub fn stacks_summary(block: &Value) -> String {
+    let Some(stacks) = block["stacks"].as_array() else {
+        return "  (no stacks)".to_owned();
+    };
+    let line = |stack: &Value| {
+        let frames = stack["frames"].as_array().map_or(&[][..], Vec::as_slice);
+        let names: Vec<&str> = frames
+            .iter()
+            .take(6)
+            .map(|f| f["name"].as_str().unwrap_or("?"))
+            .collect();
+        format!(
+            "  {:>8.2} ms {} {}",
+            stack["weight_ms"].as_f64().unwrap_or(0.0),
+            if stack["on_cpu"] == true {
+                "on "
+            } else {
+                "off"
+            },
+            names.join(" < ")
+        )
+    };
+    stacks
+        .iter()
+        .take(12)
+        .map(line)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// loopbpf must measure busy time within max(2 ms, 2%) of the truth.

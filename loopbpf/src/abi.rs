@@ -17,6 +17,7 @@ pub struct RawEvent {
     pub start_ns: u64,
     pub end_ns: u64,
     pub loop_addr: u64,
+    pub waited_ns: u64,
 }
 
 /// Frames per stack sample (`LOOPBPF_USER_FRAMES`, `LOOPBPF_KERNEL_FRAMES`).
@@ -181,6 +182,7 @@ pub struct ThreadState {
     pub left_cpu_ns: u64,
     pub left_runtime_ns: u64,
     pub stack_woke_ns: u64,
+    pub waited_ns: u64,
     pub off_cpu: u32,
     pub reserved: u32,
 }
@@ -598,7 +600,7 @@ mod tests {
             }};
         }
         layout!(RawEvent = "loopbpf_event" {
-            kind, pid, tid, flags, start_ns, end_ns, loop_addr,
+            kind, pid, tid, flags, start_ns, end_ns, loop_addr, waited_ns,
         });
         layout!(CapturedFrame = "loopbpf_js_frame" { fp, shared, receiver_map });
         layout!(LibuvInfo = "loopbpf_libuv" {
@@ -617,7 +619,7 @@ mod tests {
             counts_iterations, role, busy_before_attach, idle_ns, iterations, seen_ns, seen_count,
             max_busy_ns, window_max_busy_ns, window, blocks, exited_ns, busy_hist, gc_start_ns,
             count_addr, samples, last_sample_ns, last_off_cpu_ns, off_cpu_pending_ns, left_cpu_ns,
-            left_runtime_ns, stack_woke_ns, off_cpu, reserved,
+            left_runtime_ns, stack_woke_ns, waited_ns, off_cpu, reserved,
         });
         program.push_str("return 0;\n}\n");
 

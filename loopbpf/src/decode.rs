@@ -56,6 +56,8 @@ pub enum Event {
         end_ns: u64,
         /// It began before loopbpf attached: `start_ns` is the attach time.
         before_attach: bool,
+        /// Of its time, how long the thread was ready to run but waited for a CPU.
+        waited_ns: u64,
     },
     /// A loop thread was found (or moved to a new loop).
     LoopFound {
@@ -71,6 +73,8 @@ pub enum Event {
         busy_since_ns: Option<u64>,
         at_ns: u64,
         before_attach: bool,
+        /// Of the busy interval it died in, how long it waited for a CPU.
+        waited_ns: u64,
     },
     /// Where a busy loop thread was running, or where it slept.
     Stack(StackSample),
@@ -175,6 +179,7 @@ impl Event {
                     end_ns,
                     loop_addr,
                     flags,
+                    waited_ns,
                     ..
                 } = read_record(kind, bytes)?;
                 let before_attach = flags & BUSY_BEFORE_ATTACH != 0;
@@ -185,6 +190,7 @@ impl Event {
                         start_ns,
                         end_ns,
                         before_attach,
+                        waited_ns,
                     },
                     EVENT_LOOP_FOUND => Self::LoopFound {
                         pid,
@@ -206,6 +212,7 @@ impl Event {
                         busy_since_ns: (start_ns != 0).then_some(start_ns),
                         at_ns: end_ns,
                         before_attach,
+                        waited_ns,
                     },
                 })
             }
@@ -249,6 +256,7 @@ mod tests {
             tid: 11,
             start_ns: 5,
             end_ns: 9,
+            waited_ns: 3,
             ..RawEvent::default()
         };
         assert_eq!(
@@ -259,6 +267,7 @@ mod tests {
                 start_ns: 5,
                 end_ns: 9,
                 before_attach: false,
+                waited_ns: 3,
             })
         );
         let raw = RawEvent {
@@ -277,6 +286,7 @@ mod tests {
                 busy_since_ns: None,
                 at_ns: 9,
                 before_attach: false,
+                waited_ns: 0,
             })
         );
     }

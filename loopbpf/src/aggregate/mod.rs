@@ -77,6 +77,9 @@ pub enum Record {
         before_attach: bool,
         /// Time of V8 GC pauses inside the block.
         gc_ns: u64,
+        /// Time the thread was ready to run but waited for a CPU: preempted by other work,
+        /// or throttled by a CPU limit.
+        cpu_wait_ns: u64,
     },
     Ongoing {
         id: LoopId,
@@ -84,6 +87,8 @@ pub enum Record {
         duration_ns: u64,
         before_attach: bool,
         gc_ns: u64,
+        /// So far (as of the kernel side's state last read).
+        cpu_wait_ns: u64,
     },
     Interval {
         id: LoopId,
@@ -212,18 +217,21 @@ impl Aggregator {
                 start_ns,
                 end_ns,
                 before_attach,
+                waited_ns,
             } => {
                 let thread = self.loop_thread(pid, tid, start_ns);
                 let gc_ns = thread.gc_within(start_ns, end_ns);
                 // Later blocks start after this one ends.
                 thread.gc_pauses.retain(|&(_, to)| to > end_ns);
+                let duration_ns = end_ns.saturating_sub(start_ns);
                 Some(Record::Block {
                     id: thread.id,
                     start_ns,
-                    duration_ns: end_ns.saturating_sub(start_ns),
+                    duration_ns,
                     end: BlockEnd::Poll,
                     before_attach,
                     gc_ns,
+                    cpu_wait_ns: waited_ns.min(duration_ns),
                 })
             }
             Event::LoopExit {
@@ -232,6 +240,7 @@ impl Aggregator {
                 busy_since_ns,
                 at_ns,
                 before_attach,
+                waited_ns,
             } => {
                 if self
                     .loops
@@ -255,6 +264,7 @@ impl Aggregator {
                     end: BlockEnd::Exit,
                     before_attach,
                     gc_ns: thread.gc_within(start_ns, at_ns),
+                    cpu_wait_ns: waited_ns.min(duration_ns),
                 })
             }
             // Stacks are kept by the naming stage.
@@ -337,6 +347,7 @@ impl Aggregator {
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
+                    cpu_wait_ns: thread.state.waited_ns.min(busy_ns),
                 });
                 // Keep the cadence from the due time, whatever reporting took.
                 let next_ns = (due_ns + ONGOING_EVERY_NS).max(now_ns + ONGOING_EVERY_NS / 2);
@@ -374,6 +385,7 @@ impl Aggregator {
                     duration_ns: busy_ns,
                     before_attach: thread.state.busy_before_attach != 0,
                     gc_ns: thread.gc_within(start_ns, now_ns),
+                    cpu_wait_ns: thread.state.waited_ns.min(busy_ns),
                 })
             })
             .collect()
@@ -577,6 +589,7 @@ mod tests {
             start_ns: 10 * MS,
             end_ns: 260 * MS,
             before_attach: false,
+            waited_ns: 0,
         })
         else {
             panic!("no block")
@@ -606,6 +619,7 @@ mod tests {
             start_ns: 100 * MS,
             end_ns: 300 * MS,
             before_attach: false,
+            waited_ns: 0,
         }) else {
             panic!("no block")
         };
@@ -639,6 +653,7 @@ mod tests {
             busy_since_ns: None,
             at_ns: 5 * MS,
             before_attach: false,
+            waited_ns: 0,
         });
         assert_eq!(agg.take_exited_tids(), [7]);
         assert!(agg.take_exited_tids().is_empty(), "once each");
@@ -663,6 +678,7 @@ mod tests {
             busy_since_ns: busy_since,
             at_ns: 500 * MS,
             before_attach: true,
+            waited_ns: 0,
         };
         assert!(matches!(
             agg.on_event(&exit(Some(300 * MS))),
@@ -686,6 +702,7 @@ mod tests {
             busy_since_ns: Some(300 * MS),
             at_ns: 500 * MS,
             before_attach: false,
+            waited_ns: 0,
         };
         assert!(matches!(
             agg.on_event(&exit),

@@ -57,6 +57,9 @@ pub struct Block {
     pub comm: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Of its time, how long the thread was ready to run but waited for a CPU (preempted by
+    /// other work, or throttled by a CPU limit): part of neither `on_cpu_ms` nor `off_cpu_ms`.
+    pub cpu_wait_ms: f64,
     pub duration_ms: f64,
     /// How it ended; an ongoing block has not.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -361,6 +364,7 @@ pub fn line(
             duration_ns,
             before_attach,
             gc_ns,
+            cpu_wait_ns,
             ..
         }
         | Record::Ongoing {
@@ -369,7 +373,7 @@ pub fn line(
             duration_ns,
             before_attach,
             gc_ns,
-            ..
+            cpu_wait_ns,
         } => {
             let (event, end) = match record {
                 Record::Block { end, .. } => (BlockEvent::Block, Some(*end)),
@@ -383,6 +387,7 @@ pub fn line(
                         unix_ms: clock.unix_ms(*start_ns),
                         duration_ns: *duration_ns,
                         gc_ns: *gc_ns,
+                        cpu_wait_ns: *cpu_wait_ns,
                     },
                     end,
                     *before_attach,
@@ -459,12 +464,14 @@ pub fn line(
     }
 }
 
-/// When a block started and how long it and its GC pauses took.
+/// When a block started, how long it took, and how long its GC pauses and its waits for a
+/// CPU took.
 #[derive(Clone, Copy)]
 struct Times {
     unix_ms: f64,
     duration_ns: u64,
     gc_ns: u64,
+    cpu_wait_ns: u64,
 }
 
 impl Block {
@@ -485,10 +492,12 @@ impl Block {
             unix_ms,
             duration_ns,
             gc_ns,
+            cpu_wait_ns,
         } = times;
         Self {
             comm: who.comm,
             container: who.container,
+            cpu_wait_ms: ms(cpu_wait_ns),
             duration_ms: ms(duration_ns),
             end,
             event,

@@ -108,6 +108,8 @@ struct LoopMetrics {
     block_counts: Vec<u64>,
     blocks: u64,
     blocked_ns: u64,
+    /// Of that, the time the thread waited for a CPU.
+    blocked_cpu_wait_ns: u64,
     elu: EluWindow,
     /// The (active, idle) time last served.
     last_time: (u64, u64),
@@ -158,7 +160,7 @@ impl Metrics {
     }
 
     /// Counts a block of loop thread `tid` (one that ended, at a poll wait or with the thread).
-    pub fn on_block(&mut self, pid: u32, tid: u32, duration_ns: u64) {
+    pub fn on_block(&mut self, pid: u32, tid: u32, duration_ns: u64, cpu_wait_ns: u64) {
         let buckets = &self.buckets;
         let m = self.loops.entry((pid, tid)).or_default();
         m.block_counts.resize(buckets.len(), 0);
@@ -168,6 +170,7 @@ impl Metrics {
         }
         m.blocks += 1;
         m.blocked_ns += duration_ns;
+        m.blocked_cpu_wait_ns += cpu_wait_ns;
     }
 
     /// Counts a block that ran for a request matched to `route` (once its stacks are named).
@@ -406,36 +409,7 @@ fn loop_series(
         MetricType::COUNTER,
         counter(labels(&base), status.iterations() as f64),
     );
-    families.add(
-        "loopbpf_event_loop_blocked_duration_seconds",
-        "Blocked intervals (busy intervals at or over the threshold) by duration.",
-        MetricType::HISTOGRAM,
-        histogram(
-            labels(&base),
-            buckets,
-            &m.block_counts,
-            m.blocks,
-            m.blocked_ns as f64 / 1e9,
-        ),
-    );
-    families.add(
-        "loopbpf_event_loop_blocked_seconds_total",
-        "Time spent in blocked intervals that ended.",
-        MetricType::COUNTER,
-        counter(labels(&base), m.blocked_ns as f64 / 1e9),
-    );
-    route_series(families, m, &base);
-    let ongoing_ns = status
-        .busy(now_ns)
-        .map(|(_, busy_ns)| busy_ns)
-        .filter(|&busy_ns| busy_ns >= threshold_ns)
-        .unwrap_or(0);
-    families.add(
-        "loopbpf_event_loop_ongoing_block_seconds",
-        "How long the loop has been blocked right now (0 when it is not).",
-        MetricType::GAUGE,
-        gauge(labels(&base), ongoing_ns as f64 / 1e9),
-    );
+    block_series(families, view, m, &base, buckets, threshold_ns, now_ns);
     gc_and_memory_series(families, view, m, &base);
     // The kernel side's log2 buckets: slot i counts iterations busy for [2^i, 2^(i+1)) us.
     let bounds: Vec<f64> = (0..HIST_SLOTS)
@@ -467,6 +441,57 @@ fn route_series(families: &mut Families, m: &LoopMetrics, base: &[(&str, &str)])
             counter(labels(&pairs), *ns as f64 / 1e9),
         );
     }
+}
+
+/// A loop's blocks: by duration, their time and its waits for a CPU, by route, and the one
+/// going on now.
+fn block_series(
+    families: &mut Families,
+    view: &LoopView<'_>,
+    m: &LoopMetrics,
+    base: &[(&str, &str)],
+    buckets: &[f64],
+    threshold_ns: u64,
+    now_ns: u64,
+) {
+    families.add(
+        "loopbpf_event_loop_blocked_duration_seconds",
+        "Blocked intervals (busy intervals at or over the threshold) by duration.",
+        MetricType::HISTOGRAM,
+        histogram(
+            labels(base),
+            buckets,
+            &m.block_counts,
+            m.blocks,
+            m.blocked_ns as f64 / 1e9,
+        ),
+    );
+    families.add(
+        "loopbpf_event_loop_blocked_seconds_total",
+        "Time spent in blocked intervals that ended.",
+        MetricType::COUNTER,
+        counter(labels(base), m.blocked_ns as f64 / 1e9),
+    );
+    families.add(
+        "loopbpf_event_loop_blocked_cpu_wait_seconds_total",
+        "Of the time in blocks that ended, the time the loop thread was ready to run but waited \
+         for a CPU (preempted by other work, or throttled by a CPU limit).",
+        MetricType::COUNTER,
+        counter(labels(base), m.blocked_cpu_wait_ns as f64 / 1e9),
+    );
+    route_series(families, m, base);
+    let ongoing_ns = view
+        .status
+        .busy(now_ns)
+        .map(|(_, busy_ns)| busy_ns)
+        .filter(|&busy_ns| busy_ns >= threshold_ns)
+        .unwrap_or(0);
+    families.add(
+        "loopbpf_event_loop_ongoing_block_seconds",
+        "How long the loop has been blocked right now (0 when it is not).",
+        MetricType::GAUGE,
+        gauge(labels(base), ongoing_ns as f64 / 1e9),
+    );
 }
 
 /// A loop thread's GC pauses by kind, and for a main thread its process's memory after GC.
@@ -803,8 +828,8 @@ mod tests {
     #[test]
     fn series_have_base_units_labels_and_consistent_histograms() {
         let mut metrics = Metrics::new(100_000_000);
-        metrics.on_block(7, 7, 150_000_000);
-        metrics.on_block(7, 7, 3 * S);
+        metrics.on_block(7, 7, 150_000_000, 0);
+        metrics.on_block(7, 7, 3 * S, S / 2);
         metrics.on_gc(7, 7, GcKind::Minor, 2_000_000);
         metrics.on_gc(7, 7, GcKind::Minor, 500_000);
         metrics.on_gc(7, 7, GcKind::Major, 7 * S);
@@ -865,6 +890,7 @@ mod tests {
             format!("loopbpf_event_loop_blocked_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 2"),
             format!("loopbpf_event_loop_blocked_duration_seconds_sum{{{labels}}} 3.15"),
             format!("loopbpf_event_loop_blocked_seconds_total{{{labels}}} 3.15"),
+            format!("loopbpf_event_loop_blocked_cpu_wait_seconds_total{{{labels}}} 0.5"),
             format!("loopbpf_event_loop_ongoing_block_seconds{{{labels}}} 5"),
             format!(
                 "loopbpf_event_loop_iteration_busy_seconds_bucket{{{labels},le=\"0.000002\"}} 10"
@@ -977,7 +1003,7 @@ mod tests {
     #[test]
     fn forgotten_loops_leave_no_series() {
         let mut metrics = Metrics::new(100_000_000);
-        metrics.on_block(7, 7, S);
+        metrics.on_block(7, 7, S, 0);
         metrics.forget(7, 7);
         metrics.refresh(S, &[], &Health::default());
         assert!(!text(&metrics).contains("pid=\"7\""));

@@ -98,6 +98,7 @@ mod tests {
             end: BlockEnd::Exit,
             before_attach: false,
             gc_ns: 0,
+            cpu_wait_ns: 0,
         };
         let profile = profile();
         let named = Named {
@@ -133,6 +134,7 @@ mod tests {
             duration_ns: 4200 * MS,
             before_attach: true,
             gc_ns: 0,
+            cpu_wait_ns: 0,
         };
         let profile = profile();
         let named = Named {
@@ -190,6 +192,7 @@ mod tests {
             end: BlockEnd::Poll,
             before_attach: false,
             gc_ns: 0,
+            cpu_wait_ns: 0,
         };
         let mut profile = profile();
         profile.stacks[0].frames[1].name = name.into();

@@ -93,7 +93,7 @@ impl Text {
                 end,
                 before_attach,
                 gc_ns,
-                ..
+                cpu_wait_ns,
             } => {
                 let suffix = match end {
                     BlockEnd::Poll => "",
@@ -109,9 +109,10 @@ impl Text {
                     id,
                     "blocked",
                     &format!(
-                        "{prefix}{}{}{suffix}{note}{}",
+                        "{prefix}{}{}{}{suffix}{note}{}",
                         human(*duration_ns),
                         gc_share(*gc_ns, *duration_ns),
+                        cpu_wait_share(*cpu_wait_ns, *duration_ns),
                         request_text(named.profile)
                     ),
                 );
@@ -123,7 +124,7 @@ impl Text {
                 duration_ns,
                 before_attach,
                 gc_ns,
-                ..
+                cpu_wait_ns,
             } => {
                 let note = if *before_attach {
                     "still blocked; began before loopbpf attached"
@@ -135,9 +136,10 @@ impl Text {
                     id,
                     "ongoing",
                     &format!(
-                        "{} and counting{} ({note}){}",
+                        "{} and counting{}{} ({note}){}",
                         human(*duration_ns),
                         gc_share(*gc_ns, *duration_ns),
+                        cpu_wait_share(*cpu_wait_ns, *duration_ns),
                         request_text(named.profile)
                     ),
                 );
@@ -340,6 +342,20 @@ fn gc_share(gc_ns: u64, duration_ns: u64) -> String {
     )
 }
 
+/// `, waited 120.4 ms for a CPU (40%)` when the thread spent at least 1% of a block ready to run
+/// but off the CPU: a host short of CPU, or a CPU limit's throttling. Less is the usual
+/// preemption, left to the JSON.
+fn cpu_wait_share(cpu_wait_ns: u64, duration_ns: u64) -> String {
+    if duration_ns == 0 || cpu_wait_ns * 100 < duration_ns {
+        return String::new();
+    }
+    format!(
+        ", waited {} for a CPU ({:.0}%)",
+        human(cpu_wait_ns),
+        cpu_wait_ns as f64 * 100.0 / duration_ns as f64
+    )
+}
+
 /// A log2 histogram like bcc's tools print it.
 fn histogram_text(hist: &[u64]) -> String {
     let Some(first) = hist.iter().position(|&c| c > 0) else {
@@ -442,6 +458,20 @@ mod tests {
         assert_eq!(human(850_000), "850 us");
         assert_eq!(human(12_340_000), "12.3 ms");
         assert_eq!(human(1_520_000_000), "1.52 s");
+    }
+
+    #[test]
+    fn a_wait_for_a_cpu_is_told_from_one_percent_of_the_block() {
+        assert_eq!(
+            cpu_wait_share(120_400_000, 301_000_000),
+            ", waited 120.4 ms for a CPU (40%)"
+        );
+        assert_eq!(
+            cpu_wait_share(3_010_000, 301_000_000),
+            ", waited 3.0 ms for a CPU (1%)"
+        );
+        assert_eq!(cpu_wait_share(3_000_000, 301_000_000), "");
+        assert_eq!(cpu_wait_share(0, 0), "");
     }
 
     #[test]

@@ -307,31 +307,50 @@ impl Session<'_> {
     fn queue(&mut self, record: Record) {
         if let (
             Record::Block {
-                id, duration_ns, ..
+                id,
+                duration_ns,
+                cpu_wait_ns,
+                ..
             },
             Some(metrics),
         ) = (&record, self.metrics.as_mut())
         {
-            metrics.on_block(id.pid, id.tid, *duration_ns);
+            metrics.on_block(id.pid, id.tid, *duration_ns, *cpu_wait_ns);
         }
         self.enqueue(record, Clock::monotonic_ns(), false);
     }
 
     /// Queues a record; asks for its stacks if it is a block or an ongoing block.
     fn enqueue(&mut self, record: Record, now_ns: u64, final_only: bool) {
-        let (id, start_ns, duration_ns, keep, limit) = match &record {
+        let (id, start_ns, duration_ns, cpu_wait_ns, keep, limit) = match &record {
             Record::Block {
                 id,
                 start_ns,
                 duration_ns,
+                cpu_wait_ns,
                 ..
-            } => (*id, *start_ns, *duration_ns, false, BLOCK_LIMIT),
+            } => (
+                *id,
+                *start_ns,
+                *duration_ns,
+                *cpu_wait_ns,
+                false,
+                BLOCK_LIMIT,
+            ),
             Record::Ongoing {
                 id,
                 start_ns,
                 duration_ns,
+                cpu_wait_ns,
                 ..
-            } => (*id, *start_ns, *duration_ns, !final_only, ONGOING_LIMIT),
+            } => (
+                *id,
+                *start_ns,
+                *duration_ns,
+                *cpu_wait_ns,
+                !final_only,
+                ONGOING_LIMIT,
+            ),
             _ => {
                 self.waiting.push_back(Waiting {
                     record,
@@ -349,7 +368,7 @@ impl Session<'_> {
         let (wait, timed_out) =
             match self
                 .namers
-                .request(id.pid, id.tid, start_ns, duration_ns, keep)
+                .request(id.pid, id.tid, start_ns, duration_ns, cpu_wait_ns, keep)
             {
                 Request::Sent(ticket) => (Some((ticket, Instant::now() + limit)), false),
                 Request::NoNaming => (None, false),

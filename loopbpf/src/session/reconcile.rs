@@ -38,6 +38,7 @@ impl Session<'_> {
                     busy_since_ns: (state.busy_since_ns != 0).then_some(state.busy_since_ns),
                     at_ns: state.exited_ns,
                     before_attach: state.busy_before_attach != 0,
+                    waited_ns: state.waited_ns,
                 };
                 records.extend(self.aggregator.on_event(&exit));
             } else if !look_in_proc || self.poll.in_proc.get(&tid) == Some(&state.discovered_ns) {

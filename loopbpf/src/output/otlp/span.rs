@@ -40,6 +40,7 @@ pub(super) fn span(named: Named<'_>, clock: Clock) -> Option<SpanData> {
         end,
         before_attach,
         gc_ns,
+        cpu_wait_ns,
     } = *named.record
     else {
         return None;
@@ -64,6 +65,7 @@ pub(super) fn span(named: Named<'_>, clock: Clock) -> Option<SpanData> {
             },
         ),
         KeyValue::new("loopbpf.gc.share", share(gc_ns)),
+        KeyValue::new("loopbpf.cpu_wait.share", share(cpu_wait_ns)),
         KeyValue::new(
             "loopbpf.block.end",
             match end {
@@ -292,6 +294,7 @@ mod tests {
             end: BlockEnd::Poll,
             before_attach: false,
             gc_ns: 50 * MS,
+            cpu_wait_ns: 20 * MS,
         };
         let profile = BlockProfile {
             on_cpu_ns: 150 * MS,
@@ -360,6 +363,7 @@ mod tests {
         assert_eq!(get("thread.id"), "43");
         assert_eq!(get("thread.name"), "worker 2");
         assert_eq!(get("loopbpf.gc.share"), "0.25");
+        assert_eq!(get("loopbpf.cpu_wait.share"), "0.1");
         assert_eq!(get("loopbpf.on_cpu.share"), "0.75");
         assert_eq!(get("loopbpf.off_cpu.share"), "0.25");
         assert_eq!(get("loopbpf.stack.share"), "0.5");
@@ -460,6 +464,7 @@ mod tests {
             duration_ns: 2_000 * MS,
             before_attach: false,
             gc_ns: 0,
+            cpu_wait_ns: 0,
         };
         assert!(super::span(Named::bare(&ongoing), Clock::new()).is_none());
     }

@@ -142,9 +142,11 @@ fn block_html(html: &mut String, block: &Block) {
     if let Some(stacks) = &block.stacks {
         let _ = writeln!(
             html,
-            "<div>on-CPU {} ms, off-CPU {} ms; heaviest stacks, leaf first:</div>",
+            "<div>on-CPU {} ms, off-CPU {} ms, waiting for a CPU {} ms; heaviest stacks, leaf \
+             first:</div>",
             block.on_cpu_ms.map_or_else(|| "-".to_owned(), number),
             block.off_cpu_ms.map_or_else(|| "-".to_owned(), number),
+            number(block.cpu_wait_ms),
         );
         for stack in stacks.iter().take(STACKS_SHOWN) {
             // Escaped line by line: a name's own line ends are shown, not followed.
@@ -278,6 +280,7 @@ mod tests {
         Block {
             comm: None,
             container: None,
+            cpu_wait_ms: 0.0,
             duration_ms: 250.5,
             end: Some(BlockEnd::Poll),
             event: BlockEvent::Block,
@@ -307,6 +310,7 @@ mod tests {
         let block = Block {
             comm: Some("node".to_owned()),
             container: None,
+            cpu_wait_ms: 0.0,
             duration_ms: 250.5,
             end: Some(BlockEnd::Poll),
             event: BlockEvent::Block,
