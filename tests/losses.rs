@@ -10,7 +10,7 @@ use std::{
 };
 
 use loopbpf_tests::{
-    Fixture, Loopbpf, assert_block_close, events, node_bin, require_root, wait_until,
+    Fixture, Loopbpf, Truth, assert_block_close, events, node_bin, require_root, wait_until,
 };
 use serde_json::Value;
 
@@ -71,11 +71,7 @@ fn a_flood_of_stacks_crowds_out_no_block_of_another_process() {
         "block microtask spin 120",
     ] {
         benign.send(command);
-        truths.push(
-            benign.done("block", TIMEOUT)["measured_ms"]
-                .as_f64()
-                .unwrap(),
-        );
+        truths.push(Truth::from(&benign.done("block", TIMEOUT)));
     }
     // A worker: its loop found, its block, its exit.
     benign.send("worker-block 200");

@@ -431,25 +431,71 @@ pub fn events<'a>(values: &'a [Value], kind: &str) -> Vec<&'a Value> {
     values.iter().filter(|v| v["event"] == kind).collect()
 }
 
+/// A fixture's own measure of a block: its wall-clock time, and the thread's waits for a CPU
+/// inside it where the fixture counted them (blocker.js answers `cpu_wait_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct Truth {
+    pub ms: f64,
+    pub cpu_wait_ms: Option<f64>,
+}
+
+impl From<f64> for Truth {
+    fn from(ms: f64) -> Self {
+        Self {
+            ms,
+            cpu_wait_ms: None,
+        }
+    }
+}
+
+impl From<&Value> for Truth {
+    /// A fixture's answer: `measured_ms`, and `cpu_wait_ms` when it has one.
+    fn from(answer: &Value) -> Self {
+        Self {
+            ms: answer["measured_ms"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no measured_ms in {answer}")),
+            cpu_wait_ms: answer["cpu_wait_ms"].as_f64(),
+        }
+    }
+}
+
 /// A block loopbpf reported (JSON) against the fixture's own timing of its work. The fixture
 /// times only its work; loopbpf the whole busy interval, which may also hold a scavenge before
 /// or after it (a young process still has garbage to collect), or a wait for a CPU there (a
-/// preemption on a loaded host, which the fixture's clock cannot see outside its work).
-/// loopbpf says how much GC and how much waiting the block had: up to that much more is right.
-pub fn assert_block_close(block: &Value, fixture_ms: f64, what: &str) {
+/// preemption on a loaded host). loopbpf says how much GC the block had: up to that much more
+/// is right. Where the fixture counted its own waits for a CPU, loopbpf's waits beyond those
+/// were outside its clock: up to that much more is right too, and loopbpf must have seen at
+/// least the fixture's (as waits, or as sleeps: a wait right after a wake-up is the sleep's).
+pub fn assert_block_close(block: &Value, truth: impl Into<Truth>, what: &str) {
+    let truth = truth.into();
     let reported = block["duration_ms"].as_f64().unwrap();
     let gc = block["gc_ms"].as_f64().unwrap_or(0.0);
     let cpu_wait = block["cpu_wait_ms"].as_f64().unwrap();
     eprintln!(
-        "{what}: loopbpf {reported} ms with {gc} ms of GC, {cpu_wait} ms waiting for a CPU, {} ms \
-         off the CPU",
+        "{what}: loopbpf {reported} ms with {gc} ms of GC, {cpu_wait} ms waiting for a CPU \
+         (the fixture: {} in its work), {} ms off the CPU",
+        truth
+            .cpu_wait_ms
+            .map_or_else(|| "not counted".to_owned(), |ms| format!("{ms:.2} ms")),
         block["off_cpu_ms"]
     );
-    let outside_the_work = (gc + cpu_wait).min(reported - fixture_ms).max(0.0);
-    if (reported - outside_the_work - fixture_ms).abs() > 1.0 {
+    let off_cpu = block["off_cpu_ms"].as_f64().unwrap_or(0.0);
+    let wait_outside = truth.cpu_wait_ms.map_or(0.0, |inside| {
+        // A wait for a CPU right after a wake-up from a sleep is counted in the sleep.
+        let tolerance = (inside * 0.05).max(2.0);
+        assert!(
+            cpu_wait + off_cpu >= inside - tolerance,
+            "{what}: loopbpf says the loop waited {cpu_wait} ms for a CPU and slept {off_cpu} \
+             ms, the fixture counted {inside:.2} ms of waits for a CPU in its work alone"
+        );
+        (cpu_wait - inside).max(0.0)
+    });
+    let outside_the_work = (gc + wait_outside).min(reported - truth.ms).max(0.0);
+    if (reported - outside_the_work - truth.ms).abs() > 1.0 {
         eprintln!("{what}: where its time went:\n{}", stacks_summary(block));
     }
-    assert_duration_close(reported - outside_the_work, fixture_ms, what);
+    assert_duration_close(reported - outside_the_work, truth.ms, what);
 }
 
 /// A block's stacks, heaviest first, a line each: weight, on or off the CPU, leaf frames.
