@@ -10,7 +10,8 @@
  *                             for libuv before 1.45 (Node 18), it stays and counts iterations
  *   sched_switch              a loop thread falling asleep in its poll wait ends a busy interval
  *                             (exactly), waking there starts one; off-CPU stacks and time of a
- *                             busy loop thread asleep anywhere else
+ *                             busy loop thread asleep anywhere else; its waits for a CPU after
+ *                             a preemption
  *   perf_event cpu-clock      every millisecond of a loop thread's CPU time: reads libuv's own
  *                             iteration count, to split busy time that never sleeps; on-CPU
  *                             stacks while busy
