@@ -131,18 +131,17 @@ pub struct BlockProfile {
     pub request: Option<Request>,
 }
 
-/// Weights and names the stacks of a block of `duration_ns`, of which the thread waited
-/// `cpu_wait_ns` for a CPU (its on-CPU stacks share the rest of its time awake); JS frames by
-/// `js_namer` when V8's heap named them.
+/// Weights and names the stacks of a block of `duration_ns`; JS frames by `js_namer` when
+/// V8's heap named them. The on-CPU stacks share the time the thread was not asleep, its
+/// waits for a CPU included: the code they show was under way then (a wall-clock profile).
 pub fn profile(
     raw: &RawStacks,
     duration_ns: u64,
-    cpu_wait_ns: u64,
     symbolizer: &mut Symbolizer,
     js_namer: Option<&JsNamer>,
 ) -> BlockProfile {
     let off_cpu_ns = raw.off_cpu_ns.min(duration_ns);
-    let on_cpu_ns = (duration_ns - off_cpu_ns).saturating_sub(cpu_wait_ns);
+    let on_cpu_ns = duration_ns - off_cpu_ns;
     let mut named: HashMap<(bool, Vec<Frame>), u64> = HashMap::new();
     for (key, &weight) in &raw.stacks {
         let weight_ns = if key.on_cpu {
@@ -270,7 +269,7 @@ mod tests {
         raw.add(old);
         assert_eq!(raw.on_cpu_samples, 15);
         let mut symbolizer = Symbolizer::new(std::process::id());
-        let profile = profile(&raw, 30_000_000, 0, &mut symbolizer, None);
+        let profile = profile(&raw, 30_000_000, &mut symbolizer, None);
         let weights: Vec<u64> = profile.stacks.iter().map(|s| s.weight_ns).collect();
         assert_eq!(weights, [20_000_000, 10_000_000]);
     }

@@ -92,8 +92,6 @@ pub struct NameJob {
     pub tid: u32,
     pub start_ns: u64,
     pub duration_ns: u64,
-    /// Of that, the time the thread waited for a CPU: none of its stacks ran then.
-    pub cpu_wait_ns: u64,
     /// The interval goes on (an ongoing block): its stacks are kept for later requests.
     pub keep: bool,
 }
@@ -315,7 +313,6 @@ impl Worker {
         Some(stacks::profile(
             &raw,
             job.duration_ns,
-            job.cpu_wait_ns,
             &mut naming.symbolizer,
             naming.js.as_ref().filter(|_| heap_alive),
         ))
@@ -544,7 +541,6 @@ mod tests {
             tid: 8,
             start_ns,
             duration_ns: 100,
-            cpu_wait_ns: 0,
             keep,
         };
         interval_stacks(stacks, &job, Sample::unwound_by_kernel)

@@ -173,7 +173,7 @@ pub(crate) fn records() -> Vec<(Record, Option<BlockProfile>, u64)> {
             },
             Some(BlockProfile {
                 request: None,
-                on_cpu_ns: 1_800 * MS,
+                on_cpu_ns: 2_100 * MS,
                 off_cpu_ns: 0,
                 stacks: Vec::new(),
             }),

@@ -58,7 +58,8 @@ pub struct Block {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
     /// Of its time, how long the thread was ready to run but waited for a CPU (preempted by
-    /// other work, or throttled by a CPU limit): part of neither `on_cpu_ms` nor `off_cpu_ms`.
+    /// other work, or throttled by a CPU limit): part of `on_cpu_ms`, the time it was not
+    /// asleep, which its on-CPU stacks share.
     pub cpu_wait_ms: f64,
     pub duration_ms: f64,
     /// How it ended; an ongoing block has not.

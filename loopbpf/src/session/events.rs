@@ -322,35 +322,19 @@ impl Session<'_> {
 
     /// Queues a record; asks for its stacks if it is a block or an ongoing block.
     fn enqueue(&mut self, record: Record, now_ns: u64, final_only: bool) {
-        let (id, start_ns, duration_ns, cpu_wait_ns, keep, limit) = match &record {
+        let (id, start_ns, duration_ns, keep, limit) = match &record {
             Record::Block {
                 id,
                 start_ns,
                 duration_ns,
-                cpu_wait_ns,
                 ..
-            } => (
-                *id,
-                *start_ns,
-                *duration_ns,
-                *cpu_wait_ns,
-                false,
-                BLOCK_LIMIT,
-            ),
+            } => (*id, *start_ns, *duration_ns, false, BLOCK_LIMIT),
             Record::Ongoing {
                 id,
                 start_ns,
                 duration_ns,
-                cpu_wait_ns,
                 ..
-            } => (
-                *id,
-                *start_ns,
-                *duration_ns,
-                *cpu_wait_ns,
-                !final_only,
-                ONGOING_LIMIT,
-            ),
+            } => (*id, *start_ns, *duration_ns, !final_only, ONGOING_LIMIT),
             _ => {
                 self.waiting.push_back(Waiting {
                     record,
@@ -368,7 +352,7 @@ impl Session<'_> {
         let (wait, timed_out) =
             match self
                 .namers
-                .request(id.pid, id.tid, start_ns, duration_ns, cpu_wait_ns, keep)
+                .request(id.pid, id.tid, start_ns, duration_ns, keep)
             {
                 Request::Sent(ticket) => (Some((ticket, Instant::now() + limit)), false),
                 Request::NoNaming => (None, false),

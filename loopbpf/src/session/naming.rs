@@ -255,7 +255,6 @@ impl Namers {
         tid: u32,
         start_ns: u64,
         duration_ns: u64,
-        cpu_wait_ns: u64,
         keep: bool,
     ) -> Request {
         let Some(&lane) = self.lane_of.get(&pid) else {
@@ -269,7 +268,6 @@ impl Namers {
             tid,
             start_ns,
             duration_ns,
-            cpu_wait_ns,
             keep,
         });
         if self.send(lane, job) {
@@ -431,7 +429,7 @@ mod tests {
         namers.gone(C);
 
         // A request sent before the last process of the extra lane is gone still gets its reply.
-        let Request::Sent(ticket) = namers.request(B, B, 1, 60_000_000, 0, false) else {
+        let Request::Sent(ticket) = namers.request(B, B, 1, 60_000_000, false) else {
             panic!("the request was not sent");
         };
         namers.gone(B);

@@ -142,11 +142,11 @@ fn block_html(html: &mut String, block: &Block) {
     if let Some(stacks) = &block.stacks {
         let _ = writeln!(
             html,
-            "<div>on-CPU {} ms, off-CPU {} ms, waiting for a CPU {} ms; heaviest stacks, leaf \
-             first:</div>",
+            "<div>on-CPU {} ms ({} ms of it waiting for a CPU), off-CPU {} ms; heaviest stacks, \
+             leaf first:</div>",
             block.on_cpu_ms.map_or_else(|| "-".to_owned(), number),
-            block.off_cpu_ms.map_or_else(|| "-".to_owned(), number),
             number(block.cpu_wait_ms),
+            block.off_cpu_ms.map_or_else(|| "-".to_owned(), number),
         );
         for stack in stacks.iter().take(STACKS_SHOWN) {
             // Escaped line by line: a name's own line ends are shown, not followed.
