@@ -151,9 +151,11 @@ fn a_bundle_holds_every_file_and_they_agree() {
             "report.txt shows {shown} ms for the {ms} ms block:\n{text}"
         );
     }
+    // The tree folds a chain of frames between its branches, so a native frame such as
+    // OpenSSL's PBKDF2 may be folded away; the app's own frames never are.
     assert!(
-        text.to_lowercase().contains("pbkdf2") && text.contains("Summary:"),
-        "report.txt does not name pbkdf2, or has no summary:\n{text}"
+        text.contains("Object.crypto") && text.contains("Object.spin") && text.contains("Summary:"),
+        "report.txt does not name the blocking functions, or has no summary:\n{text}"
     );
 
     let flame = valid_svg(&dir.join("flamegraph.svg"));
