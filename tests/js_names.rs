@@ -108,7 +108,17 @@ fn check_block(block: &Value, truth: &[JsFrame], leaf: &str, method: &str, major
     let mut with_method = 0.0;
     let mut with_all_own = 0.0;
     let mut beyond_outermost = 0.0;
+    let mut with_trampoline = 0.0;
     for stack in block["stacks"].as_array().unwrap() {
+        // An interpreted frame's native twin: left over when its JS frame took another's place.
+        if stack["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "Builtins_InterpreterEntryTrampoline")
+        {
+            with_trampoline += stack["weight_ms"].as_f64().unwrap();
+        }
         let ours = js_frames(stack);
         let Some(at) = ours.iter().position(|f| f.name == leaf) else {
             continue;
@@ -171,6 +181,11 @@ fn check_block(block: &Value, truth: &[JsFrame], leaf: &str, method: &str, major
             with_all_own += stack["weight_ms"].as_f64().unwrap();
         }
     }
+    assert!(
+        with_trampoline <= 0.05 * total,
+        "Node {major}: {with_trampoline} of {total} ms in stacks with an interpreter trampoline \
+         left as a frame: {block}"
+    );
     assert!(
         beyond_outermost <= 0.05 * total,
         "Node {major}: {beyond_outermost} of {total} ms in stacks with frames past Node's outermost: {block}"

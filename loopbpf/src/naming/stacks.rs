@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{
     frame::Frame,
     request::{Request, RequestWeights},
-    symbolize::Symbolizer,
+    symbolize::{NamedJs, Symbolizer},
     v8::{JsFrameRef, JsNamer},
 };
 use crate::decode::{SampleOf, StackSample};
@@ -152,11 +152,23 @@ pub fn profile(
             weight.min(duration_ns)
         };
         let mut frames = symbolizer.kernel(&key.kernel);
-        let js: Vec<(u64, &Frame)> = key
-            .js
-            .iter()
-            .filter_map(|r| Some((r.pc, js_namer?.frame(r.id)?)))
-            .collect();
+        let mut js: Vec<NamedJs> = Vec::with_capacity(key.js.len());
+        for r in &key.js {
+            match js_namer.and_then(|namer| namer.frame(r.id)) {
+                Some(frame) => js.push(NamedJs {
+                    pc: r.pc,
+                    ends_frame: r.ends_frame,
+                    frame,
+                }),
+                // An unnamed function still ends its physical frame.
+                None if r.ends_frame => {
+                    if let Some(last) = js.last_mut().filter(|last| last.pc == r.pc) {
+                        last.ends_frame = true;
+                    }
+                }
+                None => {}
+            }
+        }
         frames.extend(symbolizer.user(&key.user, &js));
         *named.entry((key.on_cpu, frames)).or_insert(0) += weight_ns;
     }

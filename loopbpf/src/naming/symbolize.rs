@@ -76,6 +76,15 @@ fn without_symbol_version(name: &str) -> &str {
     }
 }
 
+/// A JS frame V8's heap named, for [`Symbolizer::user`]: where its code ran, and whether it is
+/// the outermost function of its physical frame (the ones before it there were inlined into it).
+#[derive(Debug, Clone, Copy)]
+pub struct NamedJs<'a> {
+    pub pc: u64,
+    pub ends_frame: bool,
+    pub frame: &'a Frame,
+}
+
 /// Names the frames of one process (user space) and of the kernel.
 pub struct Symbolizer {
     process: Process,
@@ -170,18 +179,25 @@ impl Symbolizer {
     /// stack one `[unknown]` shows where the walk got lost.
     ///
     /// `js` are the frames V8's heap named, leaf first, by the address their code ran at; they
-    /// take the place of the address's own name (`[JS]`, the interpreter's trampoline).
-    pub fn user(&mut self, addrs: &[u64], js: &[(u64, &Frame)]) -> Vec<Frame> {
+    /// take the place of the address's own name (`[JS]`, the interpreter's trampoline), one
+    /// physical frame at each address.
+    pub fn user(&mut self, addrs: &[u64], js: &[NamedJs<'_>]) -> Vec<Frame> {
         self.perf_map.synced_this_call = false;
         let mut frames: Vec<Frame> = Vec::with_capacity(addrs.len());
         let mut lost = None;
         let mut js = js;
         for (depth, &addr) in addrs.iter().enumerate() {
             // One frame, or an optimized frame with the functions inlined into it (leaf first).
-            let named_js = js.iter().position(|&(pc, _)| pc == addr).map(|i| {
-                let count = js[i..].iter().take_while(|&&(pc, _)| pc == addr).count();
-                let frames: Vec<Frame> = js[i..i + count].iter().map(|&(_, f)| f.clone()).collect();
-                js = &js[i + count..];
+            let named_js = js.iter().position(|j| j.pc == addr).map(|i| {
+                let mut end = i;
+                while end < js.len() && js[end].pc == addr {
+                    end += 1;
+                    if js[end - 1].ends_frame {
+                        break;
+                    }
+                }
+                let frames: Vec<Frame> = js[i..end].iter().map(|j| j.frame.clone()).collect();
+                js = &js[end..];
                 frames
             });
             let (frame, is_code) = self.user_frame(lookup_address(depth, addr));
@@ -775,9 +791,46 @@ mod tests {
         let (weigh, price_all, on_tick) = (at("weigh", 4), at("priceAll", 10), at("onTick", 17));
         // One physical frame at 0x2100 running `weigh` inlined into `priceAll`, called by an
         // interpreted `onTick` at 0x2200.
-        let js = [(0x2100, &weigh), (0x2100, &price_all), (0x2200, &on_tick)];
+        let js = [
+            named(0x2100, false, &weigh),
+            named(0x2100, true, &price_all),
+            named(0x2200, true, &on_tick),
+        ];
         let frames = symbolizer.user(&[0x2100, 0x2200], &js);
         assert_eq!(frames, [weigh.clone(), price_all.clone(), on_tick.clone()]);
+    }
+
+    fn named(pc: u64, ends_frame: bool, frame: &Frame) -> NamedJs<'_> {
+        NamedJs {
+            pc,
+            ends_frame,
+            frame,
+        }
+    }
+
+    #[test]
+    fn interpreted_frames_returning_to_one_trampoline_each_take_their_own_place() {
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
+        symbolizer.apply_maps(&parse_maps(&format!(
+            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
+        )));
+        symbolizer.start_ticks = None; // keep these maps
+        let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
+        let (leaf, inner, outer) = (at("leaf", 3), at("inner", 8), at("outer", 20));
+        // `inner` and `outer` are interpreted: both return into the trampoline at 0x2200, with
+        // a native frame (0x2300) between them. Each takes its own return address's place.
+        let js = [
+            named(0x2100, true, &leaf),
+            named(0x2200, true, &inner),
+            named(0x2200, true, &outer),
+        ];
+        let native = Symbolizer::new as fn(u32) -> Symbolizer as usize as u64;
+        let frames = symbolizer.user(&[0x2100, 0x2200, native + 1, 0x2200], &js);
+        let names: Vec<&str> = frames.iter().map(|f| &*f.name).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert_eq!((names[0], names[1], names[3]), ("leaf", "inner", "outer"));
+        assert!(names[2].contains("Symbolizer"), "{names:?}");
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub struct JsFrameRef {
     pub pc: u64,
     /// Index into [`JsNamer::frame`].
     pub id: u32,
+    /// The outermost function of its physical frame (the ones before it at the same pc were
+    /// inlined into it). Interpreted frames all return into the same trampoline: the pc alone
+    /// does not tell two of them apart.
+    pub ends_frame: bool,
 }
 
 /// Frames of one busy interval whose names are kept for its later samples (a loop's stacks
@@ -460,7 +464,15 @@ impl JsNamer {
                 && seen.len() <= MAX_REGEXP_DEPTH
                 && let Some(id) = self.irregexp_frame(fp, slot)
             {
-                refs.push((fp, JsFrameRef { pc, id }));
+                // The JS frame of the same frame pointer, if any, follows it.
+                refs.push((
+                    fp,
+                    JsFrameRef {
+                        pc,
+                        id,
+                        ends_frame: false,
+                    },
+                ));
             }
             // A JS frame has a context (a heap object) where typed frames keep a Smi marker.
             let context = slot(at(fp_context));
@@ -505,8 +517,16 @@ impl JsNamer {
                 {
                     ids = vec![regexp];
                 }
-                for id in ids {
-                    refs.push((fp, JsFrameRef { pc, id }));
+                let last = ids.len().saturating_sub(1);
+                for (n, id) in ids.into_iter().enumerate() {
+                    refs.push((
+                        fp,
+                        JsFrameRef {
+                            pc,
+                            id,
+                            ends_frame: n == last,
+                        },
+                    ));
                 }
             }
             let (Some(caller_fp), Some(ra)) = (slot(Some(fp)), slot(fp.checked_add(8))) else {
