@@ -112,11 +112,21 @@ pub fn target() -> Result<()> {
                 let b = (step + round as usize) % builds.len();
                 let measured = measure(case, &builds[b], window)
                     .with_context(|| format!("{}, {}", case.title(), builds[b].label))?;
+                // Per round too: a target that behaves two ways (GC helpers woken or not) shows
+                // which rounds were which.
+                let switch = measured
+                    .programs
+                    .get("on_switch")
+                    .map_or_else(Runs::default, |&(_, runs)| runs);
                 eprintln!(
-                    "bench: target {} round {round}: {}: loopbpf {:.2}% of a core",
+                    "bench: target {} round {round}: {}: loopbpf {:.2}% of a core; on_switch {} \
+                     runs, {:.1} ms; the target's switches {}",
                     case.title(),
                     builds[b].label,
-                    percent(measured.loopbpf_cpu_ns, measured.window)
+                    percent(measured.loopbpf_cpu_ns, measured.window),
+                    switch.count,
+                    switch.ns as f64 / 1e6,
+                    measured.target_switches
                 );
                 results[b].push(measured);
             }
