@@ -819,7 +819,8 @@ mod tests {
         let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
         let (leaf, inner, outer) = (at("leaf", 3), at("inner", 8), at("outer", 20));
         // `inner` and `outer` are interpreted: both return into the trampoline at 0x2200, with
-        // a native frame (0x2300) between them. Each takes its own return address's place.
+        // a native frame (a function of this binary) between them. Each takes its own return
+        // address's place.
         let js = [
             named(0x2100, true, &leaf),
             named(0x2200, true, &inner),
