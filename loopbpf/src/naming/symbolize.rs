@@ -781,13 +781,7 @@ mod tests {
 
     #[test]
     fn an_optimized_frame_shows_the_functions_inlined_into_it() {
-        let mut symbolizer = Symbolizer::new(std::process::id());
-        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&parse_maps(&format!(
-            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
-        )));
-        symbolizer.start_ticks = None; // keep these maps
-        let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
+        let mut symbolizer = with_v8_code();
         let (weigh, price_all, on_tick) = (at("weigh", 4), at("priceAll", 10), at("onTick", 17));
         // One physical frame at 0x2100 running `weigh` inlined into `priceAll`, called by an
         // interpreted `onTick` at 0x2200.
@@ -800,6 +794,22 @@ mod tests {
         assert_eq!(frames, [weigh.clone(), price_all.clone(), on_tick.clone()]);
     }
 
+    /// A symbolizer of this process with V8 code mapped at 0x2000-0x3000.
+    fn with_v8_code() -> Symbolizer {
+        let mut symbolizer = Symbolizer::new(std::process::id());
+        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
+        symbolizer.apply_maps(&parse_maps(&format!(
+            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
+        )));
+        symbolizer.start_ticks = None; // keep these maps
+        symbolizer
+    }
+
+    /// A named JS frame at `line`, column 1.
+    fn at(name: &str, line: u32) -> Frame {
+        Frame::js_at(name.to_owned(), None, Some((line, Some(1))))
+    }
+
     fn named(pc: u64, ends_frame: bool, frame: &Frame) -> NamedJs<'_> {
         NamedJs {
             pc,
@@ -810,13 +820,7 @@ mod tests {
 
     #[test]
     fn interpreted_frames_returning_to_one_trampoline_each_take_their_own_place() {
-        let mut symbolizer = Symbolizer::new(std::process::id());
-        let own_maps = fs::read_to_string("/proc/self/maps").unwrap();
-        symbolizer.apply_maps(&parse_maps(&format!(
-            "{own_maps}2000-3000 r-xp 00000000 00:00 0                          [anon:v8 code]\n"
-        )));
-        symbolizer.start_ticks = None; // keep these maps
-        let at = |name: &str, line| Frame::js_at(name.to_owned(), None, Some((line, Some(1))));
+        let mut symbolizer = with_v8_code();
         let (leaf, inner, outer) = (at("leaf", 3), at("inner", 8), at("outer", 20));
         // `inner` and `outer` are interpreted: both return into the trampoline at 0x2200, with
         // a native frame (a function of this binary) between them. Each takes its own return
