@@ -472,15 +472,14 @@ pub fn assert_block_close(block: &Value, truth: impl Into<Truth>, what: &str) {
     let reported = block["duration_ms"].as_f64().unwrap();
     let gc = block["gc_ms"].as_f64().unwrap_or(0.0);
     let cpu_wait = block["cpu_wait_ms"].as_f64().unwrap();
+    let off_cpu = block["off_cpu_ms"].as_f64().unwrap_or(0.0);
     eprintln!(
         "{what}: loopbpf {reported} ms with {gc} ms of GC, {cpu_wait} ms waiting for a CPU \
-         (the fixture: {} in its work), {} ms off the CPU",
+         (the fixture: {} in its work), {off_cpu} ms off the CPU",
         truth
             .cpu_wait_ms
             .map_or_else(|| "not counted".to_owned(), |ms| format!("{ms:.2} ms")),
-        block["off_cpu_ms"]
     );
-    let off_cpu = block["off_cpu_ms"].as_f64().unwrap_or(0.0);
     let wait_outside = truth.cpu_wait_ms.map_or(0.0, |inside| {
         // A wait for a CPU right after a wake-up from a sleep is counted in the sleep.
         let tolerance = (inside * 0.05).max(2.0);

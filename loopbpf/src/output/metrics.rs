@@ -409,7 +409,7 @@ fn loop_series(
         MetricType::COUNTER,
         counter(labels(&base), status.iterations() as f64),
     );
-    block_series(families, view, m, &base, buckets, threshold_ns, now_ns);
+    block_series(families, &status, m, &base, buckets, threshold_ns, now_ns);
     gc_and_memory_series(families, view, m, &base);
     // The kernel side's log2 buckets: slot i counts iterations busy for [2^i, 2^(i+1)) us.
     let bounds: Vec<f64> = (0..HIST_SLOTS)
@@ -447,7 +447,7 @@ fn route_series(families: &mut Families, m: &LoopMetrics, base: &[(&str, &str)])
 /// going on now.
 fn block_series(
     families: &mut Families,
-    view: &LoopView<'_>,
+    status: &LoopStatus<'_>,
     m: &LoopMetrics,
     base: &[(&str, &str)],
     buckets: &[f64],
@@ -480,8 +480,7 @@ fn block_series(
         counter(labels(base), m.blocked_cpu_wait_ns as f64 / 1e9),
     );
     route_series(families, m, base);
-    let ongoing_ns = view
-        .status
+    let ongoing_ns = status
         .busy(now_ns)
         .map(|(_, busy_ns)| busy_ns)
         .filter(|&busy_ns| busy_ns >= threshold_ns)
